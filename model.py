@@ -1,0 +1,350 @@
+"""A Llama-style decoder in plain PyTorch, compatible with Hugging Face Llama checkpoints.
+
+Architecture (Touvron et al. 2023): token embedding, n_layers x [RMSNorm -> grouped-query
+causal self-attention with rotary position embeddings -> residual, RMSNorm -> SwiGLU MLP ->
+residual], final RMSNorm, linear head. Parameter names mirror Hugging Face's LlamaForCausalLM
+(without its "model." prefix), so a checkpoint directory loads and saves without renaming.
+
+Rotary layout: Hugging Face checkpoints store q/k projections permuted so that rotary pairs are
+(i, i + head_dim/2) ("rotate half"), not Meta's interleaved (2i, 2i+1). This model uses the
+rotate-half layout itself, so HF weights are used exactly as stored.
+"""
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4  # < n_heads: grouped-query attention
+    hidden_dim: int = 704  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
+                             "dim must divide by n_heads and n_heads by n_kv_heads")
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA, plain float32 elsewhere (CPU, MPS)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """positions [B,T] -> cos, sin [B,1,T,head_dim] in the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # [B,T,hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,hd]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + hd/2) of x [B,H,T,hd] by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer: [n_layers, B, n_kv_heads, max_len, hd]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # positions filled so far
+
+    def update(self, layer: int, k, v):
+        """Append k, v [B,Hkv,T,hd] at the current length; return all keys/values so far."""
+        end = self.len + k.shape[2]
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B,Hkv,S,hd], S = cached + T
+        # mask None: a fresh unpadded causal pass; otherwise a bool [B,1,T,S], True = may attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of the residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def head_weight(self):
+        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """input_ids [B,T] -> logits [B,T,V].
+
+        attention_mask [B,S] (1 = real token, 0 = padding; S = cached + T) makes left- or
+        right-padded rows give the same logits at their real positions as unpadded ones:
+        positions count real tokens only, and padding is never attended to.
+        """
+        B, T = input_ids.shape
+        past = cache.len if cache is not None else 0
+        if attention_mask is None and past == 0:
+            positions, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            valid = attention_mask.bool()  # [B,S]
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B,T]
+            S = past + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
+            mask = causal & valid[:, None, None, :]  # [B,1,T,S]
+            # a padding query that sees no real key would give NaN: let it see itself
+            mask = mask | (torch.arange(S, device=input_ids.device) == past + torch.arange(T, device=input_ids.device)[:, None])
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed_tokens(input_ids)  # [B,T,D]
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.len += T
+        return F.linear(self.norm(x), self.head_weight())  # [B,T,V]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> list[list[int]]:
+        """Continue each prompt; returns the new tokens of each row, its EOS not included.
+
+        Prompts of different lengths are left-padded into one batch; each row stops at its own
+        EOS. temperature 0 is greedy; otherwise softmax(logits / temperature), restricted to the
+        top-p nucleus, sampled with `generator` (so a seed reproduces the samples). With
+        use_cache=False every step recomputes the whole prefix (the reference for the cache).
+        """
+        device = self.embed_tokens.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros(B, P, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[i, P - len(p):] = 1
+        cache = KVCache(self.cfg, B, P + max_new_tokens, device, self.embed_tokens.weight.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            with autocast(device):
+                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1].float()  # [B,V]
+            nxt = sample_next(logits, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out.append(nxt)
+            done = done | (nxt == eos_id)
+            if done.all():
+                break
+            step_ids = nxt[:, None]
+            ids = torch.cat([ids, step_ids], dim=1)
+            attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
+        new = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+        return [row[:row.index(eos_id)] if eos_id in row else row for row in new]
+
+    # ------------------------------------------------------------ Hugging Face I/O
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "Transformer":
+        """Load a Hugging Face Llama directory: config.json + model.safetensors, or shards
+        listed in model.safetensors.index.json."""
+        cfg = config_from_hf(path)
+        weights = read_hf_weights(path)
+        if cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)  # some tied checkpoints still store the head
+        with torch.device("meta"):
+            model = cls(cfg)
+        names = {n for n, _ in model.named_parameters()}
+        missing, unexpected = names - weights.keys(), weights.keys() - names
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match the config: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        model.load_state_dict({n: t.to(dtype) for n, t in weights.items()}, assign=True)
+        return model
+
+    def save_pretrained(self, path: str):
+        """Write config.json and model.safetensors in the Hugging Face Llama layout (atomic per file)."""
+        os.makedirs(path, exist_ok=True)
+        c = self.cfg
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+              "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "rope_scaling": None, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:]}
+        tensors = {("" if n == "lm_head.weight" else "model.") + n: p.detach().contiguous().cpu()
+                   for n, p in self.named_parameters()}
+        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        write_json(os.path.join(path, "config.json"), hf)
+
+
+def sample_next(logits, temperature: float, top_p: float, generator):
+    """logits [B,V] -> next token [B]: greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def config_from_hf(path: str) -> ModelConfig:
+    """Map a Hugging Face LlamaConfig to ModelConfig; refuse what this model does not implement."""
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        hf = json.load(f)
+    refuse = []
+    if hf.get("model_type") != "llama":
+        refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
+    if hf.get("rope_scaling"):
+        refuse.append(f"rope_scaling {hf['rope_scaling']}")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            refuse.append(f"{key} true")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse.append(f"hidden_act {hf['hidden_act']!r}")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+        refuse.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if refuse:
+        raise ValueError(f"{file}: unsupported config: " + "; ".join(refuse))
+    return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                       n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+                       hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       rope_theta=hf.get("rope_theta", 10000.0),
+                       max_seq_len=hf.get("max_position_embeddings", 2048),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of model.safetensors or of every shard in its index, named without "model."."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints carry
+                    continue
+                weights[key.removeprefix("model.")] = f.get_tensor(key)
+    return weights

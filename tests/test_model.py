@@ -1,0 +1,116 @@
+import torch
+
+from model import ModelConfig, Transformer, apply_rope, rope_cos_sin, sample_next
+
+CFG = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**CFG.__dict__, **kw})).eval()
+
+
+def test_logits_shape_and_causality():
+    m = tiny()
+    x = torch.randint(0, 61, (3, 9))
+    logits = m(x)
+    assert logits.shape == (3, 9, 61)
+    y = x.clone()
+    y[:, 5:] = (y[:, 5:] + 1) % 61  # changing the future must not change the past
+    torch.testing.assert_close(m(y)[:, :5], logits[:, :5], rtol=0, atol=0)
+
+
+def test_rope_matches_complex_rotation_float64():
+    """Rotate-half RoPE = multiplying (x_i, x_{i+hd/2}) by exp(i * pos * theta^(-2i/hd))."""
+    hd, T = 8, 5
+    x = torch.randn(1, 1, T, hd, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], hd, 10000.0)
+    got = apply_rope(x, cos.double(), sin.double())
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:])
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = tiny(n_kv_heads=2)
+    mha = tiny(n_kv_heads=4)
+    sd = gqa.state_dict()
+    hd, rep = CFG.head_dim, CFG.n_heads // 2
+    for k, v in list(sd.items()):
+        if k.endswith(("k_proj.weight", "v_proj.weight")):  # [Hkv*hd, D] -> [H*hd, D], each kv head repeated
+            sd[k] = v.view(2, hd, -1).repeat_interleave(rep, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 61, (2, 11))
+    torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_left_and_right_padding_match_unpadded():
+    m = tiny()
+    seqs = [torch.randint(0, 61, (n,)) for n in (7, 3, 10)]
+    T = 10
+    for side in ("left", "right"):
+        ids = torch.zeros(3, T, dtype=torch.long)
+        mask = torch.zeros(3, T, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            ids[i, sl], mask[i, sl] = s, 1
+        out = m(ids, mask)
+        assert torch.isfinite(out).all()
+        for i, s in enumerate(seqs):
+            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            torch.testing.assert_close(out[i, sl], m(s[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_equals_uncached_generation_greedy_and_sampled():
+    m = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    assert m.generate(prompts, 16, eos_id=60, pad_id=0) == m.generate(prompts, 16, eos_id=60, pad_id=0, use_cache=False)
+    runs = []
+    for use_cache in (True, False, True):
+        g = torch.Generator().manual_seed(7)
+        runs.append(m.generate(prompts, 16, eos_id=60, pad_id=0, temperature=1.0, top_p=0.9, generator=g,
+                               use_cache=use_cache))
+    assert runs[0] == runs[1] == runs[2]
+    g = torch.Generator().manual_seed(8)
+    assert m.generate(prompts, 16, eos_id=60, pad_id=0, temperature=1.0, generator=g) != runs[0]
+
+
+def test_greedy_generation_matches_argmax_of_forward():
+    m = tiny()
+    prompt = [5, 9, 2]
+    out = m.generate([prompt], 6, eos_id=60, pad_id=0)[0]
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[3:]
+
+
+def test_each_row_stops_at_its_own_eos():
+    m = tiny()
+    prompts = [[1, 2, 3], [7, 7]]
+    free = m.generate(prompts, 12, eos_id=-1, pad_id=0)
+    eos = free[0][4]  # the token row 0 emits at step 5 becomes EOS
+    out = m.generate(prompts, 12, eos_id=eos, pad_id=0)
+    assert out[0] == free[0][: free[0].index(eos)]
+    expected1 = free[1][: free[1].index(eos)] if eos in free[1] else free[1]
+    assert out[1] == expected1
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 covers p=0.7; tokens 2 and 3 are outside
+    assert {int(sample_next(logits, 1.0, 0.01, g)) for _ in range(50)} == {0}
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    for tie in (True, False):
+        m = tiny(tie_embeddings=tie)
+        m.save_pretrained(tmp_path / str(tie))
+        back = Transformer.from_pretrained(tmp_path / str(tie)).eval()
+        assert back.cfg == m.cfg
+        x = torch.randint(0, 61, (2, 8))
+        torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+        assert not list((tmp_path / str(tie)).glob("*.tmp"))
