@@ -314,6 +314,10 @@ def config_from_hf(path: str) -> ModelConfig:
         refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
     if hf.get("rope_scaling"):
         refuse.append(f"rope_scaling {hf['rope_scaling']}")
+    # transformers >= 5 writes rope_theta and any RoPE scaling under rope_parameters instead
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+        refuse.append(f"rope_parameters {rope} (only rope_type 'default')")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             refuse.append(f"{key} true")
@@ -327,7 +331,7 @@ def config_from_hf(path: str) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=hf.get("rope_theta", 10000.0),
+                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                        max_seq_len=hf.get("max_position_embeddings", 2048),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
 
