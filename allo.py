@@ -1,0 +1,474 @@
+"""ALLO (ALigning LLMs with Low-redundant Optimization) in plain PyTorch.
+
+Chen, Zhou, Zhao, Wang, Wen: "Not Everything is All You Need: Toward Low-Redundant Optimization
+for Large Language Model Alignment", EMNLP 2024 (arXiv 2406.12606). The method, the authors'
+release and the places where we depart from it: shared/ALLO.md.
+
+The file follows the method, top to bottom:
+  0. Per-token log-probabilities, from which every loss is built: token_logps, sft_loss.
+  1. Stage 1, key neurons: score every parameter entry by how much a short vanilla-DPO run moves
+     it (importance_from_delta) or by its accumulated DPO gradient (grad_importance); keep ONE
+     global top-k% (select_masks); save_masks, load_masks, mask_summary, mask_overlap,
+     format_table.
+  2. Stage 2, forgetting unaligned knowledge (token-level NPO): a rewriter scores each token of a
+     wrong answer (rewriter_token_probs), the tokens it would edit get weight
+     (unaligned_token_weights), and their probability is pushed down (npo_token_loss;
+     NPO as published: npo_sequence_loss).
+  3. Stage 3, learning aligned knowledge (DPO with key tokens): the rejected response counts only
+     through its key tokens (key_token_mask, dpo_loss).
+  4. The masked optimizer: AdamW that updates, and keeps state for, only the entries of a mask
+     (MaskedAdamW, save_optimizer, load_optimizer, optimizer_state_bytes).
+
+Notation: r_t = log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), the token log-ratio of the
+policy pi against the frozen reference pi_ref (the model at the start of the stage).
+Conventions (spec/INTERFACES.md): labels are pre-shifted (labels[b, t] is the token logits[b, t]
+predicts, -100 = not scored); per-token tensors are [B,T] and 0 outside the response; a mask is a
+dict parameter name -> bool tensor of the parameter's shape. "Fix:" marks a departure from the
+authors' release. The only model API used is model(input_ids, attention_mask=...) -> logits.
+"""
+
+import json
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# 0. Per-token log-probabilities
+
+
+def token_logps(logits, labels, chunk_rows=4096):
+    """log pi(y_t | x, y_<t) of every label: logits [B,T,V], labels [B,T] -> [B,T].
+
+    Computed as logit[label] - logsumexp(logits), so no [B,T,V] log-softmax copy is made.
+    Half-precision logits get a float32 logsumexp, chunk_rows rows at a time (without grad the
+    extra memory is one chunk; with grad autograd keeps the float32 chunks for backward).
+    Returns float32 (float64 for float64 logits), 0 and no gradient where labels == -100.
+    """
+    scored = labels != -100
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B,T]
+    if logits.dtype in (torch.float32, torch.float64):
+        lse = torch.logsumexp(logits, dim=-1)  # [B,T]
+    else:
+        rows = logits.flatten(0, 1).split(chunk_rows)  # chunks of [rows, V]
+        lse = torch.cat([torch.logsumexp(r.float(), dim=-1) for r in rows]).view(labels.shape)
+    return torch.where(scored, picked.to(lse.dtype) - lse, 0.0)
+
+
+def sft_loss(logits, labels, weights=None):
+    """Token-weighted cross-entropy sum_t w_t * CE_t / sum_t w_t over the batch -> scalar.
+
+    weights [B,T] default to 1 on every scored token (labels != -100); a batch whose weights are
+    all 0 gives a loss of 0 with zero gradients, not NaN.
+    """
+    logps = token_logps(logits, labels)  # [B,T]
+    w = (labels != -100).to(logps.dtype)
+    if weights is not None:
+        w = w * weights.to(logps.dtype)
+    total = w.sum()
+    return -(w * logps).sum() / torch.where(total > 0, total, 1.0)
+
+
+# -----------------------------------------------------------------------------
+# 1. Stage 1: locating key neurons
+
+
+def importance_from_delta(before, after):
+    """Stage 1, the release's scorer: I_i = |theta'_i - theta_i|, theta' = theta after a short
+    vanilla-DPO warmup. The paper writes I_i = (theta'_i - theta_i) / lr; one lr for every entry,
+    so ranking by |I_i| is the same. {name: tensor} x 2 -> {name: float32 tensor}."""
+    return {name: (after[name].float() - before[name].float()).abs() for name in before}
+
+
+def grad_importance(model, loss_fn, batches, mode="abs_sum"):
+    """Stage 1 without a second model copy: the importance of entry i accumulated over N batches,
+
+        "abs_sum":  I_i = |sum_n g_n,i|   (SGD's weight change over the batches: the paper's
+                                           (theta' - theta) / lr)
+        "sum_abs":  I_i = sum_n |g_n,i|
+
+    g_n = gradient of loss_fn(model, batch_n) -> scalar (e.g. the DPO loss of a batch of pairs).
+    The model is left as it was: weights untouched, every .grad None (grads present on entry are
+    discarded), train/eval mode restored; scoring runs in eval mode (no dropout). Memory: one
+    float32 accumulator per trainable parameter on top of one backward's gradients.
+    Returns {name: float32 tensor} for every parameter with requires_grad.
+    """
+    if mode not in ("abs_sum", "sum_abs"):
+        raise ValueError(f"mode must be 'abs_sum' or 'sum_abs', not {mode!r}")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    scores = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        loss_fn(model, batch).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                scores[name].add_(p.grad if mode == "abs_sum" else p.grad.abs())
+                p.grad = None
+    model.train(was_training)
+    if mode == "abs_sum":
+        for s in scores.values():
+            s.abs_()
+    return scores
+
+
+def _order_keys(x):
+    """float tensor -> int32 tensor in the same order (x_a < x_b iff key_a < key_b), flat."""
+    k = (x.float() + 0.0).contiguous().view(torch.int32).reshape(-1)  # + 0.0: -0.0 becomes +0.0
+    return torch.where(k < 0, k ^ 0x7FFFFFFF, k)  # negative floats: reverse the magnitude order
+
+
+def _top_prefix(keys, sizes, budget):
+    """The longest prefix of all units ranked by key (descending; ties: earlier tensor first,
+    then lower index) whose total size is <= budget. keys: list of int32 [n_j] (one per tensor),
+    sizes: entries per unit of each tensor -> list of bool [n_j]. Exact: bisection over the
+    32-bit keys, each step counting the units above a candidate threshold."""
+
+    def size_at_least(m):  # total size of the units with key >= m
+        return sum(s * int(torch.count_nonzero(k >= m)) for k, s in zip(keys, sizes))
+
+    lo, hi = -(2**31), 2**31  # find the smallest threshold m with size_at_least(m) <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if size_at_least(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    keep = [k >= lo for k in keys]
+    room = budget - size_at_least(lo)
+    if lo > -(2**31):  # units tied at key lo - 1 straddle the budget: take them in order while they fit
+        for k, s, kept in zip(keys, sizes, keep):
+            tied = k == lo - 1
+            n_tied = int(torch.count_nonzero(tied))
+            take = min(n_tied, room // s)
+            if take:
+                kept |= tied & (tied.cumsum(0) <= take)
+                room -= take * s
+            if take < n_tied:
+                break
+    return keep
+
+
+def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
+    """Stage 1: the key neurons, the global top-`ratio` of all entries by importance.
+
+    ONE threshold across every tensor (not one per tensor). `exclude_top` first drops the very
+    top band of that fraction (the release's l_per): the kept ranks are
+    [round(exclude_top * N), round(exclude_top * N) + round(ratio * N)), N = total entries.
+    granularity "entry" (the release) keeps exactly round(ratio * N) entries; ties at the
+    threshold go to the earlier tensor in `scores` order, then the lower flat index.
+    Fix: the release approximates the threshold in bfloat16 from per-tensor candidates.
+    granularity "neuron" (the paper's word): a neuron is a row of a weight (one output unit;
+    for embed_tokens one token's embedding) scored by the sum of its entries; a 1-D tensor
+    (norm gains) has one neuron per entry. Whole neurons are kept in rank order while the entry
+    count stays <= round(ratio * N), so the count can fall short by less than one row.
+    Scores are compared in float32. Exact and memory-sane at ~1e8 entries: one int32 copy of the
+    scores, 33 counting passes over it (about 1 s for 5e7 entries on 2 CPU cores).
+    scores {name: tensor} -> masks {name: bool tensor of the same shape}.
+    """
+    if granularity not in ("entry", "neuron"):
+        raise ValueError(f"granularity must be 'entry' or 'neuron', not {granularity!r}")
+    if not (0.0 <= ratio <= 1.0 and 0.0 <= exclude_top <= 1.0):
+        raise ValueError(f"ratio {ratio} and exclude_top {exclude_top} must lie in [0, 1]")
+    keys, sizes = [], []
+    for s in scores.values():
+        s = s.detach()
+        if granularity == "neuron" and s.dim() >= 2:
+            keys.append(_order_keys(s.float().reshape(s.shape[0], -1).sum(1)))  # [rows]
+            sizes.append(s[0].numel())
+        else:
+            keys.append(_order_keys(s))  # [numel]
+            sizes.append(1)
+    total = sum(s.numel() for s in scores.values())
+    skip, n_keep = round(exclude_top * total), round(ratio * total)
+    top = _top_prefix(keys, sizes, skip + n_keep)
+    band = _top_prefix(keys, sizes, skip) if skip else [torch.zeros_like(t) for t in top]
+    return {name: (t & ~b).view(-1, 1).expand(-1, n).reshape(s.shape)
+            for (name, s), t, b, n in zip(scores.items(), top, band, sizes)}
+
+
+def save_masks(path, masks):
+    """Write masks (bool tensors keyed by parameter name) as safetensors, atomically."""
+    save_file({name: m.contiguous() for name, m in masks.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_masks(path):
+    return load_file(path)
+
+
+def module_type(name):
+    """Hugging Face Llama parameter name -> attn.q/k/v/o, mlp.gate/up/down, embed, norm, lm_head."""
+    m = re.search(r"(self_attn|mlp)\.(\w+)_proj\.", name)
+    if m:
+        return ("attn." if m[1] == "self_attn" else "mlp.") + m[2]
+    if "embed_tokens" in name:
+        return "embed"
+    if "norm" in name:
+        return "norm"
+    return "lm_head" if "lm_head" in name else "other"
+
+
+def mask_summary(masks):
+    """Density of a mask overall, per layer and per module type -> list of rows
+    {"by": "all"|"layer"|"type", "group", "selected", "total", "density"}; layers are
+    layers.{i} and the modules outside them (embed_tokens, norm, lm_head)."""
+    counts = {}
+    for name, m in masks.items():
+        layer = re.match(r"layers\.\d+", name)
+        for key in (("all", "all"), ("layer", layer[0] if layer else name.split(".")[0]),
+                    ("type", module_type(name))):
+            c = counts.setdefault(key, [0, 0])
+            c[0] += int(m.sum())
+            c[1] += m.numel()
+    order = {"all": 0, "layer": 1, "type": 2}
+    return [{"by": by, "group": group, "selected": sel, "total": n, "density": sel / max(n, 1)}
+            for (by, group), (sel, n) in sorted(counts.items(), key=lambda kv: order[kv[0][0]])]
+
+
+def mask_overlap(a, b):
+    """Overlap of two masks: sizes, intersection, union, Jaccard |A&B|/|A|B| and |A&B|/|A|.
+    A name missing from one mask counts as an empty mask there."""
+    n_a = sum(int(m.sum()) for m in a.values())
+    n_b = sum(int(m.sum()) for m in b.values())
+    both = sum(int((m & b[name]).sum()) for name, m in a.items() if name in b)
+    either = n_a + n_b - both
+    return {"a": n_a, "b": n_b, "both": both, "either": either,
+            "jaccard": both / max(either, 1), "a_in_b": both / max(n_a, 1)}
+
+
+def format_table(rows):
+    """List of dicts with the same keys -> markdown table."""
+    cols = list(rows[0])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 2. Stage 2: forgetting unaligned knowledge (token-level NPO)
+
+
+@torch.no_grad()
+def rewriter_token_probs(rewriter, batch):
+    """Stage 2, the token-level reward model: p_t = p_rewriter(y_t | question, reference
+    solution, wrong response y, y_<t), teacher-forced on the wrong response y itself; high where
+    the rewriter would keep y_t, low where it would edit it.
+
+    batch: collated dict (input_ids, attention_mask, pre-shifted labels) with the rewriter
+    prompt as prompt and the wrong response as response. Returns float32 [B,T], 0 where
+    labels == -100. Runs in eval mode without gradient; the rewriter's mode is restored.
+    """
+    was_training = rewriter.training
+    rewriter.eval()
+    logits = rewriter(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B,T,V]
+    rewriter.train(was_training)
+    probs = token_logps(logits, batch["labels"]).exp()  # [B,T]
+    return torch.where(batch["labels"] != -100, probs, 0.0)
+
+
+def unaligned_token_weights(probs, labels, tau=0.5, mode="hard"):
+    """Stage 2: forgetting weight w_t of each token of a wrong response from the rewriter's p_t,
+    hard w_t = 1[p_t < tau] (the paper: only the unaligned tokens are forgotten) or soft
+    w_t = 1 - p_t; 0 where labels == -100. probs, labels [B,T] -> float32 [B,T].
+    Fix: the release passes p_t itself as the weight (its 1[p_t < 0.5] is commented out)."""
+    if mode == "hard":
+        w = (probs < tau).float()
+    elif mode == "soft":
+        w = 1.0 - probs.float()
+    else:
+        raise ValueError(f"mode must be 'hard' or 'soft', not {mode!r}")
+    return torch.where(labels != -100, w, 0.0)
+
+
+def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1):
+    """Stage 2, the forgetting loss (token-level NPO, as in the release):
+
+        L = sum_t -w_t * log sigmoid(-beta * r_t)  /  #{t : w_t != 0}     (over the whole batch)
+
+    Its gradient lowers log pi(y_t) of the weighted tokens, bounded (unlike gradient ascent).
+    Inputs [B,T] (log-probs 0 outside the response). Tokens with w_t = 0 get exactly zero
+    gradient; a batch without any weighted token gives 0, not NaN.
+    """
+    r = policy_logps - ref_logps  # [B,T]
+    losses = -weights * F.logsigmoid(-beta * r)  # [B,T]
+    return losses.sum() / (weights != 0).sum().clamp(min=1)
+
+
+def npo_sequence_loss(policy_logps, ref_logps, beta=0.1):
+    """NPO as published (Zhang et al. 2024), the sequence-level alternative to npo_token_loss:
+
+        L = mean_b -(2 / beta) * log sigmoid(-beta * sum_t r_t)
+
+    Inputs [B,T] (0 outside the response) -> scalar.
+    """
+    r = (policy_logps - ref_logps).sum(-1)  # [B]
+    return (-2.0 / beta * F.logsigmoid(-beta * r)).mean()
+
+
+# -----------------------------------------------------------------------------
+# 3. Stage 3: learning aligned knowledge (DPO with key tokens)
+
+
+def key_token_mask(rejected_logratios, response_mask, eps):
+    """Stage 3: the key tokens m_t of a rejected response, per sequence the ceil(eps * T_b)
+    tokens with the largest -r_t (those whose probability the policy pushes down the most),
+    T_b = that sequence's number of response tokens. Ties go to the earlier token, so exactly
+    ceil(eps * T_b) are kept. Padding and prompt are never kept. When every r_t of a sequence is
+    0 (policy == reference, e.g. the first step) all its response tokens are kept, whatever eps.
+    Fix: the release uses k = int(eps * T) with T the padded batch length, keeps every tie at
+    the threshold and drops exact zeros.
+    rejected_logratios [B,T], response_mask [B,T] bool -> bool [B,T] (no gradient).
+    """
+    r = rejected_logratios.detach()
+    resp = response_mask.bool()
+    k = torch.ceil(eps * resp.sum(-1).double() - 1e-9).clamp(min=0)  # [B]; 1e-9: 0.3 * 10 -> 3
+    key = torch.where(resp, -r, float("-inf"))  # padding ranks last
+    order = key.sort(dim=-1, descending=True, stable=True).indices  # [B,T]; stable: earlier first
+    positions = torch.arange(r.shape[-1], device=r.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank of every token
+    keep = (rank < k[:, None]) & resp
+    unmoved = ((r == 0) | ~resp).all(-1, keepdim=True)  # [B,1]
+    return keep | (unmoved & resp)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
+             rejected_token_mask=None):
+    """Stage 3, DPO (Rafailov et al. 2023) where the rejected response counts only through its
+    key tokens m_t (key_token_mask):
+
+        L = -log sigmoid(beta * (sum_t r^c_t - sum_t m_t r^r_t)),
+        r_t = log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
+
+    Inputs: per-token log-probs [B,T] (0 outside the response); rejected_token_mask [B,T] bool,
+    None = every rejected token counts (vanilla DPO). Every chosen token counts.
+    Returns losses [B], chosen_rewards [B], rejected_rewards [B]; the rewards are DPO's implicit
+    rewards beta * sum_t r_t over ALL response tokens (not masked, so reward margins compare
+    with vanilla DPO), detached.
+    """
+    chosen_r = policy_chosen - ref_chosen  # [B,T]
+    rejected_r = policy_rejected - ref_rejected  # [B,T]
+    kept_rejected_r = rejected_r if rejected_token_mask is None else torch.where(
+        rejected_token_mask.bool(), rejected_r, 0.0)
+    losses = -F.logsigmoid(beta * (chosen_r.sum(-1) - kept_rejected_r.sum(-1)))  # [B]
+    return losses, beta * chosen_r.sum(-1).detach(), beta * rejected_r.sum(-1).detach()
+
+
+# -----------------------------------------------------------------------------
+# 4. The masked optimizer
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW (as torch.optim.AdamW) on the masked entries only: the optimizer of Stages 2 and 3.
+
+    - Entries outside the mask are never written, so they stay bit-identical after any number
+      of steps, also with weight decay. Fix: the release keeps dense moments, masks only the
+      first moment and decays every entry.
+    - State per parameter: the flat int32 indices of its selected entries and their two moments
+      (param dtype): 12 bytes per selected float32 entry against dense AdamW's 8 per entry, i.e.
+      15% of AdamW's state at a 10% mask. The step count is one int per group
+      (param_groups[i]["step"]; a parameter without .grad at a step is skipped but its bias
+      correction advances with the group). Parameters with an empty mask, or absent from
+      `masks`, get no state and are never touched.
+    - Decoupled weight decay only on parameters with >= 2 dims (not on norm gains or biases).
+    - Reads p.grad at the selected entries only, so clipping the dense gradients first
+      (torch.nn.utils.clip_grad_norm_, max norm 1.0 in the release) keeps the release's clip.
+    - lr, betas, eps, weight_decay live in param_groups: lr schedulers work as usual.
+    - state_dict() = {"state": {name: {"idx", "exp_avg", "exp_avg_sq"}} (tensors only),
+      "param_groups": [JSON-able dicts]}; save_optimizer / load_optimizer write it as safetensors.
+    """
+
+    def __init__(self, named_parameters, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0):
+        params = dict(named_parameters)
+        unknown = sorted(set(masks) - set(params))
+        if unknown:
+            raise ValueError(f"masks name no parameter of the model: {unknown[:5]}")
+        names = [name for name in params if name in masks]
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, step=0)
+        super().__init__([{"params": [params[n] for n in names], "names": names}], defaults)
+        for name in names:
+            p, mask = params[name], masks[name]
+            if mask.shape != p.shape or not p.is_contiguous() or p.numel() >= 2**31:
+                raise ValueError(f"{name}: mask {tuple(mask.shape)} for a parameter "
+                                 f"{tuple(p.shape)} (must match, contiguous, < 2**31 entries)")
+            idx = mask.reshape(-1).nonzero().squeeze(1).to(device=p.device, dtype=torch.int32)
+            if idx.numel():
+                self.state[p] = {"idx": idx, "exp_avg": p.new_zeros(idx.numel()),
+                                 "exp_avg_sq": p.new_zeros(idx.numel())}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["step"] += 1
+            lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
+            bias_correction1 = 1 - beta1 ** group["step"]
+            bias_correction2_sqrt = (1 - beta2 ** group["step"]) ** 0.5
+            for p in group["params"]:
+                if p.grad is None or p not in self.state:
+                    continue
+                state = self.state[p]
+                idx, exp_avg, exp_avg_sq = state["idx"], state["exp_avg"], state["exp_avg_sq"]
+                flat = p.view(-1)
+                grad = p.grad.reshape(-1).index_select(0, idx)  # [n_sel] gathered gradient
+                theta = flat.index_select(0, idx)  # [n_sel] gathered weights
+                if wd != 0 and p.dim() >= 2:
+                    theta.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+                flat[idx] = theta  # scatter back: only the selected entries are written
+        return loss
+
+    def state_dict(self):
+        state = {name: dict(self.state[p]) for g in self.param_groups
+                 for name, p in zip(g["names"], g["params"]) if p in self.state}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        saved_groups = state_dict["param_groups"]
+        if [g["names"] for g in saved_groups] != [g["names"] for g in self.param_groups]:
+            raise ValueError("the saved optimizer covers other parameters than this one")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update(saved, betas=tuple(saved["betas"]))
+            for name, p in zip(group["names"], group["params"]):
+                self.state.pop(p, None)
+                if name in state_dict["state"]:
+                    self.state[p] = {k: v.to(p.device, copy=True)
+                                     for k, v in state_dict["state"][name].items()}
+
+
+def optimizer_state_bytes(opt):
+    """Bytes of every tensor in an optimizer's state (works for any torch optimizer)."""
+    return sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def save_optimizer(path, opt):
+    """Write a MaskedAdamW's state_dict as safetensors, atomically: tensors as
+    "<parameter name>/<key>", param_groups as JSON in the file's metadata."""
+    sd = opt.state_dict()
+    tensors = {f"{name}/{k}": v.contiguous() for name, s in sd["state"].items() for k, v in s.items()}
+    save_file(tensors, path + ".tmp", metadata={"param_groups": json.dumps(sd["param_groups"])})
+    os.replace(path + ".tmp", path)
+
+
+def load_optimizer(path, opt):
+    """Restore a MaskedAdamW from save_optimizer's file (same parameter names)."""
+    state = {}
+    with safe_open(path, framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        for key in f.keys():
+            name, k = key.rsplit("/", 1)
+            state.setdefault(name, {})[k] = f.get_tensor(key)
+    opt.load_state_dict({"state": state, "param_groups": groups})
