@@ -371,7 +371,8 @@ class MaskedAdamW(torch.optim.Optimizer):
       first moment and decays every entry.
     - State per parameter: the flat int32 indices of its selected entries and their two moments
       (param dtype): 12 bytes per selected float32 entry against dense AdamW's 8 per entry, i.e.
-      15% of AdamW's state at a 10% mask. The step count is one int per group
+      15% of AdamW's state at a 10% mask. A full mask keeps dense moments and no indices, so the
+      full-parameter stages (SFT, DPO warmup) use this optimizer too at AdamW's cost. The step count is one int per group
       (param_groups[i]["step"]; a parameter without .grad at a step is skipped but its bias
       correction advances with the group). Parameters with an empty mask, or absent from
       `masks`, get no state and are never touched.
@@ -397,6 +398,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             if mask.shape != p.shape or not p.is_contiguous() or p.numel() >= 2**31:
                 raise ValueError(f"{name}: mask {tuple(mask.shape)} for a parameter "
                                  f"{tuple(p.shape)} (must match, contiguous, < 2**31 entries)")
+            if mask.all():  # a full mask needs no indices: dense moments, as torch.optim.AdamW
+                self.state[p] = {"exp_avg": p.new_zeros(p.numel()), "exp_avg_sq": p.new_zeros(p.numel())}
+                continue
             idx = mask.reshape(-1).nonzero().squeeze(1).to(device=p.device, dtype=torch.int32)
             if idx.numel():
                 self.state[p] = {"idx": idx, "exp_avg": p.new_zeros(idx.numel()),
@@ -417,17 +421,21 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.grad is None or p not in self.state:
                     continue
                 state = self.state[p]
-                idx, exp_avg, exp_avg_sq = state["idx"], state["exp_avg"], state["exp_avg_sq"]
+                idx, exp_avg, exp_avg_sq = state.get("idx"), state["exp_avg"], state["exp_avg_sq"]
                 flat = p.view(-1)
-                grad = p.grad.reshape(-1).index_select(0, idx)  # [n_sel] gathered gradient
-                theta = flat.index_select(0, idx)  # [n_sel] gathered weights
+                if idx is None:  # full mask: update in place
+                    grad, theta = p.grad.reshape(-1), flat
+                else:
+                    grad = p.grad.reshape(-1).index_select(0, idx)  # [n_sel] gathered gradient
+                    theta = flat.index_select(0, idx)  # [n_sel] gathered weights
                 if wd != 0 and p.dim() >= 2:
                     theta.mul_(1 - lr * wd)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                 theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-                flat[idx] = theta  # scatter back: only the selected entries are written
+                if idx is not None:
+                    flat[idx] = theta  # scatter back: only the selected entries are written
         return loss
 
     def state_dict(self):

@@ -495,3 +495,24 @@ def test_masked_adamw_reads_dense_clipped_grads():
     sub.grad = grads[n][masks[n]] * (1.0 / (total + 1e-6))
     torch.optim.AdamW([sub], lr=0.01, weight_decay=0.0).step()
     torch.testing.assert_close(params[n].detach()[masks[n]], sub.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_adamw_full_mask_is_dense_adamw_and_resumes(tmp_path):
+    """A full mask keeps dense moments without indices and steps exactly like torch.optim.AdamW."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    masked = allo.MaskedAdamW([("w", a)], {"w": torch.ones(6, 5, dtype=torch.bool)}, lr=1e-2, weight_decay=0.1)
+    dense = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1, foreach=False)
+    assert "idx" not in masked.state[a] and allo.optimizer_state_bytes(masked) == 2 * 4 * 30
+    for step in range(5):
+        g = torch.randn(6, 5)
+        a.grad, b.grad = g.clone(), g.clone()
+        masked.step()
+        dense.step()
+        if step == 2:
+            allo.save_optimizer(str(tmp_path / "opt.safetensors"), masked)
+            masked = allo.MaskedAdamW([("w", a)], {"w": torch.ones(6, 5, dtype=torch.bool)}, lr=1e-2,
+                                      weight_decay=0.1)
+            allo.load_optimizer(str(tmp_path / "opt.safetensors"), masked)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
