@@ -1,0 +1,149 @@
+"""Evaluate checkpoints of an ALLO run: held-out greedy accuracy and preference metrics.
+
+    python eval.py runs/default            # table of every finished stage (SFT, DPO, NPO, ALLO)
+    python eval.py runs/default/learn      # one checkpoint directory
+    python eval.py runs/default --split val
+
+Accuracy: greedy decoding on the embedded task's questions, answer after the last
+"The answer is" compared with the reference. Pair accuracy and margin: on held-out preference
+pairs (sampled from the SFT model on the same split's questions by `train.py --stage sample`),
+the implicit reward beta * sum_t log pi/pi_ref is computed against the SFT model for every
+checkpoint; pair accuracy is the fraction of pairs whose chosen reward is above the rejected one,
+margin the mean difference.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from allo import token_logps
+from data import DataError, Problem, Tokenizer, collate, is_correct, prompt_text, read_jsonl
+from model import Transformer, autocast, pick_device, write_json
+
+# (label, stage directory) of the comparison table, in the order of the method
+ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
+        ("ALLO (forget + learn)", "learn")]
+
+
+@torch.no_grad()
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
+    """Generated response text for each prompt string (KV-cache decoding, batched)."""
+    model.eval()
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
+        new = model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen)
+        out += [tok.decode(t) for t in new]
+    return out
+
+
+def accuracy(model, tok, problems, max_new_tokens=64):
+    responses = complete(model, tok, [prompt_text(p.question) for p in problems], max_new_tokens)
+    return sum(is_correct(r, p.answer) for r, p in zip(responses, problems)) / max(1, len(problems))
+
+
+@torch.no_grad()
+def response_logps(model, tok, prompts, responses, max_len, batch_size=64):
+    """Summed log pi(response | prompt) per row, float64 list."""
+    model.eval()
+    device = model.embed_tokens.weight.device
+    sums = []
+    for i in range(0, len(prompts), batch_size):
+        b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
+        with autocast(device):
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        sums += token_logps(logits.float(), b["labels"].to(device)).sum(-1).double().tolist()
+    return sums
+
+
+def pair_metrics(model, ref_sums, tok, pairs, beta, max_len):
+    """Preference accuracy and mean implicit-reward margin of `model` on pairs, against the
+    reference's summed log-probs ref_sums = (chosen, rejected)."""
+    if not pairs:
+        return float("nan"), float("nan")
+    prompts = [p["prompt"] for p in pairs]
+    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len)
+    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len)
+    margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def load_problems(path):
+    with open(path) as f:
+        return [Problem(**json.loads(line)) for line in f if line.strip()]
+
+
+def evaluate_run(run, split="test", device="auto", beta=0.1, max_len=256, stages=ROWS):
+    """Metrics of each finished stage of a run directory, as a list of dicts."""
+    device = pick_device(device)
+    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+    problems = load_problems(os.path.join(run, "task", f"{split}.jsonl"))
+    pairs_file = os.path.join(run, "sample", f"{split}_pairs.jsonl")
+    pairs = read_jsonl(pairs_file, "pairs") if os.path.exists(pairs_file) else []
+    ref = Transformer.from_pretrained(os.path.join(run, "sft")).to(device)
+    ref_sums = (response_logps(ref, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], max_len),
+                response_logps(ref, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], max_len))
+    rows = []
+    for label, stage in stages:
+        d = os.path.join(run, stage)
+        if not os.path.exists(os.path.join(d, "stage.json")):
+            continue
+        with open(os.path.join(d, "stage.json")) as f:
+            info = json.load(f)
+        model = Transformer.from_pretrained(d).to(device)
+        pair_acc, margin = pair_metrics(model, ref_sums, tok, pairs, beta, max_len)
+        rows.append({"model": label, "stage": stage, "accuracy": accuracy(model, tok, problems),
+                     "pair_accuracy": pair_acc, "margin": margin,
+                     "trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s"),
+                     "n_questions": len(problems), "n_pairs": len(pairs)})
+    return rows
+
+
+def markdown_table(rows, split):
+    lines = [f"| model | {split} accuracy | pair accuracy | margin | trained fraction | wall time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = "-" if r["trained_fraction"] is None else f"{r['trained_fraction']:.3f}"
+        lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {100 * r['pair_accuracy']:.1f}% | "
+                     f"{r['margin']:+.3f} | {frac} | {r['wall_s']:.0f} |")
+    n = rows[0] if rows else {"n_questions": 0, "n_pairs": 0}
+    lines.append(f"\n{n['n_questions']} {split} questions, {n['n_pairs']} held-out pairs; "
+                 "margin = beta * (chosen - rejected) log-ratio against the SFT model.")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a run directory (runs/default) or one checkpoint directory inside it")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="held-out split to score (choose settings on val, report test; default test)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default 0.1)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
+    p.add_argument("--out", help="JSON output file (default <run>/eval_<split>.json)")
+    a = p.parse_args()
+    path = os.path.normpath(a.path)
+    try:
+        if os.path.exists(os.path.join(path, "tokenizer.model")):  # a run directory
+            run, stages = path, ROWS
+        else:  # a checkpoint directory inside a run
+            run, stage = os.path.dirname(path), os.path.basename(path)
+            stages = [(dict((s, l) for l, s in ROWS).get(stage, stage), stage)]
+        for need in ("tokenizer.model", f"task/{a.split}.jsonl", "sft/config.json"):
+            if not os.path.exists(os.path.join(run, need)):
+                raise DataError(f"{os.path.join(run, need)}: not found; run `python train.py --stage sft` first")
+        rows = evaluate_run(run, a.split, a.device, a.beta, stages=stages)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown_table(rows, a.split))
+    out = a.out or os.path.join(run, f"eval_{a.split}.json" if stages is ROWS else f"eval_{a.split}_{stages[0][1]}.json")
+    write_json(out, {"split": a.split, "rows": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

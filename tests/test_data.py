@@ -1,0 +1,277 @@
+import io
+import os
+import re
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import DataError, Problem  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return data.train_task_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok.model"))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_trained_tokenizer_ids_and_round_trip(tok):
+    assert (tok.pad_id, tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    for p in data.make_splits(1, 50, 0, 0)["train"]:
+        ex = data.sft_example(p)
+        prompt, response = tok.encode(ex["input"]), tok.encode(ex["output"])
+        assert tok.decode(prompt + response) == ex["input"] + ex["output"]
+        assert tok.decode([tok.bos_id] + prompt + response + [tok.eos_id, tok.pad_id]) == ex["input"] + ex["output"]
+        assert tok.sp.unk_id() not in prompt + response
+        assert ex["output"].startswith(" ") and tok.decode(response) == ex["output"]
+
+
+def test_numbers_are_single_pieces(tok):
+    for n in range(data.MAX_VALUE + 1):
+        assert len(tok.encode(f" {n}")) == 1
+    assert tok.decode(tok.encode(" 12 + 3 = 15.")) == " 12 + 3 = 15."
+
+
+def test_tokenizer_training_is_deterministic_and_loads_from_file(tmp_path):
+    a = data.train_task_tokenizer(str(tmp_path / "a.model"))
+    b = data.train_task_tokenizer(str(tmp_path / "b.model"))
+    assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+    assert not (tmp_path / "a.model.tmp").exists()
+    c = data.Tokenizer(str(tmp_path / "a.model"))
+    text = data.prompt_text("Mia has 14 apples.") + " 14 + 7 = 21. The answer is 21."
+    assert c.encode(text) == a.encode(text) == b.encode(text) and c.decode(c.encode(text)) == text
+
+
+def test_tokenizer_without_pad_uses_eos(tmp_path):
+    # a Llama-style model: pad_id -1, bos 1, eos 2, dummy prefix
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world, this is a test."] * 20),
+                                   model_writer=model, vocab_size=30, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    t = data.Tokenizer(str(tmp_path / "tokenizer.model"))
+    assert (t.bos_id, t.eos_id, t.pad_id) == (1, 2, 2)
+    ids = t.encode("hello world")
+    assert t.bos_id not in ids and t.decode([t.bos_id] + ids + [t.eos_id]) == "hello world"
+
+
+# ----------------------------------------------------------------------------- the task
+
+def check_problem(p, max_value, max_operand):
+    steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p.solution)
+    assert steps and p.solution.endswith(f"The answer is {p.answer}.")
+    start = int(re.search(r"has (\d+) ", p.question).group(1))
+    assert int(steps[0][0]) == start
+    for i, (a, op, b, c) in enumerate(steps):
+        a, b, c = int(a), int(b), int(c)
+        assert data.apply_op(a, op, b) == c and 0 <= c <= max_value and 1 <= b <= max_operand
+        assert i == 0 or a == int(steps[i - 1][3])
+        assert f" {b}" in p.question
+    assert int(steps[-1][3]) == int(p.answer)
+
+
+def test_splits_deterministic_disjoint_and_valid():
+    a = data.make_splits(7, 300, 50, 50)
+    assert a == data.make_splits(7, 300, 50, 50)
+    assert a != data.make_splits(8, 300, 50, 50)
+    assert [len(a[k]) for k in ("train", "val", "test")] == [300, 50, 50]
+    questions = [p.question for split in a.values() for p in split]
+    assert len(set(questions)) == len(questions)
+    for p in [p for split in a.values() for p in split]:
+        check_problem(p, data.MAX_VALUE, data.MAX_OPERAND)
+    # test and val do not move when train grows
+    b = data.make_splits(7, 600, 50, 50)
+    assert b["test"] == a["test"] and b["val"] == a["val"]
+
+
+def test_difficulty_knobs():
+    s = data.make_splits(0, 200, 0, 0, min_steps=4, max_steps=4, max_operand=5, max_value=20, ops=("+", "*"))
+    for p in s["train"]:
+        check_problem(p, 20, 5)
+        assert p.solution.count("=") == 4 and " - " not in p.solution
+    with pytest.raises(ValueError, match="distinct"):
+        data.make_splits(0, 10000, 0, 0, min_steps=1, max_steps=1, max_operand=2, max_value=5)
+    with pytest.raises(ValueError, match="ops"):
+        data.make_splits(0, 10, 0, 0, ops=("/",))
+
+
+# ----------------------------------------------------------------------------- answers
+
+@pytest.mark.parametrize("text, expected", [
+    ("14 + 7 = 21. The answer is 21.", "21"),
+    ("The answer is 3. Wait. The answer is 5.", "5"),
+    ("the ANSWER is  42  ", "42"),
+    ("The answer is 42 .  ", "42"),
+    ("The answer is abc.", "abc"),
+    ("The answer is", ""),
+    ("no marker here 42.", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert data.extract_answer(text) == expected
+
+
+def test_is_correct():
+    assert data.is_correct(" 1 + 1 = 2. The answer is 2.", "2")
+    assert data.is_correct("THE ANSWER IS Two.", " two ")
+    assert not data.is_correct("The answer is 2. The answer is 3.", "2")
+    assert not data.is_correct("The answer is 12.", "2")
+    assert not data.is_correct("2", "2")
+    assert not data.is_correct("", "2")
+
+
+REF = Problem("Mia has 14 apples. She buys 7 more. Then she gives away 5. How many apples does Mia have now?",
+              "14 + 7 = 21. 21 - 5 = 16. The answer is 16.", "16")
+
+
+@pytest.mark.parametrize("response, corrected, at", [
+    (" 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", -1),
+    (" 14 + 7 = 22. 22 - 5 = 17. The answer is 17.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", 10),
+    (" 14 + 7 = 21. 21 - 5 = 15. The answer is 15.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", 23),
+    (" 14 + 8 = 22. 22 - 5 = 17. The answer is 17.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", 6),
+    (" 14 - 7 = 7. 7 - 5 = 2. The answer is 2.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", 4),
+    (" 14 + 7 = 21. 21 - 5 = 16. The answer is 61.", " 14 + 7 = 21. 21 - 5 = 16. The answer is 16.", 41),
+    # the wording between the steps is kept
+    ("14 + 7 = 22, so 22 - 5 = 17. the answer is 17", "14 + 7 = 21, so 21 - 5 = 16. the answer is 16", 9),
+])
+def test_correct_response(response, corrected, at):
+    assert data.correct_response(REF, response) == (corrected, at)
+
+
+@pytest.mark.parametrize("response", [
+    " 14 + 7 = 21. The answer is 21.",  # a step missing
+    " 14 + 7 = 21. 21 - 5 = 16. 16 + 1 = 17. The answer is 17.",  # a step too many
+    " 14 + 7 = 21. 21 - 5 = 16. So 16.",  # no answer marker
+    " 14 + 7 = 21. 21 = 5 - 16. The answer is 16.",  # slots out of place
+    "I do not know.",
+    "",
+])
+def test_correct_response_unparseable(response):
+    assert data.correct_response(REF, response) is None
+
+
+def test_correct_response_on_generated_problems():
+    for p in data.make_splits(3, 100, 0, 0)["train"]:
+        nums = list(re.finditer(r"\d+", p.solution))
+        m = nums[2]  # the result of the first step
+        wrong = p.solution[:m.start()] + str(int(m.group()) + 1) + p.solution[m.end():]
+        assert data.correct_response(p, wrong) == (p.solution, m.start())
+        assert data.correct_response(p, p.solution) == (p.solution, -1)
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+def write(tmp_path, text):
+    path = tmp_path / "x.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+def read_error(path, kind, tok=None):
+    with pytest.raises(DataError) as e:
+        data.read_jsonl(path, kind, tok)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_jsonl_round_trip(tmp_path, tok):
+    rows = [{"prompt": "Q é", "response": " 1 + 2 = 3.", "weights": [0, 1.0, 0.5, 1, 0.0, 2]},
+            {"prompt": "Q", "response": " x", "extra": 1}]
+    path = str(tmp_path / "f.jsonl")
+    data.write_jsonl(path, rows)
+    assert not os.path.exists(path + ".tmp")
+    assert data.read_jsonl(path, "forget", tok) == rows
+    with open(path, "a") as f:
+        f.write("\n   \n")  # blank lines are skipped
+    assert data.read_jsonl(path, "forget") == rows
+
+
+def test_jsonl_errors(tmp_path, tok):
+    ok = '{"input": "a", "output": "b"}\n'
+    p = write(tmp_path, ok + '{"input": "a", "output": \n')
+    assert read_error(p, "sft").startswith(f"{p}:2: malformed JSON")
+    p = write(tmp_path, ok + "\n\n" + '{"input": "a"}\n')
+    msg = read_error(p, "sft")
+    assert msg.startswith(f"{p}:4:") and "missing field 'output'" in msg
+    p = write(tmp_path, '{"input": "a", "output": 3}\n')
+    msg = read_error(p, "sft")
+    assert msg.startswith(f"{p}:1:") and "'output'" in msg and "string" in msg
+    p = write(tmp_path, '{"prompt": "a", "chosen": "b"}\n')
+    assert "missing field 'rejected'" in read_error(p, "pairs")
+    p = write(tmp_path, "[1, 2]\n")
+    assert read_error(p, "pairs").startswith(f"{p}:1: expected a JSON object")
+    p = write(tmp_path, '{"prompt": "a", "response": " 1 + 2", "weights": [1, 1]}\n')
+    msg = read_error(p, "forget", tok)
+    assert msg.startswith(f"{p}:1:") and "'weights'" in msg and "2 entries" in msg and "3 tokens" in msg
+    assert data.read_jsonl(p, "forget")[0]["weights"] == [1, 1]  # no tokenizer, no length check
+    for bad in ['"1 1"', "[1, -1]", "[1, true]", '[1, "x"]', "[1, NaN]"]:
+        p = write(tmp_path, '{"prompt": "a", "response": "b", "weights": %s}\n' % bad)
+        msg = read_error(p, "forget")
+        assert msg.startswith(f"{p}:1:") and "'weights'" in msg
+    (tmp_path / "bin.jsonl").write_bytes(b'{"input": "\xff"}\n')
+    assert read_error(str(tmp_path / "bin.jsonl"), "sft").startswith(f"{tmp_path / 'bin.jsonl'}:1: not valid UTF-8")
+    missing = str(tmp_path / "nope.jsonl")
+    assert read_error(missing, "sft").startswith(f"{missing}: cannot read")
+    with pytest.raises(ValueError):
+        data.read_jsonl(missing, "dpo")
+
+
+# ----------------------------------------------------------------------------- collation
+
+class CharTok:
+    """Letters a..z -> ids 10..35; bos 2, eos 3, pad 0: hand-checkable."""
+    bos_id, eos_id, pad_id = 2, 3, 0
+
+    def encode(self, text):
+        return [10 + ord(c) - ord("a") for c in text]
+
+
+def test_collate_hand_checked():
+    b = data.collate(CharTok(), ["ab", "a"], ["cd", "x"], max_len=16)
+    assert b["input_ids"].tolist() == [[2, 10, 11, 12, 13, 3], [2, 10, 33, 3, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 12, 13, 3, -100], [-100, 33, 3, -100, -100, -100]]
+    assert b["weights"].tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]]
+    assert b["n_truncated"] == 0
+    assert [b[k].dtype for k in ("input_ids", "attention_mask", "labels", "weights")] == \
+        [torch.long, torch.long, torch.long, torch.float32]
+    w = data.collate(CharTok(), ["ab", "a"], ["cd", "x"], max_len=16, weights=[[0.5, 0.25], [0.75]])
+    assert w["weights"].tolist() == [[0, 0, 0.5, 0.25, 0, 0], [0, 0.75, 0, 0, 0, 0]]
+    assert torch.equal(w["labels"], b["labels"])
+    pre = data.collate(CharTok(), [[10, 11], [10]], [[12, 13], [33]], max_len=16)  # pre-tokenized
+    assert torch.equal(pre["input_ids"], b["input_ids"]) and torch.equal(pre["labels"], b["labels"])
+    with pytest.raises(ValueError, match="weights"):
+        data.collate(CharTok(), ["ab"], ["cd"], max_len=16, weights=[[1.0]])
+
+
+def test_collate_truncation_counted():
+    # response tail cut: EOS and "d" go; the last kept position has no target
+    b = data.collate(CharTok(), ["ab", "a"], ["cde", "x"], max_len=4, weights=[[0.5, 0.25, 1], [0.75]])
+    assert b["input_ids"].tolist() == [[2, 10, 11, 12], [2, 10, 33, 3]]
+    assert b["labels"].tolist() == [[-100, -100, 12, -100], [-100, 33, 3, -100]]
+    assert b["weights"].tolist() == [[0, 0, 0.5, 0], [0, 0.75, 0, 0]]
+    assert b["n_truncated"] == 1
+    # prompt too long: cut from the left, BOS kept, one target kept
+    b = data.collate(CharTok(), ["abcde"], ["x"], max_len=4)
+    assert b["input_ids"].tolist() == [[2, 13, 14, 33]]
+    assert b["labels"].tolist() == [[-100, -100, 33, -100]]
+    assert b["n_truncated"] == 1
+
+
+def test_collate_with_task_tokenizer(tok):
+    ps = data.make_splits(0, 8, 0, 0)["train"]
+    rows = [data.sft_example(p) for p in ps]
+    b = data.collate(tok, [r["input"] for r in rows], [r["output"] for r in rows], max_len=256)
+    ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
+    for i, r in enumerate(rows):
+        n_p, n_r = len(tok.encode(r["input"])), len(tok.encode(r["output"]))
+        on = labels[i] != -100
+        assert on.sum() == n_r + 1 and mask[i].sum() == n_p + n_r + 2
+        assert torch.equal(labels[i, :-1][on[:-1]], ids[i, 1:][on[:-1]])  # pre-shifted
+        assert tok.decode(labels[i][on]) == r["output"]
+        assert torch.equal(b["weights"][i] != 0, on)

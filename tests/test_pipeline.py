@@ -1,0 +1,154 @@
+"""End-to-end: every stage of train.py on the smoke preset, resume, and the error paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import allo
+import train
+from data import Tokenizer
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--preset", "smoke"]
+
+
+def run_cli(*args):
+    """train.py in a subprocess: (exit status, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    return p.returncode, p.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One smoke run of the whole pipeline (`--stage all`), shared by the tests below."""
+    d = str(tmp_path_factory.mktemp("run"))
+    train.main(SMOKE + ["--run", d])
+    return d
+
+
+def test_all_stages_write_their_outputs(run):
+    expected = {
+        "sft": ["config.json", "model.safetensors", "metrics.jsonl", "stage.json"],
+        "sample": ["pairs.jsonl", "forget.jsonl", "val_pairs.jsonl", "test_pairs.jsonl", "stage.json"],
+        "warmup": ["config.json", "model.safetensors", "stage.json"],
+        "mask": ["forget.safetensors", "learn.safetensors", "stage.json"],
+        "rewriter": ["config.json", "model.safetensors", "forget_weighted.jsonl", "stage.json"],
+        "forget": ["config.json", "model.safetensors", "stage.json"],
+        "learn": ["config.json", "model.safetensors", "stage.json"],
+    }
+    for stage, files in expected.items():
+        for f in files:
+            assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
+        assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints are removed when a stage ends"
+    for f in ("tokenizer.model", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl", "eval_test.json"):
+        assert os.path.exists(os.path.join(run, f)), f
+    rows = json.load(open(os.path.join(run, "eval_test.json")))["rows"]
+    assert [r["stage"] for r in rows] == ["sft", "warmup", "forget", "learn"]
+    assert not [f for _, _, fs in os.walk(run) for f in fs if f.endswith(".tmp")]
+
+
+def test_masked_stages_move_only_their_mask(run):
+    """forget starts from sft and may change only forget-mask entries; learn starts from forget."""
+    params = lambda stage: dict(Transformer.from_pretrained(os.path.join(run, stage)).named_parameters())  # noqa: E731
+    for stage, start, mask in (("forget", "sft", "forget"), ("learn", "forget", "learn")):
+        before, after = params(start), params(stage)
+        masks = allo.load_masks(os.path.join(run, "mask", f"{mask}.safetensors"))
+        moved = 0
+        for name, m in masks.items():
+            a, b = before[name].detach(), after[name].detach()
+            assert torch.equal(a[~m], b[~m]), f"{stage}: frozen entries of {name} changed"
+            moved += int((a[m] != b[m]).sum())
+        assert moved > 0, f"{stage}: no masked entry moved"
+
+
+def test_forget_weights_align_with_response_tokens(run):
+    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+    rows = [json.loads(line) for line in open(os.path.join(run, "rewriter", "forget_weighted.jsonl"))]
+    assert rows
+    for r in rows:
+        assert len(r["weights"]) == len(r["probs"]) == len(tok.encode(r["response"]))
+        assert all(w == float(p < 0.5) for w, p in zip(r["weights"], r["probs"]))
+
+
+def test_all_skips_finished_stages(run, capsys):
+    train.main(SMOKE + ["--run", run, "--stage", "all"])
+    out = capsys.readouterr().out
+    assert all(f"{s}: finished earlier, skipped" in out for s in train.STAGES)
+
+
+def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
+    args = SMOKE + ["--stage", "sft", "--sft-steps", "6", "--ckpt-every", "2"]
+    train.main(args + ["--run", str(tmp_path / "straight")])
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(ckpt_dir, step, model, opt):
+        real_save(ckpt_dir, step, model, opt)
+        if step == 4:
+            raise KeyboardInterrupt  # killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--run", str(tmp_path / "killed")])
+    assert os.listdir(tmp_path / "killed" / "sft" / "ckpt") == ["step-0000004"]
+    assert not os.path.exists(tmp_path / "killed" / "sft" / "stage.json")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(args + ["--run", str(tmp_path / "killed")])
+    a = load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "sft" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_last_checkpoint_kept(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = allo.sft_loss
+
+    def nan_at_step_5(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(allo, "sft_loss", nan_at_step_5)
+    with pytest.raises(SystemExit) as e:
+        train.main(SMOKE + ["--run", str(tmp_path), "--stage", "sft", "--sft-steps", "6", "--ckpt-every", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / "sft" / "ckpt") == ["step-0000004"]
+    assert not os.path.exists(tmp_path / "sft" / "stage.json")
+
+
+def test_missing_prerequisite_names_the_stage_to_run(tmp_path):
+    code, err = run_cli("--stage", "learn", "--run", str(tmp_path))
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "python train.py --stage sft" in err
+
+
+def test_bad_inputs_fail_with_one_line_and_status_2(run, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
+    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{bad}:2:" in err and "'chosen'" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "o" / "stage.json")
+
+    masks = allo.load_masks(os.path.join(run, "mask", "learn.safetensors"))
+    name = next(iter(masks))
+    masks[name] = torch.ones(3, 3, dtype=torch.bool)
+    save_file(masks, str(tmp_path / "mask.safetensors"))
+    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--mask", str(tmp_path / "mask.safetensors"),
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "mask.safetensors" in err and name in err and err.count("\n") == 1
+
+    small = tmp_path / "small"
+    cfg = json.load(open(os.path.join(run, "sft", "config.json")))
+    Transformer(ModelConfig(vocab_size=8, dim=cfg["hidden_size"], n_layers=1, n_heads=2, n_kv_heads=1,
+                            hidden_dim=64)).save_pretrained(str(small))
+    code, err = run_cli(*SMOKE, "--stage", "forget", "--run", run, "--model", str(small), "--out", str(tmp_path / "o"))
+    assert code == 2 and "vocab_size 8" in err and err.count("\n") == 1

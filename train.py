@@ -1,0 +1,664 @@
+"""ALLO stage by stage (Chen et al., EMNLP 2024, "Not Everything is All You Need").
+
+    python train.py                      # every stage on the embedded default, then the results table
+    python train.py --stage forget --model my-llama/ --data forget.jsonl --mask forget_mask.safetensors --out out/
+
+Stages (each reads the run directory, default runs/default/, or explicit flags):
+  sft       the starting point: a tiny Llama trained from scratch on the embedded arithmetic task
+  sample    Stage 0: K self-sampled responses per question -> learning pairs (correct, wrong) and
+            the forgetting set (every wrong response)
+  warmup    Stage 1a: vanilla DPO from the SFT model; also the full-parameter DPO baseline
+  mask      Stage 1b: key neurons = global top-k% of |theta_warmup - theta_sft| (or accumulated
+            DPO gradients, --scorer grad): one mask for forgetting, one for learning
+  rewriter  Stage 2a: the token-level reward model (a rewriter that minimally corrects wrong
+            responses); flags unaligned tokens p_t < tau of every forgetting response
+  forget    Stage 2b: token-level NPO on the unaligned tokens, updating only the forgetting mask
+  learn     Stage 3: DPO with key tokens on the rejected side, updating only the learning mask:
+            the ALLO model
+  all       every stage in order, skipping finished ones (--force redoes them), then eval.py's table
+
+A stage writes <run>/<stage>/ (Hugging Face config.json + model.safetensors, metrics.jsonl) and,
+last, stage.json: a stage with stage.json is finished. Training stages checkpoint every
+--ckpt-every steps into <stage>/ckpt/ and resume from there when run again; the batch order is a
+function of (seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import allo
+from data import (DataError, Problem, Tokenizer, correct_response, is_correct, make_splits,
+                  prompt_text, read_jsonl, sft_example, train_task_tokenizer, write_jsonl, collate)
+from eval import ROWS, accuracy, complete, evaluate_run, load_problems, markdown_table
+from model import ModelConfig, Transformer, autocast, pick_device, write_json
+
+STAGES = ["sft", "sample", "warmup", "mask", "rewriter", "forget", "learn"]
+
+
+class UsageError(Exception):
+    """A missing prerequisite or an input that does not fit: one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def fit(stage, model, masks, args, n_steps, lr, batch_at, loss_fn, out):
+    """Train `model` for n_steps with MaskedAdamW on `masks` (all-True masks = full parameters).
+
+    Per step: --grad-accum micro-batches batch_at(i) -> loss_fn(model, batch) = (loss, n_tokens);
+    dense gradients clipped to norm 1.0 before the masked update (as the release); linear warmup
+    then cosine decay of the learning rate. Progress every --log-every steps, a checkpoint every
+    --ckpt-every steps, resume from the newest checkpoint, stop on a non-finite loss.
+    """
+    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=lr, weight_decay=args.weight_decay)
+    ckpt_dir = os.path.join(out, "ckpt")
+    start = resume(ckpt_dir, model, opt)
+    if start:
+        print(f"{stage}: resumed from step {start}/{n_steps}")
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    t0, tokens, losses = time.time(), 0, []
+    for step in range(start, n_steps):
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, n_steps, args.warmup_frac)
+        for j in range(args.grad_accum):
+            loss, n_tok = loss_fn(model, batch_at(step * args.grad_accum + j))
+            if not torch.isfinite(loss):
+                raise UsageError(f"{stage}: loss is {loss.item()} at step {step + 1}; stopped, the last "
+                                 f"good checkpoint is in {ckpt_dir} (lower the learning rate?)")
+            (loss / args.grad_accum).backward()
+            tokens += n_tok
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == n_steps:
+            dt = time.time() - t0
+            rate = (done - start) / dt
+            row = {"stage": stage, "step": done, "loss": sum(losses) / len(losses), "lr": opt.param_groups[0]["lr"],
+                   "tokens_per_s": tokens / dt}
+            print(f"{stage} {done}/{n_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                  f"tok/s {row['tokens_per_s']:,.0f} eta {(n_steps - done) / rate:.0f}s", flush=True)
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            losses = []
+        if done % args.ckpt_every == 0 and done < n_steps:
+            save_checkpoint(ckpt_dir, done, model, opt)
+    metrics.close()
+    return model
+
+
+def save_checkpoint(ckpt_dir, step, model, opt):
+    """<ckpt>/step-N/ {model, optimizer}.safetensors, written to a temp dir then renamed."""
+    tmp = os.path.join(ckpt_dir, f"step-{step:07d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()},
+              os.path.join(tmp, "model.safetensors"))
+    allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
+    os.replace(tmp, os.path.join(ckpt_dir, f"step-{step:07d}"))
+    for old in os.listdir(ckpt_dir):
+        if old != f"step-{step:07d}":
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+
+def resume(ckpt_dir, model, opt):
+    """Load the newest complete checkpoint; returns its step (0 when there is none)."""
+    done = sorted(d for d in os.listdir(ckpt_dir) if not d.endswith(".tmp")) if os.path.isdir(ckpt_dir) else []
+    if not done:
+        return 0
+    path = os.path.join(ckpt_dir, done[-1])
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
+    allo.load_optimizer(os.path.join(path, "optimizer.safetensors"), opt)
+    return int(done[-1].split("-")[1])
+
+
+def lr_factor(step, n_steps, warmup_frac):
+    """Linear warmup over warmup_frac of the steps, then cosine decay to 0 (the release's schedule)."""
+    warm = max(1, int(warmup_frac * n_steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, n_steps - warm)))
+
+
+def batch_indices(n, batch, i, seed):
+    """Example indices of micro-batch i: epoch e = a fixed permutation from (seed, e)."""
+    batch = min(batch, n)
+    per_epoch = n // batch
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + i // per_epoch))
+    k = i % per_epoch
+    return perm[k * batch:(k + 1) * batch].tolist()
+
+
+def finish(stage, model, out, t0, **info):
+    """Save the stage's model (HF layout) and, last, stage.json: the mark of a finished stage."""
+    model.save_pretrained(out)
+    shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+    info = {"stage": stage, "wall_s": time.time() - t0, **info}
+    write_json(os.path.join(out, "stage.json"), info)
+    print(f"{stage}: done in {info['wall_s']:.0f}s -> {out}")
+    return info
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def need(path, stage):
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: not found; run `python train.py --stage {stage}` first (or pass it as a flag)")
+    return path
+
+
+def load_model(path, device, stage, tok=None):
+    need(os.path.join(path, "config.json"), stage)
+    model = Transformer.from_pretrained(path).to(device)
+    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
+        raise UsageError(f"{path}/config.json: vocab_size {model.cfg.vocab_size} is smaller than the "
+                         f"tokenizer's {tok.vocab_size}")
+    return model
+
+
+def load_masks_for(path, model, stage):
+    masks = allo.load_masks(need(path, stage))
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        if name not in params or m.shape != params[name].shape:
+            got = tuple(params[name].shape) if name in params else "no such parameter"
+            raise UsageError(f"{path}: mask {name!r} of shape {tuple(m.shape)} does not fit the model ({got})")
+    return {n: m.to(params[n].device) for n, m in masks.items()}
+
+
+def full_masks(model):
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+
+
+def trained_fraction(masks):
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+def forward_logps(model, batch, device):
+    """Per-token log-probs [B,T] of the batch's labels (0 off-target) and the logits."""
+    with autocast(device):
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return allo.token_logps(logits, batch["labels"].to(device)), logits
+
+
+@torch.no_grad()
+def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64):
+    """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
+    computed once and cached for the whole stage (no second model kept in memory during training)."""
+    ref.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
+        logps, _ = forward_logps(ref, b, device)
+        keep = b["labels"] != -100
+        out += [row[k].float().cpu() for row, k in zip(logps, keep.to(device))]
+    return out
+
+
+def with_reference(batch, cached, rows):
+    """Lay the cached per-token reference log-probs of `rows` onto the batch's label positions."""
+    ref = torch.zeros(batch["labels"].shape)
+    ref[batch["labels"] != -100] = torch.cat([cached[r] for r in rows])
+    return {**batch, "ref": ref}
+
+
+def report_truncation(stage, n, what):
+    if n:
+        print(f"{stage}: warning: {n} {what} truncated to --max-len", flush=True)
+
+
+# ----------------------------------------------------------------------------- sft
+
+def stage_sft(args, run, device):
+    t0 = time.time()
+    out = args.out or os.path.join(run, "sft")
+    os.makedirs(os.path.join(run, "task"), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    splits = make_splits(args.seed, args.n_train, args.n_val, args.n_test)
+    for name, problems in splits.items():
+        write_jsonl(os.path.join(run, "task", f"{name}.jsonl"), [p.__dict__ for p in problems])
+    tok = train_task_tokenizer(os.path.join(run, "tokenizer.model"))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                      n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim, max_seq_len=args.max_len)
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg).to(device)
+    print(f"sft: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+          f"{len(splits['train'])} training problems, device {device}")
+    rows = [sft_example(p) for p in splits["train"]]
+    counted = set()
+
+    def batch_at(i):
+        idx = batch_indices(len(rows), args.batch_size, i, args.seed)
+        b = collate(tok, [rows[k]["input"] for k in idx], [rows[k]["output"] for k in idx], args.max_len)
+        if i not in counted:
+            counted.add(i)
+            report_truncation("sft", b["n_truncated"], "examples")
+        return b
+
+    def loss_fn(model, b):
+        with autocast(device):
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        return allo.sft_loss(logits.float(), b["labels"].to(device)), int(b["attention_mask"].sum())
+
+    fit("sft", model, full_masks(model), args, args.sft_steps, args.sft_lr, batch_at, loss_fn, out)
+    val_acc = accuracy(model, tok, splits["val"][:args.eval_n])
+    print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {min(args.eval_n, len(splits['val']))} questions")
+    return finish("sft", model, out, t0, trained_fraction=1.0, val_accuracy=val_acc)
+
+
+# ----------------------------------------------------------------------------- Stage 0: sample
+
+def stage_sample(args, run, device):
+    """K responses per question at --temperature; correct = same final answer; duplicates dropped.
+    Pairs: every (correct, wrong) of a question, at most --max-pairs drawn with the seed.
+    Forgetting set: every wrong response. Val and test questions give held-out pairs."""
+    t0 = time.time()
+    out = args.out or os.path.join(run, "sample")
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(need(os.path.join(run, "tokenizer.model"), "sft"))
+    model = load_model(args.model or os.path.join(run, "sft"), device, "sft", tok)
+    rng = random.Random(args.seed)
+    stats = {}
+    for split in ("train", "val", "test"):
+        problems = load_problems(need(os.path.join(run, "task", f"{split}.jsonl"), "sft"))
+        if split == "train":
+            problems = problems[:args.n_sample] if args.n_sample else problems
+        prompts = [prompt_text(p.question) for p in problems]
+        texts = complete(model, tok, [q for q in prompts for _ in range(args.k)], args.max_new_tokens,
+                         args.temperature, args.top_p, args.seed)
+        pairs, forget, n_correct = [], [], 0
+        for qi, (p, prompt) in enumerate(zip(problems, prompts)):
+            samples = list(dict.fromkeys(" " + t.strip() for t in texts[qi * args.k:(qi + 1) * args.k]))
+            good = [s for s in samples if is_correct(s, p.answer)]
+            if not good and args.gold_chosen:  # not in the paper: the reference stands in as chosen
+                good = [" " + p.solution]
+            bad = [s for s in samples if not is_correct(s, p.answer)]
+            n_correct += sum(is_correct(t, p.answer) for t in texts[qi * args.k:(qi + 1) * args.k])
+            combos = [(c, w) for c in good for w in bad]
+            for c, w in rng.sample(combos, min(args.max_pairs, len(combos))):
+                pairs.append({"prompt": prompt, "chosen": c, "rejected": w})
+            forget += [{"prompt": prompt, "response": w, "question": p.question, "reference": p.solution,
+                        "answer": p.answer} for w in bad]
+        write_jsonl(os.path.join(out, f"{split}_pairs.jsonl" if split != "train" else "pairs.jsonl"), pairs)
+        if split == "train":
+            write_jsonl(os.path.join(out, "forget.jsonl"), forget)
+        stats[split] = {"questions": len(problems), "sample_accuracy": n_correct / max(1, len(texts)),
+                        "pairs": len(pairs), "wrong_responses": len(forget)}
+        print(f"sample {split}: {len(problems)} questions x {args.k}: sample accuracy "
+              f"{100 * stats[split]['sample_accuracy']:.1f}%, {len(pairs)} pairs, {len(forget)} wrong responses")
+    return finish_files("sample", out, t0, **stats)
+
+
+def finish_files(stage, out, t0, **info):
+    info = {"stage": stage, "wall_s": time.time() - t0, **info}
+    write_json(os.path.join(out, "stage.json"), info)
+    print(f"{stage}: done in {info['wall_s']:.0f}s -> {out}")
+    return info
+
+
+# ----------------------------------------------------------------------------- DPO (warmup and learn)
+
+def train_dpo(stage, args, run, device, model_dir, model_stage, masks_path, eps, lr, steps):
+    """DPO on the learning pairs from `model_dir`, reference = the same starting weights
+    (log-probs cached once). eps < 1 keeps only the key tokens of the rejected side (Stage 3);
+    masks_path None trains every parameter (vanilla DPO, Stage 1a)."""
+    t0 = time.time()
+    out = args.out or os.path.join(run, stage)
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(args.tokenizer or need(os.path.join(run, "tokenizer.model"), "sft"))
+    pairs = read_jsonl(args.data or need(os.path.join(run, "sample", "pairs.jsonl"), "sample"), "pairs")
+    if not pairs:
+        raise UsageError(f"{stage}: no preference pairs to train on")
+    model = load_model(model_dir, device, model_stage, tok)
+    masks = load_masks_for(masks_path, model, "mask") if masks_path else full_masks(model)
+    ref_dir = args.ref or model_dir
+    ref = model if ref_dir == model_dir else load_model(ref_dir, device, model_stage, tok)
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    cached = reference_logps(ref, tok, prompts, responses, args.max_len, device)
+    del ref
+    n = len(pairs)
+    print(f"{stage}: {n} pairs, trained fraction {trained_fraction(masks):.3f}, eps {eps}, lr {lr}, {steps} steps")
+
+    def batch_at(i):
+        idx = batch_indices(n, args.batch_size, i, args.seed)
+        b = collate(tok, [pairs[k]["prompt"] for k in idx] * 2,
+                    [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
+        return with_reference(b, cached, idx + [n + k for k in idx])
+
+    def loss_fn(model, b):
+        logps, logits = forward_logps(model, b, device)  # [2B,T]: chosen rows, then rejected rows
+        ref = b["ref"].to(device)
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
+        losses, _, _ = allo.dpo_loss(pc, pr, rc, rr, args.beta, keep)
+        loss = losses.mean()
+        if args.nll:  # optional NLL on the chosen response (RPO-style), off by default
+            half = logits.shape[0] // 2
+            loss = loss + args.nll * allo.sft_loss(logits[:half].float(), b["labels"][:half].to(device))
+        return loss, int(b["attention_mask"].sum())
+
+    fit(stage, model, masks, args, steps, lr, batch_at, loss_fn, out)
+    return finish(stage, model, out, t0, trained_fraction=trained_fraction(masks), steps=steps, lr=lr, eps=eps)
+
+
+# ----------------------------------------------------------------------------- Stage 1: key neurons
+
+def stage_mask(args, run, device):
+    """Importance per entry (|theta_warmup - theta_sft| or accumulated DPO gradients), then one
+    global top-k% threshold for the forgetting mask and one for the learning mask."""
+    t0 = time.time()
+    out = args.out or os.path.join(run, "mask")
+    os.makedirs(out, exist_ok=True)
+    sft_dir = args.model or os.path.join(run, "sft")
+    sft = load_model(sft_dir, device, "sft")
+    if args.scorer == "delta":
+        warm = load_model(os.path.join(run, "warmup"), device, "warmup")
+        scores = allo.importance_from_delta(dict(sft.named_parameters()), dict(warm.named_parameters()))
+    else:
+        tok = Tokenizer(args.tokenizer or need(os.path.join(run, "tokenizer.model"), "sft"))
+        pairs = read_jsonl(args.data or need(os.path.join(run, "sample", "pairs.jsonl"), "sample"), "pairs")
+        cached = reference_logps(sft, tok, [p["prompt"] for p in pairs] * 2,
+                                 [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], args.max_len, device)
+        n = len(pairs)
+
+        def batches():
+            for i in range(0, n, args.batch_size):
+                idx = list(range(i, min(n, i + args.batch_size)))
+                b = collate(tok, [pairs[k]["prompt"] for k in idx] * 2,
+                            [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
+                yield with_reference(b, cached, idx + [n + k for k in idx])
+
+        def loss_fn(model, b):
+            logps, _ = forward_logps(model, b, device)
+            (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
+            return allo.dpo_loss(pc, pr, rc, rr, args.beta)[0].mean()
+
+        scores = allo.grad_importance(sft, loss_fn, batches(), mode=args.grad_mode)
+    info = {}
+    for name, ratio in (("forget", args.forget_ratio), ("learn", args.learn_ratio)):
+        masks = allo.select_masks(scores, ratio, granularity=args.granularity, exclude_top=args.exclude_top)
+        allo.save_masks(os.path.join(out, f"{name}.safetensors"), masks)
+        info[f"{name}_fraction"] = trained_fraction(masks)
+        print(f"mask {name}: {100 * info[f'{name}_fraction']:.2f}% of entries; by module type:")
+        print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))
+    print("mask by layer (learning mask):")
+    print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "layer"]))
+    return finish_files("mask", out, t0, scorer=args.scorer, granularity=args.granularity, **info)
+
+
+# ----------------------------------------------------------------------------- Stage 2a: rewriter
+
+def rewriter_prompt(row):
+    """What the rewriter sees: the question, a correct reference solution and the response to fix."""
+    return f"Question: {row['question']}\nReference:{row['reference']}\nDraft:{row['response']}\nRewrite:"
+
+
+def stage_rewriter(args, run, device):
+    """Train the rewriter (a copy of the SFT model) to turn (question, reference, response) into
+    the minimally corrected response (correct responses are kept unchanged, as in RLMEC); then
+    score every forgetting response: p_t = P_rewriter(y_t | prompt, y_<t), unaligned = p_t < tau."""
+    t0 = time.time()
+    out = args.out or os.path.join(run, "rewriter")
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(need(os.path.join(run, "tokenizer.model"), "sft"))
+    forget = read_jsonl(args.data or need(os.path.join(run, "sample", "forget.jsonl"), "sample"), "forget")
+    pairs = read_jsonl(need(os.path.join(run, "sample", "pairs.jsonl"), "sample"), "pairs")
+    by_prompt = {r["prompt"]: r for r in forget}
+    examples = []  # (rewriter prompt, target rewrite)
+    for r in forget:
+        fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
+        if fixed is not None:
+            examples.append((rewriter_prompt(r), fixed[0]))
+    for p in pairs:  # correct responses: the rewrite is the response itself
+        if p["prompt"] in by_prompt:
+            r = {**by_prompt[p["prompt"]], "response": p["chosen"]}
+            examples.append((rewriter_prompt(r), p["chosen"]))
+    examples = list(dict.fromkeys(examples))
+    if not examples:
+        raise UsageError("rewriter: no training examples (no wrong responses could be corrected)")
+    model = load_model(os.path.join(run, "sft"), device, "sft", tok)
+    print(f"rewriter: {len(examples)} rewrite examples")
+    max_len = 3 * args.max_len
+
+    def batch_at(i):
+        idx = batch_indices(len(examples), args.batch_size, i, args.seed)
+        return collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
+
+    def loss_fn(model, b):
+        with autocast(device):
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        return allo.sft_loss(logits.float(), b["labels"].to(device)), int(b["attention_mask"].sum())
+
+    fit("rewriter", model, full_masks(model), args, args.rewriter_steps, args.rewriter_lr, batch_at, loss_fn, out)
+    model.save_pretrained(out)
+
+    # score: p_t of each response token, teacher-forced as the rewrite of itself
+    scored, hits, found, flagged, flagged_after = [], 0, 0, 0, 0
+    for i in range(0, len(forget), 64):
+        rows = forget[i:i + 64]
+        b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
+        report_truncation("rewriter", b["n_truncated"], "scored responses")
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        probs = allo.rewriter_token_probs(model, b)  # [B,T], 0 off-target
+        weights = allo.unaligned_token_weights(probs, b["labels"], args.tau, args.weights_mode)
+        for r, p_row, w_row, lab in zip(rows, probs, weights, b["labels"]):
+            on = lab != -100
+            n_tok = len(tok.encode(r["response"]))
+            p_t, w_t = p_row[on][:n_tok].tolist(), w_row[on][:n_tok].tolist()  # drop the EOS target
+            scored.append({"prompt": r["prompt"], "response": r["response"], "weights": w_t, "probs": p_t})
+            # how well flagged tokens find the known first wrong step (embedded task only)
+            fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
+            if fixed is None or fixed[1] < 0:
+                continue
+            ids = tok.encode(r["response"])
+            ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+            first = next(j for j, e in enumerate(ends) if e > fixed[1])  # token holding the first error
+            found += 1
+            hits += p_t[first] < args.tau
+            flag = [j for j, p in enumerate(p_t) if p < args.tau]
+            flagged += len(flag)
+            flagged_after += sum(j >= first for j in flag)
+    path = os.path.join(out, "forget_weighted.jsonl")
+    write_jsonl(path, scored)
+    recall = hits / max(1, found)
+    precision = flagged_after / max(1, flagged)
+    n_flag = sum(sum(w > 0 for w in s["weights"]) for s in scored)
+    n_all = sum(len(s["weights"]) for s in scored)
+    print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {args.tau}); first wrong step found in "
+          f"{100 * recall:.1f}% of {found} parseable wrong responses; {100 * precision:.1f}% of flagged tokens "
+          "lie at or after it")
+    return finish("rewriter", model, out, t0, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
+                  first_error_recall=recall, flag_precision=precision)
+
+
+# ----------------------------------------------------------------------------- Stage 2b: forget
+
+def stage_forget(args, run, device):
+    """Token-level NPO (ALLO eq. for forgetting): -w_t log sigmoid(-beta r_t) on the unaligned
+    tokens of wrong responses; reference = the starting model; only the forgetting mask moves."""
+    t0 = time.time()
+    out = args.out or os.path.join(run, "forget")
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(args.tokenizer or need(os.path.join(run, "tokenizer.model"), "sft"))
+    data = args.data or need(os.path.join(run, "rewriter", "forget_weighted.jsonl"), "rewriter")
+    rows = read_jsonl(data, "forget", tok)
+    if not rows:
+        raise UsageError(f"{data}: no forgetting examples")
+    model_dir = args.model or os.path.join(run, "sft")
+    model = load_model(model_dir, device, "sft", tok)
+    masks = load_masks_for(args.mask or os.path.join(run, "mask", "forget.safetensors"), model, "mask") \
+        if args.forget_ratio < 1 or args.mask else full_masks(model)
+    ref = model if not args.ref else load_model(args.ref, device, "sft", tok)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    weights = None if args.all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"]))) for r in rows]
+    cached = reference_logps(ref, tok, prompts, responses, args.max_len, device)
+    del ref
+    print(f"forget: {len(rows)} wrong responses, trained fraction {trained_fraction(masks):.3f}, "
+          f"{'all tokens' if args.all_tokens else 'unaligned tokens'}")
+
+    def batch_at(i):
+        idx = batch_indices(len(rows), args.batch_size, i, args.seed)
+        b = collate(tok, [prompts[k] for k in idx], [responses[k] for k in idx], args.max_len,
+                    None if weights is None else [weights[k] for k in idx])
+        if weights is None:  # NPO on every response token: the EOS target too
+            b["weights"] = (b["labels"] != -100).float()
+        return with_reference(b, cached, idx)
+
+    def loss_fn(model, b):
+        logps, _ = forward_logps(model, b, device)
+        loss = allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta)
+        return loss, int(b["attention_mask"].sum())
+
+    fit("forget", model, masks, args, args.forget_steps, args.forget_lr, batch_at, loss_fn, out)
+    return finish("forget", model, out, t0, trained_fraction=trained_fraction(masks), steps=args.forget_steps)
+
+
+# ----------------------------------------------------------------------------- all
+
+def run_stage(stage, args, run, device):
+    if stage == "sft":
+        return stage_sft(args, run, device)
+    if stage == "sample":
+        return stage_sample(args, run, device)
+    if stage == "warmup":
+        return train_dpo("warmup", args, run, device, args.model or os.path.join(run, "sft"), "sft",
+                         None, 1.0, args.dpo_lr, args.dpo_steps)
+    if stage == "mask":
+        return stage_mask(args, run, device)
+    if stage == "rewriter":
+        return stage_rewriter(args, run, device)
+    if stage == "forget":
+        return stage_forget(args, run, device)
+    if stage == "learn":
+        masks = args.mask or (os.path.join(run, "mask", "learn.safetensors") if args.learn_ratio < 1 else None)
+        return train_dpo("learn", args, run, device, args.model or os.path.join(run, "forget"), "forget",
+                         masks, args.eps, args.learn_lr, args.dpo_steps)
+    raise AssertionError(stage)
+
+
+PRESETS = {  # --preset smoke: every stage on a few examples, for the tests
+    "smoke": dict(n_train=96, n_val=24, n_test=24, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64,
+                  sft_steps=4, batch_size=8, k=2, dpo_steps=2, rewriter_steps=2, forget_steps=2, eval_n=8,
+                  log_every=1, ckpt_every=2, max_new_tokens=40, gold_chosen=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    g = p.add_argument_group("what to run")
+    g.add_argument("--stage", default="all", choices=STAGES + ["all"], help="stage to run (default all)")
+    g.add_argument("--run", default="runs/default", help="run directory (default runs/default)")
+    g.add_argument("--force", action="store_true", help="with --stage all: redo finished stages")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: a tiny version of every stage, for tests")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data, init, batch order, sampling (default 0)")
+    g = p.add_argument_group("explicit inputs (override the run directory)")
+    g.add_argument("--model", help="starting model dir (HF Llama layout): sample/warmup/mask/forget/learn")
+    g.add_argument("--ref", help="reference model dir for forget/learn (default: the starting model)")
+    g.add_argument("--data", help="JSONL data: pairs for warmup/mask/learn, forgetting rows for forget/rewriter")
+    g.add_argument("--mask", help="mask safetensors for forget/learn")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default <run>/tokenizer.model)")
+    g.add_argument("--out", help="output directory of the stage (default <run>/<stage>)")
+    g = p.add_argument_group("embedded task and model (sft)")
+    g.add_argument("--n-train", type=int, default=4000, help="training problems (default 4000)")
+    g.add_argument("--n-val", type=int, default=500, help="validation problems, for choosing settings (default 500)")
+    g.add_argument("--n-test", type=int, default=500, help="held-out test problems (default 500)")
+    g.add_argument("--dim", type=int, default=128, help="model width (default 128)")
+    g.add_argument("--n-layers", type=int, default=4, help="layers (default 4)")
+    g.add_argument("--n-heads", type=int, default=4, help="attention heads (default 4)")
+    g.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads, GQA (default 2)")
+    g.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU hidden size (default 352)")
+    g.add_argument("--max-len", type=int, default=128, help="max tokens of prompt + response (default 128)")
+    g.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (default 1500)")
+    g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (default 2e-3)")
+    g.add_argument("--eval-n", type=int, default=200, help="validation questions scored after SFT (default 200)")
+    g = p.add_argument_group("optimization (every training stage)")
+    g.add_argument("--batch-size", type=int, default=32, help="examples (or pairs) per micro-batch (default 32)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >=2-D params (default 0)")
+    g.add_argument("--warmup-frac", type=float, default=0.1, help="linear warmup fraction, then cosine (default 0.1)")
+    g.add_argument("--log-every", type=int, default=50, help="progress line every N steps (default 50)")
+    g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    g = p.add_argument_group("sampling (Stage 0)")
+    g.add_argument("--k", type=int, default=8, help="samples per question (default 8)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling p (default 1.0)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="max generated tokens (default 64)")
+    g.add_argument("--max-pairs", type=int, default=5, help="pairs kept per question (default 5)")
+    g.add_argument("--gold-chosen", action="store_true",
+                   help="questions with no correct sample pair the reference solution with the wrong ones")
+    g.add_argument("--n-sample", type=int, default=0, help="training questions to sample, 0 = all (default 0)")
+    g = p.add_argument_group("ALLO")
+    g.add_argument("--beta", type=float, default=0.1, help="beta of DPO and NPO (default 0.1)")
+    g.add_argument("--dpo-lr", type=float, default=5e-5, help="warmup (vanilla DPO) learning rate (default 5e-5)")
+    g.add_argument("--dpo-steps", type=int, default=100, help="DPO steps of warmup AND learn: equal budgets (default 100)")
+    g.add_argument("--nll", type=float, default=0.0, help="weight of an NLL term on chosen (RPO-style; default 0)")
+    g.add_argument("--scorer", default="delta", choices=["delta", "grad"],
+                   help="key neurons from |theta_warmup - theta_sft| or accumulated DPO gradients (default delta)")
+    g.add_argument("--grad-mode", default="abs_sum", choices=["abs_sum", "sum_abs"],
+                   help="--scorer grad: |sum g| (= SGD weight change) or sum |g| (default abs_sum)")
+    g.add_argument("--granularity", default="entry", choices=["entry", "neuron"], help="mask unit (default entry)")
+    g.add_argument("--exclude-top", type=float, default=0.0, help="skip the very top fraction, release's l (default 0)")
+    g.add_argument("--forget-ratio", type=float, default=0.1, help="forgetting mask: top fraction (default 0.1)")
+    g.add_argument("--learn-ratio", type=float, default=0.1, help="learning mask: top fraction; 1 = no mask (default 0.1)")
+    g.add_argument("--rewriter-steps", type=int, default=300, help="rewriter training steps (default 300)")
+    g.add_argument("--rewriter-lr", type=float, default=1e-3, help="rewriter learning rate (default 1e-3)")
+    g.add_argument("--tau", type=float, default=0.5, help="unaligned token: rewriter p_t < tau (default 0.5)")
+    g.add_argument("--weights-mode", default="hard", choices=["hard", "soft"], help="1[p<tau] or 1-p (default hard)")
+    g.add_argument("--all-tokens", action="store_true", help="forget: every response token, ignore weights")
+    g.add_argument("--forget-lr", type=float, default=1e-4, help="forgetting learning rate (default 1e-4)")
+    g.add_argument("--forget-steps", type=int, default=50, help="forgetting steps (default 50)")
+    g.add_argument("--learn-lr", type=float, default=5e-5, help="learning-stage learning rate (default 5e-5)")
+    g.add_argument("--eps", type=float, default=0.5, help="key tokens: fraction of rejected tokens kept (default 0.5)")
+    pre, _ = p.parse_known_args(argv)
+    if pre.preset:
+        p.set_defaults(**PRESETS[pre.preset])
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = pick_device(args.device)
+    run = args.run
+    try:
+        if args.stage != "all":
+            run_stage(args.stage, args, run, device)
+            return
+        if args.out or args.model or args.data or args.mask:
+            raise UsageError("--out/--model/--data/--mask name one stage's inputs: use them with --stage")
+        t0 = time.time()
+        for stage in STAGES:
+            if not args.force and os.path.exists(os.path.join(run, stage, "stage.json")):
+                print(f"{stage}: finished earlier, skipped (--force to redo)")
+                continue
+            if args.force:
+                shutil.rmtree(os.path.join(run, stage, "ckpt"), ignore_errors=True)
+            run_stage(stage, args, run, device)
+        rows = evaluate_run(run, "test", args.device, args.beta)
+        print(markdown_table(rows, "test"))
+        write_json(os.path.join(run, "eval_test.json"), {"split": "test", "rows": rows})
+        print(f"pipeline: {time.time() - t0:.0f}s")
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
