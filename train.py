@@ -567,6 +567,8 @@ def parse_args(argv=None):
     g.add_argument("--force", action="store_true", help="with --stage all: redo finished stages")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: a tiny version of every stage, for tests")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, 0 = torch's default (tiny models often run fastest on 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of data, init, batch order, sampling (default 0)")
     g = p.add_argument_group("explicit inputs (override the run directory)")
     g.add_argument("--model", help="starting model dir (HF Llama layout): sample/warmup/mask/forget/learn")
@@ -634,7 +636,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     run = args.run
     try:
