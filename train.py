@@ -587,7 +587,7 @@ def parse_args(argv=None):
     g.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads, GQA (default 2)")
     g.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU hidden size (default 352)")
     g.add_argument("--max-len", type=int, default=128, help="max tokens of prompt + response (default 128)")
-    g.add_argument("--sft-steps", type=int, default=1500, help="SFT optimizer steps (default 1500)")
+    g.add_argument("--sft-steps", type=int, default=1000, help="SFT optimizer steps (default 1000)")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (default 2e-3)")
     g.add_argument("--eval-n", type=int, default=200, help="validation questions scored after SFT (default 200)")
     g = p.add_argument_group("optimization (every training stage)")
@@ -605,10 +605,10 @@ def parse_args(argv=None):
     g.add_argument("--max-pairs", type=int, default=5, help="pairs kept per question (default 5)")
     g.add_argument("--gold-chosen", action="store_true",
                    help="questions with no correct sample pair the reference solution with the wrong ones")
-    g.add_argument("--n-sample", type=int, default=0, help="training questions to sample, 0 = all (default 0)")
+    g.add_argument("--n-sample", type=int, default=1000, help="training questions to sample, 0 = all (default 1000)")
     g = p.add_argument_group("ALLO")
     g.add_argument("--beta", type=float, default=0.1, help="beta of DPO and NPO (default 0.1)")
-    g.add_argument("--dpo-lr", type=float, default=5e-5, help="warmup (vanilla DPO) learning rate (default 5e-5)")
+    g.add_argument("--dpo-lr", type=float, default=1e-6, help="warmup (vanilla DPO) learning rate (default 1e-6)")
     g.add_argument("--dpo-steps", type=int, default=100, help="DPO steps of warmup AND learn: equal budgets (default 100)")
     g.add_argument("--nll", type=float, default=0.0, help="weight of an NLL term on chosen (RPO-style; default 0)")
     g.add_argument("--scorer", default="delta", choices=["delta", "grad"],
@@ -624,9 +624,9 @@ def parse_args(argv=None):
     g.add_argument("--tau", type=float, default=0.5, help="unaligned token: rewriter p_t < tau (default 0.5)")
     g.add_argument("--weights-mode", default="hard", choices=["hard", "soft"], help="1[p<tau] or 1-p (default hard)")
     g.add_argument("--all-tokens", action="store_true", help="forget: every response token, ignore weights")
-    g.add_argument("--forget-lr", type=float, default=1e-4, help="forgetting learning rate (default 1e-4)")
+    g.add_argument("--forget-lr", type=float, default=1e-5, help="forgetting learning rate (default 1e-5)")
     g.add_argument("--forget-steps", type=int, default=50, help="forgetting steps (default 50)")
-    g.add_argument("--learn-lr", type=float, default=5e-5, help="learning-stage learning rate (default 5e-5)")
+    g.add_argument("--learn-lr", type=float, default=5e-6, help="learning-stage learning rate (default 5e-6)")
     g.add_argument("--eps", type=float, default=0.5, help="key tokens: fraction of rejected tokens kept (default 0.5)")
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
