@@ -426,6 +426,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if idx is None:  # full mask: update in place
                     grad, theta = p.grad.reshape(-1), flat
                 else:
+                    idx = idx.long()  # int32 at rest (compact state), int64 for the indexing kernels
                     grad = p.grad.reshape(-1).index_select(0, idx)  # [n_sel] gathered gradient
                     theta = flat.index_select(0, idx)  # [n_sel] gathered weights
                 if wd != 0 and p.dim() >= 2:
@@ -435,7 +436,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                 theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
                 if idx is not None:
-                    flat[idx] = theta  # scatter back: only the selected entries are written
+                    flat.index_copy_(0, idx, theta)  # scatter back: only the selected entries are written
         return loss
 
     def state_dict(self):

@@ -95,7 +95,8 @@ def evaluate_run(run, split="test", device="auto", beta=0.1, max_len=256, stages
         with open(os.path.join(d, "stage.json")) as f:
             info = json.load(f)
         model = Transformer.from_pretrained(d).to(device)
-        pair_acc, margin = pair_metrics(model, ref_sums, tok, pairs, beta, max_len)
+        # the SFT model is the reference of the implicit reward: its margins are 0 by definition
+        pair_acc, margin = (None, None) if stage == "sft" else pair_metrics(model, ref_sums, tok, pairs, beta, max_len)
         rows.append({"model": label, "stage": stage, "accuracy": accuracy(model, tok, problems),
                      "pair_accuracy": pair_acc, "margin": margin,
                      "trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s"),
@@ -108,8 +109,9 @@ def markdown_table(rows, split):
              "|---|---|---|---|---|---|"]
     for r in rows:
         frac = "-" if r["trained_fraction"] is None else f"{r['trained_fraction']:.3f}"
-        lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {100 * r['pair_accuracy']:.1f}% | "
-                     f"{r['margin']:+.3f} | {frac} | {r['wall_s']:.0f} |")
+        pair = "-" if r["pair_accuracy"] is None else f"{100 * r['pair_accuracy']:.1f}%"
+        margin = "-" if r["margin"] is None else f"{r['margin']:+.3f}"
+        lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {pair} | {margin} | {frac} | {r['wall_s']:.0f} |")
     n = rows[0] if rows else {"n_questions": 0, "n_pairs": 0}
     lines.append(f"\n{n['n_questions']} {split} questions, {n['n_pairs']} held-out pairs; "
                  "margin = beta * (chosen - rejected) log-ratio against the SFT model.")

@@ -142,10 +142,12 @@ def batch_indices(n, batch, i, seed):
     return perm[k * batch:(k + 1) * batch].tolist()
 
 
-def finish(stage, model, out, t0, **info):
-    """Save the stage's model (HF layout) and, last, stage.json: the mark of a finished stage."""
-    model.save_pretrained(out)
-    shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+def finish(stage, out, t0, model=None, **info):
+    """Save the stage's model (HF layout) if it has one and, last, stage.json: the mark of a
+    finished stage."""
+    if model is not None:
+        model.save_pretrained(out)
+        shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
     info = {"stage": stage, "wall_s": time.time() - t0, **info}
     write_json(os.path.join(out, "stage.json"), info)
     print(f"{stage}: done in {info['wall_s']:.0f}s -> {out}")
@@ -256,7 +258,7 @@ def stage_sft(args, run, device):
     fit("sft", model, full_masks(model), args, args.sft_steps, args.sft_lr, batch_at, loss_fn, out)
     val_acc = accuracy(model, tok, splits["val"][:args.eval_n])
     print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {min(args.eval_n, len(splits['val']))} questions")
-    return finish("sft", model, out, t0, trained_fraction=1.0, val_accuracy=val_acc)
+    return finish("sft", out, t0, model, trained_fraction=1.0, val_accuracy=val_acc)
 
 
 # ----------------------------------------------------------------------------- Stage 0: sample
@@ -299,14 +301,7 @@ def stage_sample(args, run, device):
                         "pairs": len(pairs), "wrong_responses": len(forget)}
         print(f"sample {split}: {len(problems)} questions x {args.k}: sample accuracy "
               f"{100 * stats[split]['sample_accuracy']:.1f}%, {len(pairs)} pairs, {len(forget)} wrong responses")
-    return finish_files("sample", out, t0, **stats)
-
-
-def finish_files(stage, out, t0, **info):
-    info = {"stage": stage, "wall_s": time.time() - t0, **info}
-    write_json(os.path.join(out, "stage.json"), info)
-    print(f"{stage}: done in {info['wall_s']:.0f}s -> {out}")
-    return info
+    return finish("sample", out, t0, **stats)
 
 
 # ----------------------------------------------------------------------------- DPO (warmup and learn)
@@ -353,7 +348,7 @@ def train_dpo(stage, args, run, device, model_dir, model_stage, masks_path, eps,
         return loss, int(b["attention_mask"].sum())
 
     fit(stage, model, masks, args, steps, lr, batch_at, loss_fn, out)
-    return finish(stage, model, out, t0, trained_fraction=trained_fraction(masks), steps=steps, lr=lr, eps=eps)
+    return finish(stage, out, t0, model, trained_fraction=trained_fraction(masks), steps=steps, lr=lr, eps=eps)
 
 
 # ----------------------------------------------------------------------------- Stage 1: key neurons
@@ -398,7 +393,7 @@ def stage_mask(args, run, device):
         print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))
     print("mask by layer (learning mask):")
     print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "layer"]))
-    return finish_files("mask", out, t0, scorer=args.scorer, granularity=args.granularity, **info)
+    return finish("mask", out, t0, scorer=args.scorer, granularity=args.granularity, **info)
 
 
 # ----------------------------------------------------------------------------- Stage 2a: rewriter
@@ -445,7 +440,6 @@ def stage_rewriter(args, run, device):
         return allo.sft_loss(logits.float(), b["labels"].to(device)), int(b["attention_mask"].sum())
 
     fit("rewriter", model, full_masks(model), args, args.rewriter_steps, args.rewriter_lr, batch_at, loss_fn, out)
-    model.save_pretrained(out)
 
     # score: p_t of each response token, teacher-forced as the rewrite of itself
     scored, hits, found, flagged, flagged_after = [], 0, 0, 0, 0
@@ -482,7 +476,7 @@ def stage_rewriter(args, run, device):
     print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {args.tau}); first wrong step found in "
           f"{100 * recall:.1f}% of {found} parseable wrong responses; {100 * precision:.1f}% of flagged tokens "
           "lie at or after it")
-    return finish("rewriter", model, out, t0, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
+    return finish("rewriter", out, t0, model, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
                   first_error_recall=recall, flag_precision=precision)
 
 
@@ -525,7 +519,7 @@ def stage_forget(args, run, device):
         return loss, int(b["attention_mask"].sum())
 
     fit("forget", model, masks, args, args.forget_steps, args.forget_lr, batch_at, loss_fn, out)
-    return finish("forget", model, out, t0, trained_fraction=trained_fraction(masks), steps=args.forget_steps)
+    return finish("forget", out, t0, model, trained_fraction=trained_fraction(masks), steps=args.forget_steps)
 
 
 # ----------------------------------------------------------------------------- all
@@ -608,7 +602,7 @@ def parse_args(argv=None):
     g.add_argument("--n-sample", type=int, default=1000, help="training questions to sample, 0 = all (default 1000)")
     g = p.add_argument_group("ALLO")
     g.add_argument("--beta", type=float, default=0.1, help="beta of DPO and NPO (default 0.1)")
-    g.add_argument("--dpo-lr", type=float, default=1e-6, help="warmup (vanilla DPO) learning rate (default 1e-6)")
+    g.add_argument("--dpo-lr", type=float, default=3e-7, help="warmup (vanilla DPO) learning rate (default 3e-7)")
     g.add_argument("--dpo-steps", type=int, default=100, help="DPO steps of warmup AND learn: equal budgets (default 100)")
     g.add_argument("--nll", type=float, default=0.0, help="weight of an NLL term on chosen (RPO-style; default 0)")
     g.add_argument("--scorer", default="delta", choices=["delta", "grad"],
@@ -626,7 +620,7 @@ def parse_args(argv=None):
     g.add_argument("--all-tokens", action="store_true", help="forget: every response token, ignore weights")
     g.add_argument("--forget-lr", type=float, default=1e-5, help="forgetting learning rate (default 1e-5)")
     g.add_argument("--forget-steps", type=int, default=50, help="forgetting steps (default 50)")
-    g.add_argument("--learn-lr", type=float, default=5e-6, help="learning-stage learning rate (default 5e-6)")
+    g.add_argument("--learn-lr", type=float, default=1e-6, help="learning-stage learning rate (default 1e-6)")
     g.add_argument("--eps", type=float, default=0.5, help="key tokens: fraction of rejected tokens kept (default 0.5)")
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
