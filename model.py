@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False  # True: keep only each block's input for backward, recompute the rest
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -201,7 +203,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(input_ids)  # [B,T,D]
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
         return F.linear(self.norm(x), self.head_weight())  # [B,T,V]
