@@ -21,7 +21,7 @@ The file follows the method, top to bottom:
 
 Notation: r_t = log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), the token log-ratio of the
 policy pi against the frozen reference pi_ref (the model at the start of the stage).
-Conventions (spec/INTERFACES.md): labels are pre-shifted (labels[b, t] is the token logits[b, t]
+Conventions: labels are pre-shifted (labels[b, t] is the token logits[b, t]
 predicts, -100 = not scored); per-token tensors are [B,T] and 0 outside the response; a mask is a
 dict parameter name -> bool tensor of the parameter's shape. "Fix:" marks a departure from the
 authors' release. The only model API used is model(input_ids, attention_mask=...) -> logits.

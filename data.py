@@ -18,7 +18,7 @@ a ~1M-parameter model trained for minutes does not (11% accuracy on two chained 
 operations, see ALLO.md). Every step's values are whole tokens, so a wrong response has a
 well-defined first wrong step (correct_response).
 
-Token sequences follow INTERFACES.md: [BOS] + enc(prompt) + enc(response) + [EOS], right
+Token sequences: [BOS] + enc(prompt) + enc(response) + [EOS], right
 padded, labels pre-shifted (labels[b, t] = input_ids[b, t+1] on response targets, else -100).
 """
 

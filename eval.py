@@ -77,16 +77,38 @@ def load_problems(path):
         return [Problem(**json.loads(line)) for line in f if line.strip()]
 
 
-def evaluate_run(run, split="test", device="auto", beta=0.1, max_len=256, stages=ROWS):
-    """Metrics of each finished stage of a run directory, as a list of dicts."""
-    device = pick_device(device)
-    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
-    problems = load_problems(os.path.join(run, "task", f"{split}.jsonl"))
-    pairs_file = os.path.join(run, "sample", f"{split}_pairs.jsonl")
-    pairs = read_jsonl(pairs_file, "pairs") if os.path.exists(pairs_file) else []
-    ref = Transformer.from_pretrained(os.path.join(run, "sft")).to(device)
-    ref_sums = (response_logps(ref, tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], max_len),
-                response_logps(ref, tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], max_len))
+class Evaluator:
+    """Held-out metrics of any checkpoint of a run: greedy accuracy on the split's questions,
+    and pair accuracy and margin on the split's held-out pairs against the run's SFT model
+    (the reference's log-probs are computed once, here)."""
+
+    def __init__(self, run, split="test", device="auto", beta=0.1, max_len=256, n_questions=0, n_pairs=0):
+        """n_questions, n_pairs: score only the first N of the split (0 = all)."""
+        self.device, self.beta, self.max_len = pick_device(device), beta, max_len
+        self.tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+        self.problems = load_problems(os.path.join(run, "task", f"{split}.jsonl"))[:n_questions or None]
+        pairs_file = os.path.join(run, "sample", f"{split}_pairs.jsonl")
+        self.pairs = (read_jsonl(pairs_file, "pairs") if os.path.exists(pairs_file) else [])[:n_pairs or None]
+        self.sft_dir = os.path.join(run, "sft")
+        ref = Transformer.from_pretrained(self.sft_dir).to(self.device)
+        prompts = [p["prompt"] for p in self.pairs]
+        self.ref_sums = tuple(response_logps(ref, self.tok, prompts, [p[side] for p in self.pairs], max_len)
+                              for side in ("chosen", "rejected"))
+
+    def __call__(self, model_dir):
+        """{"accuracy", "pair_accuracy", "margin", "n_questions", "n_pairs"} of one checkpoint; the
+        SFT model is the reference of the implicit reward, so its pair metrics are None."""
+        model = Transformer.from_pretrained(model_dir).to(self.device)
+        is_ref = os.path.samefile(model_dir, self.sft_dir)
+        pair_acc, margin = (None, None) if is_ref else pair_metrics(
+            model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len)
+        return {"accuracy": accuracy(model, self.tok, self.problems), "pair_accuracy": pair_acc,
+                "margin": margin, "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
+
+
+def evaluate_run(run, split="test", device="auto", beta=0.1, stages=ROWS):
+    """Metrics of each finished stage of a run directory, with its trained fraction and wall time."""
+    evaluate = Evaluator(run, split, device, beta)
     rows = []
     for label, stage in stages:
         d = os.path.join(run, stage)
@@ -94,13 +116,8 @@ def evaluate_run(run, split="test", device="auto", beta=0.1, max_len=256, stages
             continue
         with open(os.path.join(d, "stage.json")) as f:
             info = json.load(f)
-        model = Transformer.from_pretrained(d).to(device)
-        # the SFT model is the reference of the implicit reward: its margins are 0 by definition
-        pair_acc, margin = (None, None) if stage == "sft" else pair_metrics(model, ref_sums, tok, pairs, beta, max_len)
-        rows.append({"model": label, "stage": stage, "accuracy": accuracy(model, tok, problems),
-                     "pair_accuracy": pair_acc, "margin": margin,
-                     "trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s"),
-                     "n_questions": len(problems), "n_pairs": len(pairs)})
+        rows.append({"model": label, "stage": stage, **evaluate(d),
+                     "trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s")})
     return rows
 
 

@@ -25,12 +25,9 @@ def run_cli(*args):
     return p.returncode, p.stderr
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One smoke run of the whole pipeline (`--stage all`), shared by the tests below."""
-    d = str(tmp_path_factory.mktemp("run"))
-    train.main(SMOKE + ["--run", d])
-    return d
+@pytest.fixture
+def run(smoke_run):
+    return smoke_run
 
 
 def test_all_stages_write_their_outputs(run):
