@@ -1,0 +1,290 @@
+"""The paper's claims in miniature: its empirical study and its ablations, over several seeds.
+
+    python study.py                          # 3 seeds on runs/default, scored on the test split
+    python study.py --quick                  # 1 seed, short budgets, 200 questions
+    python study.py --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
+
+Every train.py flag works here too (learning rates, steps, ratios, eps, tau, beta, ...). The study
+needs runs/default/{sft,sample,rewriter} (`python train.py` makes them): every arm starts from the
+same SFT model and trains on the same self-sampled data, the learning arms for --dpo-steps
+optimizer steps on the same pairs, the forgetting phases for --forget-steps on the same wrong
+responses. A seed sets the batch order, hence the DPO run whose weight change ranks the neurons,
+the masks drawn from it and every arm. Full-parameter training runs at --dpo-lr, training under a
+mask at --learn-lr, forgetting at --forget-lr: each choice made on the validation split.
+
+  arm                     forgetting (token-level NPO)      learning
+  SFT                     -                                 -
+  DPO full                -                                 DPO, every parameter; its |theta - theta_SFT| ranks the neurons
+  DPO top / bottom /      -                                 DPO, only the top (bottom, random) --learn-ratio of the entries
+    random k%
+  NPO                     -                                 token-level NPO on every token of the wrong responses, every parameter
+  ALLO                    unaligned tokens, top forget mask  DPO with key tokens (--eps), top learn mask
+  ALLO w/o forgetting     -                                 as ALLO
+  ALLO w/o neuron masks   unaligned tokens, every parameter  DPO with key tokens, every parameter
+  ALLO w/o key tokens     as ALLO                           DPO (every rejected token), top learn mask
+  ALLO forgetting every   every token, top forget mask      as ALLO
+    token
+
+Writes <run>/study/<tag>/: one directory per seed and arm (resumable: finished arms are skipped),
+results.json (every seed's row and the means), results.csv, table.md.
+"""
+
+import argparse
+import copy
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import allo
+import train
+from data import DataError
+from eval import Evaluator
+from model import Transformer, pick_device, write_json
+
+# name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
+ARMS = [
+    ("SFT", None, None),
+    ("DPO full", None, ("dpo", "full", False)),
+    ("DPO top", None, ("dpo", "top", False)),
+    ("DPO bottom", None, ("dpo", "bottom", False)),
+    ("DPO random", None, ("dpo", "random", False)),
+    ("NPO", None, ("npo", "full", False)),
+    ("ALLO", ("unaligned", "top"), ("dpo", "top", True)),
+    ("ALLO w/o forgetting", None, ("dpo", "top", True)),
+    ("ALLO w/o neuron masks", ("unaligned", "full"), ("dpo", "full", True)),
+    ("ALLO w/o key tokens", ("unaligned", "top"), ("dpo", "top", False)),
+    ("ALLO forgetting every token", ("all", "top"), ("dpo", "top", True)),
+]
+CONVERGENCE = ["DPO full", "DPO top", "DPO bottom", "DPO random"]  # vanilla DPO losses compare
+
+
+def slug(name):
+    return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
+
+
+def finished(out):
+    return os.path.exists(os.path.join(out, "stage.json"))
+
+
+def stage_info(out):
+    with open(os.path.join(out, "stage.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- masks (Stage 1)
+
+def study_masks(args, run, seed_dir):
+    """Masks of one seed from its full-parameter DPO run: the top --forget-ratio (forgetting), and
+    the top, bottom and a random --learn-ratio (learning) of |theta_DPO - theta_SFT|, one global
+    threshold each (allo.select_masks)."""
+    paths = {kind: os.path.join(seed_dir, "masks", f"{kind}.safetensors")
+             for kind in ("forget-top", "learn-top", "learn-bottom", "learn-random")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(os.path.join(seed_dir, "masks"), exist_ok=True)
+    sft = Transformer.from_pretrained(os.path.join(run, "sft"))
+    dpo = Transformer.from_pretrained(os.path.join(seed_dir, slug("DPO full")))
+    scores = allo.importance_from_delta(dict(sft.named_parameters()), dict(dpo.named_parameters()))
+    g = torch.Generator().manual_seed(args.seed)
+    ranked = {"forget-top": (scores, args.forget_ratio), "learn-top": (scores, args.learn_ratio),
+              "learn-bottom": ({n: -s for n, s in scores.items()}, args.learn_ratio),
+              "learn-random": ({n: torch.rand(s.shape, generator=g) for n, s in scores.items()}, args.learn_ratio)}
+    for kind, (s, ratio) in ranked.items():
+        allo.save_masks(paths[kind], allo.select_masks(s, ratio))
+    return paths
+
+
+# ----------------------------------------------------------------------------- one arm
+
+def train_arm(name, forget, learn, args, run, seed_dir, device):
+    """Train one arm of one seed from the SFT model (forgetting, then learning); returns the
+    output directory and the stage directories it went through."""
+    model_dir, phases = os.path.join(run, "sft"), []
+    masks = study_masks(args, run, seed_dir) if name != "DPO full" else {}
+    if forget:
+        tokens, kind = forget
+        out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
+        if not finished(out):
+            a = copy.copy(args)
+            a.out, a.model, a.all_tokens = out, model_dir, tokens == "all"
+            a.mask, a.forget_ratio = (masks["forget-top"], args.forget_ratio) if kind == "top" else (None, 1.0)
+            train.stage_forget(a, run, device)
+        model_dir = out
+        phases.append(out)
+    loss, kind, key_tokens = learn
+    out = os.path.join(seed_dir, slug(name))
+    if not finished(out):
+        a = copy.copy(args)
+        a.out = out
+        if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
+            a.model, a.all_tokens, a.mask, a.forget_ratio = model_dir, True, None, 1.0
+            a.forget_steps = args.dpo_steps
+            train.stage_forget(a, run, device)
+        else:
+            mask = None if kind == "full" else masks[f"learn-{kind}"]
+            lr = args.dpo_lr if kind == "full" else args.learn_lr
+            train.train_dpo(slug(name), a, run, device, model_dir, "sft", mask,
+                            args.eps if key_tokens else 1.0, lr, args.dpo_steps)
+    phases.append(out)
+    return out, phases
+
+
+def quarter_losses(out):
+    """Mean training loss over each quarter of a run, from its metrics.jsonl (logged every quarter)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["loss"] for r in rows][-4:]
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run_study(opts, args):
+    run, device = opts.run, pick_device(args.device)
+    root = os.path.join(run, "study", opts.tag)
+    for need in ("sft/stage.json", "sample/stage.json", "rewriter/stage.json"):
+        train.need(os.path.join(run, need), need.split("/")[0])
+    os.makedirs(root, exist_ok=True)
+    arms = [a for a in ARMS if not opts.arms or a[0] in opts.arms]
+    evaluate = Evaluator(run, opts.split, args.device, args.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
+    print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
+          f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
+    sft_metrics = evaluate(os.path.join(run, "sft"))
+    rows, t0, done, total = [], time.time(), 0, len(arms) * opts.seeds
+    for i in range(opts.seeds):
+        seed = args.seed + i
+        seed_args = copy.copy(args)
+        seed_args.seed = seed
+        seed_dir = os.path.join(root, f"seed{seed}")
+        for name, forget, learn in arms:
+            row = {"arm": name, "seed": seed, "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
+                   "quarter_losses": None}
+            if learn is None:
+                row.update(sft_metrics)
+            else:
+                train_arm(*ARMS[1], seed_args, run, seed_dir, device)  # DPO full first: the masks come from it
+                out, phases = train_arm(name, forget, learn, seed_args, run, seed_dir, device)
+                row.update(cached_eval(out, evaluate, opts.split, opts.n_eval))
+                infos = [stage_info(p) for p in phases]
+                row["wall_s"] = sum(info["wall_s"] for info in infos)
+                if forget:
+                    row["forget_fraction"] = infos[0]["trained_fraction"]
+                row["learn_fraction"] = infos[-1]["trained_fraction"]
+                if name in CONVERGENCE:
+                    row["quarter_losses"] = quarter_losses(out)
+            rows.append(row)
+            done += 1
+            elapsed = time.time() - t0
+            print(f"study: {done}/{total} seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; "
+                  f"elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s", flush=True)
+    summary = summarize(rows, [a[0] for a in arms])
+    write_json(os.path.join(root, "results.json"),
+               {"split": opts.split, "seeds": opts.seeds, "settings": vars(args), "rows": rows, "summary": summary})
+    write_csv(os.path.join(root, "results.csv"), rows)
+    table = markdown(summary, opts, args, len(evaluate.problems), len(evaluate.pairs))
+    with open(os.path.join(root, "table.md.tmp"), "w") as f:
+        f.write(table + "\n")
+    os.replace(os.path.join(root, "table.md.tmp"), os.path.join(root, "table.md"))
+    print(table)
+    print(f"study: {time.time() - t0:.0f}s -> {root}")
+
+
+def cached_eval(out, evaluate, split, n_eval):
+    """The arm's held-out metrics, computed once and kept in its directory."""
+    path = os.path.join(out, f"eval_{split}_{n_eval}.json")
+    if not os.path.exists(path):
+        write_json(path, evaluate(out))
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarize(rows, names):
+    """Per arm: mean and sample std over seeds of accuracy, means of the rest."""
+    out = []
+    for name in names:
+        rs = [r for r in rows if r["arm"] == name]
+        acc = [r["accuracy"] for r in rs]
+        mean = lambda k: None if rs[0][k] is None else statistics.fmean(r[k] for r in rs)  # noqa: E731
+        quarters = None if rs[0]["quarter_losses"] is None else [
+            statistics.fmean(q) for q in zip(*(r["quarter_losses"] for r in rs))]
+        out.append({"arm": name, "accuracy": statistics.fmean(acc),
+                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "pair_accuracy": mean("pair_accuracy"), "margin": mean("margin"),
+                    "forget_fraction": mean("forget_fraction"), "learn_fraction": mean("learn_fraction"),
+                    "wall_s": mean("wall_s"), "quarter_losses": quarters})
+    return out
+
+
+def write_csv(path, rows):
+    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction", "wall_s",
+            "quarter_losses"]
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([json.dumps(r[c]) if c == "quarter_losses" else r[c] for c in cols])
+    os.replace(path + ".tmp", path)
+
+
+def markdown(summary, opts, args, n_questions, n_pairs):
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    lines = [f"| arm | {opts.split} accuracy (mean ± std) | pair accuracy | margin | trained fraction "
+             "(forget / learn) | wall time (s) |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        margin = "-" if s["margin"] is None else f"{s['margin']:+.3f}"
+        frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
+        lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
+                     f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
+    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {opts.split} questions, greedy; {n_pairs} held-out pairs, "
+                 "margin = beta * (chosen - rejected) log-ratio against the SFT model. Learning: "
+                 f"{args.dpo_steps} steps of {args.batch_size} pairs (full parameters at lr {args.dpo_lr:g}, "
+                 f"masks at {args.learn_lr:g}, learn ratio {args.learn_ratio:g}, eps {args.eps:g}); forgetting: "
+                 f"{args.forget_steps} steps of {args.batch_size} wrong responses at lr {args.forget_lr:g}, "
+                 f"forget ratio {args.forget_ratio:g}, tau {args.tau:g}.")
+    conv = [s for s in summary if s["quarter_losses"]]
+    if conv:
+        lines += ["", "| DPO loss, mean over each quarter of training | 25% | 50% | 75% | 100% |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s['arm']} | " + " | ".join(f"{q:.4f}" for q in s["quarter_losses"]) + " |" for s in conv]
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other flag is a train.py flag (see python train.py --help).")
+    p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter (default runs/default)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds: --seed, --seed + 1, ... (default 3)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="held-out split to score: choose settings on val, report test (default test)")
+    p.add_argument("--tag", default="main", help="name of this study under <run>/study/ (default main)")
+    p.add_argument("--arms", nargs="+", choices=[a[0] for a in ARMS], metavar="ARM",
+                   help="run only these arms (quoted names, e.g. 'DPO full' ALLO; default all)")
+    p.add_argument("--n-eval", type=int, default=0, help="score the first N questions and pairs, 0 = all (default 0)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, --dpo-steps 40, --forget-steps 20, --n-eval 200 (a smaller version)")
+    opts, rest = p.parse_known_args(argv)
+    if opts.quick:
+        opts.seeds, opts.n_eval = 1, opts.n_eval or 200
+        rest = ["--dpo-steps", "40", "--forget-steps", "20"] + rest
+    args = train.parse_args(rest)
+    args.log_every = max(1, args.dpo_steps // 4)  # four loss points per run: the convergence table
+    return opts, args
+
+
+def main(argv=None):
+    opts, args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run_study(opts, args)
+    except (train.UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
