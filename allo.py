@@ -58,17 +58,20 @@ def token_logps(logits, labels, chunk_rows=4096):
     return torch.where(scored, picked.to(lse.dtype) - lse, 0.0)
 
 
-def sft_loss(logits, labels, weights=None):
+def sft_loss(logits, labels, weights=None, normalizer=None):
     """Token-weighted cross-entropy sum_t w_t * CE_t / sum_t w_t over the batch -> scalar.
 
     weights [B,T] default to 1 on every scored token (labels != -100); a batch whose weights are
     all 0 gives a loss of 0 with zero gradients, not NaN.
+    normalizer (a number) replaces the batch's own sum_t w_t as the denominator, e.g. the total
+    weight of every micro-batch of an optimizer step on every process: the micro-batch losses
+    then add up to the loss of the whole step. A normalizer <= 0 counts as 1.
     """
     logps = token_logps(logits, labels)  # [B,T]
     w = (labels != -100).to(logps.dtype)
     if weights is not None:
         w = w * weights.to(logps.dtype)
-    total = w.sum()
+    total = w.sum() if normalizer is None else torch.tensor(normalizer, dtype=logps.dtype, device=logps.device)
     return -(w * logps).sum() / torch.where(total > 0, total, 1.0)
 
 
@@ -286,7 +289,7 @@ def unaligned_token_weights(probs, labels, tau=0.5, mode="hard"):
     return torch.where(labels != -100, w, 0.0)
 
 
-def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1):
+def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1, normalizer=None):
     """Stage 2, the forgetting loss (token-level NPO, as in the release):
 
         L = sum_t -w_t * log sigmoid(-beta * r_t)  /  #{t : w_t != 0}     (over the whole batch)
@@ -294,10 +297,14 @@ def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1):
     Its gradient lowers log pi(y_t) of the weighted tokens, bounded (unlike gradient ascent).
     Inputs [B,T] (log-probs 0 outside the response). Tokens with w_t = 0 get exactly zero
     gradient; a batch without any weighted token gives 0, not NaN.
+    normalizer (a count) replaces the batch's own #{t : w_t != 0}, e.g. the weighted tokens of
+    every micro-batch of an optimizer step on every process: the micro-batch losses then add up
+    to the loss of the whole step. A normalizer below 1 counts as 1.
     """
     r = policy_logps - ref_logps  # [B,T]
     losses = -weights * F.logsigmoid(-beta * r)  # [B,T]
-    return losses.sum() / (weights != 0).sum().clamp(min=1)
+    count = (weights != 0).sum() if normalizer is None else torch.tensor(normalizer, device=losses.device)
+    return losses.sum() / count.clamp(min=1)
 
 
 def npo_sequence_loss(policy_logps, ref_logps, beta=0.1):

@@ -29,16 +29,21 @@ ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting on
 
 
 @torch.no_grad()
-def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
-    """Generated response text for each prompt string (KV-cache decoding, batched)."""
+def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
+    """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding, batched)."""
     model.eval()
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
-        new = model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen)
-        out += [tok.decode(t) for t in new]
+        out += model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen)
     return out
+
+
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
+    """Generated response text for each prompt string."""
+    return [tok.decode(t) for t in generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed,
+                                                 batch_size)]
 
 
 def accuracy(model, tok, problems, max_new_tokens=64):

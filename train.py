@@ -2,6 +2,7 @@
 
     python train.py                      # every stage on the embedded default, then the results table
     python train.py --stage forget --model my-llama/ --data forget.jsonl --mask forget_mask.safetensors --out out/
+    torchrun --nproc_per_node 4 train.py --run-dir runs/ddp    # the same on 4 GPUs (or 4 CPU processes)
 
 Stages (each reads the run directory, default runs/default/, or explicit flags):
   sft       the starting point: a tiny Llama trained from scratch on the embedded arithmetic task
@@ -21,6 +22,13 @@ A stage writes <run>/<stage>/ (Hugging Face config.json + model.safetensors, met
 last, stage.json: a stage with stage.json is finished. Training stages checkpoint every
 --ckpt-every steps into <stage>/ckpt/ and resume from there when run again; the batch order is a
 function of (seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one.
+
+Under torchrun (parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per process, gloo
+on CPU) each of N processes takes its contiguous --batch-size share of a global micro-batch of
+N x --batch-size examples, so N processes at batch b train exactly like one process at batch N*b
+(loss normalized over every micro-batch of every process). Reference log-probs, sampling and
+rewriter scoring are split over the processes too; rank 0 alone writes files and prints. A
+checkpoint resumes under any number of processes with the same global batch.
 """
 
 import argparse
@@ -31,14 +39,17 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
+import parallel
 from data import (DataError, Problem, Tokenizer, correct_response, is_correct, make_splits,
                   prompt_text, read_jsonl, sft_example, train_task_tokenizer, write_jsonl, collate)
-from eval import ROWS, accuracy, complete, evaluate_run, load_problems, markdown_table
+from eval import ROWS, accuracy, evaluate_run, generate_ids, load_problems, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device, write_json
 
 STAGES = ["sft", "sample", "warmup", "mask", "rewriter", "forget", "learn"]
@@ -53,30 +64,48 @@ class UsageError(Exception):
 def fit(stage, model, masks, args, n_steps, lr, batch_at, loss_fn, out):
     """Train `model` for n_steps with MaskedAdamW on `masks` (all-True masks = full parameters).
 
-    Per step: --grad-accum micro-batches batch_at(i) -> loss_fn(model, batch) = (loss, n_tokens);
-    dense gradients clipped to norm 1.0 before the masked update (as the release); linear warmup
-    then cosine decay of the learning rate. Progress every --log-every steps, a checkpoint every
-    --ckpt-every steps, resume from the newest checkpoint, stop on a non-finite loss.
+    Per step, on each of the `world` processes: its --grad-accum micro-batches batch_at(i), each
+    carrying "counts", the normalizers of its loss (e.g. scored tokens); their sum over the step's
+    micro-batches on every process is all-reduced first, and each micro-batch backpropagates
+    loss_fn(model, batch, counts) * world, its share of the loss of the whole step (DDP averages
+    gradients over processes and all-reduces them only after the last micro-batch). So the step's
+    gradient is that of the loss over all its examples, however they are split. Dense gradients
+    clipped to norm 1.0 before the masked update (as the release), the same update on every
+    process; linear warmup then cosine decay of the learning rate. Progress (global tokens/s) every
+    --log-every steps, a checkpoint every --ckpt-every steps, resume from the newest checkpoint,
+    stop on a non-finite loss (on every process: the loss is all-reduced).
     """
+    device = next(model.parameters()).device
+    model.grad_checkpointing = args.grad_checkpoint
     opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=lr, weight_decay=args.weight_decay)
     ckpt_dir = os.path.join(out, "ckpt")
     start = resume(ckpt_dir, model, opt)
     if start:
         print(f"{stage}: resumed from step {start}/{n_steps}")
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    world = parallel.world()
+    # forward/backward through DDP (gradients all-reduced); optimizer, checkpoints and saving use `model`
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     t0, tokens, losses = time.time(), 0, []
     for step in range(start, n_steps):
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, n_steps, args.warmup_frac)
-        for j in range(args.grad_accum):
-            loss, n_tok = loss_fn(model, batch_at(step * args.grad_accum + j))
-            if not torch.isfinite(loss):
-                raise UsageError(f"{stage}: loss is {loss.item()} at step {step + 1}; stopped, the last "
-                                 f"good checkpoint is in {ckpt_dir} (lower the learning rate?)")
-            (loss / args.grad_accum).backward()
-            tokens += n_tok
-            losses.append(loss.item())
+        batches = [batch_at(step * args.grad_accum + j) for j in range(args.grad_accum)]  # this process's
+        counts = torch.tensor([b["counts"] for b in batches], device=device).sum(0)  # [n_counts]
+        counts = parallel.all_reduce_sum(counts).tolist()  # normalizers of the whole step
+        stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
+                             dtype=torch.float64, device=device)  # [loss share, tokens] of this process
+        for j, b in enumerate(batches):
+            with nullcontext() if net is model or j == len(batches) - 1 else net.no_sync():
+                loss = loss_fn(net, b, counts)
+                (loss * world).backward()
+            stats[0] += loss.detach()
+        step_loss, step_tokens = parallel.all_reduce_sum(stats).tolist()
+        if not math.isfinite(step_loss):
+            raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, the last "
+                             f"good checkpoint is in {ckpt_dir} (lower the learning rate?)")
+        tokens += step_tokens
+        losses.append(step_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -88,12 +117,12 @@ def fit(stage, model, masks, args, n_steps, lr, batch_at, loss_fn, out):
                    "tokens_per_s": tokens / dt}
             print(f"{stage} {done}/{n_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                   f"tok/s {row['tokens_per_s']:,.0f} eta {(n_steps - done) / rate:.0f}s", flush=True)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            if parallel.is_main():
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
             losses = []
-        if done % args.ckpt_every == 0 and done < n_steps:
+        if done % args.ckpt_every == 0 and done < n_steps and parallel.is_main():
             save_checkpoint(ckpt_dir, done, model, opt)
-    metrics.close()
     return model
 
 
@@ -142,15 +171,31 @@ def batch_indices(n, batch, i, seed):
     return perm[k * batch:(k + 1) * batch].tolist()
 
 
-def finish(stage, out, t0, model=None, **info):
+def rank_batch(n, args, i):
+    """This process's example indices of micro-batch i: its contiguous slice of the global
+    micro-batch batch_indices(n, --batch-size * world, i, seed), so N processes at batch b see
+    exactly what one process sees at batch N * b."""
+    if n < parallel.world():
+        raise UsageError(f"{n} examples cannot be shared by {parallel.world()} processes")
+    idx = batch_indices(n, args.batch_size * parallel.world(), i, args.seed)
+    return idx[parallel.shard(len(idx))]
+
+
+def finish(stage, out, t0, device, model=None, **info):
     """Save the stage's model (HF layout) if it has one and, last, stage.json: the mark of a
-    finished stage."""
-    if model is not None:
-        model.save_pretrained(out)
-        shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+    finished stage (on CUDA with the stage's peak allocated memory). Rank 0 writes; every process
+    returns once the files are there."""
     info = {"stage": stage, "wall_s": time.time() - t0, **info}
-    write_json(os.path.join(out, "stage.json"), info)
-    print(f"{stage}: done in {info['wall_s']:.0f}s -> {out}")
+    if device.type == "cuda":
+        info["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if parallel.is_main():
+        if model is not None:
+            model.save_pretrained(out)
+            shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+        write_json(os.path.join(out, "stage.json"), info)
+    memory = f", peak memory {info['peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
+    print(f"{stage}: done in {info['wall_s']:.0f}s{memory} -> {out}")
+    parallel.barrier()
     return info
 
 
@@ -199,15 +244,18 @@ def forward_logps(model, batch, device):
 @torch.no_grad()
 def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64):
     """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
-    computed once and cached for the whole stage (no second model kept in memory during training)."""
+    computed once and cached for the whole stage (no second model kept in memory during training).
+    Each process computes its contiguous share of the examples; every process gets them all."""
     ref.eval()
+    mine = parallel.shard(len(prompts))
+    prompts, responses = prompts[mine], responses[mine]
     out = []
     for i in range(0, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         logps, _ = forward_logps(ref, b, device)
         keep = b["labels"] != -100
-        out += [row[k].float().cpu() for row, k in zip(logps, keep.to(device))]
-    return out
+        out += [row[k] for row, k in zip(logps, keep.to(device))]
+    return parallel.gather_rows(out, torch.float32, device)
 
 
 def with_reference(batch, cached, rows):
@@ -215,6 +263,11 @@ def with_reference(batch, cached, rows):
     ref = torch.zeros(batch["labels"].shape)
     ref[batch["labels"] != -100] = torch.cat([cached[r] for r in rows])
     return {**batch, "ref": ref}
+
+
+def n_scored(labels):
+    """Number of scored targets (labels != -100): the normalizer of an SFT loss."""
+    return int((labels != -100).sum())
 
 
 def report_truncation(stage, n, what):
@@ -230,9 +283,12 @@ def stage_sft(args, run, device):
     os.makedirs(os.path.join(run, "task"), exist_ok=True)
     os.makedirs(out, exist_ok=True)
     splits = make_splits(args.seed, args.n_train, args.n_val, args.n_test)
-    for name, problems in splits.items():
-        write_jsonl(os.path.join(run, "task", f"{name}.jsonl"), [p.__dict__ for p in problems])
-    tok = train_task_tokenizer(os.path.join(run, "tokenizer.model"))
+    if parallel.is_main():
+        for name, problems in splits.items():
+            write_jsonl(os.path.join(run, "task", f"{name}.jsonl"), [p.__dict__ for p in problems])
+        train_task_tokenizer(os.path.join(run, "tokenizer.model"))
+    parallel.barrier()
+    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                       n_kv_heads=args.n_kv_heads, hidden_dim=args.hidden_dim, max_seq_len=args.max_len)
     torch.manual_seed(args.seed)
@@ -243,22 +299,25 @@ def stage_sft(args, run, device):
     counted = set()
 
     def batch_at(i):
-        idx = batch_indices(len(rows), args.batch_size, i, args.seed)
+        idx = rank_batch(len(rows), args, i)
         b = collate(tok, [rows[k]["input"] for k in idx], [rows[k]["output"] for k in idx], args.max_len)
         if i not in counted:
             counted.add(i)
             report_truncation("sft", b["n_truncated"], "examples")
-        return b
+        return {**b, "counts": [n_scored(b["labels"])]}
 
-    def loss_fn(model, b):
+    def loss_fn(model, b, counts):
         with autocast(device):
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        return allo.sft_loss(logits.float(), b["labels"].to(device)), int(b["attention_mask"].sum())
+        return allo.sft_loss(logits.float(), b["labels"].to(device), normalizer=counts[0])
 
     fit("sft", model, full_masks(model), args, args.sft_steps, args.sft_lr, batch_at, loss_fn, out)
-    val_acc = accuracy(model, tok, splits["val"][:args.eval_n])
-    print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {min(args.eval_n, len(splits['val']))} questions")
-    return finish("sft", out, t0, model, trained_fraction=1.0, val_accuracy=val_acc)
+    val_acc = None
+    if parallel.is_main():  # validation on rank 0 only; the others wait in finish()
+        val_acc = accuracy(model, tok, splits["val"][:args.eval_n])
+        print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on "
+              f"{min(args.eval_n, len(splits['val']))} questions")
+    return finish("sft", out, t0, device, model, trained_fraction=1.0, val_accuracy=val_acc)
 
 
 # ----------------------------------------------------------------------------- Stage 0: sample
@@ -266,7 +325,9 @@ def stage_sft(args, run, device):
 def stage_sample(args, run, device):
     """K responses per question at --temperature; correct = same final answer; duplicates dropped.
     Pairs: every (correct, wrong) of a question, at most --max-pairs drawn with the seed.
-    Forgetting set: every wrong response. Val and test questions give held-out pairs."""
+    Forgetting set: every wrong response. Val and test questions give held-out pairs.
+    Each process samples its contiguous share of the questions with seed + rank; the token ids
+    are gathered in question order."""
     t0 = time.time()
     out = args.out or os.path.join(run, "sample")
     os.makedirs(out, exist_ok=True)
@@ -279,8 +340,11 @@ def stage_sample(args, run, device):
         if split == "train":
             problems = problems[:args.n_sample] if args.n_sample else problems
         prompts = [prompt_text(p.question) for p in problems]
-        texts = complete(model, tok, [q for q in prompts for _ in range(args.k)], args.max_new_tokens,
-                         args.temperature, args.top_p, args.seed)
+        mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(args.k)]  # K per question
+        ids = generate_ids(model, tok, mine, args.max_new_tokens, args.temperature, args.top_p,
+                           args.seed + parallel.rank())
+        ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
+        texts = [tok.decode(t) for t in ids]  # K per question, every question in order
         pairs, forget, n_correct = [], [], 0
         for qi, (p, prompt) in enumerate(zip(problems, prompts)):
             samples = list(dict.fromkeys(" " + t.strip() for t in texts[qi * args.k:(qi + 1) * args.k]))
@@ -294,14 +358,15 @@ def stage_sample(args, run, device):
                 pairs.append({"prompt": prompt, "chosen": c, "rejected": w})
             forget += [{"prompt": prompt, "response": w, "question": p.question, "reference": p.solution,
                         "answer": p.answer} for w in bad]
-        write_jsonl(os.path.join(out, f"{split}_pairs.jsonl" if split != "train" else "pairs.jsonl"), pairs)
-        if split == "train":
-            write_jsonl(os.path.join(out, "forget.jsonl"), forget)
+        if parallel.is_main():
+            write_jsonl(os.path.join(out, f"{split}_pairs.jsonl" if split != "train" else "pairs.jsonl"), pairs)
+            if split == "train":
+                write_jsonl(os.path.join(out, "forget.jsonl"), forget)
         stats[split] = {"questions": len(problems), "sample_accuracy": n_correct / max(1, len(texts)),
                         "pairs": len(pairs), "wrong_responses": len(forget)}
         print(f"sample {split}: {len(problems)} questions x {args.k}: sample accuracy "
               f"{100 * stats[split]['sample_accuracy']:.1f}%, {len(pairs)} pairs, {len(forget)} wrong responses")
-    return finish("sample", out, t0, **stats)
+    return finish("sample", out, t0, device, **stats)
 
 
 # ----------------------------------------------------------------------------- DPO (warmup and learn)
@@ -329,26 +394,29 @@ def train_dpo(stage, args, run, device, model_dir, model_stage, masks_path, eps,
     print(f"{stage}: {n} pairs, trained fraction {trained_fraction(masks):.3f}, eps {eps}, lr {lr}, {steps} steps")
 
     def batch_at(i):
-        idx = batch_indices(n, args.batch_size, i, args.seed)
+        idx = rank_batch(n, args, i)
         b = collate(tok, [pairs[k]["prompt"] for k in idx] * 2,
                     [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
+        b["counts"] = [len(idx), n_scored(b["labels"][:len(idx)])]  # pairs (DPO), chosen tokens (--nll)
         return with_reference(b, cached, idx + [n + k for k in idx])
 
-    def loss_fn(model, b):
+    def loss_fn(model, b, counts):
         logps, logits = forward_logps(model, b, device)  # [2B,T]: chosen rows, then rejected rows
         ref = b["ref"].to(device)
         pc, pr = logps.chunk(2)
         rc, rr = ref.chunk(2)
         keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
         losses, _, _ = allo.dpo_loss(pc, pr, rc, rr, args.beta, keep)
-        loss = losses.mean()
+        loss = losses.sum() / counts[0]  # mean over the step's pairs
         if args.nll:  # optional NLL on the chosen response (RPO-style), off by default
             half = logits.shape[0] // 2
-            loss = loss + args.nll * allo.sft_loss(logits[:half].float(), b["labels"][:half].to(device))
-        return loss, int(b["attention_mask"].sum())
+            loss = loss + args.nll * allo.sft_loss(logits[:half].float(), b["labels"][:half].to(device),
+                                                   normalizer=counts[1])
+        return loss
 
     fit(stage, model, masks, args, steps, lr, batch_at, loss_fn, out)
-    return finish(stage, out, t0, model, trained_fraction=trained_fraction(masks), steps=steps, lr=lr, eps=eps)
+    return finish(stage, out, t0, device, model, trained_fraction=trained_fraction(masks), steps=steps, lr=lr,
+                  eps=eps)
 
 
 # ----------------------------------------------------------------------------- Stage 1: key neurons
@@ -387,13 +455,14 @@ def stage_mask(args, run, device):
     info = {}
     for name, ratio in (("forget", args.forget_ratio), ("learn", args.learn_ratio)):
         masks = allo.select_masks(scores, ratio, granularity=args.granularity, exclude_top=args.exclude_top)
-        allo.save_masks(os.path.join(out, f"{name}.safetensors"), masks)
+        if parallel.is_main():
+            allo.save_masks(os.path.join(out, f"{name}.safetensors"), masks)
         info[f"{name}_fraction"] = trained_fraction(masks)
         print(f"mask {name}: {100 * info[f'{name}_fraction']:.2f}% of entries; by module type:")
         print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))
     print("mask by layer (learning mask):")
     print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "layer"]))
-    return finish("mask", out, t0, scorer=args.scorer, granularity=args.granularity, **info)
+    return finish("mask", out, t0, device, scorer=args.scorer, granularity=args.granularity, **info)
 
 
 # ----------------------------------------------------------------------------- Stage 2a: rewriter
@@ -406,7 +475,8 @@ def rewriter_prompt(row):
 def stage_rewriter(args, run, device):
     """Train the rewriter (a copy of the SFT model) to turn (question, reference, response) into
     the minimally corrected response (correct responses are kept unchanged, as in RLMEC); then
-    score every forgetting response: p_t = P_rewriter(y_t | prompt, y_<t), unaligned = p_t < tau."""
+    score every forgetting response: p_t = P_rewriter(y_t | prompt, y_<t), unaligned = p_t < tau
+    (each process scores its contiguous share of the responses; p_t and w_t are gathered in order)."""
     t0 = time.time()
     out = args.out or os.path.join(run, "rewriter")
     os.makedirs(out, exist_ok=True)
@@ -431,20 +501,22 @@ def stage_rewriter(args, run, device):
     max_len = 3 * args.max_len
 
     def batch_at(i):
-        idx = batch_indices(len(examples), args.batch_size, i, args.seed)
-        return collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
+        idx = rank_batch(len(examples), args, i)
+        b = collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
+        return {**b, "counts": [n_scored(b["labels"])]}
 
-    def loss_fn(model, b):
+    def loss_fn(model, b, counts):
         with autocast(device):
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        return allo.sft_loss(logits.float(), b["labels"].to(device)), int(b["attention_mask"].sum())
+        return allo.sft_loss(logits.float(), b["labels"].to(device), normalizer=counts[0])
 
     fit("rewriter", model, full_masks(model), args, args.rewriter_steps, args.rewriter_lr, batch_at, loss_fn, out)
 
     # score: p_t of each response token, teacher-forced as the rewrite of itself
-    scored, hits, found, flagged, flagged_after = [], 0, 0, 0, 0
-    for i in range(0, len(forget), 64):
-        rows = forget[i:i + 64]
+    mine = forget[parallel.shard(len(forget))]
+    p_rows, w_rows = [], []  # p_t, w_t [n_tok] of each response of this process
+    for i in range(0, len(mine), 64):
+        rows = mine[i:i + 64]
         b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
         report_truncation("rewriter", b["n_truncated"], "scored responses")
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -453,22 +525,28 @@ def stage_rewriter(args, run, device):
         for r, p_row, w_row, lab in zip(rows, probs, weights, b["labels"]):
             on = lab != -100
             n_tok = len(tok.encode(r["response"]))
-            p_t, w_t = p_row[on][:n_tok].tolist(), w_row[on][:n_tok].tolist()  # drop the EOS target
-            scored.append({"prompt": r["prompt"], "response": r["response"], "weights": w_t, "probs": p_t})
-            # how well flagged tokens find the known first wrong step (embedded task only)
-            fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
-            if fixed is None or fixed[1] < 0:
-                continue
-            ids = tok.encode(r["response"])
-            ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
-            first = next(j for j, e in enumerate(ends) if e > fixed[1])  # token holding the first error
-            found += 1
-            hits += p_t[first] < args.tau
-            flag = [j for j, p in enumerate(p_t) if p < args.tau]
-            flagged += len(flag)
-            flagged_after += sum(j >= first for j in flag)
-    path = os.path.join(out, "forget_weighted.jsonl")
-    write_jsonl(path, scored)
+            p_rows.append(p_row[on][:n_tok])  # drop the EOS target
+            w_rows.append(w_row[on][:n_tok])
+    p_rows = parallel.gather_rows(p_rows, torch.float32, device)  # every response, in order
+    w_rows = parallel.gather_rows(w_rows, torch.float32, device)
+    scored, hits, found, flagged, flagged_after = [], 0, 0, 0, 0
+    for r, p_row, w_row in zip(forget, p_rows, w_rows, strict=True):
+        p_t, w_t = p_row.tolist(), w_row.tolist()
+        scored.append({"prompt": r["prompt"], "response": r["response"], "weights": w_t, "probs": p_t})
+        # how well flagged tokens find the known first wrong step (embedded task only)
+        fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
+        if fixed is None or fixed[1] < 0:
+            continue
+        ids = tok.encode(r["response"])
+        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+        first = next(j for j, e in enumerate(ends) if e > fixed[1])  # token holding the first error
+        found += 1
+        hits += p_t[first] < args.tau
+        flag = [j for j, p in enumerate(p_t) if p < args.tau]
+        flagged += len(flag)
+        flagged_after += sum(j >= first for j in flag)
+    if parallel.is_main():
+        write_jsonl(os.path.join(out, "forget_weighted.jsonl"), scored)
     recall = hits / max(1, found)
     precision = flagged_after / max(1, flagged)
     n_flag = sum(sum(w > 0 for w in s["weights"]) for s in scored)
@@ -476,7 +554,7 @@ def stage_rewriter(args, run, device):
     print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {args.tau}); first wrong step found in "
           f"{100 * recall:.1f}% of {found} parseable wrong responses; {100 * precision:.1f}% of flagged tokens "
           "lie at or after it")
-    return finish("rewriter", out, t0, model, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
+    return finish("rewriter", out, t0, device, model, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
                   first_error_recall=recall, flag_precision=precision)
 
 
@@ -506,25 +584,29 @@ def stage_forget(args, run, device):
           f"{'all tokens' if args.all_tokens else 'unaligned tokens'}")
 
     def batch_at(i):
-        idx = batch_indices(len(rows), args.batch_size, i, args.seed)
+        idx = rank_batch(len(rows), args, i)
         b = collate(tok, [prompts[k] for k in idx], [responses[k] for k in idx], args.max_len,
                     None if weights is None else [weights[k] for k in idx])
         if weights is None:  # NPO on every response token: the EOS target too
             b["weights"] = (b["labels"] != -100).float()
+        b["counts"] = [int((b["weights"] != 0).sum())]  # weighted tokens: the NPO normalizer
         return with_reference(b, cached, idx)
 
-    def loss_fn(model, b):
+    def loss_fn(model, b, counts):
         logps, _ = forward_logps(model, b, device)
-        loss = allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta)
-        return loss, int(b["attention_mask"].sum())
+        return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta,
+                                   normalizer=counts[0])
 
     fit("forget", model, masks, args, args.forget_steps, args.forget_lr, batch_at, loss_fn, out)
-    return finish("forget", out, t0, model, trained_fraction=trained_fraction(masks), steps=args.forget_steps)
+    return finish("forget", out, t0, device, model, trained_fraction=trained_fraction(masks),
+                  steps=args.forget_steps)
 
 
 # ----------------------------------------------------------------------------- all
 
 def run_stage(stage, args, run, device):
+    if device.type == "cuda":  # finish() records the stage's peak
+        torch.cuda.reset_peak_memory_stats(device)
     if stage == "sft":
         return stage_sft(args, run, device)
     if stage == "sample":
@@ -557,7 +639,9 @@ def parse_args(argv=None):
     add = p.add_argument
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", choices=STAGES + ["all"], help="stage to run (default all)")
-    g.add_argument("--run", default="runs/default", help="run directory (default runs/default)")
+    g.add_argument("--run", "--run-dir", dest="run", default="runs/default",
+                   help="run directory (default runs/default); under torchrun write --run-dir, since torchrun "
+                        "takes --run for its own --run-path")
     g.add_argument("--force", action="store_true", help="with --stage all: redo finished stages")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: a tiny version of every stage, for tests")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ... (default auto)")
@@ -585,12 +669,16 @@ def parse_args(argv=None):
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate (default 2e-3)")
     g.add_argument("--eval-n", type=int, default=200, help="validation questions scored after SFT (default 200)")
     g = p.add_argument_group("optimization (every training stage)")
-    g.add_argument("--batch-size", type=int, default=32, help="examples (or pairs) per micro-batch (default 32)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="examples (or pairs) per micro-batch and process (default 32)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >=2-D params (default 0)")
     g.add_argument("--warmup-frac", type=float, default=0.1, help="linear warmup fraction, then cosine (default 0.1)")
     g.add_argument("--log-every", type=int, default=50, help="progress line every N steps (default 50)")
     g.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="training stages: keep only each block's input, recompute the rest in backward (less "
+                        "activation memory, one more forward pass)")
     g = p.add_argument_group("sampling (Stage 0)")
     g.add_argument("--k", type=int, default=8, help="samples per question (default 8)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -632,7 +720,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = parallel.init(pick_device(args.device))
+    if not parallel.is_main():  # rank 0 prints the progress of all
+        sys.stdout = open(os.devnull, "w")
+    if parallel.world() > 1:
+        print(f"torchrun: {parallel.world()} processes on {device.type}, {parallel.world()} x {args.batch_size} "
+              f"examples per micro-batch, {args.grad_accum} micro-batches per step")
     run = args.run
     try:
         if args.stage != "all":
@@ -645,16 +738,21 @@ def main(argv=None):
             if not args.force and os.path.exists(os.path.join(run, stage, "stage.json")):
                 print(f"{stage}: finished earlier, skipped (--force to redo)")
                 continue
-            if args.force:
+            if args.force and parallel.is_main():
                 shutil.rmtree(os.path.join(run, stage, "ckpt"), ignore_errors=True)
+            parallel.barrier()
             run_stage(stage, args, run, device)
-        rows = evaluate_run(run, "test", args.device, args.beta)
-        print(markdown_table(rows, "test"))
-        write_json(os.path.join(run, "eval_test.json"), {"split": "test", "rows": rows})
+        if parallel.is_main():  # the table on rank 0 only
+            rows = evaluate_run(run, "test", args.device, args.beta)
+            print(markdown_table(rows, "test"))
+            write_json(os.path.join(run, "eval_test.json"), {"split": "test", "rows": rows})
         print(f"pipeline: {time.time() - t0:.0f}s")
     except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if parallel.is_main():  # every process raises the same error
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,26 @@ def test_sft_loss_weighted_reference_and_zero_weights():
     assert zero.item() == 0 and torch.isfinite(logits.grad).all() and (logits.grad == 0).all()
 
 
+def test_sft_loss_normalizer_splits_a_batch_exactly():
+    """Micro-batches normalized by the whole batch's total weight add up to the whole batch's loss."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 6, 9, generator=g, dtype=D, requires_grad=True)
+    labels = random_labels(g, 4, 6, 9)
+    labels[:, 0] = 1
+    weights = torch.rand(4, 6, generator=g, dtype=D) * (labels != -100)
+    num = sum(-weights[b, t].item() * F.log_softmax(logits[b, t].detach(), -1)[labels[b, t]].item()
+              for b in range(4) for t in range(6) if labels[b, t] != -100)
+    assert abs(allo.sft_loss(logits, labels, weights, normalizer=2.5).item() - num / 2.5) < 1e-12
+    total = weights.sum().item()
+    whole = allo.sft_loss(logits, labels, weights)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    parts = sum(allo.sft_loss(logits[s], labels[s], weights[s], normalizer=total) for s in (slice(0, 1), slice(1, 4)))
+    (parts_grad,) = torch.autograd.grad(parts, logits)
+    assert abs(parts.item() - num / total) < 1e-12 and abs(whole.item() - num / total) < 1e-12
+    torch.testing.assert_close(parts_grad, whole_grad, rtol=0, atol=1e-15)
+    assert allo.sft_loss(logits, labels, torch.zeros(4, 6, dtype=D), normalizer=0).item() == 0
+
+
 # ----------------------------------------------------------------------------- stage 3: DPO, key tokens
 
 def test_dpo_loss_reference_rewards_and_gradcheck():
@@ -171,6 +191,26 @@ def test_npo_token_loss_reference_and_gradients():
     zero = allo.npo_token_loss(x, ref, torch.zeros(B, T, dtype=D), beta)
     zero.backward()
     assert zero.item() == 0 and (x.grad == 0).all()
+
+
+def test_npo_token_loss_normalizer_splits_a_batch_exactly():
+    """Micro-batches normalized by the whole batch's weighted-token count add up to the whole batch's loss."""
+    g = torch.Generator().manual_seed(9)
+    B, T, beta = 4, 5, 0.3
+    pol, ref = torch.randn(B, T, generator=g, dtype=D) * 3, torch.randn(B, T, generator=g, dtype=D) * 3
+    w = torch.rand(B, T, generator=g, dtype=D) * (torch.rand(B, T, generator=g) < 0.6)
+    w[0, 0] = 0.5
+    num = sum(-w[b, t].item() * logsig(-beta * (pol[b, t] - ref[b, t]).item()) for b in range(B) for t in range(T))
+    assert abs(allo.npo_token_loss(pol, ref, w, beta, normalizer=7).item() - num / 7) < 1e-12
+    x = pol.clone().requires_grad_(True)
+    n = int((w != 0).sum())
+    whole = allo.npo_token_loss(x, ref, w, beta)
+    (whole_grad,) = torch.autograd.grad(whole, x)
+    parts = sum(allo.npo_token_loss(x[s], ref[s], w[s], beta, normalizer=n) for s in (slice(0, 3), slice(3, 4)))
+    (parts_grad,) = torch.autograd.grad(parts, x)
+    assert abs(parts.item() - num / n) < 1e-12 and abs(whole.item() - num / n) < 1e-12
+    torch.testing.assert_close(parts_grad, whole_grad, rtol=0, atol=1e-15)
+    assert allo.npo_token_loss(x, ref, torch.zeros(B, T, dtype=D), beta, normalizer=0).item() == 0
 
 
 def test_npo_sequence_loss_reference():
