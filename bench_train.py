@@ -1,0 +1,195 @@
+"""Throughput of ALLO's training steps and of generation, to estimate the time of a run.
+
+    python bench_train.py                      # three model sizes, about 3 CPU-minutes
+    python bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda   # + TinyLlama-1.1B's shape
+    python bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
+
+Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
+the optimizer step of train.py on one batch of random token ids:
+  DPO warmup  vanilla DPO, chosen and rejected rows in one [2B,T] batch, every parameter trained
+              (MaskedAdamW with all-True masks), as `--stage warmup`
+  DPO learn   DPO with key tokens (--eps) on the rejected half, MaskedAdamW on a --mask-ratio
+              mask (random scores), as `--stage learn`
+  NPO forget  token-level NPO with token weights on a [B,T] batch, the same mask, as `--stage forget`
+  generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
+A training step: forward_logps (bf16 autocast on CUDA), the loss as train.py's loss_fn,
+backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as train.fit (train.py's loss_fns
+are closures inside its stages, so they are repeated here call for call); reference log-probs
+are cached before timing (train.reference_logps), as train.py does. tokens/s counts the real
+(non-padding) tokens of the batch, as train.py's progress lines; for generate, the new tokens.
+Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
+After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
+(oversubscribed threads made the default model's step 50-100x slower).
+"""
+
+import argparse
+import random
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+import allo
+from data import collate
+from model import ModelConfig, Transformer, pick_device
+from train import forward_logps, full_masks, reference_logps, with_reference
+
+SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
+    "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
+    "10m": "256:10:4:2:704:8000",  # 9.4M
+    "34m": "512:8:8:8:1376:8000:untied",  # 33.5M, bench_optim.py's model
+}
+TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0)  # what collate needs; the inputs are token ids
+
+
+def model_config(spec, max_len):
+    """A preset name or dim:layers:heads:kv_heads:hidden:vocab[:untied] -> ModelConfig."""
+    fields = SIZES.get(spec, spec).split(":")
+    if len(fields) not in (6, 7) or fields[6:] not in ([], ["untied"]) or not all(f.isdigit() for f in fields[:6]):
+        raise ValueError(f"--sizes {spec!r}: expected one of {', '.join(SIZES)} "
+                         "or dim:layers:heads:kv_heads:hidden:vocab[:untied]")
+    dim, layers, heads, kv, hidden, vocab = map(int, fields[:6])
+    return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+                       hidden_dim=hidden, max_seq_len=max_len, tie_embeddings=fields[6:] != ["untied"])
+
+
+def random_ids(rng, mean, jitter, vocab):
+    n = max(1, round(mean * (1 + rng.uniform(-jitter, jitter))))
+    return [rng.randrange(4, vocab) for _ in range(n)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def train_step(model, opt, loss_fn, batch):
+    """One optimizer step as train.fit does it (grad_accum 1)."""
+    loss, n_tok = loss_fn(model, batch)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss {loss.item()}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return n_tok
+
+
+def median_time(fn, args, device):
+    """Median seconds of fn() over args.steps calls after args.warmup; fn returns its tokens."""
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        tokens = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[args.warmup:]), tokens
+
+
+def bench_size(spec, args, device):
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    max_len = round((args.prompt + args.response) * (1 + args.jitter)) + 2 + args.new
+    cfg = model_config(spec, max_len)
+    model = Transformer(cfg).to(device)
+    B, v = args.batch, cfg.vocab_size
+    prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
+    chosen = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    rejected = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    weights = [[float(rng.random() < 0.5) for _ in r] for r in rejected]  # the rewriter's 1[p_t < tau]
+    # the reference (the starting model) log-probs, cached once as train.py does
+    cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
+    model.train()
+    pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
+    forget = with_reference(collate(TOK, prompts, rejected, max_len, weights), cached[B:], list(range(B)))
+    assert pairs["n_truncated"] == forget["n_truncated"] == 0
+    masks = allo.select_masks({n: torch.rand_like(p) for n, p in model.named_parameters()}, args.mask_ratio)
+
+    def dpo_loss_fn(eps):  # train.train_dpo's loss_fn (without its optional --nll term)
+        def loss_fn(model, b):
+            logps, _ = forward_logps(model, b, device)  # [2B,T]: chosen rows, then rejected rows
+            ref = b["ref"].to(device)
+            pc, pr = logps.chunk(2)
+            rc, rr = ref.chunk(2)
+            keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
+            losses, _, _ = allo.dpo_loss(pc, pr, rc, rr, args.beta, keep)
+            return losses.mean(), int(b["attention_mask"].sum())
+        return loss_fn
+
+    def npo_loss_fn(model, b):  # train.stage_forget's loss_fn
+        logps, _ = forward_logps(model, b, device)
+        loss = allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta)
+        return loss, int(b["attention_mask"].sum())
+
+    pct = f"{args.mask_ratio:.0%}"
+    runs = [("DPO warmup (full)", full_masks(model), dpo_loss_fn(1.0), pairs),
+            (f"DPO learn ({pct} mask, eps {args.eps})", masks, dpo_loss_fn(args.eps), pairs),
+            (f"NPO forget ({pct} mask)", masks, npo_loss_fn, forget)]
+    rows = []
+    for name, m, loss_fn, batch in runs:
+        opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)
+        dt, tok = median_time(lambda: train_step(model, opt, loss_fn, batch), args, device)
+        rows.append((name, batch["input_ids"].shape, tok, dt))
+        del opt
+    model.eval()
+    gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
+
+    def generate():  # eos_id -1: no row stops early, every row gets --new tokens
+        return sum(map(len, model.generate(gen_prompts, args.new, eos_id=-1, pad_id=TOK.pad_id)))
+
+    dt, tok = median_time(generate, args, device)
+    rows.append(("generate (KV cache, greedy)", (args.gen_batch, args.new), tok, dt))
+    size = f"{spec} ({model.num_params() / 1e6:.2f}M)"
+    return [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
+             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
+            for name, shape, tok, dt in rows]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--sizes", default="default,10m,34m",
+        help=f"comma list of {', '.join(SIZES)} or dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: all)")
+    add("--batch", type=int, default=32, help="pairs per DPO step, rows per NPO step (default 32, as train.py)")
+    add("--prompt", type=int, default=35, help="mean prompt tokens (default 35, the embedded task)")
+    add("--response", type=int, default=25, help="mean response tokens (default 25, the embedded task)")
+    add("--jitter", type=float, default=0.2, help="lengths vary uniformly by +- this fraction (default 0.2)")
+    add("--gen-batch", type=int, default=64, help="prompts per generate call (default 64)")
+    add("--new", type=int, default=25, help="new tokens per generated row (default 25)")
+    add("--mask-ratio", type=float, default=0.1, help="MaskedAdamW mask of the ALLO stages (default 0.1)")
+    add("--eps", type=float, default=0.5, help="key-token fraction of the DPO learn step (default 0.5)")
+    add("--beta", type=float, default=0.1)
+    add("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    add("--steps", type=int, default=3, help="timed steps, the median is reported (default 3)")
+    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda ... (default auto)")
+    add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
+    add("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens (+-{args.jitter:.0%}), "
+          f"generate {args.gen_batch} x {args.new} new tokens; median of {args.steps} after {args.warmup} warmup")
+    rows = []
+    for spec in args.sizes.split(","):
+        t0 = time.perf_counter()
+        rows += bench_size(spec, args, device)
+        print(f"{rows[-1]['model']}: {time.perf_counter() - t0:.0f}s", flush=True)
+    print(allo.format_table(rows))
+    print("batch: rows x padded length (generate: prompts x new tokens); tokens/step: real tokens "
+          "(generate: new tokens); ms/step: one optimizer step (generate: one call)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
