@@ -79,6 +79,7 @@ def sft_loss(logits, labels, weights=None, normalizer=None):
 # 1. Stage 1: locating key neurons
 
 
+@torch.no_grad()
 def importance_from_delta(before, after):
     """Stage 1, the release's scorer: I_i = |theta'_i - theta_i|, theta' = theta after a short
     vanilla-DPO warmup. The paper writes I_i = (theta'_i - theta_i) / lr; one lr for every entry,

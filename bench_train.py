@@ -12,10 +12,10 @@ the optimizer step of train.py on one batch of random token ids:
               mask (random scores), as `--stage learn`
   NPO forget  token-level NPO with token weights on a [B,T] batch, the same mask, as `--stage forget`
   generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
-A training step: forward_logps (bf16 autocast on CUDA), the loss as train.py's loss_fn,
-backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as train.fit (train.py's loss_fns
-are closures inside its stages, so they are repeated here call for call); reference log-probs
-are cached before timing (train.reference_logps), as train.py does. tokens/s counts the real
+A training step: train.py's per-batch loss (train.dpo_batch_loss, train.npo_batch_loss; bf16
+autocast on CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as train.fit does
+on one process; reference log-probs are cached before timing (train.reference_logps), as
+train.py does. tokens/s counts the real
 (non-padding) tokens of the batch, as train.py's progress lines; for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
@@ -33,7 +33,7 @@ import torch
 import allo
 from data import collate
 from model import ModelConfig, Transformer, pick_device
-from train import forward_logps, full_masks, reference_logps, with_reference
+from train import dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -67,15 +67,15 @@ def sync(device):
 
 
 def train_step(model, opt, loss_fn, batch):
-    """One optimizer step as train.fit does it (grad_accum 1)."""
-    loss, n_tok = loss_fn(model, batch)
+    """One optimizer step as train.fit does it (one process, grad_accum 1) -> real tokens."""
+    loss = loss_fn(model, batch)
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss {loss.item()}")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return n_tok
+    return int(batch["attention_mask"].sum())
 
 
 def median_time(fn, args, device):
@@ -109,28 +109,17 @@ def bench_size(spec, args, device):
     assert pairs["n_truncated"] == forget["n_truncated"] == 0
     masks = allo.select_masks({n: torch.rand_like(p) for n, p in model.named_parameters()}, args.mask_ratio)
 
-    def dpo_loss_fn(eps):  # train.train_dpo's loss_fn (without its optional --nll term)
-        def loss_fn(model, b):
-            logps, _ = forward_logps(model, b, device)  # [2B,T]: chosen rows, then rejected rows
-            ref = b["ref"].to(device)
-            pc, pr = logps.chunk(2)
-            rc, rr = ref.chunk(2)
-            keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
-            losses, _, _ = allo.dpo_loss(pc, pr, rc, rr, args.beta, keep)
-            return losses.mean(), int(b["attention_mask"].sum())
-        return loss_fn
-
-    def npo_loss_fn(model, b):  # train.stage_forget's loss_fn
-        logps, _ = forward_logps(model, b, device)
-        loss = allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta)
-        return loss, int(b["attention_mask"].sum())
-
     pct = f"{args.mask_ratio:.0%}"
-    runs = [("DPO warmup (full)", full_masks(model), dpo_loss_fn(1.0), pairs),
-            (f"DPO learn ({pct} mask, eps {args.eps})", masks, dpo_loss_fn(args.eps), pairs),
-            (f"NPO forget ({pct} mask)", masks, npo_loss_fn, forget)]
+    pair_counts = [B, int((pairs["labels"][:B] != -100).sum())]  # the normalizers, as in train.py's batches
+    forget_counts = [int((forget["weights"] != 0).sum())]
+    runs = [("DPO warmup (full)", full_masks(model), pairs,
+             lambda m, b: dpo_batch_loss(m, b, pair_counts, device, args.beta, 1.0)),
+            (f"DPO learn ({pct} mask, eps {args.eps})", masks, pairs,
+             lambda m, b: dpo_batch_loss(m, b, pair_counts, device, args.beta, args.eps)),
+            (f"NPO forget ({pct} mask)", masks, forget,
+             lambda m, b: npo_batch_loss(m, b, forget_counts, device, args.beta))]
     rows = []
-    for name, m, loss_fn, batch in runs:
+    for name, m, batch, loss_fn in runs:
         opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)
         dt, tok = median_time(lambda: train_step(model, opt, loss_fn, batch), args, device)
         rows.append((name, batch["input_ids"].shape, tok, dt))

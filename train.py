@@ -235,10 +235,41 @@ def trained_fraction(masks):
 
 
 def forward_logps(model, batch, device):
-    """Per-token log-probs [B,T] of the batch's labels (0 off-target) and the logits."""
+    """Per-token log-probs [B,T] of the batch's labels (0 off-target).
+
+    collate() pads on the right, so causal attention alone gives every real position exactly the
+    logits it has unpadded (padding only follows it): no attention mask is passed, which lets
+    scaled_dot_product_attention use its fused kernels."""
     with autocast(device):
-        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    return allo.token_logps(logits, batch["labels"].to(device)), logits
+        logits = model(batch["input_ids"].to(device))  # [B,T,V]
+    return allo.token_logps(logits, batch["labels"].to(device))
+
+
+def sft_batch_loss(model, b, counts, device):
+    """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
+    tokens, its share of the mean over the step's counts[0] scored tokens."""
+    with autocast(device):
+        logits = model(b["input_ids"].to(device))  # [B,T,V], right-padded: see forward_logps
+    return allo.sft_loss(logits, b["labels"].to(device), normalizer=counts[0])
+
+
+def dpo_batch_loss(model, b, counts, device, beta, eps, nll=0.0):
+    """Stage 3, DPO with key tokens (eps < 1: the rejected side counts through its ceil(eps * T)
+    key tokens; eps 1 is vanilla DPO, the warmup) on a micro-batch of pairs, rows [chosen; rejected]
+    [2B,T]: its share of the mean over the step's counts[0] pairs, plus nll x the NLL of the chosen
+    tokens over the step's counts[1] chosen tokens (RPO-style, optional)."""
+    logps = forward_logps(model, b, device)  # [2B,T]
+    (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
+    keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
+    loss = allo.dpo_loss(pc, pr, rc, rr, beta, keep)[0].sum() / counts[0]
+    return loss - nll * pc.sum() / counts[1] if nll else loss
+
+
+def npo_batch_loss(model, b, counts, device, beta):
+    """Stage 2, token-level NPO on the micro-batch's weighted tokens, its share of the mean over
+    the step's counts[0] weighted tokens."""
+    logps = forward_logps(model, b, device)  # [B,T]
+    return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), beta, normalizer=counts[0])
 
 
 @torch.no_grad()
@@ -252,7 +283,7 @@ def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64
     out = []
     for i in range(0, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
-        logps, _ = forward_logps(ref, b, device)
+        logps = forward_logps(ref, b, device)
         keep = b["labels"] != -100
         out += [row[k] for row, k in zip(logps, keep.to(device))]
     return parallel.gather_rows(out, torch.float32, device)
@@ -306,12 +337,8 @@ def stage_sft(args, run, device):
             report_truncation("sft", b["n_truncated"], "examples")
         return {**b, "counts": [n_scored(b["labels"])]}
 
-    def loss_fn(model, b, counts):
-        with autocast(device):
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        return allo.sft_loss(logits.float(), b["labels"].to(device), normalizer=counts[0])
-
-    fit("sft", model, full_masks(model), args, args.sft_steps, args.sft_lr, batch_at, loss_fn, out)
+    fit("sft", model, full_masks(model), args, args.sft_steps, args.sft_lr, batch_at,
+        lambda net, b, counts: sft_batch_loss(net, b, counts, device), out)
     val_acc = None
     if parallel.is_main():  # validation on rank 0 only; the others wait in finish()
         val_acc = accuracy(model, tok, splits["val"][:args.eval_n])
@@ -400,21 +427,8 @@ def train_dpo(stage, args, run, device, model_dir, model_stage, masks_path, eps,
         b["counts"] = [len(idx), n_scored(b["labels"][:len(idx)])]  # pairs (DPO), chosen tokens (--nll)
         return with_reference(b, cached, idx + [n + k for k in idx])
 
-    def loss_fn(model, b, counts):
-        logps, logits = forward_logps(model, b, device)  # [2B,T]: chosen rows, then rejected rows
-        ref = b["ref"].to(device)
-        pc, pr = logps.chunk(2)
-        rc, rr = ref.chunk(2)
-        keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
-        losses, _, _ = allo.dpo_loss(pc, pr, rc, rr, args.beta, keep)
-        loss = losses.sum() / counts[0]  # mean over the step's pairs
-        if args.nll:  # optional NLL on the chosen response (RPO-style), off by default
-            half = logits.shape[0] // 2
-            loss = loss + args.nll * allo.sft_loss(logits[:half].float(), b["labels"][:half].to(device),
-                                                   normalizer=counts[1])
-        return loss
-
-    fit(stage, model, masks, args, steps, lr, batch_at, loss_fn, out)
+    fit(stage, model, masks, args, steps, lr, batch_at,
+        lambda net, b, counts: dpo_batch_loss(net, b, counts, device, args.beta, eps, args.nll), out)
     return finish(stage, out, t0, device, model, trained_fraction=trained_fraction(masks), steps=steps, lr=lr,
                   eps=eps)
 
@@ -446,12 +460,9 @@ def stage_mask(args, run, device):
                             [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
                 yield with_reference(b, cached, idx + [n + k for k in idx])
 
-        def loss_fn(model, b):
-            logps, _ = forward_logps(model, b, device)
-            (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
-            return allo.dpo_loss(pc, pr, rc, rr, args.beta)[0].mean()
-
-        scores = allo.grad_importance(sft, loss_fn, batches(), mode=args.grad_mode)
+        # gradients of the vanilla-DPO loss, each batch's share of the mean over all n pairs
+        scores = allo.grad_importance(sft, lambda m, b: dpo_batch_loss(m, b, [n], device, args.beta, 1.0),
+                                      batches(), mode=args.grad_mode)
     info = {}
     for name, ratio in (("forget", args.forget_ratio), ("learn", args.learn_ratio)):
         masks = allo.select_masks(scores, ratio, granularity=args.granularity, exclude_top=args.exclude_top)
@@ -505,12 +516,8 @@ def stage_rewriter(args, run, device):
         b = collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
         return {**b, "counts": [n_scored(b["labels"])]}
 
-    def loss_fn(model, b, counts):
-        with autocast(device):
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        return allo.sft_loss(logits.float(), b["labels"].to(device), normalizer=counts[0])
-
-    fit("rewriter", model, full_masks(model), args, args.rewriter_steps, args.rewriter_lr, batch_at, loss_fn, out)
+    fit("rewriter", model, full_masks(model), args, args.rewriter_steps, args.rewriter_lr, batch_at,
+        lambda net, b, counts: sft_batch_loss(net, b, counts, device), out)
 
     # score: p_t of each response token, teacher-forced as the rewrite of itself
     mine = forget[parallel.shard(len(forget))]
@@ -520,7 +527,8 @@ def stage_rewriter(args, run, device):
         b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
         report_truncation("rewriter", b["n_truncated"], "scored responses")
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        probs = allo.rewriter_token_probs(model, b)  # [B,T], 0 off-target
+        with autocast(device):
+            probs = allo.rewriter_token_probs(model, b)  # [B,T], 0 off-target
         weights = allo.unaligned_token_weights(probs, b["labels"], args.tau, args.weights_mode)
         for r, p_row, w_row, lab in zip(rows, probs, weights, b["labels"]):
             on = lab != -100
@@ -592,12 +600,8 @@ def stage_forget(args, run, device):
         b["counts"] = [int((b["weights"] != 0).sum())]  # weighted tokens: the NPO normalizer
         return with_reference(b, cached, idx)
 
-    def loss_fn(model, b, counts):
-        logps, _ = forward_logps(model, b, device)
-        return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), args.beta,
-                                   normalizer=counts[0])
-
-    fit("forget", model, masks, args, args.forget_steps, args.forget_lr, batch_at, loss_fn, out)
+    fit("forget", model, masks, args, args.forget_steps, args.forget_lr, batch_at,
+        lambda net, b, counts: npo_batch_loss(net, b, counts, device, args.beta), out)
     return finish("forget", out, t0, device, model, trained_fraction=trained_fraction(masks),
                   steps=args.forget_steps)
 

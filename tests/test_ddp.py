@@ -164,5 +164,6 @@ def test_error_under_torchrun_is_one_line_and_does_not_hang(tmp_path):
     p = torchrun("--preset", "smoke", "--stage", "sft", "--sft-lr", "1e30", "--run-dir", str(tmp_path))
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode != 0 and len(errors) == 1 and "sft: loss is " in errors[0], p.stderr
-    assert p.stderr.count("exitcode  : 2") == 2  # torchrun's report: both processes exited with status 2
+    # torchrun's report: the first process to fail exited with status 2 (torchrun may stop the other first)
+    assert "exitcode  : 2" in p.stderr
     assert not os.path.exists(tmp_path / "sft" / "stage.json")
