@@ -8,6 +8,10 @@ residual], final RMSNorm, linear head. Parameter names mirror Hugging Face's Lla
 Rotary layout: Hugging Face checkpoints store q/k projections permuted so that rotary pairs are
 (i, i + head_dim/2) ("rotate half"), not Meta's interleaved (2i, 2i+1). This model uses the
 rotate-half layout itself, so HF weights are used exactly as stored.
+
+RoPE scaling: plain RoPE, or Llama 3's ("llama3", used by Llama 3.1 and 3.2), which lowers the
+rotary frequencies whose wavelength is long compared with the pretraining context; see
+`rope_inv_freq`. Other scaling schemes are refused when loading.
 """
 
 import json
@@ -36,6 +40,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 256
     tie_embeddings: bool = True
+    # None: plain RoPE. Llama 3 RoPE scaling: a dict with exactly the keys of LLAMA3_ROPE_KEYS
+    rope_scaling: dict | None = None
 
     @property
     def head_dim(self) -> int:
@@ -45,6 +51,21 @@ class ModelConfig:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
                              "dim must divide by n_heads and n_heads by n_kv_heads")
+        if self.rope_scaling is not None and (why := llama3_rope_problem(self.rope_scaling)):
+            raise ValueError(f"rope_scaling {self.rope_scaling}: {why}")
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_rope_problem(r: dict) -> str | None:
+    """Why r is not a Llama 3 RoPE scaling this model implements, or None if it is."""
+    if set(r) != set(LLAMA3_ROPE_KEYS):
+        return f"Llama 3 RoPE scaling needs exactly the keys {', '.join(LLAMA3_ROPE_KEYS)}"
+    if not (r["factor"] > 0 and r["original_max_position_embeddings"] > 0
+            and 0 < r["low_freq_factor"] < r["high_freq_factor"]):
+        return "Llama 3 RoPE scaling needs positive values and low_freq_factor < high_freq_factor"
+    return None
 
 
 def autocast(device: torch.device):
@@ -76,9 +97,29 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None):
+    """Rotary inverse frequencies [hd/2], float32: theta^(-2i/hd), i = 0 .. hd/2 - 1.
+
+    With Llama 3 RoPE scaling (Meta's llama3 `apply_scaling`; transformers' rope_type "llama3"),
+    each frequency is judged by its wavelength 2*pi/f against the pretraining context
+    L = original_max_position_embeddings: shorter than L/high_freq_factor, kept; longer than
+    L/low_freq_factor, divided by factor; in between, s*f + (1-s)*f/factor with
+    s = (L/wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor), which runs
+    from 0 to 1 across the band, so the rescaling is continuous.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    L = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((L / wavelen - low) / (high - low)).clamp(0, 1)  # 1: wavelen <= L/high, 0: wavelen >= L/low
+    return smooth * inv_freq + (1 - smooth) * inv_freq / factor
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, scaling: dict | None = None):
     """positions [B,T] -> cos, sin [B,1,T,head_dim] in the rotate-half layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # [hd/2]
     freqs = positions.float()[..., None] * inv_freq  # [B,T,hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B,1,T,hd]
     return emb.cos(), emb.sin()
@@ -200,7 +241,7 @@ class Transformer(nn.Module):
             mask = causal & valid[:, None, None, :]  # [B,1,T,S]
             # a padding query that sees no real key would give NaN: let it see itself
             mask = mask | (torch.arange(S, device=input_ids.device) == past + torch.arange(T, device=input_ids.device)[:, None])
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         x = self.embed_tokens(input_ids)  # [B,T,D]
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -282,7 +323,9 @@ class Transformer(nn.Module):
               "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
               "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
               "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-              "mlp_bias": False, "rope_scaling": None, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:]}
+              "mlp_bias": False, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:]}
+        # the transformers 4 layout (as Meta's Llama 3.x checkpoints ship); transformers 5 reads it too
+        hf["rope_scaling"] = None if c.rope_scaling is None else {"rope_type": "llama3", **c.rope_scaling}
         tensors = {("" if n == "lm_head.weight" else "model.") + n: p.detach().contiguous().cpu()
                    for n, p in self.named_parameters()}
         save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
@@ -317,12 +360,18 @@ def config_from_hf(path: str) -> ModelConfig:
     refuse = []
     if hf.get("model_type") != "llama":
         refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
-    if hf.get("rope_scaling"):
-        refuse.append(f"rope_scaling {hf['rope_scaling']}")
-    # transformers >= 5 writes rope_theta and any RoPE scaling under rope_parameters instead
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
-        refuse.append(f"rope_parameters {rope} (only rope_type 'default')")
+    theta, scaling = hf.get("rope_theta", 10000.0), None
+    # transformers < 5: rope_theta at the top level, scaling in rope_scaling; transformers >= 5
+    # writes both under rope_parameters
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = dict(hf.get(field) or {})
+        kind = rope.pop("rope_type", rope.pop("type", "default"))  # "type": the older name; both popped
+        theta = rope.pop("rope_theta", theta)
+        why = llama3_rope_problem(rope) if kind == "llama3" else "only rope_type 'default' and 'llama3'"
+        if why is None:
+            scaling = rope
+        elif kind != "default" or rope:
+            refuse.append(f"{field} {hf[field]} ({why})")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             refuse.append(f"{key} true")
@@ -336,8 +385,7 @@ def config_from_hf(path: str) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                       max_seq_len=hf.get("max_position_embeddings", 2048),
+                       rope_theta=theta, rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
 
 

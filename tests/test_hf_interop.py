@@ -1,7 +1,10 @@
 """Hugging Face Llama interop without transformers: tests/fixtures/hf_llama_tiny is a sharded,
 untied, grouped-query checkpoint written by transformers' LlamaForCausalLM.save_pretrained,
-with the logits transformers computed for it (see its README.md; regenerate with
-scripts/check_hf_interop.py --write-fixture, in a venv that has transformers)."""
+with the logits transformers computed for it, and tests/fixtures/hf_llama3_rope_tiny a tied
+grouped-query one with Llama 3 RoPE scaling (rope_type "llama3"), likewise (see their README.md;
+regenerate with scripts/check_hf_interop.py --write-fixture, in a venv that has transformers)."""
+
+import math
 
 import json
 import os
@@ -16,14 +19,15 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import ModelConfig, Transformer  # noqa: E402
+from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hf_llama_tiny"
+FIXTURE3 = Path(__file__).resolve().parent / "fixtures" / "hf_llama3_rope_tiny"
 TOL = 1e-4
 
 
-def expected():
-    e = load_file(str(FIXTURE / "expected.safetensors"))
+def expected(fixture=FIXTURE):
+    e = load_file(str(fixture / "expected.safetensors"))
     return e["input_ids"], e["attention_mask"], e["logits"]
 
 
@@ -98,20 +102,37 @@ def test_save_then_load_is_bit_identical(loaded, tmp_path):
         assert set(f.keys()) == set(read_json(FIXTURE / "model.safetensors.index.json")["weight_map"])
 
 
-def copy_fixture(tmp_path, **changes):
+def copy_fixture(tmp_path, fixture=FIXTURE, drop=(), **changes):
     d = tmp_path / "ckpt"
-    shutil.copytree(FIXTURE, d)
+    shutil.copytree(fixture, d)
     cfg = read_json(d / "config.json")
+    for key in drop:
+        del cfg[key]
     cfg.update(changes)
     with open(d / "config.json", "w") as f:
         json.dump(cfg, f)
     return d
 
 
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
 @pytest.mark.parametrize("field, value", [
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),  # transformers < 5 layout
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),  # transformers >= 5
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}),  # its older key name
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}),  # transformers >= 5
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32}),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 500000.0, "short_factor": [1.0] * 4,
+                         "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0, "factor": 2.0}),  # a key it would ignore
+    # llama3 that this model would get wrong: rotary on part of head_dim, a missing key, an empty middle band
+    ("rope_parameters", {**LLAMA3, "partial_rotary_factor": 0.5}),
+    ("rope_parameters", {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}),
+    ("rope_scaling", {**LLAMA3, "low_freq_factor": 4.0, "high_freq_factor": 4.0}),
     ("attention_bias", True),
     ("mlp_bias", True),
     ("model_type", "mistral"),
@@ -145,3 +166,87 @@ def test_missing_shard_file_is_an_error(tmp_path):
     os.remove(d / shard)
     with pytest.raises(FileNotFoundError, match=shard.replace(".", r"\.")):
         Transformer.from_pretrained(str(d))
+
+
+# ------------------------------------------------------------------ Llama 3 RoPE scaling
+
+def to_transformers4_layout(d, key="rope_type"):
+    """Rewrite d/config.json as transformers < 5 and Meta's Llama 3.x checkpoints lay it out: rope_theta
+    at the top level and the scaling under rope_scaling (key "type": the name before "rope_type")."""
+    cfg = read_json(d / "config.json")
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {key: rope.pop("rope_type"), **rope}
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded3():
+    return Transformer.from_pretrained(str(FIXTURE3)).eval()
+
+
+def test_llama3_fixture_is_what_it_claims():
+    """llama3 rope_parameters whose rotary frequencies fall in all three bands (kept, interpolated,
+    divided by factor), GQA, and sequences longer than original_max_position_embeddings."""
+    cfg = read_json(FIXTURE3 / "config.json")
+    rope = cfg["rope_parameters"]
+    assert rope["rope_type"] == "llama3" and "rope_scaling" not in cfg  # the transformers 5 layout
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and cfg["tie_word_embeddings"] is True
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    wavelen = [2 * math.pi * rope["rope_theta"] ** (i / hd) for i in range(0, hd, 2)]
+    L = rope["original_max_position_embeddings"]
+    kept = [w for w in wavelen if w < L / rope["high_freq_factor"]]
+    divided = [w for w in wavelen if w > L / rope["low_freq_factor"]]
+    assert kept and divided and len(kept) + len(divided) < len(wavelen), wavelen
+    ids, mask, logits = expected(FIXTURE3)
+    assert ids.shape[1] > L and mask[0].all() and not mask[1].all()
+    assert logits.shape == (*ids.shape, cfg["vocab_size"])
+
+
+def test_llama3_config_mapping(loaded3):
+    rope = read_json(FIXTURE3 / "config.json")["rope_parameters"]
+    assert loaded3.cfg.rope_theta == rope["rope_theta"]
+    assert loaded3.cfg.rope_scaling == {k: rope[k] for k in LLAMA3_ROPE_KEYS}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["transformers5", "transformers4", "transformers4-type"])
+def test_llama3_logits_match_transformers(tmp_path, layout):
+    """Both config.json layouts load the scaling; logits match transformers', padded and not."""
+    d = FIXTURE3
+    if layout != "transformers5":
+        key = "type" if layout.endswith("-type") else "rope_type"
+        d = to_transformers4_layout(copy_fixture(tmp_path, FIXTURE3), key)
+    m = Transformer.from_pretrained(str(d)).eval()
+    ids, mask, want = expected(FIXTURE3)
+    real = mask.bool()
+    diff = (m(ids, attention_mask=mask)[real] - want[real]).abs().max().item()
+    assert diff < TOL, f"max abs logits difference vs transformers {diff:.3e}"
+    diff0 = (m(ids[:1]) - want[:1]).abs().max().item()
+    assert diff0 < TOL, f"unpadded row, no mask: max abs difference {diff0:.3e}"
+    m.cfg.rope_scaling = None  # the fixture tells scaled from plain RoPE
+    assert (m(ids[:1]) - want[:1]).abs().max().item() > 100 * TOL
+
+
+@torch.no_grad()
+def test_llama3_save_then_load_keeps_the_scaling(loaded3, tmp_path):
+    """save_pretrained writes the transformers 4 layout (rope_theta + rope_scaling llama3), which
+    Meta's Llama 3.x checkpoints use and transformers 5 reads too; reloading changes nothing."""
+    loaded3.save_pretrained(str(tmp_path))
+    out = read_json(tmp_path / "config.json")
+    rope = read_json(FIXTURE3 / "config.json")["rope_parameters"]
+    assert out["rope_theta"] == rope["rope_theta"] and "rope_parameters" not in out
+    assert out["rope_scaling"] == {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}}
+    again = Transformer.from_pretrained(str(tmp_path)).eval()
+    assert again.cfg == loaded3.cfg
+    ids, mask, want = expected(FIXTURE3)
+    assert torch.equal(again(ids, attention_mask=mask), loaded3(ids, attention_mask=mask))
+    real = mask.bool()
+    assert (again(ids, attention_mask=mask)[real] - want[real]).abs().max().item() < TOL
+
+
+def test_plain_rope_saves_no_scaling(loaded, tmp_path):
+    loaded.save_pretrained(str(tmp_path))
+    assert read_json(tmp_path / "config.json")["rope_scaling"] is None

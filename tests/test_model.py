@@ -1,6 +1,9 @@
+import math
+
+import pytest
 import torch
 
-from model import ModelConfig, Transformer, apply_rope, rope_cos_sin, sample_next
+from model import ModelConfig, Transformer, apply_rope, rope_cos_sin, rope_inv_freq, sample_next
 
 CFG = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
 
@@ -30,6 +33,79 @@ def test_rope_matches_complex_rotation_float64():
     angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     z = z * torch.polar(torch.ones_like(angle), angle)
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=1e-6, atol=1e-6)
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+def test_llama3_rope_scaling_by_hand_float64():
+    """Llama 3 RoPE scaling, written out per frequency as Meta's apply_scaling states it. head_dim 16,
+    theta 100: wavelengths 2*pi*100^(i/8) = 6.3 | 11.2, 19.9 | 35.3 .. 353 against L/4 = 8 and L/1 = 32."""
+    hd, theta, L = 16, 100.0, LLAMA3["original_max_position_embeddings"]
+    low, high, factor = LLAMA3["low_freq_factor"], LLAMA3["high_freq_factor"], LLAMA3["factor"]
+    want, bands = [], []
+    for i in range(0, hd, 2):
+        f = theta ** (-i / hd)
+        wavelen = 2 * math.pi / f
+        if wavelen < L / high:
+            bands.append("kept")
+            want.append(f)
+        elif wavelen > L / low:
+            bands.append("divided")
+            want.append(f / factor)
+        else:
+            s = (L / wavelen - low) / (high - low)
+            assert 0.05 < s < 0.95  # well inside the band, not a boundary case
+            bands.append("interpolated")
+            want.append((1 - s) * f / factor + s * f)
+    assert bands == ["kept"] + ["interpolated"] * 2 + ["divided"] * 5
+    got = rope_inv_freq(hd, theta, LLAMA3)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    plain = rope_inv_freq(hd, theta)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[3:], plain[3:] / factor)
+    # the angles rope_cos_sin uses are positions times the scaled frequencies
+    pos = torch.arange(50)[None]
+    cos, sin = rope_cos_sin(pos, hd, theta, LLAMA3)
+    angle = pos[0, :, None].double() * torch.tensor(want, dtype=torch.float64)
+    torch.testing.assert_close(cos[0, 0].double(), torch.cat([angle, angle], -1).cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin[0, 0].double(), torch.cat([angle, angle], -1).sin(), rtol=0, atol=1e-5)
+
+
+def test_llama3_rope_scaling_that_changes_nothing_is_plain_rope():
+    pos = torch.arange(200)[None]
+    plain = rope_cos_sin(pos, 16, 10000.0)
+    # factor 1: every band keeps its frequency (up to rounding of s*f + (1-s)*f)
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, {**LLAMA3, "factor": 1.0})
+    torch.testing.assert_close(cos, plain[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin, plain[1], rtol=0, atol=1e-5)
+    # a pretraining context so long that every wavelength is in the kept band: exactly plain RoPE
+    longest = 2 * math.pi * 10000.0 ** (14 / 16)
+    kept_all = {**LLAMA3, "original_max_position_embeddings": int(LLAMA3["high_freq_factor"] * longest) + 1}
+    assert torch.equal(rope_inv_freq(16, 10000.0, kept_all), rope_inv_freq(16, 10000.0))
+    m, m_scaled = tiny(), tiny(rope_scaling=kept_all)
+    x = torch.randint(0, 61, (2, 40))
+    assert torch.equal(m(x), m_scaled(x))
+    # ... while a scaling that moves some bands changes the angles, and so the logits
+    assert (rope_cos_sin(pos, 16, 10000.0, LLAMA3)[0] - plain[0]).abs().max() > 0.5
+    assert not torch.equal(tiny(rope_scaling=LLAMA3)(x), m(x))
+
+
+def test_llama3_cached_generation_equals_uncached():
+    m = tiny(rope_scaling={**LLAMA3, "original_max_position_embeddings": 8})
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12]]
+    assert m.generate(prompts, 20, eos_id=60, pad_id=0) == m.generate(prompts, 20, eos_id=60, pad_id=0, use_cache=False)
+
+
+@pytest.mark.parametrize("scaling", [
+    {**LLAMA3, "rope_type": "llama3"},  # only the four numbers
+    {k: v for k, v in LLAMA3.items() if k != "factor"},
+    {**LLAMA3, "low_freq_factor": 4.0},  # empty middle band
+    {**LLAMA3, "factor": 0.0},
+])
+def test_malformed_rope_scaling_is_refused(scaling):
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelConfig(rope_scaling=scaling)
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -106,14 +182,15 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_save_then_load_gives_identical_logits(tmp_path):
-    for tie in (True, False):
-        m = tiny(tie_embeddings=tie)
-        m.save_pretrained(tmp_path / str(tie))
-        back = Transformer.from_pretrained(tmp_path / str(tie)).eval()
+    for tie, scaling in ((True, None), (False, None), (True, LLAMA3)):
+        m = tiny(tie_embeddings=tie, rope_scaling=scaling)
+        d = tmp_path / f"tie{tie}-scaled{scaling is not None}"
+        m.save_pretrained(d)
+        back = Transformer.from_pretrained(d).eval()
         assert back.cfg == m.cfg
         x = torch.randint(0, 61, (2, 8))
         torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
-        assert not list((tmp_path / str(tie)).glob("*.tmp"))
+        assert not list(d.glob("*.tmp"))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
