@@ -245,6 +245,13 @@ def correct_response(problem, response):
     return (response, -1) if first < 0 else (corrected, first)
 
 
+def steps_correct(problem, response):
+    """Every step of the response states the reference's numbers and signs: correct_response finds
+    no error to fix. Stricter than is_correct, which a wrong chain can pass by a lucky last step."""
+    fixed = correct_response(problem, response)
+    return fixed is not None and fixed[1] < 0
+
+
 # -----------------------------------------------------------------------------
 # JSONL
 

@@ -146,10 +146,11 @@ def quarter_losses(out):
 def run_study(opts, args):
     run, device = opts.run, pick_device(args.device)
     root = os.path.join(run, "study", opts.tag)
-    for need in ("sft/stage.json", "sample/stage.json", "rewriter/stage.json"):
-        train.need(os.path.join(run, need), need.split("/")[0])
-    os.makedirs(root, exist_ok=True)
     arms = [a for a in ARMS if not opts.arms or a[0] in opts.arms]
+    forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
+    for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
+        train.need(os.path.join(run, stage, "stage.json"), stage)
+    os.makedirs(root, exist_ok=True)
     evaluate = Evaluator(run, opts.split, args.device, args.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
           f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)

@@ -47,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 import parallel
-from data import (DataError, Problem, Tokenizer, correct_response, is_correct, make_splits,
-                  prompt_text, read_jsonl, sft_example, train_task_tokenizer, write_jsonl, collate)
+from data import (DataError, Problem, Tokenizer, collate, correct_response, is_correct, make_splits, prompt_text,
+                  read_jsonl, sft_example, steps_correct, train_task_tokenizer, write_jsonl)
 from eval import ROWS, accuracy, evaluate_run, generate_ids, load_problems, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device, write_json
 
@@ -350,8 +350,8 @@ def stage_sft(args, run, device):
 # ----------------------------------------------------------------------------- Stage 0: sample
 
 def stage_sample(args, run, device):
-    """K responses per question at --temperature; correct = same final answer; duplicates dropped.
-    Pairs: every (correct, wrong) of a question, at most --max-pairs drawn with the seed.
+    """K responses per question at --temperature; correct = same final answer (the paper) and, with
+    --correct steps (the default), every step right too; duplicates dropped. Pairs: every (correct, wrong) of a question, at most --max-pairs drawn with the seed.
     Forgetting set: every wrong response. Val and test questions give held-out pairs.
     Each process samples its contiguous share of the questions with seed + rank; the token ids
     are gathered in question order."""
@@ -372,14 +372,16 @@ def stage_sample(args, run, device):
                            args.seed + parallel.rank())
         ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
         texts = [tok.decode(t) for t in ids]  # K per question, every question in order
-        pairs, forget, n_correct = [], [], 0
+        pairs, forget, n_correct, n_right = [], [], 0, 0
         for qi, (p, prompt) in enumerate(zip(problems, prompts)):
-            samples = list(dict.fromkeys(" " + t.strip() for t in texts[qi * args.k:(qi + 1) * args.k]))
-            good = [s for s in samples if is_correct(s, p.answer)]
+            drawn = [" " + t.strip() for t in texts[qi * args.k:(qi + 1) * args.k]]
+            right = [is_correct(s, p.answer) and (args.correct == "answer" or steps_correct(p, s)) for s in drawn]
+            n_correct += sum(is_correct(s, p.answer) for s in drawn)
+            n_right += sum(right)
+            good = list(dict.fromkeys(s for s, ok in zip(drawn, right) if ok))
+            bad = list(dict.fromkeys(s for s, ok in zip(drawn, right) if not ok))
             if not good and args.gold_chosen:  # not in the paper: the reference stands in as chosen
                 good = [" " + p.solution]
-            bad = [s for s in samples if not is_correct(s, p.answer)]
-            n_correct += sum(is_correct(t, p.answer) for t in texts[qi * args.k:(qi + 1) * args.k])
             combos = [(c, w) for c in good for w in bad]
             for c, w in rng.sample(combos, min(args.max_pairs, len(combos))):
                 pairs.append({"prompt": prompt, "chosen": c, "rejected": w})
@@ -390,9 +392,11 @@ def stage_sample(args, run, device):
             if split == "train":
                 write_jsonl(os.path.join(out, "forget.jsonl"), forget)
         stats[split] = {"questions": len(problems), "sample_accuracy": n_correct / max(1, len(texts)),
-                        "pairs": len(pairs), "wrong_responses": len(forget)}
-        print(f"sample {split}: {len(problems)} questions x {args.k}: sample accuracy "
-              f"{100 * stats[split]['sample_accuracy']:.1f}%, {len(pairs)} pairs, {len(forget)} wrong responses")
+                        "steps_correct": n_right / max(1, len(texts)), "pairs": len(pairs),
+                        "wrong_responses": len(forget)}
+        print(f"sample {split}: {len(problems)} questions x {args.k}: final answer right in "
+              f"{100 * stats[split]['sample_accuracy']:.1f}%, counted correct (--correct {args.correct}) "
+              f"{100 * stats[split]['steps_correct']:.1f}%; {len(pairs)} pairs, {len(forget)} wrong responses")
     return finish("sample", out, t0, device, **stats)
 
 
@@ -689,6 +693,10 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling p (default 1.0)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="max generated tokens (default 64)")
     g.add_argument("--max-pairs", type=int, default=5, help="pairs kept per question (default 5)")
+    g.add_argument("--correct", default="steps", choices=["steps", "answer"],
+                   help="a sample is correct when its final answer is right and (steps) every step is, or "
+                        "(answer) whatever its steps, as in the paper; at temperature 1 most right answers of the "
+                        "tiny model follow a wrong step (default steps)")
     g.add_argument("--gold-chosen", action="store_true",
                    help="questions with no correct sample pair the reference solution with the wrong ones")
     g.add_argument("--n-sample", type=int, default=1000, help="training questions to sample, 0 = all (default 1000)")

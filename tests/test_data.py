@@ -142,6 +142,14 @@ def test_correct_response(response, corrected, at):
     assert data.correct_response(REF, response) == (corrected, at)
 
 
+def test_steps_correct_is_stricter_than_the_final_answer():
+    right = " 14 + 7 = 21. 21 - 5 = 16. The answer is 16."
+    lucky = " 14 + 7 = 22. 22 - 5 = 15. The answer is 16."  # a wrong chain, the right last number
+    assert data.steps_correct(REF, right) and data.is_correct(right, "16")
+    assert data.is_correct(lucky, "16") and not data.steps_correct(REF, lucky)
+    assert not data.steps_correct(REF, " 14 + 7 = 21. The answer is 16.")  # a step missing: unparseable
+
+
 @pytest.mark.parametrize("response", [
     " 14 + 7 = 21. The answer is 21.",  # a step missing
     " 14 + 7 = 21. 21 - 5 = 16. 16 + 1 = 17. The answer is 17.",  # a step too many
