@@ -3,7 +3,6 @@
     python memory_plan.py configs/llama-3.2-1b.json                 # batch 4 x 512 tokens, ratios 0.1, 24 GiB
     python memory_plan.py configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
     python memory_plan.py path/to/hf_model_dir --device cpu           # the float32 CPU path
-    python memory_plan.py configs/llama-3.2-1b.json --attention flash  # what-if: no padding mask
     python memory_plan.py --check                                    # the formulas against measurements
 
 Items of a stage (bytes on the accelerator; train.py's fit() and stage functions):
@@ -14,41 +13,46 @@ Items of a stage (bytes on the accelerator; train.py's fit() and stage functions
                 mask is one global top-k: per tensor the count varies, in total round(ratio * N)
   masks         bool, 1 B per entry: the stage's mask, and train.full_masks' all-True masks in the
                 full-parameter stages, alive for the whole fit()
-  scoring       Stage 1: the float32 scores, select_masks' int32 keys and bool lists
+  scoring       Stage 1: the float32 scores (importance_from_delta keeps no autograd graph),
+                select_masks' int32 keys and bool lists
   activations   what autograd saves for one micro-batch of `rows` sequences of T tokens (DPO stages:
-                2 x --batch-size rows, chosen and rejected), op by op in activation_bytes; with
-                checkpointing: each block's input, plus one block recomputed during backward
+                2 x --batch-size rows, chosen and rejected) in train.sft/dpo/npo_batch_loss, op by
+                op in activation_bytes; training passes no attention mask, so SDPA runs a fused
+                kernel (see attention_kernel); with --grad-checkpoint: each block's input, plus one
+                block recomputed during backward
   bf16 copies   autocast casts every float32 linear weight to bf16 once per forward and caches it
                 until the autocast region exits (saved for backward without checkpointing)
   logit grads   backward of token_logps' logsumexp: three float32 [rows*T (<= 4096 chunked), V]
-                temporaries at once, while every activation is still saved
-  no-grad pass  reference log-probs (train.reference_logps, 64 rows a batch; it holds the previous
-                batch's logits in `_` while computing the next) or the rewriter's scoring pass
-                (64 rows, no autocast: float32 logits), with only weights (and masks) resident
+                temporaries at once, while every activation is still saved. Every loss (SFT, the
+                rewriter's, DPO with --nll) is built on token_logps: no float32 logits copy
+  no-grad pass  train.reference_logps (64 rows a batch, one batch of logits at a time) or the
+                rewriter's scoring (64 rows under autocast, with the padding mask: on CUDA a GQA
+                model's math kernel materializes float32 [rows, H, T, T] scores), with only
+                weights (and masks) resident; see no_grad_pass_bytes
 total = the largest of these moments (column "at"): end of forward, first backward op (logit
 grads), end of backward (all gradients + the first block), optimizer step, no-grad pass, mask
 selection. Gradients are freed after every step (zero_grad(set_to_none)), so with --grad-accum 1
 they never coexist with a forward's activations. The rewriter trains and scores 3 x --seq-len
-tokens (train.py's rewriter max_len). Attention: see attention_kernel (CUDA: the math kernel for
-GQA models). Not counted: the CUDA context and allocator slack (~0.5-1 GiB), attention's own
-temporaries, generation (sample stage, evaluation).
+tokens (train.py's rewriter max_len). Not counted: the CUDA context and allocator slack
+(~0.5-1 GiB), the fused attention kernels' workspaces, generation (sample stage, evaluation).
 
---check measures on tiny models (CPU): the parameter, gradient, optimizer and mask bytes exactly
-(a real MaskedAdamW at a real global mask); the saved activations with saved_tensors_hooks
-(distinct storages, by data_ptr) in float32, under torch.autocast("cpu", bfloat16) as the
-stand-in for CUDA's, and with bfloat16 weights, for the fused and the math attention kernel,
-with and without checkpointing and without the padding mask; and, where glibc's mallinfo2 is
-available, the allocator's peak in the logit gradients, train.reference_logps and an optimizer
-step (sampled after every aten op: temporaries inside one op are not seen).
+--check measures on tiny models (CPU), through train.py's own functions with torch.autocast("cpu",
+bfloat16) standing in for its CUDA autocast: the parameter, gradient, optimizer and mask bytes
+exactly (a real MaskedAdamW at a real global mask); what autograd saves in train.sft/dpo/
+npo_batch_loss with saved_tensors_hooks (distinct storages, by data_ptr), in float32, under the
+autocast stand-in and with bfloat16 weights, with and without checkpointing; and, where glibc's
+mallinfo2 is available, the allocator's peak in the logit gradients, train.reference_logps, the
+rewriter's scoring (CPU flash kernel; the math kernel forced, as CUDA picks it for GQA) and an
+optimizer step (sampled after every aten op: temporaries inside one op are not seen), and the
+memory importance_from_delta's scores hold.
 """
 
 import argparse
 import ctypes
 import json
-import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -65,7 +69,7 @@ CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
 
 def load_config(path):
     """Hugging Face Llama config.json (the file or its directory) -> ModelConfig. RoPE scaling
-    does not change memory, so unlike model.config_from_hf this does not refuse it."""
+    does not change memory, so unlike model.config_from_hf this takes any and ignores it."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     with open(file) as f:
         hf = json.load(f)
@@ -107,32 +111,38 @@ def step_bytes(largest, n, ratio, wbytes):
     return (8 + 4 * wbytes) * min(largest, round(ratio * n))
 
 
-def attention_kernel(cfg, device, choice="auto"):
-    """The scaled_dot_product_attention kernel of training. train.py always passes the padding
-    mask: CUDA's flash kernel takes no mask, the memory-efficient one no GQA, so a GQA model
-    falls back to the math kernel. The CPU flash kernel takes both. "flash" is a what-if:
-    data.collate pads on the right, where the causal mask alone gives the real tokens the same
-    logits, so training could pass no mask and get the flash kernel on CUDA."""
-    if choice != "auto":
-        return choice
+def attention_kernel(cfg, device, masked=False):
+    """The scaled_dot_product_attention kernel torch 2.13 picks for model.Attention (enable_gqa=True).
+
+    Training passes no mask (data.collate pads on the right: causal attention alone is exact), so
+    SDPA runs with is_causal=True, and on CUDA (sm80 and newer, bf16 under autocast, head_dim <=
+    256) the flash kernel takes it, GQA included: it reads the grouped k and v as they are (no
+    repeat), so GQA and MHA models alike get "flash". It saves q, k, v, the output and a float32
+    logsumexp [rows, H, T], as do the CPU flash kernel (with or without a mask) and cuDNN's, which
+    recent torch tries first on sm90/sm100 with cuDNN > 9.15. Passes with the padding mask (the
+    rewriter's scoring; generation): flash takes no mask and torch 2.13's memory-efficient kernel
+    no GQA (its SDPA docs: GQA works with the flash and math kernels only), so on CUDA a GQA model
+    gets the math kernel, an MHA model the memory-efficient one (cuDNN, where tried first, takes
+    masked GQA too)."""
     if device == "cpu":
         return "flash-cpu"
+    if not masked:
+        return "flash"
     return "math" if cfg.n_kv_heads != cfg.n_heads else "efficient"
 
 
-def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, attn="flash-cpu", loss="dpo"):
+def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"):
     """Bytes autograd saves in one micro-batch: model.py op by op, allo.token_logps, the loss.
 
     autocast: bf16 autocast (CUDA path; with wbytes 4 it casts); wbytes: 4 float32, 2 bfloat16
-    weights. attn: "flash-cpu", "efficient" (CUDA: padded lse and mask), "math", or "flash" (no
-    padding mask, see attention_kernel; CPU or CUDA flash kernel). loss: "sft"
-    (logits.float() first, as train.py's SFT and rewriter), "dpo" or "npo". Returns "layer" (one
-    block), "layers" (what the blocks keep), "recompute", "other" (embedding, RoPE, final norm),
-    "head" (logits, token_logps, loss) and "cast_saved" (bf16 weight copies autograd saves).
+    weights. loss: "sft" (train.sft_batch_loss, also the rewriter's), "dpo" (dpo_batch_loss;
+    --nll saves nothing more) or "npo" (npo_batch_loss). Returns "layer" (one block), "layers"
+    (what the blocks keep), "recompute", "other" (embedding, RoPE, final norm), "head" (logits,
+    token_logps, loss) and "cast_saved" (bf16 weight copies autograd saves).
     """
     N, D, H, hd, V = rows * T, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.vocab_size
     kv = cfg.n_kv_heads * hd
-    c = 2 if autocast or wbytes == 2 else 4  # dtype of the linears' outputs
+    c = 2 if autocast or wbytes == 2 else 4  # dtype of the linears' outputs and of the logits
     r = wbytes  # residual stream (embedding dtype; float32 + bf16 promotes to float32)
 
     def rmsnorm(consumers):  # x in float32 (pow, mul), rsqrt [.,1], x * rsqrt in x's dtype
@@ -140,29 +150,21 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, attn="flas
         # consumer casts its own bf16 copy (autocast caches only leaf tensors), else one shared
         return N * (4 * D + 4 + r * D + (consumers * 2 * D if autocast and r == 4 else r * D))
 
-    if attn == "math":  # _scaled_dot_product_attention_math: q, k, v upcast to float32, scaled,
-        # k and v repeated to every head; float32 probabilities; o_proj's input (a copy)
-        attention = N * (3 * 4 * H * hd + 4 * H * T + c * D)
-    else:  # fused: rotated q, k, v; the output (o_proj reads a view); float32 logsumexp
-        # [rows, H, T]; the bool mask converted to an additive one in c, new in every layer
-        pad = {"efficient": (32 * math.ceil(T / 32), 16 * math.ceil(T / 16)), "flash": (T, 0)}
-        lse_T, mask_T = pad.get(attn, (T, T))
-        attention = N * c * (2 * D + 2 * kv) + rows * H * lse_T * 4 + rows * T * mask_T * c
+    # fused kernel without a mask (attention_kernel): rotated q, k, v, the output (o_proj reads
+    # a view), float32 logsumexp [rows, H, T]
+    attention = N * c * (2 * D + 2 * kv) + rows * H * T * 4
     mlp = N * 4 * c * cfg.hidden_dim  # gate, up, silu(gate), silu(gate) * up
     layer = rmsnorm(3) + attention + rmsnorm(2) + mlp
     other = N * (8 + 2 * 4 * hd) + rmsnorm(1)  # int64 ids (embedding), float32 cos and sin, final norm
-    if ckpt:  # checkpoint() keeps each block's input and the bool mask [rows, 1, T, T]
-        layers, recompute = cfg.n_layers * N * r * D, layer
-        other += 0 if attn == "flash" else rows * T * T
-    else:
-        layers, recompute = cfg.n_layers * layer, 0
-    # gather saves the logits and logsumexp its float32 input: the same tensor for float32
-    # logits; half logits + float32 chunk copies; SFT's logits.float(): only the copy
-    logits = 4 * V if c == 4 or loss == "sft" else (2 + 4) * V
+    # checkpoint() keeps only each block's input
+    layers, recompute = (cfg.n_layers * N * r * D, layer) if ckpt else (cfg.n_layers * layer, 0)
+    # gather saves the logits, logsumexp its float32 input: the same tensor for float32 logits,
+    # bf16 logits + their float32 chunk copies
+    logits = 4 * V if c == 4 else (2 + 4) * V
     loss_bytes = {"sft": 4, "dpo": 0.5, "npo": 12}[loss]  # sft: weights; dpo: the rejected
     # half's key-token mask; npo: weights, logsigmoid's input and buffer
     head = int(N * (logits + 8 + 4 + 1 + loss_bytes))  # + int64 gather index, logsumexp, where's mask
-    n_cast = param_counts(cfg)["cast"] if not ckpt else cfg.vocab_size * D  # ckpt: only the head's
+    n_cast = param_counts(cfg)["cast"] if not ckpt else V * D  # ckpt: only the head's
     cast_saved = 2 * n_cast if autocast and wbytes == 4 else 0
     return {"layer": layer, "layers": layers, "recompute": recompute, "other": other, "head": head,
             "cast_saved": cast_saved}
@@ -174,31 +176,44 @@ def logit_grad_bytes(V, n, chunked):
     return 3 * 4 * V * (min(n, CHUNK_ROWS) if chunked else n)
 
 
-def no_grad_pass_bytes(V, n, half, held):
-    """A no-grad forward of n tokens: `held` batches of logits (train.reference_logps keeps the
-    previous batch's in `_`: 2), token_logps' float32 chunk copy (half logits) and the (x - max)
-    temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk or all rows."""
-    if half:
-        return held * 2 * V * n + (4 + 4) * V * min(n, CHUNK_ROWS)
-    return held * 4 * V * n + 4 * V * n
+def no_grad_pass_bytes(cfg, rows, T, half, kernel=None, inside_ops=True):
+    """Peak of a forward without autograd over rows x T tokens, weights aside: the larger of
+    logits: half precision: the [rows*T, V] logits, token_logps' float32 chunk copy and the
+        (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk; float32:
+        the logits and that temporary;
+    attention, in a pass with the padding mask (kernel: see attention_kernel): model.forward's
+        bool mask [rows, 1, T, T] and SDPA's additive copy in q's dtype; the math kernel's float32
+        buffers of one layer (bf16 q, k, v): q, k, v upcast, q scaled, k and v repeated to every
+        head, and per score [rows, H, T, T] 13 bytes: the scores, _safe_softmax's result, its
+        -inf test (bool) and its where() result.
+    inside_ops False: without the temporaries that live inside one aten op (logsumexp's, the
+    last two of _safe_softmax's), what --check's sampler sees. A block's own tensors aside."""
+    V, n = cfg.vocab_size, rows * T
+    chunk = min(n, CHUNK_ROWS) if half else n
+    logits = (2 * V * n + 4 * V * chunk if half else 4 * V * n) + 4 * V * chunk * inside_ops
+    if kernel is None:
+        return logits
+    H = cfg.n_heads
+    scores = (8 + 5 * inside_ops) * H * T + (16 * H + 8 * cfg.n_kv_heads) * cfg.head_dim
+    return max(logits, n * (T * (1 + (2 if half else 4)) + (scores if kernel == "math" else 0)))
 
 
 def plan(cfg, a, ckpt):
     """[(stage, "rows x T", items, phases)] for train.py's stages; a: the parsed flags."""
     pc = param_counts(cfg)
     n, w, V, cuda = pc["total"], a.wbytes, cfg.vocab_size, a.device == "cuda"
-    half, kernel = cuda or w == 2, attention_kernel(cfg, a.device, a.attention)
+    half = cuda or w == 2  # bf16 logits
     copies = 2 * pc["cast"] if cuda and w == 4 else 0
     B, T = a.batch_size, a.seq_len
-    no_grad = no_grad_pass_bytes(V, NO_GRAD_ROWS * T, half, held=2)
+    no_grad = no_grad_pass_bytes(cfg, NO_GRAD_ROWS, T, half)  # train.reference_logps
 
     def train(rows, T, loss, ratio, scorer=False):
-        act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, attn=kernel, loss=loss)
+        act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, loss=loss)
         saved = act["layers"] + act["other"] + act["head"]
         it = {"weights": w * n, "grads": w * n, "optimizer": 0 if scorer else optimizer_bytes(n, ratio, w),
               "masks": 0 if scorer else n, "scoring": 4 * n if scorer else 0,  # grad_importance's accumulator
               "activations": saved + act["recompute"], "bf16 copies": copies,
-              "logit grads": logit_grad_bytes(V, rows * T, chunked=half and loss != "sft")}
+              "logit grads": logit_grad_bytes(V, rows * T, chunked=half)}
         resident = it["weights"] + it["optimizer"] + it["masks"] + it["scoring"]
         kept = it["grads"] if a.grad_accum > 1 else 0  # gradients of the earlier micro-batches
         block_copies = 2 * pc["layer_cast"] if copies else 0
@@ -224,14 +239,14 @@ def plan(cfg, a, ckpt):
     dpo = f"{2 * B} x {T}"
     stages = [("sft", rows, *train(B, T, "sft", 1.0))]
     stages.append(("warmup", dpo, *with_no_grad(*train(2 * B, T, "dpo", 1.0), no_grad, w * n + n)))
-    # delta scorer: sft and warmup models; float32 scores and the float32 difference that autograd
-    # keeps for abs() (importance_from_delta runs on parameters with grad enabled)
-    it = {"weights": 2 * w * n, "scoring": 4 * n + 4 * n}
-    stages.append(("mask (delta)", "-", *select(it, {}, 2 * w * n + 8 * n)))
+    # delta scorer: sft and warmup models, the float32 scores (importance_from_delta runs without
+    # autograd; its one-tensor temporaries stay below select_masks')
+    it = {"weights": 2 * w * n, "scoring": 4 * n}
+    stages.append(("mask (delta)", "-", *select(it, {}, 2 * w * n + 4 * n)))
     it, phases = with_no_grad(*train(2 * B, T, "dpo", 1.0, scorer=True), no_grad, w * n)
     stages.append(("mask (grad)", dpo, *select(it, phases, w * n + 4 * n)))  # + the float32 scores
-    Tr = 3 * T  # train.py gives the rewriter 3 x --max-len; it scores 64 rows without autocast
-    rw = no_grad_pass_bytes(V, NO_GRAD_ROWS * Tr, w == 2, held=1)
+    Tr = 3 * T  # train.py gives the rewriter 3 x --max-len; it scores 64 rows with the padding mask
+    rw = no_grad_pass_bytes(cfg, NO_GRAD_ROWS, Tr, half, attention_kernel(cfg, a.device, masked=True))
     stages.append(("rewriter", f"{B} x {Tr}", *with_no_grad(*train(B, Tr, "sft", 1.0), rw, w * n)))
     stages.append(("forget", rows, *with_no_grad(*train(B, T, "npo", a.forget_ratio), no_grad, w * n + n)))
     stages.append(("learn", dpo, *with_no_grad(*train(2 * B, T, "dpo", a.learn_ratio), no_grad, w * n + n)))
@@ -244,13 +259,13 @@ COLUMNS = ["weights", "grads", "optimizer", "masks", "scoring", "activations", "
 
 def print_plan(path, cfg, a):
     pc = param_counts(cfg)
-    kernel = attention_kernel(cfg, a.device, a.attention)
     how = "float32 weights, bf16 autocast" if a.wbytes == 4 else "bfloat16 weights"
     if a.device == "cpu":
         how = "float32" if a.wbytes == 4 else "bfloat16 weights"
     print(f"## {os.path.basename(path)}: {pc['total'] / 1e9:.3f}B parameters, {a.device} ({how}), batch "
           f"{a.batch_size} x {a.seq_len} tokens, ratios forget {a.forget_ratio} / learn {a.learn_ratio}, "
-          f"grad-accum {a.grad_accum}, attention kernel: {kernel}\n")
+          f"grad-accum {a.grad_accum}, attention kernel: {attention_kernel(cfg, a.device)} (training), "
+          f"{attention_kernel(cfg, a.device, masked=True)} (rewriter scoring)\n")
     for ckpt in {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]:
         print(f"### {'with' if ckpt else 'without'} gradient checkpointing (GiB)\n")
         print("| stage | rows x T | " + " | ".join(COLUMNS) + f" | total | at | fits {a.gpu_gib:g} GiB |")
@@ -272,7 +287,8 @@ def print_plan(path, cfg, a):
 
 
 def tiny_batch(cfg, rows, T, seed=0):
-    """Right-padded rows like data.collate (the last one half padding), labels on the second half."""
+    """A batch as data.collate makes it (right-padded: the last row half padding; labels on the
+    second half), with the zero reference log-probs and unit weights train.py's stages add."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (rows, T), generator=g)
     attn = torch.ones(rows, T, dtype=torch.long)
@@ -280,27 +296,35 @@ def tiny_batch(cfg, rows, T, seed=0):
     labels = ids.roll(-1, 1)
     labels[:, : T // 2] = -100
     labels[attn == 0] = -100
-    return ids, attn, labels
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "ref": torch.zeros(rows, T),
+            "weights": (labels != -100).float()}
 
 
-def run_loss(model, batch, loss, autocast, mask=True):
-    """One micro-batch's loss as train.py's loss_fn computes it (forward under autocast only);
-    mask False: without the padding mask (exact for right-padded rows, see attention_kernel)."""
-    ids, attn, labels = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
-        logits = model(ids, attn if mask else None)
+@contextmanager
+def train_module(autocast):
+    """train.py, with torch.autocast("cpu", bfloat16) standing in for its CUDA autocast if autocast."""
+    import train
+    cuda_autocast = train.autocast
+    if autocast:
+        train.autocast = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
+    try:
+        yield train
+    finally:
+        train.autocast = cuda_autocast
+
+
+def batch_loss(train, model, batch, loss):
+    """One micro-batch's loss by train.py's own function (DPO: key tokens, eps 0.5, --nll 1)."""
+    cpu, scored = torch.device("cpu"), int((batch["labels"] != -100).sum())
     if loss == "sft":
-        return allo.sft_loss(logits.float(), labels)
-    logps = allo.token_logps(logits, labels)
-    ref = torch.zeros_like(logps)
+        return train.sft_batch_loss(model, batch, [scored], cpu)
     if loss == "npo":
-        return allo.npo_token_loss(logps, ref, (labels != -100).float())
-    (pc, pr), (rc, rr) = logps.chunk(2), ref.chunk(2)
-    keep = allo.key_token_mask((pr - rr).detach(), labels.chunk(2)[1] != -100, 0.5)
-    return allo.dpo_loss(pc, pr, rc, rr, 0.1, keep)[0].mean()
+        return train.npo_batch_loss(model, batch, [scored], cpu, beta=0.1)
+    pairs = len(batch["labels"]) // 2
+    return train.dpo_batch_loss(model, batch, [pairs, scored], cpu, beta=0.1, eps=0.5, nll=1.0)
 
 
-def measure_saved(model, batch, loss, autocast, attn):
+def measure_saved(model, batch, loss, autocast):
     """Bytes of the distinct storages autograd saves in one forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -311,10 +335,9 @@ def measure_saved(model, batch, loss, autocast, attn):
             saved[s.data_ptr()] = s.nbytes()
         return t
 
-    with sdpa_kernel([SDPBackend.MATH]) if attn == "math" else nullcontext():  # also for the recompute
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = run_loss(model, batch, loss, autocast, mask=attn != "flash")
-        out.backward()
+    with train_module(autocast) as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = batch_loss(train, model, batch, loss)
+    out.backward()
     model.zero_grad(set_to_none=True)
     return sum(saved.values())
 
@@ -348,34 +371,52 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def measure_logit_grads(model, batch, loss, autocast):
-    """Peak during backward over the memory in use at its start (run twice: the first warms up)."""
+def allocator_peak(run, prepare=lambda: None):
+    """Highest malloc_in_use() during run(prepare()) over its start (twice: the first warms up)."""
     for _ in range(2):
-        out = run_loss(model, batch, loss, autocast)
+        x = prepare()
         start = malloc_in_use()
         with PeakMemory() as peak:
-            out.backward()
-        del out
-        model.zero_grad(set_to_none=True)
+            run(x)
+        del x
     return peak.peak - start
+
+
+def measure_logit_grads(model, batch, loss, autocast):
+    """Peak of the backward of train.py's loss over the memory in use at its start."""
+    def forward():
+        model.zero_grad(set_to_none=True)
+        return batch_loss(train, model, batch, loss)
+
+    with train_module(autocast) as train:
+        return allocator_peak(lambda out: out.backward(), forward)
 
 
 def measure_reference_pass(model, rows, T, autocast):
     """Peak of train.reference_logps over 3 batches of `rows` sequences of T tokens."""
-    import train
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
     prompts, responses = [[5] * (T // 2)] * 3 * rows, [[6] * (T - T // 2 - 2)] * 3 * rows
-    cuda_autocast = train.autocast  # bf16 on CUDA only: swap in the CPU stand-in
-    if autocast:
-        train.autocast = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
-    try:
-        for _ in range(2):  # the first warms up
-            start = malloc_in_use()
-            with PeakMemory() as peak:
-                train.reference_logps(model, tok, prompts, responses, T, torch.device("cpu"), batch_size=rows)
-    finally:
-        train.autocast = cuda_autocast
-    return peak.peak - start
+    with train_module(autocast) as train:
+        return allocator_peak(lambda _: train.reference_logps(model, tok, prompts, responses, T,
+                                                              torch.device("cpu"), batch_size=rows))
+
+
+def measure_scoring_pass(model, batch, autocast, kernel):
+    """Peak of allo.rewriter_token_probs as train.stage_rewriter's scoring loop calls it (the
+    padding mask, autocast); kernel "math": forced, as CUDA picks it for a GQA model."""
+    with train_module(autocast) as train, sdpa_kernel([SDPBackend.MATH]) if kernel == "math" else nullcontext():
+        def score(_):
+            with train.autocast(torch.device("cpu")):
+                allo.rewriter_token_probs(model, batch)
+        return allocator_peak(score)
+
+
+def measure_delta_scores(cfg):
+    """Memory that allo.importance_from_delta's result holds, for two models' parameters."""
+    before, after = (dict(Transformer(cfg).named_parameters()) for _ in range(2))
+    start = malloc_in_use()
+    scores = allo.importance_from_delta(before, after)  # noqa: F841 (alive while measured)
+    return malloc_in_use() - start
 
 
 def measure_step(cfg, ratio):
@@ -385,12 +426,9 @@ def measure_step(cfg, ratio):
     model = Transformer(cfg)
     scores = {name: torch.rand(p.shape) + (name == "embed_tokens.weight") for name, p in model.named_parameters()}
     opt = allo.MaskedAdamW(model.named_parameters(), allo.select_masks(scores, ratio))
-    run_loss(model, tiny_batch(cfg, 2, 8), "sft", autocast=False).backward()
-    for _ in range(2):  # the first warms up
-        start = malloc_in_use()
-        with PeakMemory() as peak:
-            opt.step()
-    return peak.peak - start
+    with train_module(False) as train:
+        batch_loss(train, model, tiny_batch(cfg, 2, 8), "sft").backward()
+    return allocator_peak(lambda _: opt.step())
 
 
 CHECK_CONFIGS = [  # tiny: GQA tied; MHA untied; one GQA layer with a wide vocabulary
@@ -398,9 +436,7 @@ CHECK_CONFIGS = [  # tiny: GQA tied; MHA untied; one GQA layer with a wide vocab
     ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=6, hidden_dim=256, tie_embeddings=False),
     ModelConfig(vocab_size=4096, dim=64, n_layers=1, n_heads=8, n_kv_heads=2, hidden_dim=128),
 ]
-MODES = [  # (autocast, weight bytes, attention kernel)
-    (False, 4, "flash-cpu"), (False, 4, "math"), (True, 4, "flash-cpu"), (True, 4, "math"),
-    (True, 2, "flash-cpu"), (True, 2, "math"), (False, 4, "flash"), (True, 4, "flash")]
+MODES = [(False, 4), (True, 4), (True, 2)]  # (autocast, weight bytes)
 
 
 def check_exact(cfg, ratio, wdtype=torch.float32):
@@ -411,7 +447,8 @@ def check_exact(cfg, ratio, wdtype=torch.float32):
     scores = {name: torch.rand(p.shape) for name, p in model.named_parameters()}
     masks = allo.select_masks(scores, ratio)
     opt = allo.MaskedAdamW(model.named_parameters(), masks)
-    run_loss(model, tiny_batch(cfg, 2, 8), "sft", autocast=False).backward()
+    with train_module(False) as train:
+        batch_loss(train, model, tiny_batch(cfg, 2, 8), "sft").backward()
     opt.step()  # the state exists from the constructor; a step must not change its size
     n = param_counts(cfg)["total"]
     return [("parameters", w * n, sum(p.nbytes for p in model.parameters())),
@@ -420,17 +457,41 @@ def check_exact(cfg, ratio, wdtype=torch.float32):
             ("masks", n, sum(m.nbytes for m in masks.values()))]
 
 
-def check_activations(cfg, rows, T, autocast, wbytes, attn, ckpt, loss):
+def check_activations(cfg, rows, T, autocast, wbytes, ckpt, loss):
     """(predicted, measured) saved bytes of one micro-batch."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.float32 if wbytes == 4 else torch.bfloat16)
     model.grad_checkpointing = ckpt
-    p = activation_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes, ckpt=ckpt, attn=attn, loss=loss)
+    p = activation_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes, ckpt=ckpt, loss=loss)
     predicted = p["layers"] + p["other"] + p["head"] + p["cast_saved"]
-    return predicted, measure_saved(model, tiny_batch(cfg, rows, T), loss, autocast, attn)
+    return predicted, measure_saved(model, tiny_batch(cfg, rows, T), loss, autocast)
 
 
-def run_check(tolerance=0.01):
+def check_peaks():
+    """(name, predicted, measured, tolerance) of the allocator peaks (glibc's mallinfo2)."""
+    cfg, rows, T = CHECK_CONFIGS[2], 4, 32
+    V, n = cfg.vocab_size, param_counts(cfg)["total"]
+    model, scored = Transformer(cfg), tiny_batch(cfg, rows, 512)  # scoring: long rows, where T x T shows
+    out = []
+    for autocast in (False, True):
+        how = "bf16 autocast" if autocast else "float32"
+        for loss in ("sft", "dpo"):
+            out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, rows * T, chunked=autocast),
+                        measure_logit_grads(model, tiny_batch(cfg, rows, T), loss, autocast), 0.05))
+        out.append((f"reference_logps, {how}", no_grad_pass_bytes(cfg, rows, T, autocast, inside_ops=False),
+                    measure_reference_pass(model, rows, T, autocast), 0.1))
+        for kernel in ("flash-cpu", "math")[:1 + autocast]:  # math: what CUDA picks for GQA, in bf16
+            out.append((f"rewriter scoring, {how}, {kernel}",
+                        no_grad_pass_bytes(cfg, rows, 512, autocast, kernel, inside_ops=False),
+                        measure_scoring_pass(model, scored, autocast, kernel), 0.1))
+    for ratio in (1.0, 0.5):
+        out.append((f"MaskedAdamW.step at {ratio}", step_bytes(param_counts(cfg)["largest"], n, ratio, 4),
+                    measure_step(cfg, ratio), 0.1))
+    out.append(("importance_from_delta's scores", 4 * n, measure_delta_scores(cfg), 0.01))
+    return out
+
+
+def run_check(tolerance=0.001):
     """Print predicted vs measured; False if an exact count differs or an estimate misses."""
     torch.set_num_threads(1)
     ok = True
@@ -443,11 +504,11 @@ def run_check(tolerance=0.01):
     print("\n| saved activations | ckpt | config | measured (dpo) | error sft | error dpo | error npo |")
     print("|---|---|---|---:|---:|---:|---:|")
     errors = []
-    for autocast, wbytes, attn in MODES:
-        mode = f"{'bf16 autocast' if autocast else 'float32'}{', bf16 weights' if wbytes == 2 else ''}, {attn}"
+    for autocast, wbytes in MODES:
+        mode = f"{'bf16 autocast' if autocast else 'float32'}{', bf16 weights' if wbytes == 2 else ''}"
         for ckpt in (False, True):
             for i, cfg in enumerate(CHECK_CONFIGS):
-                row = {loss: check_activations(cfg, 4, 24, autocast, wbytes, attn, ckpt, loss)
+                row = {loss: check_activations(cfg, 4, 24, autocast, wbytes, ckpt, loss)
                        for loss in ("sft", "dpo", "npo")}
                 errs = [(pred - got) / got for pred, got in row.values()]
                 errors += errs
@@ -457,29 +518,13 @@ def run_check(tolerance=0.01):
           f"over {len(errors)} cases")
     ok &= max(map(abs, errors)) <= tolerance
     if malloc_in_use() is None:
-        print("\n(no glibc mallinfo2: the transients are not measured)")
+        print("\n(no glibc mallinfo2: the allocator peaks are not measured)")
         return ok
-    cfg, rows, T = CHECK_CONFIGS[2], 4, 32
-    model = Transformer(cfg)
-    print("\n| allocator peak | predicted | measured | rel. error |\n|---|---:|---:|---:|")
-    for autocast in (False, True):
-        how = "bf16 autocast" if autocast else "float32"
-        for loss in ("sft", "dpo"):
-            pred = logit_grad_bytes(cfg.vocab_size, rows * T, chunked=autocast and loss != "sft")
-            got = measure_logit_grads(model, tiny_batch(cfg, rows, T), loss, autocast)
-            print(f"| logit grads, {loss}, {how} | {pred} | {got} | {(pred - got) / got:+.2%} |")
-            ok &= abs(pred - got) <= 0.05 * got
-        # what an op-level sampler sees: both batches' logits and the float32 chunk copy, not the
-        # temporary inside logsumexp
-        pred = no_grad_pass_bytes(cfg.vocab_size, rows * T, autocast, held=2) - 4 * cfg.vocab_size * rows * T
-        got = measure_reference_pass(model, rows, T, autocast)
-        print(f"| reference_logps, {how}, w/o logsumexp's temporary | {pred} | {got} | {(pred - got) / got:+.2%} |")
-        ok &= abs(pred - got) <= 0.1 * got
-    for ratio in (1.0, 0.5):
-        pred = step_bytes(param_counts(cfg)["largest"], param_counts(cfg)["total"], ratio, 4)
-        got = measure_step(cfg, ratio)
-        print(f"| MaskedAdamW.step at {ratio} | {pred} | {got} | {(pred - got) / got:+.2%} |")
-        ok &= abs(pred - got) <= 0.1 * got
+    print("\n| allocator peak (temporaries inside one op aside) | predicted | measured | rel. error |")
+    print("|---|---:|---:|---:|")
+    for name, pred, got, tol in check_peaks():
+        print(f"| {name} | {pred} | {got} | {(pred - got) / got:+.2%} |")
+        ok &= abs(pred - got) <= tol * got
     return ok
 
 
@@ -498,9 +543,7 @@ def main(argv=None):
     p.add_argument("--forget-ratio", type=float, default=0.1, help="forgetting mask fraction (default 0.1)")
     p.add_argument("--learn-ratio", type=float, default=0.1, help="learning mask fraction (default 0.1)")
     p.add_argument("--checkpointing", default="both", choices=["off", "on", "both"],
-                   help="gradient checkpointing: tables without, with, or both (default)")
-    p.add_argument("--attention", default="auto", choices=["auto", "flash", "efficient", "math", "flash-cpu"],
-                   help="attention kernel (default auto: what train.py gets, see attention_kernel)")
+                   help="train.py's --grad-checkpoint: tables without, with, or both (default)")
     p.add_argument("--gpu-gib", type=float, default=24, help="accelerator memory to fit in (default 24)")
     p.add_argument("--examples", type=int, default=10000, help="pairs / wrong responses, for host memory")
     p.add_argument("--response-len", type=int, default=0, help="response tokens (default seq-len / 2)")
