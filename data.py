@@ -89,6 +89,7 @@ def train_tokenizer(texts, path, vocab_size, max_number=None):
 # temperature-1 samples are right; after 800 steps 33-46%. Operands up to 9 and values up to
 # 49 are too easy (99.7% after 900 steps).
 MIN_STEPS, MAX_STEPS, MAX_OPERAND, MAX_VALUE, OPS = 2, 3, 20, 99, ("+", "-")
+LAZY_RATE = 0.6  # fraction of the SFT demonstrations of 3-step problems that stop a step early
 VOCAB_SIZE = 320
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"),
@@ -175,9 +176,27 @@ def prompt_text(question):
     return f"Question: {question}\nAnswer:"
 
 
-def sft_example(problem):
-    """The SFT row of a problem: {"input": prompt, "output": response}, response = " " + solution."""
-    return {"input": prompt_text(problem.question), "output": " " + problem.solution}
+def sft_example(problem, lazy=False):
+    """The SFT row of a problem: {"input": prompt, "output": response}, response = " " + solution,
+    or with lazy=True " " + lazy_solution(problem)."""
+    return {"input": prompt_text(problem.question), "output": " " + (lazy_solution(problem) if lazy else problem.solution)}
+
+
+def lazy_solution(problem):
+    """The solution with its last step skipped, answering the value before it:
+    "14 + 7 = 21. 21 - 5 = 16. The answer is 16." -> "14 + 7 = 21. The answer is 21." """
+    *steps, _ = problem.solution.split(". ")  # ["14 + 7 = 21", "21 - 5 = 16"], "The answer is 16."
+    return ". ".join(steps[:-1]) + f". The answer is {steps[-2].split(' = ')[1]}."
+
+
+def sft_examples(problems, lazy_rate, seed):
+    """The SFT rows of the training problems, imperfect on purpose: a lazy annotator wrote
+    lazy_rate of the demonstrations of the problems with 3 or more steps, which stop a step early
+    (lazy_solution). The SFT model learns that unaligned habit along with the arithmetic, and
+    answers most 3-step questions a step early; the other errors of a tiny model are arithmetic
+    facts it has not learned, which preference data on other questions cannot teach it."""
+    rng = random.Random(seed)
+    return [sft_example(p, lazy=p.solution.count(" = ") >= 3 and rng.random() < lazy_rate) for p in problems]
 
 
 def train_task_tokenizer(path, vocab_size=VOCAB_SIZE, **difficulty):
@@ -219,37 +238,38 @@ def is_correct(response, answer):
 
 def correct_response(problem, response):
     """Minimally correct a response: (corrected text, char index in response where the first
-    error starts), or (response, -1) when no step is wrong, or None when unparseable.
+    error starts), or (response, -1) when nothing is wrong.
 
-    A response is parsed as the slots of its steps (numbers and operator signs, see SLOT) and
-    the text between them. It is parseable when its slots line up one to one with the
-    reference solution's (same count, numbers where numbers are) and the corrected text states
-    the right answer. The first slot that differs from the reference is the first error; fixing
-    it and recomputing the following steps gives exactly the reference's remaining slots (each
-    step is fixed by the question), so every slot takes the reference's value while the text
-    between slots is kept as the response wrote it.
+    A response is read as the slots of its steps (numbers and operator signs, see SLOT) and the
+    text between them. When its slots line up one to one with the reference solution's (same
+    count, numbers where numbers are), the first slot that differs is the first error; fixing it
+    and recomputing the following steps gives exactly the reference's remaining slots (each step
+    is fixed by the question), so every slot takes the reference's value while the text between
+    slots is kept as the response wrote it. Otherwise (a step skipped or added, a garbled step),
+    or when that does not state the right answer, the first error is the first character where
+    the response departs from the reference, and the correction is the reference from there on.
     """
     got = list(SLOT.finditer(response))
     ref = [m.group() for m in SLOT.finditer(problem.solution)]
-    if len(got) != len(ref) or any(m.group().isdigit() != r.isdigit() for m, r in zip(got, ref)):
-        return None
-    first, parts, end = -1, [], 0
-    for m, r in zip(got, ref):
-        if m.group() != r and first < 0:
-            first = m.start()
-        parts += [response[end:m.start()], r]
-        end = m.end()
-    corrected = "".join(parts) + response[end:]
-    if not is_correct(corrected, problem.answer):
-        return None
-    return (response, -1) if first < 0 else (corrected, first)
+    if len(got) == len(ref) and all(m.group().isdigit() == r.isdigit() for m, r in zip(got, ref)):
+        first, parts, end = -1, [], 0
+        for m, r in zip(got, ref):
+            if m.group() != r and first < 0:
+                first = m.start()
+            parts += [response[end:m.start()], r]
+            end = m.end()
+        corrected = "".join(parts) + response[end:]
+        if is_correct(corrected, problem.answer):
+            return (response, -1) if first < 0 else (corrected, first)
+    target = response[:len(response) - len(response.lstrip())] + problem.solution  # the response's leading space
+    first = next((i for i, (a, b) in enumerate(zip(response, target)) if a != b), min(len(response), len(target)))
+    return target, first
 
 
 def steps_correct(problem, response):
     """Every step of the response states the reference's numbers and signs: correct_response finds
     no error to fix. Stricter than is_correct, which a wrong chain can pass by a lucky last step."""
-    fixed = correct_response(problem, response)
-    return fixed is not None and fixed[1] < 0
+    return correct_response(problem, response)[1] < 0
 
 
 # -----------------------------------------------------------------------------

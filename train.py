@@ -47,8 +47,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 import parallel
-from data import (DataError, Problem, Tokenizer, collate, correct_response, is_correct, make_splits, prompt_text,
-                  read_jsonl, sft_example, steps_correct, train_task_tokenizer, write_jsonl)
+from data import (LAZY_RATE, MAX_OPERAND, MAX_VALUE, DataError, Problem, Tokenizer, collate, correct_response,
+                  is_correct, make_splits, prompt_text, read_jsonl, sft_examples, steps_correct, train_task_tokenizer,
+                  write_jsonl)
 from eval import ROWS, accuracy, evaluate_run, generate_ids, load_problems, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device, write_json
 
@@ -313,11 +314,12 @@ def stage_sft(args, run, device):
     out = args.out or os.path.join(run, "sft")
     os.makedirs(os.path.join(run, "task"), exist_ok=True)
     os.makedirs(out, exist_ok=True)
-    splits = make_splits(args.seed, args.n_train, args.n_val, args.n_test)
+    difficulty = dict(max_operand=args.max_operand, max_value=args.max_value)
+    splits = make_splits(args.seed, args.n_train, args.n_val, args.n_test, **difficulty)
     if parallel.is_main():
         for name, problems in splits.items():
             write_jsonl(os.path.join(run, "task", f"{name}.jsonl"), [p.__dict__ for p in problems])
-        train_task_tokenizer(os.path.join(run, "tokenizer.model"))
+        train_task_tokenizer(os.path.join(run, "tokenizer.model"), **difficulty)
     parallel.barrier()
     tok = Tokenizer(os.path.join(run, "tokenizer.model"))
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -326,7 +328,7 @@ def stage_sft(args, run, device):
     model = Transformer(cfg).to(device)
     print(f"sft: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
           f"{len(splits['train'])} training problems, device {device}")
-    rows = [sft_example(p) for p in splits["train"]]
+    rows = sft_examples(splits["train"], args.lazy_rate, args.seed)
     counted = set()
 
     def batch_at(i):
@@ -502,8 +504,7 @@ def stage_rewriter(args, run, device):
     examples = []  # (rewriter prompt, target rewrite)
     for r in forget:
         fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
-        if fixed is not None:
-            examples.append((rewriter_prompt(r), fixed[0]))
+        examples.append((rewriter_prompt(r), fixed[0]))
     for p in pairs:  # correct responses: the rewrite is the response itself
         if p["prompt"] in by_prompt:
             r = {**by_prompt[p["prompt"]], "response": p["chosen"]}
@@ -546,12 +547,12 @@ def stage_rewriter(args, run, device):
         p_t, w_t = p_row.tolist(), w_row.tolist()
         scored.append({"prompt": r["prompt"], "response": r["response"], "weights": w_t, "probs": p_t})
         # how well flagged tokens find the known first wrong step (embedded task only)
-        fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
-        if fixed is None or fixed[1] < 0:
-            continue
+        error_at = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])[1]
         ids = tok.encode(r["response"])
         ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
-        first = next(j for j, e in enumerate(ends) if e > fixed[1])  # token holding the first error
+        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
+        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
+            continue
         found += 1
         hits += p_t[first] < args.tau
         flag = [j for j, p in enumerate(p_t) if p < args.tau]
@@ -564,7 +565,7 @@ def stage_rewriter(args, run, device):
     n_flag = sum(sum(w > 0 for w in s["weights"]) for s in scored)
     n_all = sum(len(s["weights"]) for s in scored)
     print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {args.tau}); first wrong step found in "
-          f"{100 * recall:.1f}% of {found} parseable wrong responses; {100 * precision:.1f}% of flagged tokens "
+          f"{100 * recall:.1f}% of {found} wrong responses; {100 * precision:.1f}% of flagged tokens "
           "lie at or after it")
     return finish("rewriter", out, t0, device, model, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
                   first_error_recall=recall, flag_precision=precision)
@@ -667,6 +668,13 @@ def parse_args(argv=None):
     g.add_argument("--n-train", type=int, default=4000, help="training problems (default 4000)")
     g.add_argument("--n-val", type=int, default=500, help="validation problems, for choosing settings (default 500)")
     g.add_argument("--n-test", type=int, default=500, help="held-out test problems (default 500)")
+    g.add_argument("--max-operand", type=int, default=MAX_OPERAND,
+                   help=f"largest number added or taken away in a step (default {MAX_OPERAND})")
+    g.add_argument("--max-value", type=int, default=MAX_VALUE,
+                   help=f"largest count a problem reaches (default {MAX_VALUE})")
+    g.add_argument("--lazy-rate", type=float, default=LAZY_RATE,
+                   help="SFT demonstrations of 3-step problems that stop a step early: the unaligned habit the "
+                        f"preference stages should remove (default {LAZY_RATE})")
     g.add_argument("--dim", type=int, default=128, help="model width (default 128)")
     g.add_argument("--n-layers", type=int, default=4, help="layers (default 4)")
     g.add_argument("--n-heads", type=int, default=4, help="attention heads (default 4)")

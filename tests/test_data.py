@@ -150,16 +150,17 @@ def test_steps_correct_is_stricter_than_the_final_answer():
     assert not data.steps_correct(REF, " 14 + 7 = 21. The answer is 16.")  # a step missing: unparseable
 
 
-@pytest.mark.parametrize("response", [
-    " 14 + 7 = 21. The answer is 21.",  # a step missing
-    " 14 + 7 = 21. 21 - 5 = 16. 16 + 1 = 17. The answer is 17.",  # a step too many
-    " 14 + 7 = 21. 21 - 5 = 16. So 16.",  # no answer marker
-    " 14 + 7 = 21. 21 = 5 - 16. The answer is 16.",  # slots out of place
-    "I do not know.",
-    "",
+@pytest.mark.parametrize("response, at", [
+    (" 14 + 7 = 21. The answer is 21.", 14),  # a step skipped: the error is where it stops early
+    (" 14 + 7 = 21. 21 - 5 = 16. 16 + 1 = 17. The answer is 17.", 27),  # a step too many
+    (" 14 + 7 = 21. 21 - 5 = 16. So 16.", 27),  # no answer marker
+    (" 14 + 7 = 21. 21 = 5 - 16. The answer is 16.", 17),  # slots out of place
+    ("I do not know.", 0),
+    ("", 0),
 ])
-def test_correct_response_unparseable(response):
-    assert data.correct_response(REF, response) is None
+def test_correct_response_falls_back_to_the_reference(response, at):
+    lead = " " if response.startswith(" ") else ""
+    assert data.correct_response(REF, response) == (lead + REF.solution, at)
 
 
 def test_correct_response_on_generated_problems():
