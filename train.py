@@ -710,7 +710,8 @@ def parse_args(argv=None):
     g.add_argument("--n-sample", type=int, default=1000, help="training questions to sample, 0 = all (default 1000)")
     g = p.add_argument_group("ALLO")
     g.add_argument("--beta", type=float, default=0.1, help="beta of DPO and NPO (default 0.1)")
-    g.add_argument("--dpo-lr", type=float, default=3e-7, help="warmup (vanilla DPO) learning rate (default 3e-7)")
+    g.add_argument("--dpo-lr", type=float, default=1e-5,
+                   help="warmup (vanilla DPO, every parameter) learning rate (default 1e-5)")
     g.add_argument("--dpo-steps", type=int, default=100, help="DPO steps of warmup AND learn: equal budgets (default 100)")
     g.add_argument("--nll", type=float, default=0.0, help="weight of an NLL term on chosen (RPO-style; default 0)")
     g.add_argument("--scorer", default="delta", choices=["delta", "grad"],
@@ -726,9 +727,10 @@ def parse_args(argv=None):
     g.add_argument("--tau", type=float, default=0.5, help="unaligned token: rewriter p_t < tau (default 0.5)")
     g.add_argument("--weights-mode", default="hard", choices=["hard", "soft"], help="1[p<tau] or 1-p (default hard)")
     g.add_argument("--all-tokens", action="store_true", help="forget: every response token, ignore weights")
-    g.add_argument("--forget-lr", type=float, default=1e-5, help="forgetting learning rate (default 1e-5)")
+    g.add_argument("--forget-lr", type=float, default=3e-5, help="forgetting learning rate (default 3e-5)")
     g.add_argument("--forget-steps", type=int, default=50, help="forgetting steps (default 50)")
-    g.add_argument("--learn-lr", type=float, default=1e-6, help="learning-stage learning rate (default 1e-6)")
+    g.add_argument("--learn-lr", type=float, default=3e-5,
+                   help="learning-stage learning rate, under the learning mask (default 3e-5)")
     g.add_argument("--eps", type=float, default=0.5, help="key tokens: fraction of rejected tokens kept (default 0.5)")
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
