@@ -264,13 +264,15 @@ def rewriter_token_probs(rewriter, batch):
     solution, wrong response y, y_<t), teacher-forced on the wrong response y itself; high where
     the rewriter would keep y_t, low where it would edit it.
 
-    batch: collated dict (input_ids, attention_mask, pre-shifted labels) with the rewriter
-    prompt as prompt and the wrong response as response. Returns float32 [B,T], 0 where
-    labels == -100. Runs in eval mode without gradient; the rewriter's mode is restored.
+    batch: collated dict (input_ids, pre-shifted labels, optional attention_mask) with the
+    rewriter prompt as prompt and the wrong response as response; right-padded rows (as
+    data.collate makes them) need no attention_mask, and without one the attention can run a fused
+    kernel. Returns float32 [B,T], 0 where labels == -100. Runs in eval mode without gradient; the
+    rewriter's mode is restored.
     """
     was_training = rewriter.training
     rewriter.eval()
-    logits = rewriter(batch["input_ids"], attention_mask=batch["attention_mask"])  # [B,T,V]
+    logits = rewriter(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B,T,V]
     rewriter.train(was_training)
     probs = token_logps(logits, batch["labels"]).exp()  # [B,T]
     return torch.where(batch["labels"] != -100, probs, 0.0)

@@ -26,9 +26,9 @@ Items of a stage (bytes on the accelerator; train.py's fit() and stage functions
                 temporaries at once, while every activation is still saved. Every loss (SFT, the
                 rewriter's, DPO with --nll) is built on token_logps: no float32 logits copy
   no-grad pass  train.reference_logps (64 rows a batch, one batch of logits at a time) or the
-                rewriter's scoring (64 rows under autocast, with the padding mask: on CUDA a GQA
-                model's math kernel materializes float32 [rows, H, T, T] scores), with only
-                weights (and masks) resident; see no_grad_pass_bytes
+                rewriter's scoring (--batch-size rows a batch), both unmasked as in training: the
+                logits and autocast's bf16 copies (cached without autograd too), with only weights
+                (and masks) resident; see no_grad_pass_bytes
 total = the largest of these moments (column "at"): end of forward, first backward op (logit
 grads), end of backward (all gradients + the first block), optimizer step, no-grad pass, mask
 selection. Gradients are freed after every step (zero_grad(set_to_none)), so with --grad-accum 1
@@ -42,9 +42,9 @@ exactly (a real MaskedAdamW at a real global mask); what autograd saves in train
 npo_batch_loss with saved_tensors_hooks (distinct storages, by data_ptr), in float32, under the
 autocast stand-in and with bfloat16 weights, with and without checkpointing; and, where glibc's
 mallinfo2 is available, the allocator's peak in the logit gradients, train.reference_logps, the
-rewriter's scoring (CPU flash kernel; the math kernel forced, as CUDA picks it for GQA) and an
-optimizer step (sampled after every aten op: temporaries inside one op are not seen), and the
-memory importance_from_delta's scores hold.
+rewriter's scoring (allo.rewriter_token_probs as train.stage_rewriter calls it) and an optimizer
+step (sampled after every aten op: temporaries inside one op are not seen), and the memory
+importance_from_delta's scores hold.
 """
 
 import argparse
@@ -52,18 +52,17 @@ import ctypes
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import allo
 from model import ModelConfig, Transformer
 
 GiB = 2**30
-NO_GRAD_ROWS = 64  # batch of train.reference_logps and of the rewriter's scoring loop
+REFERENCE_ROWS = 64  # train.reference_logps' batch_size
 CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
 
 
@@ -111,24 +110,16 @@ def step_bytes(largest, n, ratio, wbytes):
     return (8 + 4 * wbytes) * min(largest, round(ratio * n))
 
 
-def attention_kernel(cfg, device, masked=False):
+def attention_kernel(device):
     """The scaled_dot_product_attention kernel torch 2.13 picks for model.Attention (enable_gqa=True).
 
-    Training passes no mask (data.collate pads on the right: causal attention alone is exact), so
-    SDPA runs with is_causal=True, and on CUDA (sm80 and newer, bf16 under autocast, head_dim <=
-    256) the flash kernel takes it, GQA included: it reads the grouped k and v as they are (no
-    repeat), so GQA and MHA models alike get "flash". It saves q, k, v, the output and a float32
-    logsumexp [rows, H, T], as do the CPU flash kernel (with or without a mask) and cuDNN's, which
-    recent torch tries first on sm90/sm100 with cuDNN > 9.15. Passes with the padding mask (the
-    rewriter's scoring; generation): flash takes no mask and torch 2.13's memory-efficient kernel
-    no GQA (its SDPA docs: GQA works with the flash and math kernels only), so on CUDA a GQA model
-    gets the math kernel, an MHA model the memory-efficient one (cuDNN, where tried first, takes
-    masked GQA too)."""
-    if device == "cpu":
-        return "flash-cpu"
-    if not masked:
-        return "flash"
-    return "math" if cfg.n_kv_heads != cfg.n_heads else "efficient"
+    Training, train.reference_logps and the rewriter's scoring pass no mask (data.collate pads on
+    the right: causal attention alone is exact), so SDPA runs with is_causal=True, and on CUDA
+    (sm80 and newer, bf16 under autocast, head_dim <= 256) the flash kernel takes it, GQA included:
+    it reads the grouped k and v as they are (no repeat), so GQA and MHA models alike get "flash".
+    It saves q, k, v, the output and a float32 logsumexp [rows, H, T], as do the CPU flash kernel
+    and cuDNN's, which recent torch tries first on sm90/sm100 with cuDNN > 9.15."""
+    return "flash-cpu" if device == "cpu" else "flash"
 
 
 def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"):
@@ -176,26 +167,18 @@ def logit_grad_bytes(V, n, chunked):
     return 3 * 4 * V * (min(n, CHUNK_ROWS) if chunked else n)
 
 
-def no_grad_pass_bytes(cfg, rows, T, half, kernel=None, inside_ops=True):
-    """Peak of a forward without autograd over rows x T tokens, weights aside: the larger of
-    logits: half precision: the [rows*T, V] logits, token_logps' float32 chunk copy and the
-        (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk; float32:
-        the logits and that temporary;
-    attention, in a pass with the padding mask (kernel: see attention_kernel): model.forward's
-        bool mask [rows, 1, T, T] and SDPA's additive copy in q's dtype; the math kernel's float32
-        buffers of one layer (bf16 q, k, v): q, k, v upcast, q scaled, k and v repeated to every
-        head, and per score [rows, H, T, T] 13 bytes: the scores, _safe_softmax's result, its
-        -inf test (bool) and its where() result.
-    inside_ops False: without the temporaries that live inside one aten op (logsumexp's, the
-    last two of _safe_softmax's), what --check's sampler sees. A block's own tensors aside."""
+def no_grad_pass_bytes(cfg, rows, T, half, copies=0, logps_in_autocast=False, inside_ops=True):
+    """Peak of a forward without autograd over rows x T tokens, weights and a block's own tensors
+    aside. Its logits: half precision: the [rows*T, V] logits, then token_logps' float32 chunk
+    copy and the (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk;
+    float32: the logits, then that temporary. copies: autocast's bf16 weight copies (cached even
+    without autograd), alive until the autocast region exits: at the end of the forward
+    (train.forward_logps), or also through token_logps (logps_in_autocast: the rewriter's scoring).
+    inside_ops False: without logsumexp's temporary, what --check's sampler sees."""
     V, n = cfg.vocab_size, rows * T
     chunk = min(n, CHUNK_ROWS) if half else n
-    logits = (2 * V * n + 4 * V * chunk if half else 4 * V * n) + 4 * V * chunk * inside_ops
-    if kernel is None:
-        return logits
-    H = cfg.n_heads
-    scores = (8 + 5 * inside_ops) * H * T + (16 * H + 8 * cfg.n_kv_heads) * cfg.head_dim
-    return max(logits, n * (T * (1 + (2 if half else 4)) + (scores if kernel == "math" else 0)))
+    logits, after = (2 if half else 4) * V * n, 4 * V * chunk * (half + inside_ops)
+    return logits + (copies + after if logps_in_autocast else max(copies, after))
 
 
 def plan(cfg, a, ckpt):
@@ -205,7 +188,7 @@ def plan(cfg, a, ckpt):
     half = cuda or w == 2  # bf16 logits
     copies = 2 * pc["cast"] if cuda and w == 4 else 0
     B, T = a.batch_size, a.seq_len
-    no_grad = no_grad_pass_bytes(cfg, NO_GRAD_ROWS, T, half)  # train.reference_logps
+    no_grad = no_grad_pass_bytes(cfg, REFERENCE_ROWS, T, half, copies)  # train.reference_logps
 
     def train(rows, T, loss, ratio, scorer=False):
         act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, loss=loss)
@@ -245,8 +228,8 @@ def plan(cfg, a, ckpt):
     stages.append(("mask (delta)", "-", *select(it, {}, 2 * w * n + 4 * n)))
     it, phases = with_no_grad(*train(2 * B, T, "dpo", 1.0, scorer=True), no_grad, w * n)
     stages.append(("mask (grad)", dpo, *select(it, phases, w * n + 4 * n)))  # + the float32 scores
-    Tr = 3 * T  # train.py gives the rewriter 3 x --max-len; it scores 64 rows with the padding mask
-    rw = no_grad_pass_bytes(cfg, NO_GRAD_ROWS, Tr, half, attention_kernel(cfg, a.device, masked=True))
+    Tr = 3 * T  # train.py gives the rewriter 3 x --max-len; it scores --batch-size rows at a time
+    rw = no_grad_pass_bytes(cfg, B, Tr, half, copies, logps_in_autocast=True)
     stages.append(("rewriter", f"{B} x {Tr}", *with_no_grad(*train(B, Tr, "sft", 1.0), rw, w * n)))
     stages.append(("forget", rows, *with_no_grad(*train(B, T, "npo", a.forget_ratio), no_grad, w * n + n)))
     stages.append(("learn", dpo, *with_no_grad(*train(2 * B, T, "dpo", a.learn_ratio), no_grad, w * n + n)))
@@ -264,8 +247,7 @@ def print_plan(path, cfg, a):
         how = "float32" if a.wbytes == 4 else "bfloat16 weights"
     print(f"## {os.path.basename(path)}: {pc['total'] / 1e9:.3f}B parameters, {a.device} ({how}), batch "
           f"{a.batch_size} x {a.seq_len} tokens, ratios forget {a.forget_ratio} / learn {a.learn_ratio}, "
-          f"grad-accum {a.grad_accum}, attention kernel: {attention_kernel(cfg, a.device)} (training), "
-          f"{attention_kernel(cfg, a.device, masked=True)} (rewriter scoring)\n")
+          f"grad-accum {a.grad_accum}, attention kernel: {attention_kernel(a.device)} (no pass has a mask)\n")
     for ckpt in {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]:
         print(f"### {'with' if ckpt else 'without'} gradient checkpointing (GiB)\n")
         print("| stage | rows x T | " + " | ".join(COLUMNS) + f" | total | at | fits {a.gpu_gib:g} GiB |")
@@ -401,10 +383,11 @@ def measure_reference_pass(model, rows, T, autocast):
                                                               torch.device("cpu"), batch_size=rows))
 
 
-def measure_scoring_pass(model, batch, autocast, kernel):
-    """Peak of allo.rewriter_token_probs as train.stage_rewriter's scoring loop calls it (the
-    padding mask, autocast); kernel "math": forced, as CUDA picks it for a GQA model."""
-    with train_module(autocast) as train, sdpa_kernel([SDPBackend.MATH]) if kernel == "math" else nullcontext():
+def measure_scoring_pass(model, batch, autocast):
+    """Peak of allo.rewriter_token_probs as train.stage_rewriter's scoring loop calls it: under
+    autocast, given input_ids and labels only (no attention mask)."""
+    batch = {k: batch[k] for k in ("input_ids", "labels")}
+    with train_module(autocast) as train:
         def score(_):
             with train.autocast(torch.device("cpu")):
                 allo.rewriter_token_probs(model, batch)
@@ -471,19 +454,17 @@ def check_peaks():
     """(name, predicted, measured, tolerance) of the allocator peaks (glibc's mallinfo2)."""
     cfg, rows, T = CHECK_CONFIGS[2], 4, 32
     V, n = cfg.vocab_size, param_counts(cfg)["total"]
-    model, scored = Transformer(cfg), tiny_batch(cfg, rows, 512)  # scoring: long rows, where T x T shows
-    out = []
+    model, out = Transformer(cfg), []
     for autocast in (False, True):
-        how = "bf16 autocast" if autocast else "float32"
+        how, copies = ("bf16 autocast", 2 * param_counts(cfg)["cast"]) if autocast else ("float32", 0)
         for loss in ("sft", "dpo"):
             out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, rows * T, chunked=autocast),
                         measure_logit_grads(model, tiny_batch(cfg, rows, T), loss, autocast), 0.05))
-        out.append((f"reference_logps, {how}", no_grad_pass_bytes(cfg, rows, T, autocast, inside_ops=False),
+        out.append((f"reference_logps, {how}", no_grad_pass_bytes(cfg, rows, T, autocast, copies, inside_ops=False),
                     measure_reference_pass(model, rows, T, autocast), 0.1))
-        for kernel in ("flash-cpu", "math")[:1 + autocast]:  # math: what CUDA picks for GQA, in bf16
-            out.append((f"rewriter scoring, {how}, {kernel}",
-                        no_grad_pass_bytes(cfg, rows, 512, autocast, kernel, inside_ops=False),
-                        measure_scoring_pass(model, scored, autocast, kernel), 0.1))
+        out.append((f"rewriter scoring, {how}",
+                    no_grad_pass_bytes(cfg, rows, 3 * T, autocast, copies, logps_in_autocast=True, inside_ops=False),
+                    measure_scoring_pass(model, tiny_batch(cfg, rows, 3 * T), autocast), 0.1))
     for ratio in (1.0, 0.5):
         out.append((f"MaskedAdamW.step at {ratio}", step_bytes(param_counts(cfg)["largest"], n, ratio, 4),
                     measure_step(cfg, ratio), 0.1))

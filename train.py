@@ -527,11 +527,11 @@ def stage_rewriter(args, run, device):
     # score: p_t of each response token, teacher-forced as the rewrite of itself
     mine = forget[parallel.shard(len(forget))]
     p_rows, w_rows = [], []  # p_t, w_t [n_tok] of each response of this process
-    for i in range(0, len(mine), 64):
-        rows = mine[i:i + 64]
+    for i in range(0, len(mine), args.batch_size):
+        rows = mine[i:i + args.batch_size]
         b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
         report_truncation("rewriter", b["n_truncated"], "scored responses")
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        b = {k: b[k].to(device) for k in ("input_ids", "labels")}  # right-padded: no attention mask needed
         with autocast(device):
             probs = allo.rewriter_token_probs(model, b)  # [B,T], 0 off-target
         weights = allo.unaligned_token_weights(probs, b["labels"], args.tau, args.weights_mode)

@@ -45,29 +45,25 @@ def test_saved_activations_match_within_a_tenth_of_a_percent(cfg):
 
 
 def test_attention_kernel_is_what_torch_picks():
-    """Training's call (no mask, is_causal, GQA) and the masked one (rewriter scoring), as
-    model.Attention makes them: on CPU always; on CUDA where there is one (cuDNN, where torch
-    tries it first, saves what flash saves and takes masked GQA)."""
+    """The call of every modelled pass (no mask, is_causal, GQA), as model.Attention makes it: on
+    CPU always; on CUDA where there is one (cuDNN, where torch tries it first, saves what flash
+    saves)."""
     B = SDPBackend
-    picks = {"flash-cpu": {B.FLASH_ATTENTION}, "flash": {B.FLASH_ATTENTION, B.CUDNN_ATTENTION},
-             "efficient": {B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION}, "math": {B.MATH, B.CUDNN_ATTENTION}}
+    picks = {"flash-cpu": {B.FLASH_ATTENTION}, "flash": {B.FLASH_ATTENTION, B.CUDNN_ATTENTION}}
     for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
         dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CUDA: under autocast
         for cfg in mp.CHECK_CONFIGS[:2]:  # GQA, MHA
             q = torch.randn(2, cfg.n_heads, 64, cfg.head_dim, device=device, dtype=dtype)
             kv = torch.randn(2, cfg.n_kv_heads, 64, cfg.head_dim, device=device, dtype=dtype)
-            mask = torch.ones(2, 1, 64, 64, dtype=torch.bool, device=device).tril()
-            unmasked = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=True)
-            masked = torch._fused_sdp_choice(q, kv, kv, mask, 0.0, False, enable_gqa=True)
-            assert B(unmasked) in picks[mp.attention_kernel(cfg, device)], (device, cfg)
-            assert B(masked) in picks[mp.attention_kernel(cfg, device, masked=True)], (device, cfg)
+            picked = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=True)
+            assert B(picked) in picks[mp.attention_kernel(device)], (device, cfg)
 
 
 @pytest.mark.skipif(mp.malloc_in_use() is None, reason="needs glibc's mallinfo2")
 def test_allocator_peaks():
-    """Logit gradients, train.reference_logps (one batch of logits), the rewriter's scoring (CPU
-    flash; the math kernel's [rows, H, T, T] buffers), MaskedAdamW.step, importance_from_delta's
-    scores (no autograd graph kept)."""
+    """Logit gradients, train.reference_logps (one batch of logits), the rewriter's scoring (its
+    logits inside autocast, with the cached bf16 weight copies), MaskedAdamW.step,
+    importance_from_delta's scores (no autograd graph kept)."""
     for name, predicted, measured, tolerance in mp.check_peaks():
         assert abs(predicted - measured) <= tolerance * measured, (name, predicted, measured)
 
@@ -75,7 +71,7 @@ def test_allocator_peaks():
 def test_plan_table_for_a_1b_config(capsys):
     assert mp.main([os.path.join(ROOT, "configs", "llama-3.2-1b.json")]) == 0
     out = capsys.readouterr().out
-    assert "attention kernel: flash (training), math (rewriter scoring)" in out
+    assert "attention kernel: flash (no pass has a mask)" in out
     learn = "| learn | 8 x 512 | 4.60 | 4.60 | 1.38 | 1.15 | - |"
     assert f"{learn} 10.90 | 2.30 | 5.87 | 11.74 | **26.21** | logit grads | no |" in out
     assert "### with gradient checkpointing" in out
