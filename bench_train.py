@@ -1,6 +1,6 @@
 """Throughput of ALLO's training steps and of generation, to estimate the time of a run.
 
-    python bench_train.py                      # three model sizes, about 3 CPU-minutes
+    python bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
     python bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda   # + TinyLlama-1.1B's shape
     python bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
 
@@ -152,8 +152,8 @@ def parse_args(argv=None):
     add("--mask-ratio", type=float, default=0.1, help="MaskedAdamW mask of the ALLO stages (default 0.1)")
     add("--eps", type=float, default=0.5, help="key-token fraction of the DPO learn step (default 0.5)")
     add("--beta", type=float, default=0.1)
-    add("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    add("--steps", type=int, default=3, help="timed steps, the median is reported (default 3)")
+    add("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    add("--steps", type=int, default=7, help="timed steps, the median is reported (default 7)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda ... (default auto)")
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
