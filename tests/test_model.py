@@ -206,3 +206,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0)
+
+
+def test_right_padded_rows_need_no_attention_mask():
+    """train.py runs its right-padded batches without a mask: the real positions must not change."""
+    m = tiny()
+    seqs = [torch.randint(0, 61, (n,)) for n in (7, 3, 10)]
+    batch = torch.zeros(3, 10, dtype=torch.long)  # right-padded with token 0
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = s
+    out = m(batch)
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(out[i, :len(s)], m(s[None])[0], rtol=1e-5, atol=1e-5)
