@@ -297,6 +297,18 @@ def with_reference(batch, cached, rows):
     return {**batch, "ref": ref}
 
 
+def pair_rows(pairs):
+    """Preference pairs as rows (prompts, responses): chosen rows 0..n-1, then rejected rows n..2n-1."""
+    return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+
+
+def pair_batch(tok, pairs, idx, cached, max_len):
+    """Pairs idx as one batch, rows [chosen; rejected] [2B,T], with their cached reference log-probs."""
+    prompts, responses = pair_rows([pairs[k] for k in idx])
+    b = collate(tok, prompts, responses, max_len)
+    return with_reference(b, cached, idx + [len(pairs) + k for k in idx])
+
+
 def n_scored(labels):
     """Number of scored targets (labels != -100): the normalizer of an SFT loss."""
     return int((labels != -100).sum())
@@ -353,8 +365,9 @@ def stage_sft(args, run, device):
 
 def stage_sample(args, run, device):
     """K responses per question at --temperature; correct = same final answer (the paper) and, with
-    --correct steps (the default), every step right too; duplicates dropped. Pairs: every (correct, wrong) of a question, at most --max-pairs drawn with the seed.
-    Forgetting set: every wrong response. Val and test questions give held-out pairs.
+    --correct steps (the default), every step right too; duplicates dropped. Pairs: every
+    (correct, wrong) of a question, at most --max-pairs drawn with the seed. Forgetting set: every
+    wrong response. Val and test questions give held-out pairs.
     Each process samples its contiguous share of the questions with seed + rank; the token ids
     are gathered in question order."""
     t0 = time.time()
@@ -419,19 +432,16 @@ def train_dpo(stage, args, run, device, model_dir, model_stage, masks_path, eps,
     masks = load_masks_for(masks_path, model, "mask") if masks_path else full_masks(model)
     ref_dir = args.ref or model_dir
     ref = model if ref_dir == model_dir else load_model(ref_dir, device, model_stage, tok)
-    prompts = [p["prompt"] for p in pairs] * 2
-    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    cached = reference_logps(ref, tok, prompts, responses, args.max_len, device)
+    cached = reference_logps(ref, tok, *pair_rows(pairs), args.max_len, device)
     del ref
     n = len(pairs)
     print(f"{stage}: {n} pairs, trained fraction {trained_fraction(masks):.3f}, eps {eps}, lr {lr}, {steps} steps")
 
     def batch_at(i):
         idx = rank_batch(n, args, i)
-        b = collate(tok, [pairs[k]["prompt"] for k in idx] * 2,
-                    [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
+        b = pair_batch(tok, pairs, idx, cached, args.max_len)
         b["counts"] = [len(idx), n_scored(b["labels"][:len(idx)])]  # pairs (DPO), chosen tokens (--nll)
-        return with_reference(b, cached, idx + [n + k for k in idx])
+        return b
 
     fit(stage, model, masks, args, steps, lr, batch_at,
         lambda net, b, counts: dpo_batch_loss(net, b, counts, device, args.beta, eps, args.nll), out)
@@ -455,20 +465,14 @@ def stage_mask(args, run, device):
     else:
         tok = Tokenizer(args.tokenizer or need(os.path.join(run, "tokenizer.model"), "sft"))
         pairs = read_jsonl(args.data or need(os.path.join(run, "sample", "pairs.jsonl"), "sample"), "pairs")
-        cached = reference_logps(sft, tok, [p["prompt"] for p in pairs] * 2,
-                                 [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], args.max_len, device)
+        cached = reference_logps(sft, tok, *pair_rows(pairs), args.max_len, device)
         n = len(pairs)
-
-        def batches():
-            for i in range(0, n, args.batch_size):
-                idx = list(range(i, min(n, i + args.batch_size)))
-                b = collate(tok, [pairs[k]["prompt"] for k in idx] * 2,
-                            [pairs[k]["chosen"] for k in idx] + [pairs[k]["rejected"] for k in idx], args.max_len)
-                yield with_reference(b, cached, idx + [n + k for k in idx])
+        batches = (pair_batch(tok, pairs, list(range(i, min(n, i + args.batch_size))), cached, args.max_len)
+                   for i in range(0, n, args.batch_size))
 
         # gradients of the vanilla-DPO loss, each batch's share of the mean over all n pairs
         scores = allo.grad_importance(sft, lambda m, b: dpo_batch_loss(m, b, [n], device, args.beta, 1.0),
-                                      batches(), mode=args.grad_mode)
+                                      batches, mode=args.grad_mode)
     info = {}
     for name, ratio in (("forget", args.forget_ratio), ("learn", args.learn_ratio)):
         masks = allo.select_masks(scores, ratio, granularity=args.granularity, exclude_top=args.exclude_top)
