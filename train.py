@@ -752,7 +752,7 @@ def main(argv=None):
     if parallel.world() > 1:
         print(f"torchrun: {parallel.world()} processes on {device.type}, {parallel.world()} x {args.batch_size} "
               f"examples per micro-batch, {args.grad_accum} micro-batches per step")
-    run = args.run
+    run, status = args.run, 0
     try:
         if args.stage != "all":
             run_stage(args.stage, args, run, device)
@@ -776,9 +776,11 @@ def main(argv=None):
     except (UsageError, DataError) as e:
         if parallel.is_main():  # every process raises the same error
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        parallel.shutdown()
+        status = 2
+    finally:  # after the except block, which frees the error's traceback and the DDP wrapper in it,
+        parallel.shutdown()  # so that no process exits with the process group still referenced
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

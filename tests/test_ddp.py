@@ -166,6 +166,16 @@ def test_error_under_torchrun_is_one_line_and_does_not_hang(tmp_path):
     p = torchrun("--preset", "smoke", "--stage", "sft", "--sft-lr", "1e30", "--run-dir", str(tmp_path))
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode != 0 and len(errors) == 1 and "sft: loss is " in errors[0], p.stderr
-    # torchrun's report: the first process to fail exited with status 2 (torchrun may stop the other first)
-    assert "exitcode  : 2" in p.stderr
+    # torchrun's report: the first process to fail exited with status 2, not a signal from gloo's teardown
+    assert "exitcode  : 2" in p.stderr and "Signal" not in p.stderr
     assert not os.path.exists(tmp_path / "sft" / "stage.json")
+
+
+def test_process_group_is_left_after_the_error_is_freed(tmp_path, monkeypatch):
+    """An error's traceback holds fit()'s frame, and under torchrun the DDP wrapper in it references
+    the process group: leaving the group while the traceback lives let gloo abort at exit (SIGABRT)."""
+    handling = []
+    monkeypatch.setattr(train.parallel, "shutdown", lambda: handling.append(sys.exc_info()[0]))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "smoke", "--stage", "sft", "--sft-lr", "1e30", "--run-dir", str(tmp_path)])
+    assert e.value.code == 2 and handling == [None]
