@@ -74,6 +74,16 @@ def test_forget_weights_align_with_response_tokens(run):
         assert all(w == float(p < 0.5) for w, p in zip(r["weights"], r["probs"]))
 
 
+def test_rewriter_prompt_ends_with_the_reference_tokenized_as_the_rewrite(run):
+    """The rewrite of a response whose first number is wrong starts with the reference's first
+    token: the prompt must hold that token as such (not glued to "Reference:"), last."""
+    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+    row = json.loads(open(os.path.join(run, "sample", "forget.jsonl")).readline())
+    prompt, rewrite = tok.encode(train.rewriter_prompt(row)), tok.encode(" " + row["reference"])
+    tail = tok.encode("\nRewrite:")
+    assert prompt[-len(tail) - len(rewrite):] == rewrite + tail
+
+
 def test_all_skips_finished_stages(run, capsys):
     train.main(SMOKE + ["--run", run, "--stage", "all"])
     out = capsys.readouterr().out
