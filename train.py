@@ -497,8 +497,28 @@ def rewriter_prompt(row):
     return f"Question: {row['question']}\nDraft:{row['response']}\nReference: {row['reference']}\nRewrite:"
 
 
+def flag_quality(tok, scored, errors_at, tau):
+    """How well the unaligned tokens (p_t < tau) find the known first wrong step (embedded task):
+    (recall: share of wrong responses whose first wrong token is flagged, precision: share of
+    flagged tokens at or after it, number of wrong responses judged). errors_at: the char index
+    of each response's first error (correct_response), -1 when nothing is wrong."""
+    hits, found, flagged, flagged_after = 0, 0, 0, 0
+    for s, error_at in zip(scored, errors_at, strict=True):
+        ids = tok.encode(s["response"])
+        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
+        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
+            continue
+        found += 1
+        hits += s["probs"][first] < tau
+        flag = [j for j, p in enumerate(s["probs"]) if p < tau]
+        flagged += len(flag)
+        flagged_after += sum(j >= first for j in flag)
+    return hits / max(1, found), flagged_after / max(1, flagged), found
+
+
 def stage_rewriter(args, run, device):
-    """Train the rewriter (a copy of the SFT model) to turn (question, reference, response) into
+    """Train the rewriter (a copy of the SFT model) to turn (question, response, reference) into
     the minimally corrected response (correct responses are kept unchanged, as in RLMEC); then
     score every forgetting response: p_t = P_rewriter(y_t | prompt, y_<t), unaligned = p_t < tau
     (each process scores its contiguous share of the responses; p_t and w_t are gathered in order)."""
@@ -509,17 +529,16 @@ def stage_rewriter(args, run, device):
     forget = read_jsonl(args.data or need(os.path.join(run, "sample", "forget.jsonl"), "sample"), "forget")
     pairs = read_jsonl(need(os.path.join(run, "sample", "pairs.jsonl"), "sample"), "pairs")
     by_prompt = {r["prompt"]: r for r in forget}
-    examples = []  # (rewriter prompt, target rewrite)
-    for r in forget:
-        fixed = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
-        examples.append((rewriter_prompt(r), fixed[0]))
+    # (corrected response, char index of its first error) of each wrong response
+    fixes = [correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"]) for r in forget]
+    examples = [(rewriter_prompt(r), fixed) for r, (fixed, _) in zip(forget, fixes)]  # (prompt, target rewrite)
     for p in pairs:  # correct responses: the rewrite is the response itself
         if p["prompt"] in by_prompt:
             r = {**by_prompt[p["prompt"]], "response": p["chosen"]}
             examples.append((rewriter_prompt(r), p["chosen"]))
     examples = list(dict.fromkeys(examples))
     if not examples:
-        raise UsageError("rewriter: no training examples (no wrong responses could be corrected)")
+        raise UsageError("rewriter: no wrong responses to rewrite (the sample stage found none)")
     model = load_model(os.path.join(run, "sft"), device, "sft", tok)
     print(f"rewriter: {len(examples)} rewrite examples")
     max_len = 3 * args.max_len
@@ -550,26 +569,11 @@ def stage_rewriter(args, run, device):
             w_rows.append(w_row[on][:n_tok])
     p_rows = parallel.gather_rows(p_rows, torch.float32, device)  # every response, in order
     w_rows = parallel.gather_rows(w_rows, torch.float32, device)
-    scored, hits, found, flagged, flagged_after = [], 0, 0, 0, 0
-    for r, p_row, w_row in zip(forget, p_rows, w_rows, strict=True):
-        p_t, w_t = p_row.tolist(), w_row.tolist()
-        scored.append({"prompt": r["prompt"], "response": r["response"], "weights": w_t, "probs": p_t})
-        # how well flagged tokens find the known first wrong step (embedded task only)
-        error_at = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])[1]
-        ids = tok.encode(r["response"])
-        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
-        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
-        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
-            continue
-        found += 1
-        hits += p_t[first] < args.tau
-        flag = [j for j, p in enumerate(p_t) if p < args.tau]
-        flagged += len(flag)
-        flagged_after += sum(j >= first for j in flag)
+    scored = [{"prompt": r["prompt"], "response": r["response"], "weights": w.tolist(), "probs": p.tolist()}
+              for r, p, w in zip(forget, p_rows, w_rows, strict=True)]
     if parallel.is_main():
         write_jsonl(os.path.join(out, "forget_weighted.jsonl"), scored)
-    recall = hits / max(1, found)
-    precision = flagged_after / max(1, flagged)
+    recall, precision, found = flag_quality(tok, scored, [at for _, at in fixes], args.tau)
     n_flag = sum(sum(w > 0 for w in s["weights"]) for s in scored)
     n_all = sum(len(s["weights"]) for s in scored)
     print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {args.tau}); first wrong step found in "
