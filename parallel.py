@@ -10,6 +10,7 @@ Collectives send tensors only (no pickled objects); on CUDA they live on the pro
 nccl requires.
 """
 
+import gc
 import os
 
 import torch
@@ -30,8 +31,11 @@ def init(device):
 
 
 def shutdown():
-    """Leave the process group, if any."""
+    """Leave the process group, if any. Objects that use it must be gone first: a DistributedDataParallel
+    wrapper sits in reference cycles, so the collector frees it now rather than at exit, when its
+    reducer would run on a group already destroyed (gloo then aborts the process)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
