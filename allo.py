@@ -1,8 +1,8 @@
 """ALLO (ALigning LLMs with Low-redundant Optimization) in plain PyTorch.
 
 Chen, Zhou, Zhao, Wang, Wen: "Not Everything is All You Need: Toward Low-Redundant Optimization
-for Large Language Model Alignment", EMNLP 2024 (arXiv 2406.12606). The method, the authors'
-release and the places where we depart from it: shared/ALLO.md.
+for Large Language Model Alignment", EMNLP 2024 (arXiv 2406.12606). The places where this code
+departs from the authors' release: the README's "Where this differs from the authors' release".
 
 The file follows the method, top to bottom:
   0. Per-token log-probabilities, from which every loss is built: token_logps, sft_loss.
@@ -28,13 +28,14 @@ authors' release. The only model API used is model(input_ids, attention_mask=...
 """
 
 import json
-import os
 import re
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from data import atomic_path
 
 # -----------------------------------------------------------------------------
 # 0. Per-token log-probabilities
@@ -197,8 +198,8 @@ def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
 
 def save_masks(path, masks):
     """Write masks (bool tensors keyed by parameter name) as safetensors, atomically."""
-    save_file({name: m.contiguous() for name, m in masks.items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file({name: m.contiguous() for name, m in masks.items()}, tmp)
 
 
 def load_masks(path):
@@ -478,8 +479,8 @@ def save_optimizer(path, opt):
     "<parameter name>/<key>", param_groups as JSON in the file's metadata."""
     sd = opt.state_dict()
     tensors = {f"{name}/{k}": v.contiguous() for name, s in sd["state"].items() for k, v in s.items()}
-    save_file(tensors, path + ".tmp", metadata={"param_groups": json.dumps(sd["param_groups"])})
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
 def load_optimizer(path, opt):

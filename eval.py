@@ -20,8 +20,9 @@ import sys
 import torch
 
 from allo import token_logps
-from data import DataError, Problem, Tokenizer, collate, is_correct, prompt_text, read_jsonl
-from model import Transformer, autocast, pick_device, write_json
+from data import DataError, Tokenizer, collate, is_correct, prompt_text, read_jsonl, write_json
+from model import Transformer, autocast, pick_device
+from task import load_problems
 
 # (label, stage directory) of the comparison table, in the order of the method
 ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
@@ -77,11 +78,6 @@ def pair_metrics(model, ref_sums, tok, pairs, beta, max_len):
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
-def load_problems(path):
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
-
-
 class Evaluator:
     """Held-out metrics of any checkpoint of a run: greedy accuracy on the split's questions,
     and pair accuracy and margin on the split's held-out pairs against the run's SFT model
@@ -109,6 +105,26 @@ class Evaluator:
             model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len)
         return {"accuracy": accuracy(model, self.tok, self.problems), "pair_accuracy": pair_acc,
                 "margin": margin, "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
+
+
+def flag_quality(tok, scored, errors_at, tau):
+    """How well the unaligned tokens (p_t < tau) find the known first wrong step: (recall: share of
+    wrong responses whose first wrong token is flagged, precision: share of flagged tokens at or
+    after it, number of wrong responses judged). errors_at: the char index of each response's
+    first error, -1 when nothing is wrong."""
+    hits, found, flagged, flagged_after = 0, 0, 0, 0
+    for s, error_at in zip(scored, errors_at, strict=True):
+        ids = tok.encode(s["response"])
+        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
+        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
+            continue
+        found += 1
+        hits += s["probs"][first] < tau
+        flag = [j for j, p in enumerate(s["probs"]) if p < tau]
+        flagged += len(flag)
+        flagged_after += sum(j >= first for j in flag)
+    return hits / max(1, found), flagged_after / max(1, flagged), found
 
 
 def evaluate_run(run, split="test", device="auto", beta=0.1, stages=ROWS):

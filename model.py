@@ -27,6 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from data import atomic_path, write_json
+
 
 @dataclass
 class ModelConfig:
@@ -328,8 +330,8 @@ class Transformer(nn.Module):
         hf["rope_scaling"] = None if c.rope_scaling is None else {"rope_type": "llama3", **c.rope_scaling}
         tensors = {("" if n == "lm_head.weight" else "model.") + n: p.detach().contiguous().cpu()
                    for n, p in self.named_parameters()}
-        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
         write_json(os.path.join(path, "config.json"), hf)
 
 
@@ -344,12 +346,6 @@ def sample_next(logits, temperature: float, top_p: float, generator):
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def config_from_hf(path: str) -> ModelConfig:

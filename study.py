@@ -30,21 +30,22 @@ results.json (every seed's row and the means), results.csv, table.md.
 """
 
 import argparse
-import copy
 import csv
 import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 import allo
 import train
-from data import DataError
+from data import DataError, atomic_path, write_json
 from eval import Evaluator
-from model import Transformer, pick_device, write_json
+from model import Transformer, pick_device
+from trainer import UsageError
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
 ARMS = [
@@ -78,9 +79,9 @@ def stage_info(out):
 
 # ----------------------------------------------------------------------------- masks (Stage 1)
 
-def study_masks(args, run, seed_dir):
-    """Masks of one seed from its full-parameter DPO run: the top --forget-ratio (forgetting), and
-    the top, bottom and a random --learn-ratio (learning) of |theta_DPO - theta_SFT|, one global
+def study_masks(run, seed_dir, seed, forget_ratio, learn_ratio):
+    """Masks of one seed from its full-parameter DPO run: the top forget_ratio (forgetting), and
+    the top, bottom and a random learn_ratio (learning) of |theta_DPO - theta_SFT|, one global
     threshold each (allo.select_masks)."""
     paths = {kind: os.path.join(seed_dir, "masks", f"{kind}.safetensors")
              for kind in ("forget-top", "learn-top", "learn-bottom", "learn-random")}
@@ -90,10 +91,10 @@ def study_masks(args, run, seed_dir):
     sft = Transformer.from_pretrained(os.path.join(run, "sft"))
     dpo = Transformer.from_pretrained(os.path.join(seed_dir, slug("DPO full")))
     scores = allo.importance_from_delta(dict(sft.named_parameters()), dict(dpo.named_parameters()))
-    g = torch.Generator().manual_seed(args.seed)
-    ranked = {"forget-top": (scores, args.forget_ratio), "learn-top": (scores, args.learn_ratio),
-              "learn-bottom": ({n: -s for n, s in scores.items()}, args.learn_ratio),
-              "learn-random": ({n: torch.rand(s.shape, generator=g) for n, s in scores.items()}, args.learn_ratio)}
+    g = torch.Generator().manual_seed(seed)
+    ranked = {"forget-top": (scores, forget_ratio), "learn-top": (scores, learn_ratio),
+              "learn-bottom": ({n: -s for n, s in scores.items()}, learn_ratio),
+              "learn-random": ({n: torch.rand(s.shape, generator=g) for n, s in scores.items()}, learn_ratio)}
     for kind, (s, ratio) in ranked.items():
         allo.save_masks(paths[kind], allo.select_masks(s, ratio))
     return paths
@@ -101,35 +102,30 @@ def study_masks(args, run, seed_dir):
 
 # ----------------------------------------------------------------------------- one arm
 
-def train_arm(name, forget, learn, args, run, seed_dir, device):
-    """Train one arm of one seed from the SFT model (forgetting, then learning); returns the
-    output directory and the stage directories it went through."""
+def train_arm(name, forget, learn, run, seed_dir, masks, forget_args, learn_args, lrs, eps):
+    """Train one arm of one seed from the SFT model (forgetting, then learning) through train.py's
+    stage functions; returns the output directory and the stage directories it went through.
+    forget_args, learn_args: the keyword arguments every forgetting / learning run shares;
+    lrs: (full-parameter, masked) learning rates of DPO; eps: ALLO's key-token fraction."""
     model_dir, phases = os.path.join(run, "sft"), []
-    masks = study_masks(args, run, seed_dir) if name != "DPO full" else {}
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
         if not finished(out):
-            a = copy.copy(args)
-            a.out, a.model, a.all_tokens = out, model_dir, tokens == "all"
-            a.mask, a.forget_ratio = (masks["forget-top"], args.forget_ratio) if kind == "top" else (None, 1.0)
-            train.stage_forget(a, run, device)
+            train.stage_forget(**forget_args, model=model_dir, out=out, all_tokens=tokens == "all",
+                               mask=masks["forget-top"] if kind == "top" else None)
         model_dir = out
         phases.append(out)
     loss, kind, key_tokens = learn
     out = os.path.join(seed_dir, slug(name))
-    if not finished(out):
-        a = copy.copy(args)
-        a.out = out
-        if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
-            a.model, a.all_tokens, a.mask, a.forget_ratio = model_dir, True, None, 1.0
-            a.forget_steps = args.dpo_steps
-            train.stage_forget(a, run, device)
-        else:
-            mask = None if kind == "full" else masks[f"learn-{kind}"]
-            lr = args.dpo_lr if kind == "full" else args.learn_lr
-            train.train_dpo(slug(name), a, run, device, model_dir, "sft", mask,
-                            args.eps if key_tokens else 1.0, lr, args.dpo_steps)
+    if finished(out):
+        pass
+    elif loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
+        train.stage_forget(**{**forget_args, "steps": learn_args["steps"]}, model=model_dir, out=out,
+                           all_tokens=True)
+    else:
+        train.stage_learn(**learn_args, model=model_dir, out=out, mask=None if kind == "full" else
+                          masks[f"learn-{kind}"], lr=lrs[kind != "full"], eps=eps if key_tokens else 1.0)
     phases.append(out)
     return out, phases
 
@@ -143,32 +139,38 @@ def quarter_losses(out):
 
 # ----------------------------------------------------------------------------- the study
 
-def run_study(opts, args):
-    run, device = opts.run, pick_device(args.device)
+def run_study(opts, a):
+    """Every arm of opts.arms for opts.seeds seeds with train.py's flags `a`, scored on opts.split."""
+    run, device = opts.run, pick_device(a.device)
     root = os.path.join(run, "study", opts.tag)
-    arms = [a for a in ARMS if not opts.arms or a[0] in opts.arms]
+    arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
     for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
         train.need(os.path.join(run, stage, "stage.json"), stage)
     os.makedirs(root, exist_ok=True)
-    evaluate = Evaluator(run, opts.split, args.device, args.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
+    evaluate = Evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
           f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft_metrics = evaluate(os.path.join(run, "sft"))
+    shared = dict(tokenizer=os.path.join(run, "tokenizer.model"), beta=a.beta, device=device)
+    forget_args = dict(shared, data=os.path.join(run, "rewriter", "forget_weighted.jsonl"), lr=a.forget_lr,
+                       steps=a.forget_steps)
+    learn_args = dict(shared, data=os.path.join(run, "sample", "pairs.jsonl"), steps=a.dpo_steps, nll=a.nll)
     rows, t0, done, total = [], time.time(), 0, len(arms) * opts.seeds
-    for i in range(opts.seeds):
-        seed = args.seed + i
-        seed_args = copy.copy(args)
-        seed_args.seed = seed
+    for seed in range(a.seed, a.seed + opts.seeds):
+        cfg = replace(train.train_config(a), seed=seed)
         seed_dir = os.path.join(root, f"seed{seed}")
+        arm_args = dict(run=run, seed_dir=seed_dir, forget_args={**forget_args, "cfg": cfg},
+                        learn_args={**learn_args, "cfg": cfg}, lrs=(a.dpo_lr, a.learn_lr), eps=a.eps)
         for name, forget, learn in arms:
             row = {"arm": name, "seed": seed, "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
                    "quarter_losses": None}
             if learn is None:
                 row.update(sft_metrics)
             else:
-                train_arm(*ARMS[1], seed_args, run, seed_dir, device)  # DPO full first: the masks come from it
-                out, phases = train_arm(name, forget, learn, seed_args, run, seed_dir, device)
+                train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
+                masks = study_masks(run, seed_dir, seed, a.forget_ratio, a.learn_ratio)
+                out, phases = train_arm(name, forget, learn, masks=masks, **arm_args)
                 row.update(cached_eval(out, evaluate, opts.split, opts.n_eval))
                 infos = [stage_info(p) for p in phases]
                 row["wall_s"] = sum(info["wall_s"] for info in infos)
@@ -182,16 +184,20 @@ def run_study(opts, args):
             elapsed = time.time() - t0
             print(f"study: {done}/{total} seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; "
                   f"elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s", flush=True)
-    summary = summarize(rows, [a[0] for a in arms])
-    write_json(os.path.join(root, "results.json"),
-               {"split": opts.split, "seeds": opts.seeds, "settings": vars(args), "rows": rows, "summary": summary})
-    write_csv(os.path.join(root, "results.csv"), rows)
-    table = markdown(summary, opts, args, len(evaluate.problems), len(evaluate.pairs))
-    with open(os.path.join(root, "table.md.tmp"), "w") as f:
-        f.write(table + "\n")
-    os.replace(os.path.join(root, "table.md.tmp"), os.path.join(root, "table.md"))
-    print(table)
+    write_results(root, opts, a, rows, [arm[0] for arm in arms], len(evaluate.problems), len(evaluate.pairs))
     print(f"study: {time.time() - t0:.0f}s -> {root}")
+
+
+def write_results(root, opts, a, rows, names, n_questions, n_pairs):
+    """results.json (every row, the summary), results.csv and table.md under root; prints the table."""
+    summary = summarize(rows, names)
+    write_json(os.path.join(root, "results.json"),
+               {"split": opts.split, "seeds": opts.seeds, "settings": vars(a), "rows": rows, "summary": summary})
+    write_csv(os.path.join(root, "results.csv"), rows)
+    table = markdown(summary, opts, a, n_questions, n_pairs)
+    with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 def cached_eval(out, evaluate, split, n_eval):
@@ -223,15 +229,14 @@ def summarize(rows, names):
 def write_csv(path, rows):
     cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction", "wall_s",
             "quarter_losses"]
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
             w.writerow([json.dumps(r[c]) if c == "quarter_losses" else r[c] for c in cols])
-    os.replace(path + ".tmp", path)
 
 
-def markdown(summary, opts, args, n_questions, n_pairs):
+def markdown(summary, opts, a, n_questions, n_pairs):
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     lines = [f"| arm | {opts.split} accuracy (mean ± std) | pair accuracy | margin | trained fraction "
              "(forget / learn) | wall time (s) |", "|---|---|---|---|---|---|"]
@@ -242,10 +247,10 @@ def markdown(summary, opts, args, n_questions, n_pairs):
                      f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
     lines.append(f"\n{opts.seeds} seed(s); {n_questions} {opts.split} questions, greedy; {n_pairs} held-out pairs, "
                  "margin = beta * (chosen - rejected) log-ratio against the SFT model. Learning: "
-                 f"{args.dpo_steps} steps of {args.batch_size} pairs (full parameters at lr {args.dpo_lr:g}, "
-                 f"masks at {args.learn_lr:g}, learn ratio {args.learn_ratio:g}, eps {args.eps:g}); forgetting: "
-                 f"{args.forget_steps} steps of {args.batch_size} wrong responses at lr {args.forget_lr:g}, "
-                 f"forget ratio {args.forget_ratio:g}, tau {args.tau:g}.")
+                 f"{a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, "
+                 f"masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); forgetting: "
+                 f"{a.forget_steps} steps of {a.batch_size} wrong responses at lr {a.forget_lr:g}, "
+                 f"forget ratio {a.forget_ratio:g}, tau {a.tau:g}.")
     conv = [s for s in summary if s["quarter_losses"]]
     if conv:
         lines += ["", "| DPO loss, mean over each quarter of training | 25% | 50% | 75% | 100% |",
@@ -282,7 +287,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         run_study(opts, args)
-    except (train.UsageError, DataError) as e:
+    except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

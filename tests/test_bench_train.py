@@ -1,6 +1,6 @@
 """bench_train.py on tiny settings: every step runs and the table counts the right tokens."""
 
-import bench_train
+from tools import bench_train
 
 TINY = ["--warmup", "0", "--steps", "1", "--batch", "3", "--prompt", "6", "--response", "4",
         "--gen-batch", "2", "--new", "3", "--threads", "1", "--device", "cpu"]

@@ -9,20 +9,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from data import DataError, Problem  # noqa: E402
+import task  # noqa: E402
+from data import DataError  # noqa: E402
+from task import Problem  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return data.train_task_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok.model"))
+    return task.train_task_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok.model"))
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_trained_tokenizer_ids_and_round_trip(tok):
     assert (tok.pad_id, tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
-    for p in data.make_splits(1, 50, 0, 0)["train"]:
-        ex = data.sft_example(p)
+    for p in task.make_splits(1, 50, 0, 0)["train"]:
+        ex = task.sft_example(p)
         prompt, response = tok.encode(ex["input"]), tok.encode(ex["output"])
         assert tok.decode(prompt + response) == ex["input"] + ex["output"]
         assert tok.decode([tok.bos_id] + prompt + response + [tok.eos_id, tok.pad_id]) == ex["input"] + ex["output"]
@@ -31,14 +33,14 @@ def test_trained_tokenizer_ids_and_round_trip(tok):
 
 
 def test_numbers_are_single_pieces(tok):
-    for n in range(data.MAX_VALUE + 1):
+    for n in range(task.MAX_VALUE + 1):
         assert len(tok.encode(f" {n}")) == 1
     assert tok.decode(tok.encode(" 12 + 3 = 15.")) == " 12 + 3 = 15."
 
 
 def test_tokenizer_training_is_deterministic_and_loads_from_file(tmp_path):
-    a = data.train_task_tokenizer(str(tmp_path / "a.model"))
-    b = data.train_task_tokenizer(str(tmp_path / "b.model"))
+    a = task.train_task_tokenizer(str(tmp_path / "a.model"))
+    b = task.train_task_tokenizer(str(tmp_path / "b.model"))
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert not (tmp_path / "a.model.tmp").exists()
     c = data.Tokenizer(str(tmp_path / "a.model"))
@@ -68,35 +70,35 @@ def check_problem(p, max_value, max_operand):
     assert int(steps[0][0]) == start
     for i, (a, op, b, c) in enumerate(steps):
         a, b, c = int(a), int(b), int(c)
-        assert data.apply_op(a, op, b) == c and 0 <= c <= max_value and 1 <= b <= max_operand
+        assert task.apply_op(a, op, b) == c and 0 <= c <= max_value and 1 <= b <= max_operand
         assert i == 0 or a == int(steps[i - 1][3])
         assert f" {b}" in p.question
     assert int(steps[-1][3]) == int(p.answer)
 
 
 def test_splits_deterministic_disjoint_and_valid():
-    a = data.make_splits(7, 300, 50, 50)
-    assert a == data.make_splits(7, 300, 50, 50)
-    assert a != data.make_splits(8, 300, 50, 50)
+    a = task.make_splits(7, 300, 50, 50)
+    assert a == task.make_splits(7, 300, 50, 50)
+    assert a != task.make_splits(8, 300, 50, 50)
     assert [len(a[k]) for k in ("train", "val", "test")] == [300, 50, 50]
     questions = [p.question for split in a.values() for p in split]
     assert len(set(questions)) == len(questions)
     for p in [p for split in a.values() for p in split]:
-        check_problem(p, data.MAX_VALUE, data.MAX_OPERAND)
+        check_problem(p, task.MAX_VALUE, task.MAX_OPERAND)
     # test and val do not move when train grows
-    b = data.make_splits(7, 600, 50, 50)
+    b = task.make_splits(7, 600, 50, 50)
     assert b["test"] == a["test"] and b["val"] == a["val"]
 
 
 def test_difficulty_knobs():
-    s = data.make_splits(0, 200, 0, 0, min_steps=4, max_steps=4, max_operand=5, max_value=20, ops=("+", "*"))
+    s = task.make_splits(0, 200, 0, 0, min_steps=4, max_steps=4, max_operand=5, max_value=20, ops=("+", "*"))
     for p in s["train"]:
         check_problem(p, 20, 5)
         assert p.solution.count("=") == 4 and " - " not in p.solution
     with pytest.raises(ValueError, match="distinct"):
-        data.make_splits(0, 10000, 0, 0, min_steps=1, max_steps=1, max_operand=2, max_value=5)
+        task.make_splits(0, 10000, 0, 0, min_steps=1, max_steps=1, max_operand=2, max_value=5)
     with pytest.raises(ValueError, match="ops"):
-        data.make_splits(0, 10, 0, 0, ops=("/",))
+        task.make_splits(0, 10, 0, 0, ops=("/",))
 
 
 # ----------------------------------------------------------------------------- answers
@@ -139,15 +141,15 @@ REF = Problem("Mia has 14 apples. She buys 7 more. Then she gives away 5. How ma
     ("14 + 7 = 22, so 22 - 5 = 17. the answer is 17", "14 + 7 = 21, so 21 - 5 = 16. the answer is 16", 9),
 ])
 def test_correct_response(response, corrected, at):
-    assert data.correct_response(REF, response) == (corrected, at)
+    assert task.correct_response(REF, response) == (corrected, at)
 
 
 def test_steps_correct_is_stricter_than_the_final_answer():
     right = " 14 + 7 = 21. 21 - 5 = 16. The answer is 16."
     lucky = " 14 + 7 = 22. 22 - 5 = 15. The answer is 16."  # a wrong chain, the right last number
-    assert data.steps_correct(REF, right) and data.is_correct(right, "16")
-    assert data.is_correct(lucky, "16") and not data.steps_correct(REF, lucky)
-    assert not data.steps_correct(REF, " 14 + 7 = 21. The answer is 16.")  # a step missing: unparseable
+    assert task.steps_correct(REF, right) and data.is_correct(right, "16")
+    assert data.is_correct(lucky, "16") and not task.steps_correct(REF, lucky)
+    assert not task.steps_correct(REF, " 14 + 7 = 21. The answer is 16.")  # a step missing: unparseable
 
 
 @pytest.mark.parametrize("response, at", [
@@ -160,16 +162,16 @@ def test_steps_correct_is_stricter_than_the_final_answer():
 ])
 def test_correct_response_falls_back_to_the_reference(response, at):
     lead = " " if response.startswith(" ") else ""
-    assert data.correct_response(REF, response) == (lead + REF.solution, at)
+    assert task.correct_response(REF, response) == (lead + REF.solution, at)
 
 
 def test_correct_response_on_generated_problems():
-    for p in data.make_splits(3, 100, 0, 0)["train"]:
+    for p in task.make_splits(3, 100, 0, 0)["train"]:
         nums = list(re.finditer(r"\d+", p.solution))
         m = nums[2]  # the result of the first step
         wrong = p.solution[:m.start()] + str(int(m.group()) + 1) + p.solution[m.end():]
-        assert data.correct_response(p, wrong) == (p.solution, m.start())
-        assert data.correct_response(p, p.solution) == (p.solution, -1)
+        assert task.correct_response(p, wrong) == (p.solution, m.start())
+        assert task.correct_response(p, p.solution) == (p.solution, -1)
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -273,8 +275,8 @@ def test_collate_truncation_counted():
 
 
 def test_collate_with_task_tokenizer(tok):
-    ps = data.make_splits(0, 8, 0, 0)["train"]
-    rows = [data.sft_example(p) for p in ps]
+    ps = task.make_splits(0, 8, 0, 0)["train"]
+    rows = [task.sft_example(p) for p in ps]
     b = data.collate(tok, [r["input"] for r in rows], [r["output"] for r in rows], max_len=256)
     ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
     for i, r in enumerate(rows):

@@ -2,7 +2,7 @@
 untied, grouped-query checkpoint written by transformers' LlamaForCausalLM.save_pretrained,
 with the logits transformers computed for it, and tests/fixtures/hf_llama3_rope_tiny a tied
 grouped-query one with Llama 3 RoPE scaling (rope_type "llama3"), likewise (see their README.md;
-regenerate with scripts/check_hf_interop.py --write-fixture, in a venv that has transformers)."""
+regenerate with tools/check_hf_interop.py --write-fixture, in a venv that has transformers)."""
 
 import math
 

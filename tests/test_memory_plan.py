@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-import memory_plan as mp
+from tools import memory_plan as mp
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

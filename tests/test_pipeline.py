@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import allo
 import train
+import trainer
 from data import Tokenizer
 from model import ModelConfig, Transformer
 
@@ -94,19 +95,19 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     args = SMOKE + ["--stage", "sft", "--sft-steps", "6", "--ckpt-every", "2"]
     train.main(args + ["--run", str(tmp_path / "straight")])
 
-    real_save = train.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_die(ckpt_dir, step, model, opt):
         real_save(ckpt_dir, step, model, opt)
         if step == 4:
             raise KeyboardInterrupt  # killed right after the step-4 checkpoint
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--run", str(tmp_path / "killed")])
     assert os.listdir(tmp_path / "killed" / "sft" / "ckpt") == ["step-0000004"]
     assert not os.path.exists(tmp_path / "killed" / "sft" / "stage.json")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     train.main(args + ["--run", str(tmp_path / "killed")])
     a = load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "sft" / "model.safetensors"))

@@ -1,16 +1,19 @@
 """Generation throughput with the KV cache against recomputing the whole prefix every step.
 
-    python bench_generate.py [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
+    python tools/bench_generate.py [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
 
 Both runs decode the same greedy tokens (checked); the table gives new tokens per second.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from model import ModelConfig, Transformer, pick_device
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+from model import ModelConfig, Transformer, pick_device  # noqa: E402
 
 
 def main():

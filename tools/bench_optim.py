@@ -3,16 +3,19 @@
 A ~34M-parameter Llama from model.py (dim 512, 8 layers, vocab 8000, untied head), random
 gradients, masks = global top-k of random scores (allo.select_masks). The two optimizers step
 alternately on the same weights (warmup, then the median of several steps each), so both see the
-same machine load. Prints a markdown table. Usage: python bench_optim.py
+same machine load. Prints a markdown table. Usage: python tools/bench_optim.py
 """
 
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-import allo
-from model import ModelConfig, Transformer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import allo  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 RATIOS = [0.01, 0.05, 0.10, 0.30, 1.00]
 WARMUP, STEPS = 2, 7

@@ -1,8 +1,8 @@
 """Throughput of ALLO's training steps and of generation, to estimate the time of a run.
 
-    python bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
-    python bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda   # + TinyLlama-1.1B's shape
-    python bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
+    python tools/bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
+    python tools/bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda   # + TinyLlama-1.1B's shape
+    python tools/bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
 
 Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
 the optimizer step of train.py on one batch of random token ids:
@@ -12,10 +12,9 @@ the optimizer step of train.py on one batch of random token ids:
               mask (random scores), as `--stage learn`
   NPO forget  token-level NPO with token weights on a [B,T] batch, the same mask, as `--stage forget`
   generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
-A training step: train.py's per-batch loss (train.dpo_batch_loss, train.npo_batch_loss; bf16
-autocast on CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as train.fit does
-on one process; reference log-probs are cached before timing (train.reference_logps), as
-train.py does. tokens/s counts the real
+A training step: trainer.py's per-batch loss (dpo_batch_loss, npo_batch_loss; bf16 autocast on
+CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as trainer.fit does on one
+process; reference log-probs are cached before timing (trainer.reference_logps), as train.py does. tokens/s counts the real
 (non-padding) tokens of the batch, as train.py's progress lines; for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
@@ -23,17 +22,21 @@ After --warmup steps, the median of --steps. On a CPU shared with other jobs use
 """
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-import allo
-from data import collate
-from model import ModelConfig, Transformer, pick_device
-from train import dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import allo  # noqa: E402
+from data import collate  # noqa: E402
+from model import ModelConfig, Transformer, pick_device  # noqa: E402
+from trainer import Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference  # noqa: E402
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -110,20 +113,20 @@ def bench_size(spec, args, device):
     masks = allo.select_masks({n: torch.rand_like(p) for n, p in model.named_parameters()}, args.mask_ratio)
 
     pct = f"{args.mask_ratio:.0%}"
-    pair_counts = [B, int((pairs["labels"][:B] != -100).sum())]  # the normalizers, as in train.py's batches
-    forget_counts = [int((forget["weights"] != 0).sum())]
+    pair_norms = Norms(pairs=B, chosen_tokens=int((pairs["labels"][:B] != -100).sum()))  # as train.py's batches
+    forget_norms = Norms(weighted_tokens=int((forget["weights"] != 0).sum()))
     runs = [("DPO warmup (full)", full_masks(model), pairs,
-             lambda m, b: dpo_batch_loss(m, b, pair_counts, device, args.beta, 1.0)),
+             lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
             (f"DPO learn ({pct} mask, eps {args.eps})", masks, pairs,
-             lambda m, b: dpo_batch_loss(m, b, pair_counts, device, args.beta, args.eps)),
+             lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, args.eps)),
             (f"NPO forget ({pct} mask)", masks, forget,
-             lambda m, b: npo_batch_loss(m, b, forget_counts, device, args.beta))]
+             lambda m, b: npo_batch_loss(m, b, forget_norms, device, args.beta))]
     rows = []
-    for name, m, batch, loss_fn in runs:
-        opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)
-        dt, tok = median_time(lambda: train_step(model, opt, loss_fn, batch), args, device)
+    for name, m, batch, loss_fn in runs:  # each optimizer lives for its own timing only
+        step = partial(train_step, model, allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6), loss_fn, batch)
+        dt, tok = median_time(step, args, device)
         rows.append((name, batch["input_ids"].shape, tok, dt))
-        del opt
+        del step
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
 

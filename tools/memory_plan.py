@@ -1,22 +1,22 @@
 """Accelerator memory of every ALLO stage of train.py, item by item, from a Llama config.json.
 
-    python memory_plan.py configs/llama-3.2-1b.json                 # batch 4 x 512 tokens, ratios 0.1, 24 GiB
-    python memory_plan.py configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
-    python memory_plan.py path/to/hf_model_dir --device cpu           # the float32 CPU path
-    python memory_plan.py --check                                    # the formulas against measurements
+    python tools/memory_plan.py configs/llama-3.2-1b.json                 # batch 4 x 512 tokens, ratios 0.1, 24 GiB
+    python tools/memory_plan.py configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
+    python tools/memory_plan.py path/to/hf_model_dir --device cpu           # the float32 CPU path
+    python tools/memory_plan.py --check                                    # the formulas against measurements
 
-Items of a stage (bytes on the accelerator; train.py's fit() and stage functions):
+Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage functions):
   weights       float32 master weights as train.py loads them (--weights-dtype bfloat16: a what-if)
   grads         dense: every parameter has requires_grad; the masks act in the optimizer only
   optimizer     MaskedAdamW: int32 index + two moments (param dtype) per selected entry, 12 B per
                 entry in float32; a full mask keeps dense moments and no index (8 B, as AdamW). A
                 mask is one global top-k: per tensor the count varies, in total round(ratio * N)
-  masks         bool, 1 B per entry: the stage's mask, and train.full_masks' all-True masks in the
+  masks         bool, 1 B per entry: the stage's mask, and trainer.full_masks' all-True masks in the
                 full-parameter stages, alive for the whole fit()
   scoring       Stage 1: the float32 scores (importance_from_delta keeps no autograd graph),
                 select_masks' int32 keys and bool lists
   activations   what autograd saves for one micro-batch of `rows` sequences of T tokens (DPO stages:
-                2 x --batch-size rows, chosen and rejected) in train.sft/dpo/npo_batch_loss, op by
+                2 x --batch-size rows, chosen and rejected) in trainer.sft/dpo/npo_batch_loss, op by
                 op in activation_bytes; training passes no attention mask, so SDPA runs a fused
                 kernel (see attention_kernel); with --grad-checkpoint: each block's input, plus one
                 block recomputed during backward
@@ -25,7 +25,7 @@ Items of a stage (bytes on the accelerator; train.py's fit() and stage functions
   logit grads   backward of token_logps' logsumexp: three float32 [rows*T (<= 4096 chunked), V]
                 temporaries at once, while every activation is still saved. Every loss (SFT, the
                 rewriter's, DPO with --nll) is built on token_logps: no float32 logits copy
-  no-grad pass  train.reference_logps (64 rows a batch, one batch of logits at a time) or the
+  no-grad pass  trainer.reference_logps (64 rows a batch, one batch of logits at a time) or the
                 rewriter's scoring (--batch-size rows a batch), both unmasked as in training: the
                 logits and autocast's bf16 copies (cached without autograd too), with only weights
                 (and masks) resident; see no_grad_pass_bytes
@@ -36,12 +36,12 @@ they never coexist with a forward's activations. The rewriter trains and scores 
 tokens (train.py's rewriter max_len). Not counted: the CUDA context and allocator slack
 (~0.5-1 GiB), the fused attention kernels' workspaces, generation (sample stage, evaluation).
 
---check measures on tiny models (CPU), through train.py's own functions with torch.autocast("cpu",
+--check measures on tiny models (CPU), through trainer.py's own functions with torch.autocast("cpu",
 bfloat16) standing in for its CUDA autocast: the parameter, gradient, optimizer and mask bytes
-exactly (a real MaskedAdamW at a real global mask); what autograd saves in train.sft/dpo/
+exactly (a real MaskedAdamW at a real global mask); what autograd saves in trainer.sft/dpo/
 npo_batch_loss with saved_tensors_hooks (distinct storages, by data_ptr), in float32, under the
 autocast stand-in and with bfloat16 weights, with and without checkpointing; and, where glibc's
-mallinfo2 is available, the allocator's peak in the logit gradients, train.reference_logps, the
+mallinfo2 is available, the allocator's peak in the logit gradients, trainer.reference_logps, the
 rewriter's scoring (allo.rewriter_token_probs as train.stage_rewriter calls it) and an optimizer
 step (sampled after every aten op: temporaries inside one op are not seen), and the memory
 importance_from_delta's scores hold.
@@ -52,17 +52,20 @@ import ctypes
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import allo
-from model import ModelConfig, Transformer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import allo  # noqa: E402
+import trainer  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from trainer import Norms  # noqa: E402
 
 GiB = 2**30
-REFERENCE_ROWS = 64  # train.reference_logps' batch_size
+REFERENCE_ROWS = 64  # trainer.reference_logps' batch_size
 CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
 
 
@@ -113,7 +116,7 @@ def step_bytes(largest, n, ratio, wbytes):
 def attention_kernel(device):
     """The scaled_dot_product_attention kernel torch 2.13 picks for model.Attention (enable_gqa=True).
 
-    Training, train.reference_logps and the rewriter's scoring pass no mask (data.collate pads on
+    Training, trainer.reference_logps and the rewriter's scoring pass no mask (data.collate pads on
     the right: causal attention alone is exact), so SDPA runs with is_causal=True, and on CUDA
     (sm80 and newer, bf16 under autocast, head_dim <= 256) the flash kernel takes it, GQA included:
     it reads the grouped k and v as they are (no repeat), so GQA and MHA models alike get "flash".
@@ -126,7 +129,7 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     """Bytes autograd saves in one micro-batch: model.py op by op, allo.token_logps, the loss.
 
     autocast: bf16 autocast (CUDA path; with wbytes 4 it casts); wbytes: 4 float32, 2 bfloat16
-    weights. loss: "sft" (train.sft_batch_loss, also the rewriter's), "dpo" (dpo_batch_loss;
+    weights. loss: "sft" (trainer.sft_batch_loss, also the rewriter's), "dpo" (dpo_batch_loss;
     --nll saves nothing more) or "npo" (npo_batch_loss). Returns "layer" (one block), "layers"
     (what the blocks keep), "recompute", "other" (embedding, RoPE, final norm), "head" (logits,
     token_logps, loss) and "cast_saved" (bf16 weight copies autograd saves).
@@ -173,7 +176,7 @@ def no_grad_pass_bytes(cfg, rows, T, half, copies=0, logps_in_autocast=False, in
     copy and the (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk;
     float32: the logits, then that temporary. copies: autocast's bf16 weight copies (cached even
     without autograd), alive until the autocast region exits: at the end of the forward
-    (train.forward_logps), or also through token_logps (logps_in_autocast: the rewriter's scoring).
+    (trainer.forward_logps), or also through token_logps (logps_in_autocast: the rewriter's scoring).
     inside_ops False: without logsumexp's temporary, what --check's sampler sees."""
     V, n = cfg.vocab_size, rows * T
     chunk = min(n, CHUNK_ROWS) if half else n
@@ -188,7 +191,7 @@ def plan(cfg, a, ckpt):
     half = cuda or w == 2  # bf16 logits
     copies = 2 * pc["cast"] if cuda and w == 4 else 0
     B, T = a.batch_size, a.seq_len
-    no_grad = no_grad_pass_bytes(cfg, REFERENCE_ROWS, T, half, copies)  # train.reference_logps
+    no_grad = no_grad_pass_bytes(cfg, REFERENCE_ROWS, T, half, copies)  # trainer.reference_logps
 
     def train(rows, T, loss, ratio, scorer=False):
         act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, loss=loss)
@@ -282,28 +285,24 @@ def tiny_batch(cfg, rows, T, seed=0):
             "weights": (labels != -100).float()}
 
 
-@contextmanager
-def train_module(autocast):
-    """train.py, with torch.autocast("cpu", bfloat16) standing in for its CUDA autocast if autocast."""
-    import train
-    cuda_autocast = train.autocast
+def amp_for(autocast):
+    """The context trainer.py's losses run their forward in: torch.autocast("cpu", bfloat16) standing
+    in for the CUDA autocast if autocast, else plain float32."""
     if autocast:
-        train.autocast = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
-    try:
-        yield train
-    finally:
-        train.autocast = cuda_autocast
+        return lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
+    return lambda device: nullcontext()
 
 
-def batch_loss(train, model, batch, loss):
-    """One micro-batch's loss by train.py's own function (DPO: key tokens, eps 0.5, --nll 1)."""
-    cpu, scored = torch.device("cpu"), int((batch["labels"] != -100).sum())
+def batch_loss(model, batch, loss, autocast=False):
+    """One micro-batch's loss by trainer.py's own function (DPO: key tokens, eps 0.5, --nll 1)."""
+    cpu, scored, amp = torch.device("cpu"), int((batch["labels"] != -100).sum()), amp_for(autocast)
     if loss == "sft":
-        return train.sft_batch_loss(model, batch, [scored], cpu)
+        return trainer.sft_batch_loss(model, batch, Norms(scored_tokens=scored), cpu, amp=amp)
     if loss == "npo":
-        return train.npo_batch_loss(model, batch, [scored], cpu, beta=0.1)
+        return trainer.npo_batch_loss(model, batch, Norms(weighted_tokens=scored), cpu, beta=0.1, amp=amp)
     pairs = len(batch["labels"]) // 2
-    return train.dpo_batch_loss(model, batch, [pairs, scored], cpu, beta=0.1, eps=0.5, nll=1.0)
+    return trainer.dpo_batch_loss(model, batch, Norms(pairs=pairs, chosen_tokens=scored), cpu, beta=0.1, eps=0.5,
+                                  nll=1.0, amp=amp)
 
 
 def measure_saved(model, batch, loss, autocast):
@@ -317,8 +316,8 @@ def measure_saved(model, batch, loss, autocast):
             saved[s.data_ptr()] = s.nbytes()
         return t
 
-    with train_module(autocast) as train, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = batch_loss(train, model, batch, loss)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = batch_loss(model, batch, loss, autocast)
     out.backward()
     model.zero_grad(set_to_none=True)
     return sum(saved.values())
@@ -365,33 +364,31 @@ def allocator_peak(run, prepare=lambda: None):
 
 
 def measure_logit_grads(model, batch, loss, autocast):
-    """Peak of the backward of train.py's loss over the memory in use at its start."""
+    """Peak of the backward of trainer.py's loss over the memory in use at its start."""
     def forward():
         model.zero_grad(set_to_none=True)
-        return batch_loss(train, model, batch, loss)
+        return batch_loss(model, batch, loss, autocast)
 
-    with train_module(autocast) as train:
-        return allocator_peak(lambda out: out.backward(), forward)
+    return allocator_peak(lambda out: out.backward(), forward)
 
 
 def measure_reference_pass(model, rows, T, autocast):
-    """Peak of train.reference_logps over 3 batches of `rows` sequences of T tokens."""
+    """Peak of trainer.reference_logps over 3 batches of `rows` sequences of T tokens."""
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
     prompts, responses = [[5] * (T // 2)] * 3 * rows, [[6] * (T - T // 2 - 2)] * 3 * rows
-    with train_module(autocast) as train:
-        return allocator_peak(lambda _: train.reference_logps(model, tok, prompts, responses, T,
-                                                              torch.device("cpu"), batch_size=rows))
+    return allocator_peak(lambda _: trainer.reference_logps(model, tok, prompts, responses, T, torch.device("cpu"),
+                                                            batch_size=rows, amp=amp_for(autocast)))
 
 
 def measure_scoring_pass(model, batch, autocast):
     """Peak of allo.rewriter_token_probs as train.stage_rewriter's scoring loop calls it: under
     autocast, given input_ids and labels only (no attention mask)."""
     batch = {k: batch[k] for k in ("input_ids", "labels")}
-    with train_module(autocast) as train:
-        def score(_):
-            with train.autocast(torch.device("cpu")):
-                allo.rewriter_token_probs(model, batch)
-        return allocator_peak(score)
+    def score(_):
+        with amp_for(autocast)(torch.device("cpu")):
+            allo.rewriter_token_probs(model, batch)
+
+    return allocator_peak(score)
 
 
 def measure_delta_scores(cfg):
@@ -409,8 +406,7 @@ def measure_step(cfg, ratio):
     model = Transformer(cfg)
     scores = {name: torch.rand(p.shape) + (name == "embed_tokens.weight") for name, p in model.named_parameters()}
     opt = allo.MaskedAdamW(model.named_parameters(), allo.select_masks(scores, ratio))
-    with train_module(False) as train:
-        batch_loss(train, model, tiny_batch(cfg, 2, 8), "sft").backward()
+    batch_loss(model, tiny_batch(cfg, 2, 8), "sft").backward()
     return allocator_peak(lambda _: opt.step())
 
 
@@ -430,8 +426,7 @@ def check_exact(cfg, ratio, wdtype=torch.float32):
     scores = {name: torch.rand(p.shape) for name, p in model.named_parameters()}
     masks = allo.select_masks(scores, ratio)
     opt = allo.MaskedAdamW(model.named_parameters(), masks)
-    with train_module(False) as train:
-        batch_loss(train, model, tiny_batch(cfg, 2, 8), "sft").backward()
+    batch_loss(model, tiny_batch(cfg, 2, 8), "sft").backward()
     opt.step()  # the state exists from the constructor; a step must not change its size
     n = param_counts(cfg)["total"]
     return [("parameters", w * n, sum(p.nbytes for p in model.parameters())),
