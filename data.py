@@ -14,7 +14,9 @@ import json
 import math
 import os
 import re
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import sentencepiece as spm
 import torch
@@ -49,33 +51,151 @@ def fsync(path):
         os.close(fd)
 
 
+def replace_dir(tmp, folder):
+    """Put the complete directory tmp in the place of `folder` (which may exist): its files are
+    flushed to disk, then two renames, the old folder removed last."""
+    for name in os.listdir(tmp):
+        if os.path.isfile(os.path.join(tmp, name)):
+            fsync(os.path.join(tmp, name))
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync(os.path.dirname(os.path.abspath(folder)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
-# tokenizer
+# tokenizers
+
+
+class DataError(Exception):
+    """A bad input file or value; the message is "path[:line]: what is wrong" (one line, for the CLI)."""
 
 
 class Tokenizer:
-    """A SentencePiece model with explicit BOS/EOS/PAD ids."""
+    """A SentencePiece tokenizer.model (Llama 2, TinyLlama, Mistral; the embedded task's) with
+    explicit BOS/EOS/PAD ids. encode() adds no special token; decode() drops them."""
 
-    def __init__(self, model_path):
-        with open(model_path, "rb") as f:
-            self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+    def __init__(self, model_path, bos=None, eos=None, pad=None):
+        try:
+            with open(model_path, "rb") as f:
+                self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0][:80]})") from None
+        if self.sp.vocab_size() == 0:
+            raise DataError(f"{model_path}: not a SentencePiece model (empty)")
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_path}: the tokenizer has no BOS or EOS piece")
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id  # Llama: no pad
+        self.bos_id = self.special(model_path, bos, self.sp.bos_id(), "BOS", "--bos-token")
+        self.eos_id = self.special(model_path, eos, self.sp.eos_id(), "EOS", "--eos-token")
+        self.pad_id = self.special(model_path, pad, self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id,
+                                   "PAD", "--pad-token")  # Llama: no pad piece, EOS pads
         self.specials = {self.bos_id, self.eos_id, self.pad_id}
+
+    def special(self, path, piece, default, what, flag):
+        """The id of `piece` (a flag's override) or the model's own, which must exist."""
+        i = default if piece is None else self.sp.piece_to_id(piece)
+        if piece is not None and (i == self.sp.unk_id() and piece != self.sp.id_to_piece(i)):
+            raise DataError(f"{path}: {flag} {piece!r} is not a piece of this tokenizer")
+        if i < 0:
+            raise DataError(f"{path}: the tokenizer has no {what} piece; name one with {flag}")
+        return i
 
     def encode(self, text):
         return self.sp.encode(text)  # no BOS/EOS
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids if int(i) not in self.specials])
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (Llama 3.x, SmolLM2 and other BPE tokenizers) through the
+    `tokenizers` package, imported only here. BOS, EOS and PAD are the tokenizer's own, from
+    tokenizer_config.json or special_tokens_map.json beside it, unless given; PAD defaults to EOS.
+    encode() adds no special token (the post-processor's BOS is not added); decode() drops them."""
+
+    def __init__(self, path, bos=None, eos=None, pad=None):
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise DataError(f"{path}: a tokenizer.json needs the `tokenizers` package: pip install tokenizers") from None
+        try:
+            self.tk = Backend.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception for every bad file
+            raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0][:80]})") from None
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        named = special_tokens(os.path.dirname(path))
+        self.bos_id = self.special(path, bos or named.get("bos_token"), "BOS", "--bos-token")
+        self.eos_id = self.special(path, eos or named.get("eos_token"), "EOS", "--eos-token")
+        pad = pad or named.get("pad_token")
+        self.pad_id = self.eos_id if pad is None else self.special(path, pad, "PAD", "--pad-token")
+        self.specials = {self.bos_id, self.eos_id, self.pad_id}
+
+    def special(self, path, token, what, flag):
+        i = None if token is None else self.tk.token_to_id(token)
+        if i is None:
+            said = "the tokenizer names none" if token is None else f"{token!r} is not one of its tokens"
+            raise DataError(f"{path}: no {what} token ({said}); name one with {flag}")
+        return i
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tk.decode([int(i) for i in ids if int(i) not in self.specials], skip_special_tokens=False)
+
+
+def special_tokens(folder):
+    """{"bos_token": str, "eos_token": ..., "pad_token": ...} from tokenizer_config.json, then
+    special_tokens_map.json, in folder (each value a string or {"content": str}); missing ones absent."""
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not readable JSON ({e})") from None
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = config.get(key) if isinstance(config, dict) else None
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class TokenizerFile:
+    """A tokenizer's path with special tokens that override its own (token strings, None: its own)."""
+    path: str
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+
+
+def load_tokenizer(spec):
+    """A SentencePiece tokenizer.model or a Hugging Face tokenizer.json. spec: a path (the file, or
+    a model directory holding one, tokenizer.model first) or a TokenizerFile."""
+    spec = spec if isinstance(spec, TokenizerFile) else TokenizerFile(spec)
+    path, bos, eos, pad = spec.path, spec.bos, spec.eos, spec.pad
+    if os.path.isdir(path):
+        found = [os.path.join(path, f) for f in ("tokenizer.model", "tokenizer.json")
+                 if os.path.exists(os.path.join(path, f))]
+        if not found:
+            raise DataError(f"{path}: holds neither tokenizer.model nor tokenizer.json")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such tokenizer file")
+    kind = HFTokenizer if path.endswith(".json") else Tokenizer
+    return kind(path, bos, eos, pad)
 
 
 def train_tokenizer(texts, path, vocab_size, max_number=None):
@@ -103,50 +223,104 @@ def train_tokenizer(texts, path, vocab_size, max_number=None):
 # -----------------------------------------------------------------------------
 # prompts and answers
 
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+ANSWER_FORMATS = ("auto", "gsm8k", "the-answer-is", "last-number")
 ANSWER_MARKER = re.compile(r"the answer is", re.IGNORECASE)
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
-def prompt_text(question):
-    return f"Question: {question}\nAnswer:"
+def prompt_text(question, template=DEFAULT_TEMPLATE):
+    """The prompt of a question: the template with {question} replaced (other braces kept as
+    they are, so few-shot and chat templates need no escaping)."""
+    return template.replace("{question}", question)
 
 
-def extract_answer(text):
-    """Text after the last "The answer is" (any case), stripped, one trailing period dropped;
-    None when the marker is absent."""
-    matches = list(ANSWER_MARKER.finditer(text))
-    if not matches:
+def read_template(value):
+    """--prompt-template: a string with {question}, or @file whose text is one."""
+    text = value
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{value[1:]}: cannot read the prompt template ({e})") from None
+    if "{question}" not in text:
+        raise DataError(f"--prompt-template {value[:40]!r}: has no {{question}} to fill in")
+    return text
+
+
+def extract_answer(text, fmt="auto"):
+    """The final answer a text states, or None:
+      gsm8k          the text after the last "####" (its first line)
+      the-answer-is  the text after the last "The answer is" (any case)
+      last-number    the last number
+      auto           the first of these three that finds one.
+    Stripped, one trailing period dropped."""
+    if fmt not in ANSWER_FORMATS:
+        raise ValueError(f"answer format {fmt!r}: expected one of {ANSWER_FORMATS}")
+    if fmt == "auto":
+        return next((a for f in ANSWER_FORMATS[1:] if (a := extract_answer(text, f)) is not None), None)
+    if fmt == "last-number":
+        numbers = NUMBER.findall(text)
+        answer = numbers[-1] if numbers else None
+    elif fmt == "gsm8k":
+        answer = text.rsplit("####", 1)[1].strip().split("\n")[0] if "####" in text else None
+    else:
+        matches = list(ANSWER_MARKER.finditer(text))
+        answer = text[matches[-1].end():] if matches else None
+    if answer is None:
         return None
-    answer = text[matches[-1].end():].strip()
+    answer = answer.strip()
     return answer[:-1].strip() if answer.endswith(".") else answer
 
 
-def is_correct(response, answer):
-    pred = extract_answer(response)
-    return pred is not None and pred.lower() == answer.strip().lower()
+def normalize_answer(answer):
+    """An answer as compared: lower case, without commas, "$", a trailing period and a trailing
+    ".0" ("$1,200.0." and "1200" are the same answer)."""
+    a = answer.strip().lower().replace(",", "").replace("$", "").strip().rstrip(".").strip()
+    return a[:-2] if a.endswith(".0") and a[:-2].lstrip("-").isdigit() else a
+
+
+def is_correct(response, answer, fmt="auto"):
+    """The response states `answer` (the reference's final answer), read in format fmt."""
+    pred = extract_answer(response, fmt)
+    return pred is not None and normalize_answer(pred) == normalize_answer(answer)
 
 
 # -----------------------------------------------------------------------------
 # JSONL
 
 
-class DataError(Exception):
-    """A bad input file; the message is "path:line: what is wrong" (one line, for the CLI)."""
-
-
 FIELDS = {"sft": ("input", "output"), "pairs": ("prompt", "chosen", "rejected"),
-          "forget": ("prompt", "response")}
+          "forget": ("prompt", "response"), "questions": ("question", "answer"),
+          "rewrites": ("prompt", "response", "rewrite")}
+
+
+class Rows(list):
+    """The rows of a JSONL file, with where each came from: rows.where(i) -> "path:line"."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.lines = path, []
+
+    def where(self, i):
+        return f"{self.path}:{self.lines[i]}"
 
 
 def read_jsonl(path, kind, tok=None):
     """Rows of a JSONL file of the given kind, each checked:
-      sft:    {"input": str, "output": str}
-      pairs:  {"prompt": str, "chosen": str, "rejected": str}   (TRL / ALLO release format)
-      forget: {"prompt": str, "response": str, "weights": [number >= 0, ...] (optional)}
+      questions: {"question": str, "answer": str}   (GSM8K's format: answer = the reference
+                 solution, ending in "#### <final answer>" or "The answer is <final answer>.")
+      sft:       {"input": str, "output": str}, or questions rows
+      pairs:     {"prompt": str, "chosen": str, "rejected": str}   (TRL / ALLO release format)
+      forget:    {"prompt": str, "response": str, "weights": [number >= 0, ...] (optional)}
+      rewrites:  {"prompt": str, "response": str, "rewrite": str, "first_error": int (optional)}
     With tok, forget weights must have one entry per token of tok.encode(response).
-    Blank lines are skipped; other fields are kept. Raises DataError("path:line: ...")."""
+    Blank lines are skipped; other fields are kept. Raises DataError("path:line: ...").
+    Returns Rows (a list that knows each row's line)."""
     if kind not in FIELDS:
         raise ValueError(f"kind {kind!r}: expected one of {sorted(FIELDS)}")
-    rows = []
+    rows = Rows(path)
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -166,7 +340,8 @@ def read_jsonl(path, kind, tok=None):
                 raise DataError(f"{where} malformed JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where} expected a JSON object, got {type(row).__name__}")
-            for field in FIELDS[kind]:
+            questions = kind == "sft" and "input" not in row and "question" in row
+            for field in FIELDS["questions" if questions else kind]:
                 if field not in row:
                     raise DataError(f"{where} missing field {field!r}")
                 if not isinstance(row[field], str):
@@ -174,7 +349,11 @@ def read_jsonl(path, kind, tok=None):
                                     f"got {type(row[field]).__name__}")
             if kind == "forget" and "weights" in row:
                 check_weights(row, where, tok)
+            first = row.get("first_error", -1) if kind == "rewrites" else -1
+            if isinstance(first, bool) or not isinstance(first, int):
+                raise DataError(f"{where} field 'first_error' must be an integer, got {first!r}")
             rows.append(row)
+            rows.lines.append(lineno)
     return rows
 
 

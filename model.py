@@ -262,12 +262,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> list[list[int]]:
+                 use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
         """Continue each prompt; returns the new tokens of each row, its EOS not included.
 
         Prompts of different lengths are left-padded into one batch; each row stops at its own
         EOS. temperature 0 is greedy; otherwise softmax(logits / temperature), restricted to the
-        top-p nucleus, sampled with `generator` (so a seed reproduces the samples). With
+        top-p nucleus, sampled with `generator` (so a seed reproduces the samples). vocab_size:
+        only ids below it are generated (a tokenizer smaller than the model's embedding). With
         use_cache=False every step recomputes the whole prefix (the reference for the cache).
         """
         device = self.embed_tokens.weight.device
@@ -283,7 +284,7 @@ class Transformer(nn.Module):
         step_ids = ids
         for _ in range(max_new_tokens):
             with autocast(device):
-                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1].float()  # [B,V]
+                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1, :vocab_size].float()  # [B,V]
             nxt = sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out.append(nxt)

@@ -43,7 +43,7 @@ import torch
 import allo
 import train
 from data import DataError, atomic_path, write_json
-from eval import Evaluator
+from eval import run_evaluator
 from model import Transformer, pick_device
 from trainer import UsageError
 
@@ -148,11 +148,11 @@ def run_study(opts, a):
     for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
         train.need(os.path.join(run, stage, "stage.json"), stage)
     os.makedirs(root, exist_ok=True)
-    evaluate = Evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
+    evaluate = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
           f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft_metrics = evaluate(os.path.join(run, "sft"))
-    shared = dict(tokenizer=os.path.join(run, "tokenizer.model"), beta=a.beta, device=device)
+    shared = dict(tokenizer=os.path.join(run, "task", "tokenizer.model"), beta=a.beta, device=device)
     forget_args = dict(shared, data=os.path.join(run, "rewriter", "forget_weighted.jsonl"), lr=a.forget_lr,
                        steps=a.forget_steps)
     learn_args = dict(shared, data=os.path.join(run, "sample", "pairs.jsonl"), steps=a.dpo_steps, nll=a.nll)

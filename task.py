@@ -1,5 +1,10 @@
 """The embedded task: multi-step arithmetic word problems generated from a seed, no downloads.
 
+It enters the pipeline only as data, through the same path as a user's GSM8K-format files:
+write_task() writes its splits as {"question", "answer"} rows (answer = the reference solution),
+its SFT demonstrations as {"input", "output"} rows and its tokenizer; write_rewrites() writes the
+minimal correction of each wrong response the sample stage found, for the rewriter.
+
     question: Mia has 14 apples. She buys 7 more. Then she gives away 5.
               How many apples does Mia have now?
     solution: 14 + 7 = 21. 21 - 5 = 16. The answer is 16.
@@ -13,12 +18,13 @@ fraction of the 3-step ones a step early, an unaligned habit the SFT model learn
 preference stages should unlearn. The README tells how these settings were chosen.
 """
 
-import json
+import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 
-from data import is_correct, prompt_text, train_tokenizer
+from data import is_correct, prompt_text, replace_dir, train_tokenizer, write_json, write_jsonl
 
 MIN_STEPS, MAX_STEPS, MAX_OPERAND, MAX_VALUE, OPS = 2, 3, 9, 49, ("+", "-")
 LAZY_RATE = 0.6  # fraction of the SFT demonstrations of 3-step problems that stop a step early
@@ -104,9 +110,34 @@ def make_splits(seed, n_train, n_val, n_test, **difficulty):
     return splits
 
 
-def load_problems(path):
-    with open(path) as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
+def write_task(folder, *, seed, n_train, n_val, n_test, lazy_rate, **difficulty):
+    """The task's files, written into a temporary folder renamed to `folder` when complete:
+    train/val/test.jsonl ({"question", "answer"}, GSM8K's format with "The answer is N." endings),
+    sft.jsonl (the training problems' demonstrations, {"input", "output"}, lazy_rate of the 3-step
+    ones stopping early), tokenizer.model, and task.json (these settings)."""
+    settings = dict(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, lazy_rate=lazy_rate, **difficulty)
+    splits = make_splits(seed, n_train, n_val, n_test, **difficulty)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, problems in splits.items():
+        write_jsonl(os.path.join(tmp, f"{name}.jsonl"), [{"question": p.question, "answer": p.solution}
+                                                         for p in problems])
+    write_jsonl(os.path.join(tmp, "sft.jsonl"), sft_examples(splits["train"], lazy_rate, seed))
+    train_task_tokenizer(os.path.join(tmp, "tokenizer.model"), **difficulty)
+    write_json(os.path.join(tmp, "task.json"), settings)
+    replace_dir(tmp, folder)
+
+
+def write_rewrites(forget, path):
+    """The minimal correction of each wrong response of the forgetting rows (which carry their
+    question, reference solution and final answer), as {"prompt", "response", "rewrite",
+    "first_error"} rows: the rewriter's targets, with the char index of the first error."""
+    rows = []
+    for r in forget:
+        rewrite, first = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
+        rows.append({"prompt": r["prompt"], "response": r["response"], "rewrite": rewrite, "first_error": first})
+    write_jsonl(path, rows)
 
 
 # ----------------------------------------------------------------------------- SFT demonstrations
@@ -177,7 +208,7 @@ def correct_response(problem, response):
             parts += [response[end:m.start()], r]
             end = m.end()
         corrected = "".join(parts) + response[end:]
-        if is_correct(corrected, problem.answer):
+        if is_correct(corrected, problem.answer, "the-answer-is"):
             return (response, -1) if first < 0 else (corrected, first)
     target = response[:len(response) - len(response.lstrip())] + problem.solution  # the response's leading space
     first = next((i for i, (a, b) in enumerate(zip(response, target)) if a != b), min(len(response), len(target)))

@@ -30,6 +30,7 @@ files and prints. A checkpoint resumes under any number of processes with the sa
 """
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -41,8 +42,9 @@ import torch
 import allo
 import parallel
 import task
-from data import DataError, Tokenizer, collate, is_correct, prompt_text, read_jsonl, write_json, write_jsonl
-from eval import accuracy, evaluate_run, flag_quality, generate_ids, markdown_table
+from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, TokenizerFile, collate, is_correct, prompt_text,
+                  read_jsonl, read_template, write_json, write_jsonl)
+from eval import accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, markdown_table, reference_answers
 from model import ModelConfig, Transformer, autocast, pick_device
 from trainer import (Norms, TrainConfig, UsageError, begin, dpo_batch_loss, finish, fit, full_masks, load_masks,
                      load_model, n_scored, need, npo_batch_loss, pair_batch, pair_rows, rank_batch, reference_logps,
@@ -53,24 +55,22 @@ STAGES = ["sft", "sample", "warmup", "mask", "rewriter", "forget", "learn"]
 
 # ----------------------------------------------------------------------------- sft
 
-def stage_sft(*, run, out, n_train, n_val, n_test, difficulty, lazy_rate, arch, steps, lr, eval_n, cfg, device):
-    """The starting point: the embedded task's splits and tokenizer written into `run`, then a Llama
-    of shape `arch` trained from scratch on its (imperfect) demonstrations; validation accuracy on
-    the first eval_n validation questions."""
-    t0, _ = begin(out)
-    os.makedirs(os.path.join(run, "task"), exist_ok=True)
-    splits = task.make_splits(cfg.seed, n_train, n_val, n_test, **difficulty)
-    if parallel.is_main():
-        for name, problems in splits.items():
-            write_jsonl(os.path.join(run, "task", f"{name}.jsonl"), [p.__dict__ for p in problems])
-        task.train_task_tokenizer(os.path.join(run, "tokenizer.model"), **difficulty)
-    parallel.barrier()
-    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
-    torch.manual_seed(cfg.seed)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=cfg.max_len, **arch)).to(device)
-    print(f"sft: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-          f"{len(splits['train'])} training problems, device {device}")
-    rows = task.sft_examples(splits["train"], lazy_rate, cfg.seed)
+def stage_sft(*, tokenizer, data, out, steps, lr, cfg, device, model=None, arch=None, template=DEFAULT_TEMPLATE,
+              eval_questions=None, eval_n=200, answer_format="auto", stop=(), max_new_tokens=64):
+    """The starting point: SFT of `model` (a checkpoint directory) or, without one, of a new Llama of
+    shape `arch` (a dict of ModelConfig fields) on `data`: {"input", "output"} rows, or questions
+    rows whose target is their reference solution under the prompt template. Validation: greedy
+    accuracy on the first eval_n questions of eval_questions."""
+    t0, tok = begin(out, tokenizer)
+    rows = [r if "input" in r else {"input": prompt_text(r["question"], template), "output": " " + r["answer"]}
+            for r in read_jsonl(data, "sft")]
+    if model:
+        policy = load_model(model, device, tok)
+    else:
+        torch.manual_seed(cfg.seed)
+        policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=cfg.max_len, **arch)).to(device)
+    print(f"sft: {policy.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(rows)} training "
+          f"examples, device {device}")
     counted = set()
 
     def batch_at(i):
@@ -81,66 +81,79 @@ def stage_sft(*, run, out, n_train, n_val, n_test, difficulty, lazy_rate, arch, 
             report_truncation("sft", b["n_truncated"], "examples")
         return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
-    fit("sft", model, full_masks(model), batch_at, lambda net, b, norms: sft_batch_loss(net, b, norms, device),
+    fit("sft", policy, full_masks(policy), batch_at, lambda net, b, norms: sft_batch_loss(net, b, norms, device),
         out, steps=steps, lr=lr, cfg=cfg)
     val_acc = None
-    if parallel.is_main():  # validation on rank 0 only; the others wait in finish()
-        val_acc = accuracy(model, tok, splits["val"][:eval_n])
-        print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {min(eval_n, len(splits['val']))} questions")
-    return finish("sft", out, t0, device, model, trained_fraction=1.0, val_accuracy=val_acc)
+    if eval_questions and parallel.is_main():  # validation on rank 0 only; the others wait in finish()
+        questions = read_jsonl(eval_questions, "questions")[:eval_n]
+        val_acc = accuracy(policy, tok, questions, template, answer_format, stop, max_new_tokens)
+        print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {len(questions)} questions")
+    return finish("sft", out, t0, device, policy, trained_fraction=1.0, val_accuracy=val_acc)
 
 
 # ----------------------------------------------------------------------------- Stage 0: sample
 
-def stage_sample(*, model, tokenizer, task_dir, out, k, temperature, top_p, max_new_tokens, max_pairs, correct,
-                 gold_chosen, n_sample, seed, device):
-    """K responses per question at `temperature`; correct = same final answer (the paper) and, with
-    correct="steps", every step right too; duplicates dropped. Pairs: every (correct, wrong) of a
-    question, at most max_pairs drawn with the seed. Forgetting set: every wrong response. The val
-    and test questions give held-out pairs. Each process samples its contiguous share of the
-    questions with seed + rank; the token ids are gathered in question order."""
+def stage_sample(*, model, tokenizer, questions, out, k, temperature, top_p, max_new_tokens, max_pairs, seed, device,
+                 eval_questions=(), template=DEFAULT_TEMPLATE, stop=(), answer_format="auto", correct="answer",
+                 gold_chosen=False, n_sample=0):
+    """K responses per question of `questions` (the first n_sample, 0 = all) at `temperature`, cut at
+    the first stop string; correct = the reference's final answer (the paper) and, with
+    correct="steps", every step of the reference solution too (the embedded task's step checker).
+    Duplicates dropped. Writes out/pairs.jsonl: every (correct, wrong) of a question, at most
+    max_pairs drawn with the seed; out/forget.jsonl: every wrong response, with its question and
+    reference solution; out/<name>_pairs.jsonl: held-out pairs of each file <name>.jsonl of
+    eval_questions. Each process samples its contiguous share of the questions with seed + rank;
+    the token ids are gathered in question order."""
     t0, tok = begin(out, tokenizer)
     policy = load_model(model, device, tok)
     rng = random.Random(seed)
+    files = [("train", questions, "pairs.jsonl")]
+    files += [(name, path, f"{name}_pairs.jsonl") for path in eval_questions
+              for name in [os.path.splitext(os.path.basename(path))[0]]]
+    if len({f[2] for f in files}) < len(files):
+        raise UsageError(f"--eval-questions {' '.join(eval_questions)}: two files of one name")
     stats = {}
-    for split in ("train", "val", "test"):
-        problems = task.load_problems(os.path.join(task_dir, f"{split}.jsonl"))
-        if split == "train":
-            problems = problems[:n_sample] if n_sample else problems
-        prompts = [prompt_text(p.question) for p in problems]
+    for split, path, pairs_file in files:
+        rows = read_jsonl(path, "questions")
+        answers = reference_answers(rows)
+        rows, answers = (rows[:n_sample], answers[:n_sample]) if split == "train" and n_sample else (rows, answers)
+        prompts = [prompt_text(r["question"], template) for r in rows]
         mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(k)]  # K per question
         ids = generate_ids(policy, tok, mine, max_new_tokens, temperature, top_p, seed + parallel.rank())
         ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
-        texts = [tok.decode(t) for t in ids]  # K per question, every question in order
-        pairs, forget, stats[split] = sample_rows(problems, prompts, texts, k, correct, gold_chosen, max_pairs, rng)
+        texts = [cut_at_stop(tok.decode(t), stop) for t in ids]  # K per question, every question in order
+        pairs, forget, stats[split] = sample_rows(rows, answers, prompts, texts, k, correct, answer_format,
+                                                  gold_chosen, max_pairs, rng)
         if parallel.is_main():
-            write_jsonl(os.path.join(out, f"{split}_pairs.jsonl" if split != "train" else "pairs.jsonl"), pairs)
+            write_jsonl(os.path.join(out, pairs_file), pairs)
             if split == "train":
                 write_jsonl(os.path.join(out, "forget.jsonl"), forget)
-        print(f"sample {split}: {len(problems)} questions x {k}: final answer right in "
+        print(f"sample {split}: {len(rows)} questions x {k}: final answer right in "
               f"{100 * stats[split]['sample_accuracy']:.1f}%, counted correct (--correct {correct}) "
               f"{100 * stats[split]['steps_correct']:.1f}%; {len(pairs)} pairs, {len(forget)} wrong responses")
     return finish("sample", out, t0, device, **stats)
 
 
-def sample_rows(problems, prompts, texts, k, correct, gold_chosen, max_pairs, rng):
+def sample_rows(rows, answers, prompts, texts, k, correct, answer_format, gold_chosen, max_pairs, rng):
     """(pairs, forgetting rows, stats) from K sampled texts per question."""
     pairs, forget, n_correct, n_right = [], [], 0, 0
-    for qi, (p, prompt) in enumerate(zip(problems, prompts)):
+    for qi, (row, answer, prompt) in enumerate(zip(rows, answers, prompts)):
         drawn = [" " + t.strip() for t in texts[qi * k:(qi + 1) * k]]
-        right = [is_correct(s, p.answer) and (correct == "answer" or task.steps_correct(p, s)) for s in drawn]
-        n_correct += sum(is_correct(s, p.answer) for s in drawn)
+        final = [is_correct(s, answer, answer_format) for s in drawn]
+        problem = task.Problem(row["question"], row["answer"], answer)
+        right = [ok and (correct == "answer" or task.steps_correct(problem, s)) for s, ok in zip(drawn, final)]
+        n_correct += sum(final)
         n_right += sum(right)
         good = list(dict.fromkeys(s for s, ok in zip(drawn, right) if ok))
         bad = list(dict.fromkeys(s for s, ok in zip(drawn, right) if not ok))
         if not good and gold_chosen:  # not in the paper: the reference stands in as chosen
-            good = [" " + p.solution]
+            good = [" " + row["answer"]]
         combos = [(c, w) for c in good for w in bad]
         for c, w in rng.sample(combos, min(max_pairs, len(combos))):
             pairs.append({"prompt": prompt, "chosen": c, "rejected": w})
-        forget += [{"prompt": prompt, "response": w, "question": p.question, "reference": p.solution,
-                    "answer": p.answer} for w in bad]
-    stats = {"questions": len(problems), "sample_accuracy": n_correct / max(1, len(texts)),
+        forget += [{"prompt": prompt, "response": w, "question": row["question"], "reference": row["answer"],
+                    "answer": answer} for w in bad]
+    stats = {"questions": len(rows), "sample_accuracy": n_correct / max(1, len(texts)),
              "steps_correct": n_right / max(1, len(texts)), "pairs": len(pairs), "wrong_responses": len(forget)}
     return pairs, forget, stats
 
@@ -228,26 +241,37 @@ def rewriter_prompt(row):
     return f"Question: {row['question']}\nDraft:{row['response']}\nReference: {row['reference']}\nRewrite:"
 
 
-def stage_rewriter(*, model, tokenizer, data, pairs, out, steps, lr, tau, weights_mode, cfg, device):
-    """Stage 2a: train the rewriter (a copy of `model`) to turn (question, response, reference) into
-    the minimally corrected response (correct responses, the chosen side of `pairs`, are rewrites
-    of themselves, as in RLMEC); then score every wrong response of `data`: p_t of each of its
-    tokens, unaligned = p_t < tau. Writes out/forget_weighted.jsonl."""
+def stage_rewriter(*, model, tokenizer, data, out, steps, lr, tau, weights_mode, cfg, device, rewrites=None,
+                   pairs=None):
+    """Stage 2a: train the rewriter, a copy of `model`, to turn (question, wrong response, reference
+    solution) into the response minimally corrected, then score every wrong response of `data`
+    (forgetting rows with their "question" and "reference"): p_t of each of its tokens, unaligned =
+    p_t < tau. The target of a wrong response is its rewrite in `rewrites` ({"prompt", "response",
+    "rewrite"}, e.g. written by a stronger model) or else, a weaker proxy, the reference solution;
+    the correct responses (the chosen side of `pairs`) are rewrites of themselves, as in RLMEC.
+    Writes out/forget_weighted.jsonl."""
     t0, tok = begin(out, tokenizer)
     forget = read_jsonl(data, "forget")
+    for i, r in enumerate(forget):
+        if not all(isinstance(r.get(f), str) for f in ("question", "reference")):
+            raise DataError(f"{forget.where(i)}: the rewriter needs the fields 'question' and 'reference' "
+                            "(the sample stage writes them)")
+    given = {(r["prompt"], r["response"]): r for r in (read_jsonl(rewrites, "rewrites") if rewrites else [])}
+    fixes = [given.get((r["prompt"], r["response"])) for r in forget]
+    lead = [r["response"][:len(r["response"]) - len(r["response"].lstrip())] for r in forget]  # its leading space
+    examples = [(rewriter_prompt(r), fix["rewrite"] if fix else space + r["reference"])  # (prompt, target)
+                for r, fix, space in zip(forget, fixes, lead)]
     by_prompt = {r["prompt"]: r for r in forget}
-    # (corrected response, char index of its first error) of each wrong response
-    fixes = [task.correct_response(task.Problem(r["question"], r["reference"], r["answer"]), r["response"])
-             for r in forget]
-    examples = [(rewriter_prompt(r), fixed) for r, (fixed, _) in zip(forget, fixes)]  # (prompt, target rewrite)
-    for p in read_jsonl(pairs, "pairs"):  # correct responses: the rewrite is the response itself
+    for p in read_jsonl(pairs, "pairs") if pairs else []:  # correct responses: the rewrite is the response itself
         if p["prompt"] in by_prompt:
             examples.append((rewriter_prompt({**by_prompt[p["prompt"]], "response": p["chosen"]}), p["chosen"]))
     examples = list(dict.fromkeys(examples))
     if not examples:
-        raise UsageError("rewriter: no wrong responses to rewrite (the sample stage found none)")
+        raise UsageError(f"{data}: no wrong responses to rewrite")
     rewriter = load_model(model, device, tok)
-    print(f"rewriter: {len(examples)} rewrite examples")
+    n_given = sum(f is not None for f in fixes)
+    print(f"rewriter: {len(examples)} rewrite examples; of {len(forget)} wrong responses {n_given} with a given "
+          f"rewrite, {len(forget) - n_given} with the reference solution as target")
     max_len = 3 * cfg.max_len
 
     def batch_at(i):
@@ -260,14 +284,17 @@ def stage_rewriter(*, model, tokenizer, data, pairs, out, steps, lr, tau, weight
     scored = score_tokens(rewriter, tok, forget, tau, weights_mode, cfg.batch_size, max_len, device)
     if parallel.is_main():
         write_jsonl(os.path.join(out, "forget_weighted.jsonl"), scored)
-    recall, precision, found = flag_quality(tok, scored, [at for _, at in fixes], tau)
-    n_flag = sum(sum(w > 0 for w in s["weights"]) for s in scored)
-    n_all = sum(len(s["weights"]) for s in scored)
-    print(f"rewriter: {n_flag}/{n_all} response tokens unaligned (p_t < {tau}); first wrong step found in "
-          f"{100 * recall:.1f}% of {found} wrong responses; {100 * precision:.1f}% of flagged tokens lie at or "
-          "after it")
-    return finish("rewriter", out, t0, device, rewriter, trained_fraction=1.0, unaligned_tokens=n_flag, tokens=n_all,
-                  first_error_recall=recall, flag_precision=precision)
+    info = {"unaligned_tokens": sum(sum(w > 0 for w in s["weights"]) for s in scored),
+            "tokens": sum(len(s["weights"]) for s in scored)}
+    line = f"rewriter: {info['unaligned_tokens']}/{info['tokens']} response tokens unaligned (p_t < {tau})"
+    errors_at = [fix.get("first_error", -1) if fix else -1 for fix in fixes]
+    if any(at >= 0 for at in errors_at):  # the first wrong step is known (the embedded task's rewrites)
+        recall, precision, found = flag_quality(tok, scored, errors_at, tau)
+        info.update(first_error_recall=recall, flag_precision=precision)
+        line += (f"; first wrong step found in {100 * recall:.1f}% of {found} wrong responses; "
+                 f"{100 * precision:.1f}% of flagged tokens lie at or after it")
+    print(line)
+    return finish("rewriter", out, t0, device, rewriter, trained_fraction=1.0, **info)
 
 
 def score_tokens(rewriter, tok, forget, tau, weights_mode, batch_size, max_len, device):
@@ -335,53 +362,99 @@ STAGE_FUNCTIONS = {"sft": stage_sft, "sample": stage_sample, "warmup": stage_war
 
 def stage_arguments(name, a, run):
     """The keyword arguments of stage `name` from the flags `a`: every input path is its flag or,
-    without one, its place in the run directory (which must exist); hyperparameters from flags."""
+    without one, its place in the run directory (which must exist); hyperparameters from flags.
+    Without --data (sft) or --questions (sample) the stage runs on the embedded task, whose files
+    task.py writes into <run>/task/."""
     def at(flag, rel, maker):  # an input: the flag, else the run directory's file written by `maker`
         return flag or need(os.path.join(run, rel), maker)
 
-    def model_at(stage):  # the run directory's model written by `stage` (its config.json must exist)
-        return os.path.dirname(need(os.path.join(run, stage, "config.json"), stage))
+    def model(stage):  # the starting model: --model, else the run directory's (its config.json must exist)
+        return a.model or os.path.dirname(need(os.path.join(run, stage, "config.json"), stage))
 
-    def model(stage):  # the starting model: the flag, else the run directory's
-        return a.model or model_at(stage)
-
-    cfg = train_config(a)
-    common = dict(out=a.out or os.path.join(run, name))
-    tokenizer = (lambda: at(a.tokenizer, "tokenizer.model", "sft"))
+    embedded = not (a.data if name == "sft" else a.questions)
+    if name == "sft" and embedded:
+        write_embedded_task(a, os.path.join(run, "task"))
+    own = a.model if a.model and any(os.path.exists(os.path.join(a.model, f)) for f in TOKENIZER_FILES) else None
+    tokenizer = TokenizerFile(at(a.tokenizer or own, "task/tokenizer.model", "sft"), a.bos_token, a.eos_token,
+                              a.pad_token)
+    cfg, template = train_config(a), read_template(a.prompt_template)
+    common = dict(out=a.out or os.path.join(run, name), tokenizer=tokenizer)
+    generation = dict(template=template, stop=tuple(a.stop), answer_format=a.answer_format,
+                      max_new_tokens=a.max_new_tokens)
     if name == "sft":
-        return dict(common, run=run, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
-                    difficulty=dict(max_operand=a.max_operand, max_value=a.max_value), lazy_rate=a.lazy_rate,
+        task_dir = os.path.join(run, "task")
+        return dict(common, **generation, model=a.model, data=a.data or os.path.join(task_dir, "sft.jsonl"),
                     arch=dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                              hidden_dim=a.hidden_dim), steps=a.sft_steps, lr=a.sft_lr, eval_n=a.eval_n, cfg=cfg)
+                              hidden_dim=a.hidden_dim), steps=a.sft_steps, lr=a.sft_lr, cfg=cfg, eval_n=a.eval_n,
+                    eval_questions=os.path.join(task_dir, "val.jsonl") if embedded else
+                    (a.eval_questions or [None])[0])
     if name == "sample":
-        return dict(common, tokenizer=tokenizer(), model=model("sft"), task_dir=os.path.dirname(
-                    need(os.path.join(run, "task", "train.jsonl"), "sft")), k=a.k, temperature=a.temperature,
-                    top_p=a.top_p, max_new_tokens=a.max_new_tokens, max_pairs=a.max_pairs, correct=a.correct,
-                    gold_chosen=a.gold_chosen, n_sample=a.n_sample, seed=a.seed)
+        questions = [at(None, f"task/{s}.jsonl", "sft") for s in ("train", "val", "test")] if embedded else \
+            [a.questions] + (a.eval_questions or [])
+        return dict(common, **generation, model=model("sft"), questions=questions[0], eval_questions=questions[1:],
+                    k=a.k, temperature=a.temperature, top_p=a.top_p, max_pairs=a.max_pairs, seed=a.seed,
+                    correct=a.correct or ("steps" if embedded else "answer"), gold_chosen=a.gold_chosen,
+                    n_sample=a.n_sample)
     if name == "mask":
         grad = a.scorer == "grad"
         return dict(common, model=model("sft"), scorer=a.scorer, grad_mode=a.grad_mode,
-                    tokenizer=tokenizer() if grad else None, data=at(a.data, "sample/pairs.jsonl", "sample")
-                    if grad else None, warmup=None if grad else model_at("warmup"),
+                    data=at(a.data, "sample/pairs.jsonl", "sample") if grad else None,
+                    warmup=None if grad else a.warmup or os.path.dirname(need(os.path.join(run, "warmup",
+                                                                                         "config.json"), "warmup")),
                     forget_ratio=a.forget_ratio, learn_ratio=a.learn_ratio, granularity=a.granularity,
                     exclude_top=a.exclude_top, beta=a.beta, cfg=cfg)
     if name == "rewriter":
-        return dict(common, tokenizer=tokenizer(), model=model("sft"), data=at(a.data, "sample/forget.jsonl",
-                    "sample"), pairs=need(os.path.join(run, "sample", "pairs.jsonl"), "sample"),
-                    steps=a.rewriter_steps, lr=a.rewriter_lr, tau=a.tau, weights_mode=a.weights_mode, cfg=cfg)
-    dpo = dict(common, tokenizer=tokenizer(), ref=a.ref, beta=a.beta, cfg=cfg)
+        return dict(common, **rewriter_inputs(a, run), model=a.rewriter_init or model("sft"), steps=a.rewriter_steps,
+                    lr=a.rewriter_lr, tau=a.tau, weights_mode=a.weights_mode, cfg=cfg)
+    dpo = dict(common, ref=a.ref, beta=a.beta, cfg=cfg)
     if name == "warmup":
         return dict(dpo, model=model("sft"), data=at(a.data, "sample/pairs.jsonl", "sample"), lr=a.dpo_lr,
                     steps=a.dpo_steps, nll=a.nll)
     if name == "forget":
         return dict(dpo, model=model("sft"), data=at(a.data, "rewriter/forget_weighted.jsonl", "rewriter"),
-                    mask=a.mask or (need(os.path.join(run, "mask", "forget.safetensors"), "mask")
-                                    if a.forget_ratio < 1 else None),
+                    mask=a.mask or (at(None, "mask/forget.safetensors", "mask") if a.forget_ratio < 1 else None),
                     lr=a.forget_lr, steps=a.forget_steps, all_tokens=a.all_tokens)
     return dict(dpo, model=model("forget"), data=at(a.data, "sample/pairs.jsonl", "sample"),
-                mask=a.mask or (need(os.path.join(run, "mask", "learn.safetensors"), "mask")
-                                if a.learn_ratio < 1 else None),
+                mask=a.mask or (at(None, "mask/learn.safetensors", "mask") if a.learn_ratio < 1 else None),
                 lr=a.learn_lr, steps=a.dpo_steps, eps=a.eps, nll=a.nll)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def rewriter_inputs(a, run):
+    """The rewriter's data, rewrites and pairs. In the run directory: its sample stage's wrong
+    responses and pairs, and, on the embedded task, task.py's minimal corrections of them."""
+    if a.data:
+        return dict(data=a.data, rewrites=a.rewrites, pairs=a.pairs)
+    data = need(os.path.join(run, "sample", "forget.jsonl"), "sample")
+    rewrites = a.rewrites
+    if not rewrites and os.path.exists(os.path.join(run, "task", "task.json")):  # the embedded task
+        rewrites = os.path.join(run, "task", "rewrites.jsonl")
+        if parallel.is_main():
+            task.write_rewrites(read_jsonl(data, "forget"), rewrites)
+        parallel.barrier()
+    return dict(data=data, rewrites=rewrites, pairs=a.pairs or need(os.path.join(run, "sample", "pairs.jsonl"),
+                                                                      "sample"))
+
+
+def write_embedded_task(a, folder):
+    """The embedded task's files in `folder` (task.write_task), unless they are there with these settings."""
+    settings = dict(seed=a.seed, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, lazy_rate=a.lazy_rate,
+                    max_operand=a.max_operand, max_value=a.max_value)
+    path = os.path.join(folder, "task.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            written = json.load(f)
+        if written == settings:
+            return
+        if not a.force:
+            key = next(k for k in settings if written.get(k) != settings[k])
+            raise UsageError(f"{folder}: the task was written with {key} {written.get(key)}, not "
+                             f"{settings[key]}; --force writes it anew (redo every stage after it)")
+    if parallel.is_main():
+        task.write_task(folder, **settings)
+    parallel.barrier()
 
 
 def train_config(a):
@@ -414,6 +487,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_input_flags(p)
+    add_task_flags(p)
     add_training_flags(p)
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
@@ -422,25 +496,44 @@ def parse_args(argv=None):
 
 
 def add_input_flags(p):
-    """What to run, the explicit inputs, the embedded task and the model trained from scratch."""
+    """What to run and its explicit inputs."""
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", choices=STAGES + ["all"], help="stage to run")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/default",
                    help="run directory; under torchrun write --run-dir (torchrun takes --run for its --run-path)")
-    g.add_argument("--force", action="store_true", help="with --stage all: redo finished stages")
+    g.add_argument("--force", action="store_true", help="redo finished stages (and rewrite the embedded task)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: a tiny version of every stage, for tests")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch, 0 = torch's default (tiny models often run fastest on 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of data, init, batch order, sampling")
-    g = p.add_argument_group("explicit inputs (override the run directory)")
-    g.add_argument("--model", help="starting model dir (HF Llama layout): sample/warmup/mask/rewriter/forget/learn")
+    g = p.add_argument_group("explicit inputs (each overrides its place in the run directory)")
+    g.add_argument("--model", help="starting model dir (Hugging Face Llama layout); sft: without it, a new model")
+    g.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: the "
+                                       "--model directory's, else <run>/task/tokenizer.model)")
+    g.add_argument("--data", help="JSONL: sft {input, output} or questions rows; pairs for warmup/mask/learn; "
+                                  "forgetting rows for rewriter/forget")
+    g.add_argument("--questions", help="sample: questions JSONL, GSM8K's format {question, answer}")
+    g.add_argument("--eval-questions", nargs="+", help="sample: questions files for held-out pairs; sft: "
+                                                       "validation accuracy on the first")
     g.add_argument("--ref", help="reference model dir for warmup/forget/learn (default: the starting model)")
-    g.add_argument("--data", help="JSONL data: pairs for warmup/mask/learn, forgetting rows for forget/rewriter")
+    g.add_argument("--warmup", help="mask: the warmup model of the delta scorer (default <run>/warmup)")
     g.add_argument("--mask", help="mask safetensors for forget/learn")
-    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default <run>/tokenizer.model)")
+    g.add_argument("--rewrites", help="rewriter: minimal-edit rewrites {prompt, response, rewrite} of the wrong "
+                                      "responses (default: on the embedded task, task.py's; otherwise each "
+                                      "targets its reference solution, a weaker proxy)")
+    g.add_argument("--pairs", help="rewriter: pairs whose chosen responses are trained as rewrites of themselves "
+                                   "(default <run>/sample/pairs.jsonl without --data)")
+    g.add_argument("--rewriter-init", help="rewriter: its starting weights (default: --model)")
     g.add_argument("--out", help="output directory of the stage (default <run>/<stage>)")
-    g = p.add_argument_group("embedded task and model (sft)")
+    g.add_argument("--bos-token", help="override the tokenizer's BOS token")
+    g.add_argument("--eos-token", help="override the tokenizer's EOS token")
+    g.add_argument("--pad-token", help="override the tokenizer's PAD token (default: its own, else EOS)")
+
+
+def add_task_flags(p):
+    """The embedded task and the model trained on it from scratch."""
+    g = p.add_argument_group("embedded task and model (sft without --data)")
     g.add_argument("--n-train", type=int, default=4000, help="training problems")
     g.add_argument("--n-val", type=int, default=500, help="validation problems, for choosing settings")
     g.add_argument("--n-test", type=int, default=500, help="held-out test problems")
@@ -454,15 +547,15 @@ def add_input_flags(p):
     g.add_argument("--n-heads", type=int, default=4, help="attention heads")
     g.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
     g.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU hidden size")
-    g.add_argument("--max-len", type=int, default=128, help="max tokens of prompt + response")
     g.add_argument("--sft-steps", type=int, default=1000, help="SFT optimizer steps")
     g.add_argument("--sft-lr", type=float, default=2e-3, help="SFT peak learning rate")
     g.add_argument("--eval-n", type=int, default=200, help="validation questions scored after SFT")
 
 
 def add_training_flags(p):
-    """Optimization, sampling and ALLO's own settings."""
+    """Optimization, sampling and generation, and ALLO's own settings."""
     g = p.add_argument_group("optimization (every training stage)")
+    g.add_argument("--max-len", type=int, default=128, help="max tokens of prompt + response")
     g.add_argument("--batch-size", type=int, default=32, help="examples (or pairs) per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >=2-D params")
@@ -476,11 +569,18 @@ def add_training_flags(p):
     g.add_argument("--k", type=int, default=8, help="samples per question")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling p")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="max generated tokens")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="max generated tokens (sampling, validation)")
     g.add_argument("--max-pairs", type=int, default=5, help="pairs kept per question")
-    g.add_argument("--correct", default="steps", choices=["steps", "answer"],
-                   help="a sample is correct when its final answer is right and (steps) every step is, or "
-                        "(answer) whatever its steps, as in the paper")
+    g.add_argument("--correct", choices=["steps", "answer"],
+                   help="a sample is correct when its final answer is right (answer, the paper's rule) and, with "
+                        "steps, every number and sign of the reference's steps too (the embedded task's step "
+                        "checker; its default there)")
+    g.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
+                   help="the prompt of a question: a string with {question}, or @file (few-shot, chat formats)")
+    g.add_argument("--stop", action="append", default=[], help="a string that ends a generation, besides EOS "
+                                                               "(repeatable)")
+    g.add_argument("--answer-format", default="auto", choices=ANSWER_FORMATS,
+                   help="how a final answer is read: auto tries '####', then 'The answer is', then the last number")
     g.add_argument("--gold-chosen", action="store_true",
                    help="questions with no correct sample pair the reference solution with the wrong ones")
     g.add_argument("--n-sample", type=int, default=1000, help="training questions to sample, 0 = all")
@@ -510,8 +610,10 @@ def add_training_flags(p):
 
 def run_all(a, run, device):
     """Every stage in order, skipping finished ones (a.force redoes them), then the test table."""
-    if a.out or a.model or a.data or a.mask:
-        raise UsageError("--out/--model/--data/--mask name one stage's inputs: use them with --stage")
+    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "model", "data", "mask", "questions", "rewrites", "warmup",
+                                                       "pairs", "rewriter_init") if getattr(a, k)]
+    if explicit:
+        raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
     t0 = time.time()
     for stage in STAGES:
         if not a.force and os.path.exists(os.path.join(run, stage, "stage.json")):

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 import parallel
-from data import Tokenizer, atomic_path, collate, write_json
+from data import atomic_path, collate, load_tokenizer, write_json
 from model import Transformer, autocast
 
 
@@ -57,9 +57,10 @@ class Norms:
 # ----------------------------------------------------------------------------- a stage's inputs and outputs
 
 def begin(out, tokenizer=None):
-    """A stage's start: its clock, its output directory and, if it reads text, its tokenizer."""
+    """A stage's start: its clock, its output directory and, if it reads text, its tokenizer (a
+    path or a data.TokenizerFile)."""
     os.makedirs(out, exist_ok=True)
-    return time.time(), Tokenizer(tokenizer) if tokenizer else None
+    return time.time(), load_tokenizer(tokenizer) if tokenizer else None
 
 
 def finish(stage, out, t0, device, model=None, **info):

@@ -113,8 +113,37 @@ def test_difficulty_knobs():
     ("no marker here 42.", None),
     ("", None),
 ])
-def test_extract_answer(text, expected):
-    assert data.extract_answer(text) == expected
+def test_extract_answer_the_answer_is(text, expected):
+    assert data.extract_answer(text, "the-answer-is") == expected
+
+
+@pytest.mark.parametrize("text, fmt, expected", [
+    # GSM8K: the text after the last "####", its first line
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "gsm8k", "72"),
+    ("#### 1,200\nQuestion: next one", "gsm8k", "1,200"),
+    ("a #### 3 then #### 4.", "gsm8k", "4"),
+    ("The answer is 5.", "gsm8k", None),
+    # the last number: signs, commas, decimals, dollars
+    ("I had 3 and got -12.5 in the end.", "last-number", "-12.5"),
+    ("It costs $1,234 in all.", "last-number", "$1,234"),
+    ("no digits", "last-number", None),
+    # auto: "####" first, then "The answer is", then the last number
+    ("The answer is 7. #### 8", "auto", "8"),
+    ("2 + 3 = 5. The answer is 5. Then 9.", "auto", "5. Then 9"),
+    ("2 + 3 = 5, so 5", "auto", "5"),
+    ("nothing", "auto", None),
+])
+def test_extract_answer_formats(text, fmt, expected):
+    assert data.extract_answer(text, fmt) == expected
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("1,200", "1200", True), ("$1,200.0", "1200", True), ("72.", "72", True), ("72.0", "72", True),
+    ("-3.0", "-3", True), ("7.5", "7.50", False), ("72.05", "72", False), ("Two", " two ", True),
+    ("0.0", "0", True), ("12", "2", False),
+])
+def test_answers_compare_after_normalizing(a, b, same):
+    assert (data.normalize_answer(a) == data.normalize_answer(b)) == same
 
 
 def test_is_correct():
@@ -122,8 +151,22 @@ def test_is_correct():
     assert data.is_correct("THE ANSWER IS Two.", " two ")
     assert not data.is_correct("The answer is 2. The answer is 3.", "2")
     assert not data.is_correct("The answer is 12.", "2")
-    assert not data.is_correct("2", "2")
     assert not data.is_correct("", "2")
+    assert data.is_correct("2", "2") and not data.is_correct("2", "2", "the-answer-is")  # auto: the last number
+    assert data.is_correct("so she has $1,200.\n#### 1,200", "1200.0", "gsm8k")
+    with pytest.raises(ValueError):
+        data.extract_answer("x", "json")
+
+
+def test_prompt_templates(tmp_path):
+    assert data.prompt_text("Q?") == "Question: Q?\nAnswer:"
+    assert data.prompt_text("Q?", "<|user|>{question} {\"json\": 1}<|assistant|>") == '<|user|>Q? {"json": 1}<|assistant|>'
+    (tmp_path / "t.txt").write_text("Q: 1+1?\nA: 2\n\nQ: {question}\nA:")
+    assert data.read_template(f"@{tmp_path / 't.txt'}").endswith("Q: {question}\nA:")
+    with pytest.raises(DataError, match="no {question}"):
+        data.read_template("Question:")
+    with pytest.raises(DataError, match="cannot read"):
+        data.read_template(f"@{tmp_path / 'missing.txt'}")
 
 
 REF = Problem("Mia has 14 apples. She buys 7 more. Then she gives away 5. How many apples does Mia have now?",

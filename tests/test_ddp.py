@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     p = torchrun(*TWO, "--run-dir", str(two))
     assert p.returncode == 0, p.stderr
     train.main(ONE + ["--run", str(one), "--stage", "sft"])
-    for f in ("tokenizer.model", "task", "sft", "sample", "mask"):
+    for f in ("task", "sft", "sample", "mask"):
         (shutil.copytree if os.path.isdir(two / f) else shutil.copy)(two / f, ref / f)
     train.main(ONE + ["--run", str(ref), "--stage", "warmup"])
     train.main(ONE + ["--run", str(ref), "--stage", "rewriter"])
@@ -148,7 +148,7 @@ def test_rewriter_scores_under_two_processes_every_row_in_order(runs):
     two, ref = runs["two"], runs["ref"]
     forget = rows(two / "sample" / "forget.jsonl")
     scored = rows(two / "rewriter" / "forget_weighted.jsonl")
-    tok = Tokenizer(str(two / "tokenizer.model"))
+    tok = Tokenizer(str(two / "task" / "tokenizer.model"))
     assert [(r["prompt"], r["response"]) for r in scored] == [(r["prompt"], r["response"]) for r in forget]
     for r in scored:
         assert len(r["weights"]) == len(r["probs"]) == len(tok.encode(r["response"]))

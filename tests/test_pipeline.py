@@ -45,7 +45,8 @@ def test_all_stages_write_their_outputs(run):
         for f in files:
             assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
         assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints are removed when a stage ends"
-    for f in ("tokenizer.model", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl", "eval_test.json"):
+    for f in ("task/tokenizer.model", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl", "task/sft.jsonl",
+              "task/rewrites.jsonl", "eval_test.json"):
         assert os.path.exists(os.path.join(run, f)), f
     rows = json.load(open(os.path.join(run, "eval_test.json")))["rows"]
     assert [r["stage"] for r in rows] == ["sft", "warmup", "forget", "learn"]
@@ -67,7 +68,7 @@ def test_masked_stages_move_only_their_mask(run):
 
 
 def test_forget_weights_align_with_response_tokens(run):
-    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+    tok = Tokenizer(os.path.join(run, "task", "tokenizer.model"))
     rows = [json.loads(line) for line in open(os.path.join(run, "rewriter", "forget_weighted.jsonl"))]
     assert rows
     for r in rows:
@@ -78,7 +79,7 @@ def test_forget_weights_align_with_response_tokens(run):
 def test_rewriter_prompt_ends_with_the_reference_tokenized_as_the_rewrite(run):
     """The rewrite of a response whose first number is wrong starts with the reference's first
     token: the prompt must hold that token as such (not glued to "Reference:"), last."""
-    tok = Tokenizer(os.path.join(run, "tokenizer.model"))
+    tok = Tokenizer(os.path.join(run, "task", "tokenizer.model"))
     row = json.loads(open(os.path.join(run, "sample", "forget.jsonl")).readline())
     prompt, rewrite = tok.encode(train.rewriter_prompt(row)), tok.encode(" " + row["reference"])
     tail = tok.encode("\nRewrite:")
