@@ -374,6 +374,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 # 4. The masked optimizer
 
 
+def _factor(x):
+    """A Python number as the 0-dim float64 CPU tensor that torch._foreach_mul_ should multiply by.
+    On CPU, _foreach_mul_(tensors, number) rounds the number to the tensors' dtype first (bf16:
+    0.99 -> 0.98828125), Tensor.mul_(number) does not; with a 0-dim tensor both multiply in float.
+    On CUDA a CPU 0-dim tensor goes to the multi-tensor kernel as a number (scalar.item())."""
+    return torch.scalar_tensor(x, dtype=torch.float64, device="cpu")
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW (as torch.optim.AdamW) on the masked entries only: the optimizer of Stages 2 and 3.
 
@@ -382,17 +390,33 @@ class MaskedAdamW(torch.optim.Optimizer):
       first moment and decays every entry.
     - State per parameter: the flat int32 indices of its selected entries and their two moments
       (param dtype): 12 bytes per selected float32 entry against dense AdamW's 8 per entry, i.e.
-      15% of AdamW's state at a 10% mask. A full mask keeps dense moments and no indices, so the
-      full-parameter stages (SFT, DPO warmup) use this optimizer too at AdamW's cost. The step count is one int per group
-      (param_groups[i]["step"]; a parameter without .grad at a step is skipped but its bias
-      correction advances with the group). Parameters with an empty mask, or absent from
-      `masks`, get no state and are never touched.
+      15% of AdamW's state at a 10% mask. A full mask keeps dense moments (in the parameter's
+      shape) and no indices, so the full-parameter stages (SFT, DPO warmup) use this optimizer
+      too at AdamW's cost. The step count is one int per group (param_groups[i]["step"]; a
+      parameter without .grad at a step is skipped but its bias correction advances with the
+      group). Parameters with an empty mask, or absent from `masks`, get no state and are never
+      touched.
     - Decoupled weight decay only on parameters with >= 2 dims (not on norm gains or biases).
     - Reads p.grad at the selected entries only, so clipping the dense gradients first
       (torch.nn.utils.clip_grad_norm_, max norm 1.0 in the release) keeps the release's clip.
+    - Reads the weights afresh at every step (no copy of them is kept), so writing the parameters
+      between steps (p.copy_ when resuming) or replacing the state (load_state_dict) is safe.
     - lr, betas, eps, weight_decay live in param_groups: lr schedulers work as usual.
-    - state_dict() = {"state": {name: {"idx", "exp_avg", "exp_avg_sq"}} (tensors only),
+    - state_dict() = {"state": {name: {"idx", "exp_avg", "exp_avg_sq"}} (tensors only, all 1-D),
       "param_groups": [JSON-able dicts]}; save_optimizer / load_optimizer write it as safetensors.
+
+    The step is a few multi-tensor ops, not a loop of ~10 ops per tensor (on a GPU that loop is
+    bound by kernel launches). Per parameter with a partial mask it dispatches 3 ops: gather the
+    gradient and the weights at the selected entries (torch.take) and scatter the weights back
+    (put_). The arithmetic runs as torch._foreach_* ops over a bucket of tensors at once (the
+    gathered entries and the full-mask parameters themselves): 11 ops a bucket, 13 with weight
+    decay. A bucket holds at most as many entries as the group's largest parameter, so the
+    step's temporaries (int64 indices, gathered gradients and weights, the denominators' two
+    steps) are at most those of a per-tensor loop on the largest parameter, as
+    tools/memory_plan.py's step_bytes counts them; a Llama has one bucket at a 1% mask, a few at
+    10%. The ops are elementwise the same, in the same order, as that per-tensor loop (and
+    torch.optim.AdamW's), hence the same bits: on CPU a foreach op runs the single-tensor op on
+    each tensor of its lists.
     """
 
     def __init__(self, named_parameters, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -410,7 +434,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{name}: mask {tuple(mask.shape)} for a parameter "
                                  f"{tuple(p.shape)} (must match, contiguous, < 2**31 entries)")
             if mask.all():  # a full mask needs no indices: dense moments, as torch.optim.AdamW
-                self.state[p] = {"exp_avg": p.new_zeros(p.numel()), "exp_avg_sq": p.new_zeros(p.numel())}
+                # in p's shape, so that the foreach ops pair them with p and p.grad, no view needed
+                self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 continue
             idx = mask.reshape(-1).nonzero().squeeze(1).to(device=p.device, dtype=torch.int32)
             if idx.numel():
@@ -425,34 +450,60 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             group["step"] += 1
-            lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
-            bias_correction1 = 1 - beta1 ** group["step"]
-            bias_correction2_sqrt = (1 - beta2 ** group["step"]) ** 0.5
-            for p in group["params"]:
-                if p.grad is None or p not in self.state:
-                    continue
-                state = self.state[p]
-                idx, exp_avg, exp_avg_sq = state.get("idx"), state["exp_avg"], state["exp_avg_sq"]
-                flat = p.view(-1)
-                if idx is None:  # full mask: update in place
-                    grad, theta = p.grad.reshape(-1), flat
-                else:
-                    idx = idx.long()  # int32 at rest (compact state), int64 for the indexing kernels
-                    grad = p.grad.reshape(-1).index_select(0, idx)  # [n_sel] gathered gradient
-                    theta = flat.index_select(0, idx)  # [n_sel] gathered weights
-                if wd != 0 and p.dim() >= 2:
-                    theta.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-                if idx is not None:
-                    flat.index_copy_(0, idx, theta)  # scatter back: only the selected entries are written
+            stepped = [p for p in group["params"] if p.grad is not None and p in self.state]
+            largest = max((p.numel() for p in group["params"]), default=0)
+            for bucket in self._buckets(stepped, largest):
+                self._update(bucket, group)
         return loss
 
+    def _buckets(self, params, max_entries):
+        """`params` cut into consecutive runs of at most `max_entries` updated entries each."""
+        buckets, entries = [], max_entries
+        for p in params:
+            n = self.state[p]["exp_avg"].numel()  # selected entries (all of p for a full mask)
+            if entries + n > max_entries:
+                buckets.append([])
+                entries = 0
+            buckets[-1].append(p)
+            entries += n
+        return buckets
+
+    def _update(self, params, group):
+        """One AdamW step of the selected entries of `params` (each has .grad and state)."""
+        lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
+        bias_correction1 = 1 - beta1 ** group["step"]
+        bias_correction2_sqrt = (1 - beta2 ** group["step"]) ** 0.5
+        partial = [p for p in params if "idx" in self.state[p]]
+        full = [p for p in params if "idx" not in self.state[p]]
+        idx, grads, thetas = [], [], []
+        if partial:
+            # int32 at rest (compact state), int64 for take/put_: one cast for the whole bucket
+            sizes = [self.state[p]["idx"].numel() for p in partial]
+            idx = torch.cat([self.state[p]["idx"] for p in partial]).long().split(sizes)
+            for p, i in zip(partial, idx):  # torch.take reads p as if it were 1-D
+                grads.append(torch.take(p.grad, i))  # [n_sel] gathered gradient
+                thetas.append(torch.take(p, i))  # [n_sel] gathered weights
+        ordered = partial + full
+        grads += [p.grad for p in full]
+        thetas += full  # full mask: the parameter is updated in place
+        exp_avgs = [self.state[p]["exp_avg"] for p in ordered]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ordered]
+        decayed = [theta for theta, p in zip(thetas, ordered) if p.dim() >= 2]
+        if wd != 0 and decayed:
+            torch._foreach_mul_(decayed, _factor(1 - lr * wd))
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, _factor(beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # out of place, as the loop's exp_avg_sq.sqrt() / c: same bits, same temporaries
+        denoms = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias_correction2_sqrt)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(thetas, exp_avgs, denoms, value=-lr / bias_correction1)
+        for p, i, theta in zip(partial, idx, thetas):
+            p.put_(i, theta)  # scatter back: only the selected entries are written
+
     def state_dict(self):
-        state = {name: dict(self.state[p]) for g in self.param_groups
-                 for name, p in zip(g["names"], g["params"]) if p in self.state}
+        state = {name: {k: v.view(-1) for k, v in self.state[p].items()}  # full-mask moments flat
+                 for g in self.param_groups for name, p in zip(g["names"], g["params"]) if p in self.state}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": state, "param_groups": groups}
 
@@ -465,8 +516,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             for name, p in zip(group["names"], group["params"]):
                 self.state.pop(p, None)
                 if name in state_dict["state"]:
-                    self.state[p] = {k: v.to(p.device, copy=True)
-                                     for k, v in state_dict["state"][name].items()}
+                    s = {k: v.to(p.device, copy=True) for k, v in state_dict["state"][name].items()}
+                    if "idx" not in s:  # full mask: the moments take the parameter's shape
+                        s = {k: v.view(p.shape) for k, v in s.items()}
+                    self.state[p] = s
 
 
 def optimizer_state_bytes(opt):

@@ -1,17 +1,29 @@
-"""MaskedAdamW against dense torch.optim.AdamW: optimizer state bytes and step time.
+"""MaskedAdamW against dense torch.optim.AdamW: optimizer state bytes, step time, ops per step.
 
-A ~34M-parameter Llama from model.py (dim 512, 8 layers, vocab 8000, untied head), random
-gradients, masks = global top-k of random scores (allo.select_masks). The two optimizers step
-alternately on the same weights (warmup, then the median of several steps each), so both see the
-same machine load. Prints a markdown table. Usage: python tools/bench_optim.py
+A ~34M-parameter Llama from model.py (dim 512, 8 layers, vocab 8000, untied head; --config: the
+shape of a Hugging Face config.json instead, e.g. configs/tinyllama-1.1b.json), random gradients,
+masks = global top-k of random scores (allo.select_masks). The baseline is torch.optim.AdamW,
+fused on CUDA and foreach on CPU. The two optimizers step alternately on the same weights (warmup,
+then the median of several steps each), so both see the same machine load; on CUDA each step is
+timed between two torch.cuda.synchronize().
+
+Ops per step: the aten ops that reach a TorchDispatchMode during one step(), the kernel launches
+the step asks for (CPU-side; views count too, foreach ops once). "constant" and "per tensor" are
+the intercept and slope of ops against the number of parameter tensors, from the same optimizer
+built again over half of them (the first half of the layers, embedding, norm and head).
+
+    python tools/bench_optim.py                     # CUDA if there is one, else CPU
+    python tools/bench_optim.py --device cuda --config configs/tinyllama-1.1b.json
 """
 
+import argparse
 import os
 import statistics
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import allo  # noqa: E402
@@ -21,32 +33,96 @@ RATIOS = [0.01, 0.05, 0.10, 0.30, 1.00]
 WARMUP, STEPS = 2, 7
 
 
-def timed_step(opt):
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op that reaches __torch_dispatch__ while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(opt):
+    with OpCounter() as counter:
+        opt.step()
+    return counter.count
+
+
+def timed_step(opt, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
-def main():
+def make_adamw(params, device):
+    """The baseline: fused on CUDA (one kernel for many tensors), foreach on CPU."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=fused, foreach=not fused)
+
+
+def fit(ops_all, n_all, ops_half, n_half):
+    """(constant, per tensor) of the line through (n_half, ops_half) and (n_all, ops_all)."""
+    per_tensor = (ops_all - ops_half) / (n_all - n_half)
+    return ops_all - per_tensor * n_all, per_tensor
+
+
+def ops_row(name, ops_all, n_all, ops_half, n_half, buckets="-"):
+    constant, per_tensor = fit(ops_all, n_all, ops_half, n_half)
+    return {"optimizer": name, "buckets": buckets, "ops per step": ops_all,
+            "ops / tensor": round(ops_all / n_all, 2), "constant": round(constant, 1),
+            "(ops - constant) / tensor": round(per_tensor, 2)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CUDA if available, else CPU")
+    ap.add_argument("--config", default=None,
+                    help="a Hugging Face Llama config.json (file or directory) for the model's shape")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or
+                          (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=8000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376,
-                      max_seq_len=512, tie_embeddings=False)
-    model = Transformer(cfg)
+    if args.config:
+        from tools.memory_plan import load_config  # any Llama config.json file or directory
+        cfg = load_config(args.config)
+    else:
+        cfg = ModelConfig(vocab_size=8000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376,
+                          max_seq_len=512, tie_embeddings=False)
+    model = Transformer(cfg).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters in {len(list(model.parameters()))} tensors, "
-          f"{torch.get_num_threads()} threads")
+    named = list(model.named_parameters())
+    in_half = [not n.startswith("layers.") or int(n.split(".")[1]) < cfg.n_layers // 2 for n, _ in named]
+    half = [(n, p) for (n, p), keep in zip(named, in_half) if keep]  # the first half of the layers
+    n_all, n_half = len(named), len(half)
+    if device.type == "cuda":
+        print(f"device: cuda ({torch.cuda.get_device_name(device)}), torch {torch.__version__}")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"model: {sum(p.numel() for _, p in named) / 1e6:.1f}M parameters in {n_all} tensors")
 
-    dense = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)  # foreach by default
-    scores = {n: torch.rand_like(p) for n, p in model.named_parameters()}
-    rows = []
+    dense = make_adamw([p for _, p in named], device)
+    baseline = "AdamW fused" if device.type == "cuda" else "AdamW foreach"
+    print(f"baseline: torch.optim.AdamW({'fused' if device.type == 'cuda' else 'foreach'}=True)")
+    scores = {n: torch.rand_like(p) for n, p in named}
+    largest = max(p.numel() for _, p in named)
+    rows, ops = [], []
     for ratio in RATIOS:
         masks = allo.select_masks(scores, ratio)
-        masked = allo.MaskedAdamW(model.named_parameters(), masks, lr=1e-5, weight_decay=0.0)
+        masked = allo.MaskedAdamW(named, masks, lr=1e-5, weight_decay=0.0)
         t_masked, t_dense = [], []
         for i in range(WARMUP + STEPS):
-            tm, td = timed_step(masked), timed_step(dense)
+            tm, td = timed_step(masked, device), timed_step(dense, device)
             if i >= WARMUP:
                 t_masked.append(tm)
                 t_dense.append(td)
@@ -55,13 +131,33 @@ def main():
         rows.append({"mask ratio": f"{ratio:.0%}",
                      "selected": sum(int(m.sum()) for m in masks.values()),
                      "MaskedAdamW state MB": round(b_masked / 2**20, 1),
-                     "AdamW state MB": round(b_dense / 2**20, 1),
+                     f"{baseline} state MB": round(b_dense / 2**20, 1),
                      "state ratio": round(b_masked / b_dense, 4),
                      "MaskedAdamW step ms": round(ms_masked, 1),
-                     "AdamW step ms": round(ms_dense, 1),
+                     f"{baseline} step ms": round(ms_dense, 1),
                      "time ratio": round(ms_masked / ms_dense, 2)})
+        ops_all = count_ops(masked)
+        buckets = len(masked._buckets(list(masked.state), largest))
         del masked
+        half_opt = allo.MaskedAdamW(half, {n: masks[n] for n, _ in half}, lr=1e-5, weight_decay=0.0)
+        half_opt.step()  # counted after a first step, as every optimizer here
+        ops.append(ops_row(f"MaskedAdamW {ratio:.0%}", ops_all, n_all, count_ops(half_opt), n_half, buckets))
+        del half_opt, masks
     print(allo.format_table(rows))
+    del dense
+
+    kinds = [("foreach", False)] + [("fused", True)] * (device.type == "cuda")
+    for kind, fused in kinds:
+        counts = []
+        for subset in (named, half):
+            opt = torch.optim.AdamW([p for _, p in subset], lr=1e-5, fused=fused, foreach=not fused)
+            opt.step()  # the first step creates the state: count the second
+            counts.append(count_ops(opt))
+            del opt
+        ops.append(ops_row(f"AdamW {kind}", counts[0], n_all, counts[1], n_half))
+    print(f"\naten ops dispatched per step ({n_all} tensors; constant and per tensor: fitted against "
+          f"the same optimizer over {n_half} of them):")
+    print(allo.format_table(ops))
 
 
 if __name__ == "__main__":
