@@ -40,6 +40,7 @@ class TrainConfig:
     log_every: int = 50  # a progress line every N steps
     ckpt_every: int = 100  # a checkpoint every N steps
     grad_checkpoint: bool = False  # recompute each block in backward: less activation memory
+    compile: bool = False  # torch.compile the training forward (and backward)
     seed: int = 0  # the batch order
 
 
@@ -137,7 +138,10 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         print(f"{stage}: resumed from step {start}/{steps}")
     world = parallel.world()
     # forward and backward through DDP (gradients all-reduced); optimizer and checkpoints use `model`
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
+    net = ddp or model
+    if cfg.compile:
+        net = torch.compile(net)  # compiled on the first batch, again when a new shape needs it
     t0, tokens, losses = time.time(), 0, []
     for step in range(start, steps):
         model.train()
@@ -149,7 +153,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
                              dtype=torch.float64, device=device)  # [loss share, tokens] of this process
         for j, b in enumerate(batches):
             # DDP all-reduces the gradients once, after the step's last micro-batch
-            with nullcontext() if net is model or j == len(batches) - 1 else net.no_sync():
+            with nullcontext() if ddp is None or j == len(batches) - 1 else ddp.no_sync():
                 loss = loss_fn(net, b, norms)
                 (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
             stats[0] += loss.detach()

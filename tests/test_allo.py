@@ -2,6 +2,7 @@
 
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -422,10 +423,11 @@ def grads_for(params, step, scale=1.0):
     return {n: torch.randn(p.shape, generator=g) * scale for n, p in params.items()}
 
 
-def test_masked_adamw_frozen_entries_bit_identical_with_weight_decay():
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_masked_adamw_frozen_entries_bit_identical_with_weight_decay(multi_tensor):
     params, masks = make_params()
     start = {n: p.detach().clone() for n, p in params.items()}
-    opt = allo.MaskedAdamW(params.items(), masks, lr=0.05, weight_decay=0.5)
+    opt = allo.MaskedAdamW(params.items(), masks, lr=0.05, weight_decay=0.5, foreach=multi_tensor)
     for step in range(5):
         for n, g in grads_for(params, step).items():
             params[n].grad = g
@@ -438,10 +440,12 @@ def test_masked_adamw_frozen_entries_bit_identical_with_weight_decay():
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_masked_adamw_equals_adamw_on_gathered_entries(foreach):
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_masked_adamw_equals_adamw_on_gathered_entries(foreach, multi_tensor):
     params, masks = make_params()
     start = {n: p.detach().clone() for n, p in params.items()}
-    opt = allo.MaskedAdamW(params.items(), masks, lr=0.03, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2)
+    opt = allo.MaskedAdamW(params.items(), masks, lr=0.03, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2,
+                           foreach=multi_tensor)
     subs = {n: nn.Parameter(start[n][masks[n]].clone()) for n in params if masks[n].any()}
     refs = {n: torch.optim.AdamW([s], lr=0.03, betas=(0.8, 0.95), eps=1e-6, foreach=foreach,
                                  weight_decay=0.2 if params[n].dim() >= 2 else 0.0) for n, s in subs.items()}
@@ -677,13 +681,15 @@ def assert_same_state(opt, ref):
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_adamw_bit_identical_to_the_per_tensor_loop(tie, wd, dtype):
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_masked_adamw_bit_identical_to_the_per_tensor_loop(tie, wd, dtype, multi_tensor):
     """Same bits as the loop it replaced: tied and untied, empty/partial/full masks, weight decay
     on and off, a parameter without .grad at a step (partial at step 2, full at step 3), an lr
     change, and several buckets (the full masks hold more entries than the largest parameter)."""
     model, masks = llama_and_masks(tie, dtype)
     twin, _ = llama_and_masks(tie, dtype)
-    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
+    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd,
+                           foreach=multi_tensor)
     ref = ReferenceMaskedAdamW(twin.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
     names = [n for n, _ in model.named_parameters()]
     partial = next(n for n in names if n in masks and 0 < masks[n].sum() < masks[n].numel())
@@ -701,14 +707,15 @@ def test_masked_adamw_bit_identical_to_the_per_tensor_loop(tie, wd, dtype):
         assert_same_state(opt, ref)
 
 
-def test_masked_adamw_reads_weights_written_between_steps():
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_masked_adamw_reads_weights_written_between_steps(multi_tensor):
     """Resuming copies weights into the parameters (p.copy_) and load_state_dict replaces the
     state, also with other masks: the step reads what is there now, as the reference does."""
     model, masks = llama_and_masks(tie=False, dtype=torch.float32)
     twin, _ = llama_and_masks(tie=False, dtype=torch.float32)
     g = torch.Generator().manual_seed(7)
     other = {n: torch.rand(m.shape, generator=g) < 0.5 for n, m in masks.items()}
-    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, weight_decay=0.1)
+    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, weight_decay=0.1, foreach=multi_tensor)
     ref = ReferenceMaskedAdamW(twin.named_parameters(), masks, lr=0.01, weight_decay=0.1)
     donor_model, _ = llama_and_masks(tie=False, dtype=torch.float32, seed=5)
     donor = allo.MaskedAdamW(donor_model.named_parameters(), other, lr=0.02, weight_decay=0.1)
@@ -762,16 +769,17 @@ def test_masked_adamw_step_dispatches_at_most_3_ops_per_tensor():
         p.grad = torch.randn(p.shape, generator=g)
     params["p2"].grad = None
     counts = {}
-    for cls in (allo.MaskedAdamW, ReferenceMaskedAdamW):
-        opt = cls(params.items(), masks, lr=1e-3, weight_decay=0.1)
+    for kind, make in (("multi-tensor", partial(allo.MaskedAdamW, foreach=True)),
+                       ("loop", partial(allo.MaskedAdamW, foreach=False)), ("reference", ReferenceMaskedAdamW)):
+        opt = make(params.items(), masks, lr=1e-3, weight_decay=0.1)
         opt.step()  # counted after a first step
         with OpCounter() as counter:
             opt.step()
-        counts[cls] = counter.count
+        counts[kind] = counter.count
     new = allo.MaskedAdamW(params.items(), masks)
     kinds = ["partial" if "idx" in s else "full" for s in new.state.values()]
     assert kinds.count("partial") >= 40 and kinds.count("full") == 8
     assert len(new._buckets([p for p in new.state if p.grad is not None], 256 * 16)) == 1
     n, n_partial = len(params), sum("idx" in s and p.grad is not None for p, s in new.state.items())
-    assert counts[allo.MaskedAdamW] <= 3 * n_partial + 15 <= 3 * n + 15, counts
-    assert counts[ReferenceMaskedAdamW] >= 8 * n, counts
+    assert counts["multi-tensor"] <= 3 * n_partial + 15 <= 3 * n + 15, counts
+    assert counts["loop"] >= 8 * n and counts["reference"] >= 8 * n, counts

@@ -29,3 +29,9 @@ def test_padding_is_not_counted():
     for r in rows[:3]:
         n_rows, length = map(int, r["batch"].split("x"))
         assert n_rows * (3 + 2 + 2) <= r["tokens/step"] < n_rows * length  # shortest rows: 3 + 2 tokens
+
+
+def test_compile_flag_times_the_compiled_model(capsys):
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--compile", "--warmup", "1"])
+    assert "torch.compile" in capsys.readouterr().out
+    assert [r["tokens/step"] for r in rows] == [72, 72, 36, 6]

@@ -107,6 +107,7 @@ def bench_size(spec, args, device):
     # the reference (the starting model) log-probs, cached once as train.py does
     cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
     model.train()
+    net = torch.compile(model) if args.compile else model  # compiled in the untimed warmup steps
     pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
     forget = with_reference(collate(TOK, prompts, rejected, max_len, weights), cached[B:], list(range(B)))
     assert pairs["n_truncated"] == forget["n_truncated"] == 0
@@ -123,10 +124,11 @@ def bench_size(spec, args, device):
              lambda m, b: npo_batch_loss(m, b, forget_norms, device, args.beta))]
     rows = []
     for name, m, batch, loss_fn in runs:  # each optimizer lives for its own timing only
-        step = partial(train_step, model, allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6), loss_fn, batch)
+        opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default step: multi-tensor on CUDA
+        step = partial(train_step, net, opt, loss_fn, batch)
         dt, tok = median_time(step, args, device)
         rows.append((name, batch["input_ids"].shape, tok, dt))
-        del step
+        del step, opt
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
 
@@ -160,6 +162,8 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda ... (default auto)")
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
+    add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
+        "--compile (the compile happens in the warmup steps, which must be >= 1)")
     return p.parse_args(argv)
 
 
@@ -171,7 +175,8 @@ def main(argv=None):
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens (+-{args.jitter:.0%}), "
-          f"generate {args.gen_batch} x {args.new} new tokens; median of {args.steps} after {args.warmup} warmup")
+          f"generate {args.gen_batch} x {args.new} new tokens; median of {args.steps} after {args.warmup} warmup"
+          + ("; torch.compile" if args.compile else ""))
     rows = []
     for spec in args.sizes.split(","):
         t0 = time.perf_counter()
