@@ -72,7 +72,8 @@ def sft_loss(logits, labels, weights=None, normalizer=None):
     w = (labels != -100).to(logps.dtype)
     if weights is not None:
         w = w * weights.to(logps.dtype)
-    total = w.sum() if normalizer is None else torch.tensor(normalizer, dtype=logps.dtype, device=logps.device)
+    total = w.sum() if normalizer is None else torch.tensor(normalizer, dtype=logps.dtype,
+                                                            device=logps.device)
     return -(w * logps).sum() / torch.where(total > 0, total, 1.0)
 
 
@@ -177,8 +178,11 @@ def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
     """
     if granularity not in ("entry", "neuron"):
         raise ValueError(f"granularity must be 'entry' or 'neuron', not {granularity!r}")
-    if not (0.0 <= ratio <= 1.0 and 0.0 <= exclude_top <= 1.0):
-        raise ValueError(f"ratio {ratio} and exclude_top {exclude_top} must lie in [0, 1]")
+    if not (0.0 <= ratio <= 1.0 and 0.0 <= exclude_top <= 1.0 and ratio + exclude_top <= 1.0):
+        raise ValueError(f"ratio {ratio} and exclude_top {exclude_top} must lie in [0, 1], with a sum <= 1")
+    nan = next((name for name, s in scores.items() if torch.isnan(s).any()), None)
+    if nan is not None:
+        raise ValueError(f"the scores of {nan} hold NaN: no entry can be ranked against it")
     keys, sizes = [], []
     for s in scores.values():
         s = s.detach()

@@ -1,5 +1,5 @@
-"""Data for ALLO on disk and in batches: tokenizer, prompts, answer extraction, JSONL, atomic
-writes, collation. Nothing here knows the embedded task (task.py).
+"""What ALLO reads and writes: atomic writes, command-line flags, tokenizers, prompts and answer
+extraction, JSONL, collation into batches. Nothing here knows the embedded task (task.py).
 
 The model sees prompt_text(question) = "Question: ...\\nAnswer:" and learns to continue it with a
 response that starts with a space, so prompt and response tokenize separately with a clean
@@ -9,6 +9,7 @@ Token sequences: [BOS] + enc(prompt) + enc(response) + [EOS], right padded, labe
 (labels[b, t] = input_ids[b, t+1] on response targets, else -100).
 """
 
+import argparse
 import io
 import json
 import math
@@ -72,6 +73,52 @@ def write_json(path, obj):
 
 
 # -----------------------------------------------------------------------------
+# command-line flags
+
+def count(low):
+    """An argparse type: an integer >= low."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (in (low, high] with open_low)."""
+    def parse(text):
+        value = float(text)
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            span = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else \
+                f"{'>' if open_low else '>='} {low:g}"
+            where = f"in {span}" if high < math.inf else span
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+rate = real(0, open_low=True)  # a learning rate: finite and > 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad flag: "error: argument --x: ...", exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, every flag with its default (none shown for switches and
+    flags without one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+# -----------------------------------------------------------------------------
 # tokenizers
 
 
@@ -88,14 +135,15 @@ class Tokenizer:
             with open(model_path, "rb") as f:
                 self.sp = spm.SentencePieceProcessor(model_proto=f.read())
         except (OSError, RuntimeError) as e:
-            raise DataError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0][:80]})") from None
+            why = str(e).splitlines()[0][:80]
+            raise DataError(f"{model_path}: not a SentencePiece model ({why})") from None
         if self.sp.vocab_size() == 0:
             raise DataError(f"{model_path}: not a SentencePiece model (empty)")
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.special(model_path, bos, self.sp.bos_id(), "BOS", "--bos-token")
         self.eos_id = self.special(model_path, eos, self.sp.eos_id(), "EOS", "--eos-token")
-        self.pad_id = self.special(model_path, pad, self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id,
-                                   "PAD", "--pad-token")  # Llama: no pad piece, EOS pads
+        own_pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id  # Llama: no pad piece, EOS pads
+        self.pad_id = self.special(model_path, pad, own_pad, "PAD", "--pad-token")
         self.specials = {self.bos_id, self.eos_id, self.pad_id}
 
     def special(self, path, piece, default, what, flag):
@@ -124,7 +172,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as Backend
         except ImportError:
-            raise DataError(f"{path}: a tokenizer.json needs the `tokenizers` package: pip install tokenizers") from None
+            raise DataError(f"{path}: a tokenizer.json needs the `tokenizers` package: pip install "
+                            "tokenizers") from None
         try:
             self.tk = Backend.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception for every bad file

@@ -14,7 +14,6 @@ checkpoint against the reference model (--ref; in a run, its SFT model); pair ac
 fraction of pairs whose chosen reward is above the rejected one, margin the mean difference.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,9 +21,11 @@ import sys
 import torch
 
 from allo import token_logps
-from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, collate, extract_answer, is_correct, load_tokenizer,
-                  prompt_text, read_jsonl, read_template, write_json)
-from model import Transformer, autocast, pick_device
+from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, HelpFormatter, Parser, collate, count,
+                  extract_answer, is_correct, load_tokenizer, prompt_text, read_jsonl, read_template, real,
+                  write_json)
+from model import autocast, pick_device
+from trainer import UsageError, load_model, one_line
 
 # (label, stage directory) of the comparison table of a run, in the order of the method
 ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
@@ -63,14 +64,16 @@ def reference_answers(rows):
     for i, a in enumerate(answers):
         if a is None:
             where = rows.where(i) if hasattr(rows, "where") else f"row {i}"
-            raise DataError(f"{where}: field 'answer' states no final answer (no '####', 'The answer is' or number)")
+            raise DataError(f"{where}: field 'answer' states no final answer (no '####', 'The answer is' or "
+                            "number)")
     return answers
 
 
-def accuracy(model, tok, questions, template=DEFAULT_TEMPLATE, answer_format="auto", stop=(), max_new_tokens=64):
+def accuracy(model, tok, questions, template=DEFAULT_TEMPLATE, answer_format="auto", stop=(),
+             max_new_tokens=64):
     """Greedy accuracy on questions rows ({"question", "answer"})."""
-    responses = complete(model, tok, [prompt_text(q["question"], template) for q in questions], max_new_tokens,
-                         stop=stop)
+    prompts = [prompt_text(q["question"], template) for q in questions]
+    responses = complete(model, tok, prompts, max_new_tokens, stop=stop)
     answers = reference_answers(questions)
     return sum(is_correct(r, a, answer_format) for r, a in zip(responses, answers)) / max(1, len(questions))
 
@@ -114,8 +117,13 @@ class Evaluator:
         the first N (0 = all)."""
         if pairs and not ref:
             raise DataError(f"{pairs}: pair metrics need a reference model (--ref)")
-        self.device, self.beta, self.max_len = pick_device(device), beta, max_len
-        self.template, self.answer_format, self.stop, self.max_new_tokens = template, answer_format, stop, max_new_tokens
+        try:
+            self.device = pick_device(device)
+        except ValueError as e:
+            raise DataError(f"--device: {e}") from None
+        self.beta, self.max_len = beta, max_len
+        self.template, self.answer_format, self.stop = template, answer_format, stop
+        self.max_new_tokens = max_new_tokens
         self.tok = load_tokenizer(tokenizer)
         self.problems = read_jsonl(questions, "questions")[:n_questions or None]
         reference_answers(self.problems)  # every question must have one
@@ -123,22 +131,22 @@ class Evaluator:
         self.ref = ref
         self.ref_sums = ([], [])
         if self.pairs:
-            model = Transformer.from_pretrained(ref).to(self.device)
+            model = load_model(ref, self.device, self.tok)
             prompts = [p["prompt"] for p in self.pairs]
-            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs], max_len)
-                                  for side in ("chosen", "rejected"))
+            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs],
+                                                 max_len) for side in ("chosen", "rejected"))
 
     def __call__(self, model_dir):
         """{"accuracy", "pair_accuracy", "margin", "n_questions", "n_pairs"} of one checkpoint; the
         reference itself has no pair metrics (None)."""
-        model = Transformer.from_pretrained(model_dir).to(self.device)
+        model = load_model(model_dir, self.device, self.tok)
         is_ref = self.ref is not None and os.path.samefile(model_dir, self.ref)
         pair_acc, margin = (None, None) if is_ref or not self.pairs else pair_metrics(
             model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len)
         acc = accuracy(model, self.tok, self.problems, self.template, self.answer_format, self.stop,
                        self.max_new_tokens)
-        return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin, "n_questions": len(self.problems),
-                "n_pairs": len(self.pairs)}
+        return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin,
+                "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 
 
 def flag_quality(tok, scored, errors_at, tau):
@@ -182,9 +190,10 @@ def evaluate_models(evaluate, models):
 def run_evaluator(run, split="test", device="auto", beta=0.1, n_questions=0, n_pairs=0):
     """The Evaluator of a run directory: its task's split, its held-out pairs, its SFT model as reference."""
     pairs = os.path.join(run, "sample", f"{split}_pairs.jsonl")
-    return Evaluator(os.path.join(run, "task", f"{split}.jsonl"), os.path.join(run, "task", "tokenizer.model"),
-                     pairs if os.path.exists(pairs) else None, os.path.join(run, "sft"), beta=beta, device=device,
-                     n_questions=n_questions, n_pairs=n_pairs)
+    task_dir = os.path.join(run, "task")
+    return Evaluator(os.path.join(task_dir, f"{split}.jsonl"), os.path.join(task_dir, "tokenizer.model"),
+                     pairs if os.path.exists(pairs) else None, os.path.join(run, "sft"), beta=beta,
+                     device=device, n_questions=n_questions, n_pairs=n_pairs)
 
 
 def evaluate_run(run, split="test", device="auto", beta=0.1, stages=ROWS):
@@ -212,24 +221,25 @@ def markdown_table(rows, split, reference="the SFT model"):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="a run directory, a checkpoint inside one, or (with --questions) "
                    "the checkpoint directories to compare")
     p.add_argument("--split", default="test", choices=["test", "val"],
-                   help="a run's held-out split to score (choose settings on val, report test; default test)")
+                   help="a run's held-out split to score (choose settings on val, report test)")
     p.add_argument("--questions", help="questions JSONL ({\"question\", \"answer\"}, GSM8K's format)")
-    p.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory with one (with --questions)")
-    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (needs --ref)")
+    p.add_argument("--tokenizer", help="with --questions: tokenizer.model, tokenizer.json or a directory "
+                   "holding one")
+    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (with "
+                   "--ref)")
     p.add_argument("--ref", help="reference model directory of the implicit reward")
-    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
-                   help="a string with {question}, or @file (default %(default)r)")
+    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="a string with {question}, or @file")
     p.add_argument("--answer-format", default="auto", choices=ANSWER_FORMATS,
-                   help="how the final answer is read (default auto: '####', then 'The answer is', then the last "
+                   help="how the final answer is read (auto: '####', then 'The answer is', then the last "
                         "number)")
     p.add_argument("--stop", action="append", default=[], help="a string that ends a generation (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens per question (default 64)")
-    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default 0.1)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ... (default auto)")
+    p.add_argument("--max-new-tokens", type=count(1), default=64, help="generated tokens per question")
+    p.add_argument("--beta", type=real(0, open_low=True), default=0.1, help="beta of the implicit reward")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     p.add_argument("--out", help="JSON output file (default <run>/eval_<split>.json, or none)")
     return p.parse_args(argv)
 
@@ -240,14 +250,14 @@ def main(argv=None):
         if a.questions:
             if not a.tokenizer:
                 raise DataError("--questions needs --tokenizer")
-            evaluate = Evaluator(a.questions, a.tokenizer, a.pairs, a.ref, template=read_template(a.prompt_template),
-                                 answer_format=a.answer_format, stop=tuple(a.stop), beta=a.beta,
-                                 max_new_tokens=a.max_new_tokens, device=a.device)
+            evaluate = Evaluator(a.questions, a.tokenizer, a.pairs, a.ref, beta=a.beta, device=a.device,
+                                 template=read_template(a.prompt_template), answer_format=a.answer_format,
+                                 stop=tuple(a.stop), max_new_tokens=a.max_new_tokens)
             rows, split, out = evaluate_models(evaluate, [(d, d) for d in a.paths]), "held-out", a.out
         else:
             rows, split, out = evaluate_in_run(a)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, UsageError, OSError) as e:
+        print(f"error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
     print(markdown_table(rows, split, f"the reference model {a.ref}" if a.questions else "the SFT model"))
     if out:
@@ -260,6 +270,8 @@ def evaluate_in_run(a):
     if len(a.paths) != 1:
         raise DataError("several checkpoint directories: give them their --questions and --tokenizer")
     path = os.path.normpath(a.paths[0])
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such directory")
     if os.path.isdir(os.path.join(path, "task")):  # a run directory
         run, stages = path, ROWS
     else:
@@ -267,8 +279,8 @@ def evaluate_in_run(a):
         stages = [(dict((s, label) for label, s in ROWS).get(stage, stage), stage)]
     for need in (f"task/{a.split}.jsonl", "task/tokenizer.model", "sft/config.json"):
         if not os.path.exists(os.path.join(run, need)):
-            raise DataError(f"{os.path.join(run, need)}: not found; run `python train.py --stage sft` first, or "
-                            "give --questions and --tokenizer")
+            raise DataError(f"{os.path.join(run, need)}: not found; run `python train.py --stage sft` first, "
+                            "or give --questions and --tokenizer")
     rows = evaluate_run(run, a.split, a.device, a.beta, stages=stages)
     name = f"eval_{a.split}.json" if stages is ROWS else f"eval_{a.split}_{stages[0][1]}.json"
     return rows, a.split, a.out or os.path.join(run, name)

@@ -78,8 +78,18 @@ def autocast(device: torch.device):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto: cuda > mps > cpu; otherwise the named device, which must exist (ValueError)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"{name!r} names no device (cpu, cuda, cuda:1, mps, ...)") from None
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
+            raise ValueError(f"{name}: no such CUDA device here ({visible} visible)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"{name}: MPS is not available here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -154,7 +164,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -242,7 +253,8 @@ class Transformer(nn.Module):
             causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
             mask = causal & valid[:, None, None, :]  # [B,1,T,S]
             # a padding query that sees no real key would give NaN: let it see itself
-            mask = mask | (torch.arange(S, device=input_ids.device) == past + torch.arange(T, device=input_ids.device)[:, None])
+            keys, queries = torch.arange(S, device=input_ids.device), torch.arange(T, device=input_ids.device)
+            mask = mask | (keys == past + queries[:, None])
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         x = self.embed_tokens(input_ids)  # [B,T,D]
         for block in self.layers:
@@ -278,13 +290,15 @@ class Transformer(nn.Module):
         for i, p in enumerate(prompts):
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p):] = 1
-        cache = KVCache(self.cfg, B, P + max_new_tokens, device, self.embed_tokens.weight.dtype) if use_cache else None
+        dtype = self.embed_tokens.weight.dtype
+        cache = KVCache(self.cfg, B, P + max_new_tokens, device, dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         step_ids = ids
         for _ in range(max_new_tokens):
             with autocast(device):
-                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1, :vocab_size].float()  # [B,V]
+                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1, :vocab_size]  # [B,V]
+            logits = logits.float()
             nxt = sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out.append(nxt)
@@ -324,7 +338,8 @@ class Transformer(nn.Module):
         hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
               "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
               "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+              "max_position_embeddings": c.max_seq_len,
               "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
               "mlp_bias": False, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:]}
         # the transformers 4 layout (as Meta's Llama 3.x checkpoints ship); transformers 5 reads it too
@@ -353,7 +368,16 @@ def config_from_hf(path: str) -> ModelConfig:
     """Map a Hugging Face LlamaConfig to ModelConfig; refuse what this model does not implement."""
     file = os.path.join(path, "config.json")
     with open(file) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{file}: not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if not isinstance(hf.get(k), int) or hf[k] <= 0]
+    if missing:
+        raise ValueError(f"{file}: missing or not a positive integer: {', '.join(missing)}")
     refuse = []
     if hf.get("model_type") != "llama":
         refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
@@ -382,7 +406,8 @@ def config_from_hf(path: str) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=theta, rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
+                       rope_theta=theta, rope_scaling=scaling,
+                       max_seq_len=hf.get("max_position_embeddings", 2048),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
 
 

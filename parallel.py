@@ -89,7 +89,8 @@ def gather_rows(rows, dtype, device):
     if not dist.is_initialized():
         return [r.to("cpu", dtype) for r in rows]
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)  # [n_rows]
-    values = torch.cat([r.to(device, dtype) for r in rows]) if rows else torch.zeros(0, dtype=dtype, device=device)
+    values = torch.cat([r.to(device, dtype) for r in rows]) if rows else \
+        torch.zeros(0, dtype=dtype, device=device)
     out = []
     for lens, vals in zip(gather_1d(lengths), gather_1d(values)):
         out += vals.cpu().split(lens.tolist())

@@ -14,10 +14,13 @@ mask at --learn-lr, forgetting at --forget-lr: each choice made on the validatio
 
   arm                     forgetting (token-level NPO)      learning
   SFT                     -                                 -
-  DPO full                -                                 DPO, every parameter; its |theta - theta_SFT| ranks the neurons
-  DPO top / bottom /      -                                 DPO, only the top (bottom, random) --learn-ratio of the entries
+  DPO full                -                                 DPO, every parameter; its |theta - theta_SFT|
+                                                            ranks the neurons
+  DPO top / bottom /      -                                 DPO, only the top (bottom, random)
+                                                            --learn-ratio of the entries
     random k%
-  NPO                     -                                 token-level NPO on every token of the wrong responses, every parameter
+  NPO                     -                                 token-level NPO on every token of the wrong
+                                                            responses, every parameter
   ALLO                    unaligned tokens, top forget mask  DPO with key tokens (--eps), top learn mask
   ALLO w/o forgetting     -                                 as ALLO
   ALLO w/o neuron masks   unaligned tokens, every parameter  DPO with key tokens, every parameter
@@ -29,7 +32,6 @@ Writes <run>/study/<tag>/: one directory per seed and arm (resumable: finished a
 results.json (every seed's row and the means), results.csv, table.md.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -42,10 +44,10 @@ import torch
 
 import allo
 import train
-from data import DataError, atomic_path, write_json
+from data import DataError, HelpFormatter, Parser, atomic_path, count, write_json
 from eval import run_evaluator
 from model import Transformer, pick_device
-from trainer import UsageError
+from trainer import UsageError, one_line
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
 ARMS = [
@@ -68,10 +70,6 @@ def slug(name):
     return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
 
 
-def finished(out):
-    return os.path.exists(os.path.join(out, "stage.json"))
-
-
 def stage_info(out):
     with open(os.path.join(out, "stage.json")) as f:
         return json.load(f)
@@ -85,8 +83,16 @@ def study_masks(run, seed_dir, seed, forget_ratio, learn_ratio):
     threshold each (allo.select_masks)."""
     paths = {kind: os.path.join(seed_dir, "masks", f"{kind}.safetensors")
              for kind in ("forget-top", "learn-top", "learn-bottom", "learn-random")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
+    dpo_full = os.path.join(seed_dir, slug("DPO full"))
+    settings = {"forget_ratio": forget_ratio, "learn_ratio": learn_ratio, "seed": seed,
+                "dpo_full": stage_info(dpo_full)["id"]}
+    made = os.path.join(seed_dir, "masks", "settings.json")
+    if os.path.exists(made):
+        with open(made) as f:
+            old = json.load(f)
+        if old == settings and all(os.path.exists(p) for p in paths.values()):
+            return paths
+        raise UsageError(f"{made}: these masks were drawn with other settings ({old}); use another --tag")
     os.makedirs(os.path.join(seed_dir, "masks"), exist_ok=True)
     sft = Transformer.from_pretrained(os.path.join(run, "sft"))
     dpo = Transformer.from_pretrained(os.path.join(seed_dir, slug("DPO full")))
@@ -97,6 +103,7 @@ def study_masks(run, seed_dir, seed, forget_ratio, learn_ratio):
               "learn-random": ({n: torch.rand(s.shape, generator=g) for n, s in scores.items()}, learn_ratio)}
     for kind, (s, ratio) in ranked.items():
         allo.save_masks(paths[kind], allo.select_masks(s, ratio))
+    write_json(made, settings)
     return paths
 
 
@@ -107,20 +114,17 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_args, learn_args
     stage functions; returns the output directory and the stage directories it went through.
     forget_args, learn_args: the keyword arguments every forgetting / learning run shares;
     lrs: (full-parameter, masked) learning rates of DPO; eps: ALLO's key-token fraction."""
-    model_dir, phases = os.path.join(run, "sft"), []
+    model_dir, phases = os.path.join(run, "sft"), []  # each stage skips itself when finished alike
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
-        if not finished(out):
-            train.stage_forget(**forget_args, model=model_dir, out=out, all_tokens=tokens == "all",
-                               mask=masks["forget-top"] if kind == "top" else None)
+        train.stage_forget(**forget_args, model=model_dir, out=out, all_tokens=tokens == "all",
+                           mask=masks["forget-top"] if kind == "top" else None)
         model_dir = out
         phases.append(out)
     loss, kind, key_tokens = learn
     out = os.path.join(seed_dir, slug(name))
-    if finished(out):
-        pass
-    elif loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
+    if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
         train.stage_forget(**{**forget_args, "steps": learn_args["steps"]}, model=model_dir, out=out,
                            all_tokens=True)
     else:
@@ -162,23 +166,14 @@ def run_study(opts, a):
         seed_dir = os.path.join(root, f"seed{seed}")
         arm_args = dict(run=run, seed_dir=seed_dir, forget_args={**forget_args, "cfg": cfg},
                         learn_args={**learn_args, "cfg": cfg}, lrs=(a.dpo_lr, a.learn_lr), eps=a.eps)
+        train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
+        masks = study_masks(run, seed_dir, seed, a.forget_ratio, a.learn_ratio)
         for name, forget, learn in arms:
             row = {"arm": name, "seed": seed, "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
-                   "quarter_losses": None}
-            if learn is None:
-                row.update(sft_metrics)
-            else:
-                train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
-                masks = study_masks(run, seed_dir, seed, a.forget_ratio, a.learn_ratio)
+                   "quarter_losses": None, **sft_metrics}
+            if learn is not None:
                 out, phases = train_arm(name, forget, learn, masks=masks, **arm_args)
-                row.update(cached_eval(out, evaluate, opts.split, opts.n_eval))
-                infos = [stage_info(p) for p in phases]
-                row["wall_s"] = sum(info["wall_s"] for info in infos)
-                if forget:
-                    row["forget_fraction"] = infos[0]["trained_fraction"]
-                row["learn_fraction"] = infos[-1]["trained_fraction"]
-                if name in CONVERGENCE:
-                    row["quarter_losses"] = quarter_losses(out)
+                row.update(arm_metrics(name, out, phases, forget, evaluate, opts))
             rows.append(row)
             done += 1
             elapsed = time.time() - t0
@@ -192,12 +187,25 @@ def write_results(root, opts, a, rows, names, n_questions, n_pairs):
     """results.json (every row, the summary), results.csv and table.md under root; prints the table."""
     summary = summarize(rows, names)
     write_json(os.path.join(root, "results.json"),
-               {"split": opts.split, "seeds": opts.seeds, "settings": vars(a), "rows": rows, "summary": summary})
+               {"split": opts.split, "seeds": opts.seeds, "settings": vars(a), "rows": rows,
+                "summary": summary})
     write_csv(os.path.join(root, "results.csv"), rows)
     table = markdown(summary, opts, a, n_questions, n_pairs)
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)
+
+
+def arm_metrics(name, out, phases, forget, evaluate, opts):
+    """An arm's held-out metrics, the wall time and trained fractions of its phases, its losses."""
+    infos = [stage_info(p) for p in phases]
+    row = {**cached_eval(out, evaluate, opts.split, opts.n_eval), "wall_s": sum(i["wall_s"] for i in infos),
+           "learn_fraction": infos[-1]["trained_fraction"]}
+    if forget:
+        row["forget_fraction"] = infos[0]["trained_fraction"]
+    if name in CONVERGENCE:
+        row["quarter_losses"] = quarter_losses(out)
+    return row
 
 
 def cached_eval(out, evaluate, split, n_eval):
@@ -227,8 +235,8 @@ def summarize(rows, names):
 
 
 def write_csv(path, rows):
-    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction", "wall_s",
-            "quarter_losses"]
+    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction",
+            "wall_s", "quarter_losses"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -245,7 +253,8 @@ def markdown(summary, opts, a, n_questions, n_pairs):
         frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
         lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
                      f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
-    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {opts.split} questions, greedy; {n_pairs} held-out pairs, "
+    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {opts.split} questions, greedy; {n_pairs} held-out "
+                 "pairs, "
                  "margin = beta * (chosen - rejected) log-ratio against the SFT model. Learning: "
                  f"{a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, "
                  f"masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); forgetting: "
@@ -255,40 +264,42 @@ def markdown(summary, opts, a, n_questions, n_pairs):
     if conv:
         lines += ["", "| DPO loss, mean over each quarter of training | 25% | 50% | 75% | 100% |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {s['arm']} | " + " | ".join(f"{q:.4f}" for q in s["quarter_losses"]) + " |" for s in conv]
+        lines += [f"| {s['arm']} | " + " | ".join(f"{q:.4f}" for q in s["quarter_losses"]) + " |"
+                  for s in conv]
     return "\n".join(lines)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other flag is a train.py flag (see python train.py --help).")
-    p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter (default runs/default)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds: --seed, --seed + 1, ... (default 3)")
+    p = Parser(description=__doc__, formatter_class=HelpFormatter,
+               epilog="Any other flag is a train.py flag (see python train.py --help).")
+    p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
+    p.add_argument("--seeds", type=count(1), default=3, help="seeds: --seed, --seed + 1, ...")
     p.add_argument("--split", default="test", choices=["test", "val"],
-                   help="held-out split to score: choose settings on val, report test (default test)")
-    p.add_argument("--tag", default="main", help="name of this study under <run>/study/ (default main)")
+                   help="held-out split to score: choose settings on val, report test")
+    p.add_argument("--tag", default="main", help="name of this study under <run>/study/")
     p.add_argument("--arms", nargs="+", choices=[a[0] for a in ARMS], metavar="ARM",
                    help="run only these arms (quoted names, e.g. 'DPO full' ALLO; default all)")
-    p.add_argument("--n-eval", type=int, default=0, help="score the first N questions and pairs, 0 = all (default 0)")
+    p.add_argument("--n-eval", type=count(0), default=0,
+                   help="score the first N questions and pairs, 0 = all")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, --dpo-steps 40, --forget-steps 20, --n-eval 200 (a smaller version)")
     opts, rest = p.parse_known_args(argv)
     if opts.quick:
         opts.seeds, opts.n_eval = 1, opts.n_eval or 200
         rest = ["--dpo-steps", "40", "--forget-steps", "20"] + rest
-    args = train.parse_args(rest)
-    args.log_every = max(1, args.dpo_steps // 4)  # four loss points per run: the convergence table
-    return opts, args
+    a = train.parse_args(rest)
+    a.log_every = max(1, a.dpo_steps // 4)  # four loss points per run: the convergence table
+    return opts, a
 
 
 def main(argv=None):
-    opts, args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    opts, a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
-        run_study(opts, args)
-    except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        run_study(opts, a)
+    except (UsageError, DataError, OSError) as e:
+        print(f"error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
 
 

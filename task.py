@@ -18,13 +18,14 @@ fraction of the 3-step ones a step early, an unaligned habit the SFT model learn
 preference stages should unlearn. The README tells how these settings were chosen.
 """
 
+import json
 import os
 import random
 import re
 import shutil
 from dataclasses import dataclass
 
-from data import is_correct, prompt_text, replace_dir, train_tokenizer, write_json, write_jsonl
+from data import DataError, is_correct, prompt_text, replace_dir, train_tokenizer, write_json, write_jsonl
 
 MIN_STEPS, MAX_STEPS, MAX_OPERAND, MAX_VALUE, OPS = 2, 3, 9, 49, ("+", "-")
 LAZY_RATE = 0.6  # fraction of the SFT demonstrations of 3-step problems that stop a step early
@@ -129,6 +130,21 @@ def write_task(folder, *, seed, n_train, n_val, n_test, lazy_rate, **difficulty)
     replace_dir(tmp, folder)
 
 
+def written_with(folder, settings, force=False):
+    """True when `folder` holds the task written with these settings; False when it must be
+    written (none there, or other settings and force); other settings without force: DataError."""
+    path = os.path.join(folder, "task.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        written = json.load(f)
+    if written != settings and not force:
+        key = next(k for k in settings if written.get(k) != settings[k])
+        raise DataError(f"{folder}: the task was written with {key} {written.get(key)}, not {settings[key]}; "
+                        "--force writes it anew (redo every stage after it)")
+    return written == settings
+
+
 def write_rewrites(forget, path):
     """The minimal correction of each wrong response of the forgetting rows (which carry their
     question, reference solution and final answer), as {"prompt", "response", "rewrite",
@@ -136,7 +152,8 @@ def write_rewrites(forget, path):
     rows = []
     for r in forget:
         rewrite, first = correct_response(Problem(r["question"], r["reference"], r["answer"]), r["response"])
-        rows.append({"prompt": r["prompt"], "response": r["response"], "rewrite": rewrite, "first_error": first})
+        rows.append({"prompt": r["prompt"], "response": r["response"], "rewrite": rewrite,
+                     "first_error": first})
     write_jsonl(path, rows)
 
 
@@ -210,8 +227,9 @@ def correct_response(problem, response):
         corrected = "".join(parts) + response[end:]
         if is_correct(corrected, problem.answer, "the-answer-is"):
             return (response, -1) if first < 0 else (corrected, first)
-    target = response[:len(response) - len(response.lstrip())] + problem.solution  # the response's leading space
-    first = next((i for i, (a, b) in enumerate(zip(response, target)) if a != b), min(len(response), len(target)))
+    target = response[:len(response) - len(response.lstrip())] + problem.solution  # with its leading space
+    first = next((i for i, (a, b) in enumerate(zip(response, target)) if a != b),
+                 min(len(response), len(target)))
     return target, first
 
 

@@ -7,21 +7,25 @@ global micro-batch of N x --batch-size examples, and every loss is normalized ov
 optimizer step (Norms), so N processes at batch b train exactly like one process at batch N*b.
 """
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
+import uuid
 from contextlib import nullcontext
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 import parallel
-from data import atomic_path, collate, load_tokenizer, write_json
+from data import DataError, TokenizerFile, atomic_path, collate, replace_dir, write_json
 from model import Transformer, autocast
 
 
@@ -55,64 +59,279 @@ class Norms:
     weighted_tokens: int = 0  # NPO: targets with w_t != 0
 
 
-# ----------------------------------------------------------------------------- a stage's inputs and outputs
+# ----------------------------------------------------------------------------- a stage's output
 
-def begin(out, tokenizer=None):
-    """A stage's start: its clock, its output directory and, if it reads text, its tokenizer (a
-    path or a data.TokenizerFile)."""
-    os.makedirs(out, exist_ok=True)
-    return time.time(), load_tokenizer(tokenizer) if tokenizer else None
+class StageOutput:
+    """Where a stage writes, and the checks around it. Use: `with StageOutput(...) as so:`.
+
+    - One process per output: a lock on <out>.lock (fcntl.flock, released by the OS if the process
+      dies); a second process stops at once with one line naming the holder's pid.
+    - Nothing half-written: the stage writes into <out>.tmp/ (its checkpoints, metrics.jsonl, its
+      files), which finish() renames to <out>, so <out> is the previous result or the whole new one.
+      A failure leaves <out> as it was; <out>.tmp/ stays only if it holds a checkpoint to resume.
+    - A fingerprint (the stage, its settings, an identity of each input file or model, see
+      input_id) in <out>.tmp/fingerprint.json and in stage.json: a finished stage with the same
+      fingerprint is skipped (so.finished, so.info); with another it is an error unless force; a
+      checkpoint resumes only under the same fingerprint (force starts over).
+    Rank 0 checks and writes; every process learns the outcome.
+    """
+
+    def __init__(self, stage, out, settings, inputs, device, force=False):
+        self.stage, self.out, self.work, self.device, self.force = stage, out, out + ".tmp", device, force
+        self.fingerprint = json.loads(json.dumps({"stage": stage, **settings,
+                                                  "inputs": {k: input_id(v) for k, v in inputs.items()}}))
+        self.finished, self.info, self.t0, self.lock = False, None, time.time(), None
+        self.created = []  # parent directories this stage made, removed again if it fails
+
+    def __enter__(self):
+        code = 0  # 0: train, 1: finished earlier, 2: rank 0 stopped with an error
+        if parallel.is_main():
+            try:
+                code = self.prepare()
+            except BaseException:
+                parallel.all_reduce_sum(torch.tensor([2], device=self.device))
+                self.cleanup()
+                raise
+        code = int(parallel.all_reduce_sum(torch.tensor([code], device=self.device)))
+        if code == 2:
+            raise UsageError(f"{self.stage}: stopped (rank 0 says why)")
+        if code == 1:
+            self.finished = True
+            with open(os.path.join(self.out, "stage.json")) as f:
+                self.info = json.load(f)
+            print(f"{self.stage}: finished earlier with these settings, skipped (--force redoes it) -> "
+                  f"{self.out}")
+        return self
+
+    def prepare(self):
+        """Rank 0: lock, then 1 if the stage is finished with this fingerprint, else 0 with a work
+        directory ready (kept for resuming, or new)."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UsageError(f"{self.out}: the stage's output is a file, not a directory")
+        parent = os.path.dirname(os.path.abspath(self.out))
+        while not os.path.exists(parent):  # remember what we make, to remove it if we fail
+            self.created.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+        self.lock = lock(self.out + ".lock")
+        unfinished = read_json(os.path.join(self.work, "fingerprint.json"))
+        if unfinished == self.fingerprint and not self.force:
+            return 0  # resume it (also a redo that --force started, over a finished output)
+        done = read_json(os.path.join(self.out, "stage.json"))
+        if done is not None and not self.force:
+            if done.get("fingerprint") == self.fingerprint:
+                return 1
+            raise UsageError(f"{self.out}: finished earlier with "
+                             f"{difference(done.get('fingerprint'), self.fingerprint)}; --force redoes it")
+        if os.path.isdir(self.work) and not self.force:
+            raise UsageError(f"{self.work}: holds an unfinished run with "
+                             f"{difference(unfinished, self.fingerprint)}; --force starts over")
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        write_json(os.path.join(self.work, "fingerprint.json"), self.fingerprint)
+        return 0
+
+    def finish(self, model=None, **info):
+        """Save the stage's model (Hugging Face layout) if it has one and, last, stage.json (with the
+        fingerprint, an id for the stages after it, and on CUDA the peak allocated memory); then
+        <out>.tmp/ becomes <out>. Rank 0 writes; every process returns once it is there."""
+        info = {"stage": self.stage, "wall_s": time.time() - self.t0, **info}
+        if self.device.type == "cuda":
+            info["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if parallel.is_main():
+            if model is not None:
+                model.save_pretrained(self.work)
+            shutil.rmtree(os.path.join(self.work, "ckpt"), ignore_errors=True)
+            os.remove(os.path.join(self.work, "fingerprint.json"))
+            write_json(os.path.join(self.work, "stage.json"),
+                       {**info, "id": uuid.uuid4().hex, "fingerprint": self.fingerprint})
+            replace_dir(self.work, self.out)
+        memory = f", peak memory {info['peak_memory_gib']:.2f} GiB" if self.device.type == "cuda" else ""
+        print(f"{self.stage}: done in {info['wall_s']:.0f}s{memory} -> {self.out}")
+        parallel.barrier()
+        self.info = info
+        return info
+
+    def __exit__(self, kind, error, trace):
+        if parallel.is_main():
+            self.cleanup(failed=kind is not None)
+        return False
+
+    def cleanup(self, failed=True):
+        """Rank 0: on a failure remove what holds nothing to resume; release the lock."""
+        if failed:
+            if not checkpoints(os.path.join(self.work, "ckpt")):
+                shutil.rmtree(self.work, ignore_errors=True)
+            for folder in self.created:
+                if os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
+        if self.lock is not None:
+            unlock(*self.lock)
+            self.lock = None
 
 
-def finish(stage, out, t0, device, model=None, **info):
-    """Save the stage's model (HF layout) if it has one and, last, stage.json: the mark of a
-    finished stage (on CUDA with the stage's peak allocated memory). Rank 0 writes; every process
-    returns once the files are there."""
-    info = {"stage": stage, "wall_s": time.time() - t0, **info}
-    if device.type == "cuda":
-        info["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if parallel.is_main():
-        if model is not None:
-            model.save_pretrained(out)
-            shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
-        write_json(os.path.join(out, "stage.json"), info)
-    memory = f", peak memory {info['peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
-    print(f"{stage}: done in {info['wall_s']:.0f}s{memory} -> {out}")
-    parallel.barrier()
-    return info
+def lock(path):
+    """(fd, path) holding an exclusive flock on path, which records our pid; UsageError naming the
+    holder when another process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"{path[:-5]}: in use by process {holder} (lock {path}); wait for it or stop it")
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked meanwhile
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd, path
+        os.close(fd)
 
+
+def unlock(fd, path):
+    os.unlink(path)  # while still holding it: a process waiting on the old file sees it is gone
+    os.close(fd)
+
+
+def read_json(path):
+    """The JSON object of path, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def difference(old, new):
+    """The first setting in which two fingerprints differ, as words."""
+    if not isinstance(old, dict):
+        return "no record of its settings"
+    for key in list(new) + [k for k in old if k not in new]:
+        if key == "inputs":
+            for name in sorted(set(old.get("inputs", {})) | set(new["inputs"])):
+                if old.get("inputs", {}).get(name) != new["inputs"].get(name):
+                    return f"another {name} (input)"
+        elif old.get(key) != new.get(key):
+            return f"{key} {old.get(key)!r}, not {new.get(key)!r}" if key != "stage" else \
+                f"stage {old.get(key)!r}, not {new.get(key)!r}"
+    return "the same settings"
+
+
+def input_id(path):
+    """What stands for an input in a fingerprint: None; for a directory or file written by a stage,
+    that stage's id (from its stage.json) and the file's name; otherwise a content hash (of the
+    whole file up to 256 MiB, else of its size and first and last MiB; a directory: of its files).
+    A TokenizerFile: its file's id and the special tokens it names; a list: each item's id."""
+    if path is None:
+        return None
+    if isinstance(path, (list, tuple)):
+        return [input_id(p) for p in path]
+    if isinstance(path, TokenizerFile):
+        return [input_id(path.path), path.bos, path.eos, path.pad]
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    made = read_json(os.path.join(folder, "stage.json"))
+    if made and "id" in made:
+        return made["id"] + ("" if folder == path else "/" + os.path.basename(path))
+    if os.path.isdir(path):
+        files = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+        listing = "".join(f"{n}:{file_hash(os.path.join(path, n))}" for n in files)
+        return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+    return "sha256:" + file_hash(path)
+
+
+def file_hash(path, whole=256 * 2**20, edge=2**20):
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= whole:
+            while chunk := f.read(2**24):
+                h.update(chunk)
+        else:
+            h.update(f.read(edge))
+            f.seek(size - edge)
+            h.update(f.read(edge) + str(size).encode())
+    return h.hexdigest()
+
+
+def train_settings(cfg):
+    """The settings of TrainConfig that change a stage's result: not the logging, checkpointing,
+    recomputation or compilation, and the global micro-batch rather than the per-process one (N
+    processes at batch b train like one at N*b, so a checkpoint resumes under any number)."""
+    ignored = ("log_every", "ckpt_every", "grad_checkpoint", "compile", "batch_size")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    return {**settings, "global_batch": cfg.batch_size * parallel.world()}
+
+
+# ----------------------------------------------------------------------------- a stage's inputs
 
 def load_model(path, device, tok=None):
-    model = Transformer.from_pretrained(path).to(device)
+    """A Hugging Face Llama directory on `device`, checked: loadable, every weight finite, a
+    vocabulary that holds the tokenizer's. Any problem is one UsageError naming the path."""
+    try:
+        model = Transformer.from_pretrained(path).to(device)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise UsageError(f"{path}: cannot load the model: {one_line(e)}") from None
     if tok is not None and tok.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"{path}/config.json: vocab_size {model.cfg.vocab_size} is smaller than the "
                          f"tokenizer's {tok.vocab_size}")
+    bad = {n: int((~torch.isfinite(p)).sum()) for n, p in model.named_parameters()}
+    if any(bad.values()):
+        first = next(n for n, k in bad.items() if k)
+        raise UsageError(f"{path}: {sum(bad.values()):,} non-finite weights (the first in {first})")
     return model
 
 
+def one_line(error):
+    text = getattr(error, "strerror", None) and f"{error.strerror}: {error.filename}" or str(error)
+    return " ".join(text.split())[:200] or type(error).__name__
+
+
 def load_masks(path, model):
-    """The masks of `path`, checked against the model's parameters; None (no path): all-True."""
+    """The masks of `path` (safetensors, parameter name -> a bool tensor, or exact 0/1 values, of the
+    parameter's shape; a parameter without a mask is frozen), checked against the model; None: every
+    parameter trained. Any problem is one UsageError naming the path."""
     if path is None:
         return full_masks(model)
-    masks = allo.load_masks(path)
+    try:
+        masks = allo.load_masks(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise UsageError(f"{path}: not a mask file: {one_line(e)}") from None
+    if not masks:
+        raise UsageError(f"{path}: holds no mask")
     params = dict(model.named_parameters())
     for name, m in masks.items():
         if name not in params or m.shape != params[name].shape:
             got = tuple(params[name].shape) if name in params else "no such parameter"
-            raise UsageError(f"{path}: mask {name!r} of shape {tuple(m.shape)} does not fit the model ({got})")
-    return {n: m.to(params[n].device) for n, m in masks.items()}
+            raise UsageError(f"{path}: mask {name!r} of shape {tuple(m.shape)} does not fit the model "
+                             f"({got})")
+        if m.dtype != torch.bool:
+            odd = m[(m != 0) & (m != 1)]
+            if odd.numel():
+                raise UsageError(f"{path}: mask {name!r} ({m.dtype}) holds {odd[0].item()!r}: a mask is "
+                                 "bool, or exact 0 and 1")
+    return {n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()}
 
 
-def report_truncation(stage, n, what):
-    if n:
-        print(f"{stage}: warning: {n} {what} truncated to --max-len", flush=True)
+def check_lengths(stage, tok, prompts, responses, max_len, where):
+    """Before training: a row whose prompt leaves no room for a response token in max_len is an
+    error naming where(i) ("path:line"); rows whose response is cut are counted in one warning."""
+    cut, first = 0, None
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n_prompt = len(tok.encode(p))
+        if n_prompt + 2 > max_len:  # BOS + prompt + at least one response target
+            raise DataError(f"{where(i)}: the prompt has {n_prompt} tokens; --max-len {max_len} leaves no "
+                            "room for its response")
+        if n_prompt + len(tok.encode(r)) + 2 > max_len:  # BOS + prompt + response + EOS
+            cut, first = cut + 1, first or where(i)
+    if cut:
+        print(f"{stage}: warning: {cut} of {len(prompts)} rows longer than --max-len {max_len}, their "
+              f"responses cut (the first: {first})", flush=True)
 
 
 def need(path, stage):
     if not os.path.exists(path):
-        raise UsageError(f"{path}: not found; run `python train.py --stage {stage}` first (or pass it as a flag)")
+        raise UsageError(f"{path}: not found; run `python train.py --stage {stage}` first (or pass it as a "
+                         "flag)")
     return path
-
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -132,10 +351,13 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
     opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p in opt.state]
     ckpt_dir = os.path.join(out, "ckpt")
     start = resume(ckpt_dir, model, opt)
     if start:
         print(f"{stage}: resumed from step {start}/{steps}")
+    if parallel.is_main():
+        trim_metrics(os.path.join(out, "metrics.jsonl"), start)  # rows after the checkpoint are logged again
     world = parallel.world()
     # forward and backward through DDP (gradients all-reduced); optimizer and checkpoints use `model`
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
@@ -155,17 +377,20 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
             # DDP all-reduces the gradients once, after the step's last micro-batch
             with nullcontext() if ddp is None or j == len(batches) - 1 else ddp.no_sync():
                 loss = loss_fn(net, b, norms)
-                (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
+                (loss * world).backward()  # DDP averages over processes; the loss is a share of the sum
             stats[0] += loss.detach()
         step_loss, step_tokens = parallel.all_reduce_sum(stats).tolist()
         if not math.isfinite(step_loss):
-            raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, the last "
-                             f"good checkpoint is in {ckpt_dir} (lower the learning rate?)")
+            raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, "
+                             f"{last_good(ckpt_dir)} (lower the learning rate?)")
         tokens += step_tokens
         losses.append(step_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not all_finite(trained):  # before any checkpoint or final file holds them
+            raise UsageError(f"{stage}: non-finite weights after step {step + 1}; stopped, "
+                             f"{last_good(ckpt_dir)} (lower the learning rate?)")
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:
             log_progress(stage, out, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
@@ -174,6 +399,26 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         if done % cfg.ckpt_every == 0 and done < steps and parallel.is_main():
             save_checkpoint(ckpt_dir, done, model, opt)
     return model
+
+
+def all_finite(tensors):
+    """Every entry finite: the largest |x| of each tensor (one multi-tensor op) checked at once."""
+    return not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
+
+
+def last_good(ckpt_dir):
+    """Where a rerun resumes from, in words: the newest checkpoint, or the start."""
+    found = checkpoints(ckpt_dir)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint yet: a rerun starts over"
+
+
+def trim_metrics(path, step):
+    """Keep the metrics rows of steps <= step (those before the checkpoint resumed from)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(rows)
 
 
 def step_norms(norms, device):
@@ -185,8 +430,8 @@ def step_norms(norms, device):
 def log_progress(stage, out, done, steps, loss, lr, tokens, elapsed, steps_run):
     row = {"stage": stage, "step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed}
     eta = (steps - done) * elapsed / steps_run
-    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {row['tokens_per_s']:,.0f} eta {eta:.0f}s",
-          flush=True)
+    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {row['tokens_per_s']:,.0f} "
+          f"eta {eta:.0f}s", flush=True)
     if parallel.is_main():
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -223,8 +468,8 @@ def rank_batch(n, i, cfg):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(ckpt_dir, step, model, opt):
-    """<ckpt>/step-N/{model, optimizer}.safetensors, written into a temporary directory that is
-    renamed when complete; older checkpoints are removed after."""
+    """<ckpt>/step-N/{model, optimizer}.safetensors, written into a temporary directory, flushed to
+    disk and renamed when complete; the two newest are kept (a torn one falls back to the other)."""
     name = f"step-{step:07d}"
     tmp = os.path.join(ckpt_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -232,24 +477,37 @@ def save_checkpoint(ckpt_dir, step, model, opt):
     with atomic_path(os.path.join(tmp, "model.safetensors")) as path:
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, path)
     allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
-    os.replace(tmp, os.path.join(ckpt_dir, name))
-    for old in os.listdir(ckpt_dir):
-        if old != name:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    replace_dir(tmp, os.path.join(ckpt_dir, name))
+    for old in checkpoints(ckpt_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(ckpt_dir):
+    """The complete checkpoint directories, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [os.path.join(ckpt_dir, d) for d in sorted(os.listdir(ckpt_dir)) if d.startswith("step-")
+            and not d.endswith((".tmp", ".old"))]
 
 
 def resume(ckpt_dir, model, opt):
-    """Load the newest complete checkpoint; returns its step (0 when there is none)."""
-    done = sorted(d for d in os.listdir(ckpt_dir) if not d.endswith(".tmp")) if os.path.isdir(ckpt_dir) else []
-    if not done:
-        return 0
-    path = os.path.join(ckpt_dir, done[-1])
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(weights[n])
-    allo.load_optimizer(os.path.join(path, "optimizer.safetensors"), opt)
-    return int(done[-1].split("-")[1])
+    """Load the newest checkpoint that loads (a torn one, e.g. after a power loss, is skipped with a
+    warning for the one before); returns its step, 0 when there is none."""
+    params = dict(model.named_parameters())
+    for path in reversed(checkpoints(ckpt_dir)):
+        try:
+            weights = load_file(os.path.join(path, "model.safetensors"))  # read before anything is written
+            if {n: w.shape for n, w in weights.items()} != {n: p.shape for n, p in params.items()}:
+                raise ValueError("its weights are not the model's")
+            allo.load_optimizer(os.path.join(path, "optimizer.safetensors"), opt)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(weights[n])
+            return int(os.path.basename(path).split("-")[1])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            print(f"warning: {path}: cannot load ({one_line(e)}); trying the checkpoint before it",
+                  flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------- masks
@@ -259,8 +517,11 @@ def full_masks(model):
     return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
 
 
-def trained_fraction(masks):
-    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+def trained_fraction(masks, model=None):
+    """The fraction of entries the masks train: of the model's parameters (a parameter without a
+    mask is frozen), or without a model of the entries the masks cover."""
+    total = sum(t.numel() for t in (model.parameters() if model is not None else masks.values()))
+    return sum(int(m.sum()) for m in masks.values()) / total
 
 
 # ----------------------------------------------------------------------------- per-batch losses

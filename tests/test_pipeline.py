@@ -89,7 +89,7 @@ def test_rewriter_prompt_ends_with_the_reference_tokenized_as_the_rewrite(run):
 def test_all_skips_finished_stages(run, capsys):
     train.main(SMOKE + ["--run", run, "--stage", "all"])
     out = capsys.readouterr().out
-    assert all(f"{s}: finished earlier, skipped" in out for s in train.STAGES)
+    assert all(f"{s}: finished earlier with these settings, skipped" in out for s in train.STAGES)
 
 
 def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
@@ -106,8 +106,8 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--run", str(tmp_path / "killed")])
-    assert os.listdir(tmp_path / "killed" / "sft" / "ckpt") == ["step-0000004"]
-    assert not os.path.exists(tmp_path / "killed" / "sft" / "stage.json")
+    assert sorted(os.listdir(tmp_path / "killed" / "sft.tmp" / "ckpt")) == ["step-0000002", "step-0000004"]
+    assert not os.path.exists(tmp_path / "killed" / "sft")
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     train.main(args + ["--run", str(tmp_path / "killed")])
     a = load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))
@@ -130,8 +130,9 @@ def test_nan_loss_stops_with_last_checkpoint_kept(tmp_path, monkeypatch, capsys)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and len(err.strip().splitlines()) == 1
-    assert os.listdir(tmp_path / "sft" / "ckpt") == ["step-0000004"]
-    assert not os.path.exists(tmp_path / "sft" / "stage.json")
+    last = tmp_path / "sft.tmp" / "ckpt" / "step-0000004"
+    assert f"the last good checkpoint is {last}" in err and last.is_dir()
+    assert not os.path.exists(tmp_path / "sft")
 
 
 def test_missing_prerequisite_names_the_stage_to_run(tmp_path):

@@ -54,3 +54,19 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
     out = capsys.readouterr().out
     assert " loss " not in out  # no progress line of fit(): no stage ran
     assert json.load(open(os.path.join(root, "results.json")))["rows"] == res["rows"]
+
+
+def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path, capsys):
+    import shutil
+
+    import pytest
+    run = str(shutil.copytree(smoke_run, tmp_path / "run"))
+    study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top"] + ARGS)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top", "--learn-lr", "1e-4"] + ARGS)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "dpo-top: finished earlier with lr 3e-05, not 0.0001" in err
+    with pytest.raises(SystemExit):
+        study.main(["--run", run, "--tag", "u", "--arms", "DPO top", "--learn-ratio", "0.2"] + ARGS)
+    assert "masks/settings.json: these masks were drawn with other settings" in capsys.readouterr().err
