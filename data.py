@@ -133,12 +133,13 @@ class Tokenizer:
     def __init__(self, model_path, bos=None, eos=None, pad=None):
         try:
             with open(model_path, "rb") as f:
-                self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+                proto = f.read()
+            if not proto:  # checked here: the library would log to stderr first
+                raise DataError(f"{model_path}: not a SentencePiece model (empty)")
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
         except (OSError, RuntimeError) as e:
             why = str(e).splitlines()[0][:80]
             raise DataError(f"{model_path}: not a SentencePiece model ({why})") from None
-        if self.sp.vocab_size() == 0:
-            raise DataError(f"{model_path}: not a SentencePiece model (empty)")
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.special(model_path, bos, self.sp.bos_id(), "BOS", "--bos-token")
         self.eos_id = self.special(model_path, eos, self.sp.eos_id(), "EOS", "--eos-token")
