@@ -77,8 +77,8 @@ def stage_sft(*, tokenizer, data, out, steps, lr, cfg, device, model=None, arch=
         read = read_jsonl(data, "sft")
         rows = [r if "input" in r else {"input": prompt_text(r["question"], template),
                                         "output": " " + r["answer"]} for r in read]
-        inputs, outputs = [r["input"] for r in rows], [r["output"] for r in rows]
-        check_lengths("sft", tok, inputs, outputs, cfg.max_len, read.where)
+        prompts, targets = [r["input"] for r in rows], [r["output"] for r in rows]
+        check_lengths("sft", tok, prompts, targets, cfg.max_len, read.where)
         if model:
             policy = load_model(model, device, tok)
         else:
@@ -90,7 +90,7 @@ def stage_sft(*, tokenizer, data, out, steps, lr, cfg, device, model=None, arch=
 
         def batch_at(i):
             idx = rank_batch(len(rows), i, cfg)
-            b = collate(tok, [inputs[k] for k in idx], [outputs[k] for k in idx], cfg.max_len)
+            b = collate(tok, [prompts[k] for k in idx], [targets[k] for k in idx], cfg.max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
         fit("sft", policy, full_masks(policy), batch_at,
@@ -129,13 +129,13 @@ def stage_sample(*, model, tokenizer, questions, out, k, temperature, top_p, max
         if so.finished:
             return so.info
         tok = load_tokenizer(tokenizer)
-        questions = {path: read_jsonl(path, "questions") for _, path, _ in files}
-        answers = {path: reference_answers(rows) for path, rows in questions.items()}
+        rows_of = {path: read_jsonl(path, "questions") for _, path, _ in files}
+        answers = {path: reference_answers(rows) for path, rows in rows_of.items()}
         policy = load_model(model, device, tok)
         rng, stats = random.Random(seed), {}
         for split, path, pairs_file in files:
-            n = n_sample if split == "train" and n_sample else len(questions[path])
-            rows, final = questions[path][:n], answers[path][:n]
+            n = n_sample if split == "train" and n_sample else len(rows_of[path])
+            rows, final = rows_of[path][:n], answers[path][:n]
             prompts = [prompt_text(r["question"], template) for r in rows]
             mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(k)]  # K per question
             ids = generate_ids(policy, tok, mine, max_new_tokens, temperature, top_p, seed + parallel.rank())
