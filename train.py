@@ -247,6 +247,9 @@ def stage_mask(*, model, out, scorer, forget_ratio, learn_ratio, granularity, ex
         start = load_model(model, device, tok)
         if scorer == "delta":
             warm = load_model(warmup, device)
+            shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+            if shapes(warm) != shapes(start):
+                raise UsageError(f"{warmup}: the warmup model's parameters are not those of {model}")
             scores = allo.importance_from_delta(dict(start.named_parameters()), dict(warm.named_parameters()))
         else:
             pairs = read_jsonl(data, "pairs")

@@ -426,3 +426,13 @@ def test_a_full_disk_is_one_line_and_leaves_the_output_as_it_was(run, capsys, mo
     monkeypatch.setattr(Transformer, "save_pretrained", full)
     fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "learn", "--force"],
                   "error: No space left on device: ", "learn.tmp/model.safetensors")
+
+
+def test_a_warmup_model_of_another_shape(run, capsys, tmp_path):
+    from model import ModelConfig, Transformer
+    other = tmp_path / "other"
+    cfg = json.load(open(os.path.join(run, "sft", "config.json")))
+    Transformer(ModelConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=2, n_heads=2,
+                            n_kv_heads=1, hidden_dim=64)).save_pretrained(str(other))
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask", "--warmup", str(other), "--out",
+                                        str(tmp_path / "o")], f"{other}: the warmup model's parameters are not")
