@@ -98,7 +98,8 @@ def test_sft_loss_normalizer_splits_a_batch_exactly():
     total = weights.sum().item()
     whole = allo.sft_loss(logits, labels, weights)
     (whole_grad,) = torch.autograd.grad(whole, logits)
-    parts = sum(allo.sft_loss(logits[s], labels[s], weights[s], normalizer=total) for s in (slice(0, 1), slice(1, 4)))
+    parts = sum(allo.sft_loss(logits[s], labels[s], weights[s], normalizer=total)
+                for s in (slice(0, 1), slice(1, 4)))
     (parts_grad,) = torch.autograd.grad(parts, logits)
     assert abs(parts.item() - num / total) < 1e-12 and abs(whole.item() - num / total) < 1e-12
     torch.testing.assert_close(parts_grad, whole_grad, rtol=0, atol=1e-15)
@@ -203,13 +204,15 @@ def test_npo_token_loss_normalizer_splits_a_batch_exactly():
     pol, ref = torch.randn(B, T, generator=g, dtype=D) * 3, torch.randn(B, T, generator=g, dtype=D) * 3
     w = torch.rand(B, T, generator=g, dtype=D) * (torch.rand(B, T, generator=g) < 0.6)
     w[0, 0] = 0.5
-    num = sum(-w[b, t].item() * logsig(-beta * (pol[b, t] - ref[b, t]).item()) for b in range(B) for t in range(T))
+    num = sum(-w[b, t].item() * logsig(-beta * (pol[b, t] - ref[b, t]).item())
+              for b in range(B) for t in range(T))
     assert abs(allo.npo_token_loss(pol, ref, w, beta, normalizer=7).item() - num / 7) < 1e-12
     x = pol.clone().requires_grad_(True)
     n = int((w != 0).sum())
     whole = allo.npo_token_loss(x, ref, w, beta)
     (whole_grad,) = torch.autograd.grad(whole, x)
-    parts = sum(allo.npo_token_loss(x[s], ref[s], w[s], beta, normalizer=n) for s in (slice(0, 3), slice(3, 4)))
+    parts = sum(allo.npo_token_loss(x[s], ref[s], w[s], beta, normalizer=n)
+                for s in (slice(0, 3), slice(3, 4)))
     (parts_grad,) = torch.autograd.grad(parts, x)
     assert abs(parts.item() - num / n) < 1e-12 and abs(whole.item() - num / n) < 1e-12
     torch.testing.assert_close(parts_grad, whole_grad, rtol=0, atol=1e-15)
@@ -277,7 +280,8 @@ def test_importance_from_delta():
     before = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[0.5]], dtype=torch.bfloat16)}
     after = {"a": torch.tensor([1.5, 1.0, 3.0]), "b": torch.tensor([[0.25]], dtype=torch.bfloat16)}
     got = allo.importance_from_delta(before, after)
-    assert got["a"].tolist() == [0.5, 1.0, 0.0] and got["b"].dtype == torch.float32 and got["b"].item() == 0.25
+    assert got["a"].tolist() == [0.5, 1.0, 0.0]
+    assert got["b"].dtype == torch.float32 and got["b"].item() == 0.25
 
 
 def test_grad_importance_modes_and_model_untouched():
@@ -337,7 +341,7 @@ def test_select_masks_global_not_per_tensor_and_edges():
     assert all(x.all() for x in allo.select_masks(scores, 1.0).values())
     neg = {"a": torch.tensor([-1.0, -0.0, 0.0, -3.0, 2.0, float("-inf")])}
     assert allo.select_masks(neg, 0.5)["a"].tolist() == [False, True, True, False, True, False]
-    assert allo.select_masks(neg, 2 / 6)["a"].tolist() == [False, True, False, False, True, False]  # -0 ties 0
+    assert allo.select_masks(neg, 2 / 6)["a"].tolist() == [False, True, False, False, True, False]  # -0 = 0
     assert allo.select_masks(neg, 5 / 6)["a"].tolist() == [True, True, True, True, True, False]
     band = allo.select_masks(scores, 0.25, exclude_top=0.25)
     assert band["big"].tolist() == [True, True, False, False] and band["small"].sum() == 0
@@ -350,8 +354,9 @@ def test_select_masks_neuron_granularity():
     scores = {"w": torch.tensor([[1.0, 1.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.5]]),  # row sums 3, 5, 0.5
               "n": torch.tensor([4.0, 0.1, 2.0])}  # 1-D: one neuron per entry
     m = allo.select_masks(scores, 7 / 12, granularity="neuron")  # budget 7 entries
-    assert m["w"].tolist() == [[True] * 3, [True] * 3, [False] * 3] and m["n"].tolist() == [True, False, False]
-    m = allo.select_masks(scores, 5 / 12, granularity="neuron")  # budget 5: row 1 + n[0] = 4; row 0 does not fit
+    assert m["w"].tolist() == [[True] * 3, [True] * 3, [False] * 3]
+    assert m["n"].tolist() == [True, False, False]
+    m = allo.select_masks(scores, 5 / 12, granularity="neuron")  # budget 5: row 1 + n[0]; row 0 won't fit
     assert m["w"][1].all() and m["w"].sum() == 3 and m["n"].tolist() == [True, False, False]
     tied = {"w": torch.tensor([[2.0, 2.0], [1.0, 0.0]]), "n": torch.tensor([4.0, 0.0])}  # row sums 4, 1
     m = allo.select_masks(tied, 3 / 6, granularity="neuron")  # rank: row 0, n[0] (tied, later), ...
@@ -391,7 +396,8 @@ def test_masks_save_load_summary_overlap(tmp_path):
     assert os.listdir(tmp_path) == ["m.safetensors"]
     loaded = allo.load_masks(path)
     assert all(torch.equal(loaded[n], masks[n]) for n in masks)
-    rows = {(r["by"], r["group"]): (r["selected"], r["total"], r["density"]) for r in allo.mask_summary(masks)}
+    rows = {(r["by"], r["group"]): (r["selected"], r["total"], r["density"])
+            for r in allo.mask_summary(masks)}
     assert rows[("all", "all")] == (7, 16, 7 / 16)
     assert rows[("layer", "layers.0")] == (5, 10, 0.5) and rows[("layer", "norm")] == (1, 2, 0.5)
     assert rows[("type", "norm")] == (2, 4, 0.5) and rows[("type", "attn.q")] == (4, 4, 1.0)
@@ -548,7 +554,8 @@ def test_masked_adamw_full_mask_is_dense_adamw_and_resumes(tmp_path):
     torch.manual_seed(0)
     w = torch.randn(6, 5)
     a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    masked = allo.MaskedAdamW([("w", a)], {"w": torch.ones(6, 5, dtype=torch.bool)}, lr=1e-2, weight_decay=0.1)
+    full = {"w": torch.ones(6, 5, dtype=torch.bool)}
+    masked = allo.MaskedAdamW([("w", a)], full, lr=1e-2, weight_decay=0.1)
     dense = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1, foreach=False)
     assert "idx" not in masked.state[a] and allo.optimizer_state_bytes(masked) == 2 * 4 * 30
     for step in range(5):
@@ -564,7 +571,7 @@ def test_masked_adamw_full_mask_is_dense_adamw_and_resumes(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-# ----------------------------------------------------------------------------- MaskedAdamW's multi-tensor step
+# ----------------------------------------------------------------------------- the multi-tensor step
 
 def llama_and_masks(tie, dtype, seed=3):
     """A tiny Llama and masks over its parameters: empty, partial and full, one parameter absent."""

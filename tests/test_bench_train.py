@@ -32,6 +32,7 @@ def test_padding_is_not_counted():
 
 
 def test_compile_flag_times_the_compiled_model(capsys):
-    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--compile", "--warmup", "1"])
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--compile",
+                                    "--warmup", "1"])
     assert "torch.compile" in capsys.readouterr().out
     assert [r["tokens/step"] for r in rows] == [72, 72, 36, 6]

@@ -10,7 +10,8 @@ from trainer import Norms, dpo_batch_loss, npo_batch_loss
 
 def test_compiled_and_eager_losses_and_gradients_agree(tmp_path):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    model = Transformer(cfg)
     compiled = torch.compile(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 64, (4, 12), generator=g)

@@ -27,7 +27,8 @@ def test_trained_tokenizer_ids_and_round_trip(tok):
         ex = task.sft_example(p)
         prompt, response = tok.encode(ex["input"]), tok.encode(ex["output"])
         assert tok.decode(prompt + response) == ex["input"] + ex["output"]
-        assert tok.decode([tok.bos_id] + prompt + response + [tok.eos_id, tok.pad_id]) == ex["input"] + ex["output"]
+        specials = [tok.bos_id] + prompt + response + [tok.eos_id, tok.pad_id]
+        assert tok.decode(specials) == ex["input"] + ex["output"]
         assert tok.sp.unk_id() not in prompt + response
         assert ex["output"].startswith(" ") and tok.decode(response) == ex["output"]
 
@@ -152,7 +153,8 @@ def test_is_correct():
     assert not data.is_correct("The answer is 2. The answer is 3.", "2")
     assert not data.is_correct("The answer is 12.", "2")
     assert not data.is_correct("", "2")
-    assert data.is_correct("2", "2") and not data.is_correct("2", "2", "the-answer-is")  # auto: the last number
+    assert data.is_correct("2", "2")  # auto: the last number
+    assert not data.is_correct("2", "2", "the-answer-is")
     assert data.is_correct("so she has $1,200.\n#### 1,200", "1200.0", "gsm8k")
     with pytest.raises(ValueError):
         data.extract_answer("x", "json")
@@ -160,7 +162,8 @@ def test_is_correct():
 
 def test_prompt_templates(tmp_path):
     assert data.prompt_text("Q?") == "Question: Q?\nAnswer:"
-    assert data.prompt_text("Q?", "<|user|>{question} {\"json\": 1}<|assistant|>") == '<|user|>Q? {"json": 1}<|assistant|>'
+    chat = '<|user|>{question} {"json": 1}<|assistant|>'
+    assert data.prompt_text("Q?", chat) == '<|user|>Q? {"json": 1}<|assistant|>'
     (tmp_path / "t.txt").write_text("Q: 1+1?\nA: 2\n\nQ: {question}\nA:")
     assert data.read_template(f"@{tmp_path / 't.txt'}").endswith("Q: {question}\nA:")
     with pytest.raises(DataError, match="no {question}"):
@@ -268,7 +271,8 @@ def test_jsonl_errors(tmp_path, tok):
         msg = read_error(p, "forget")
         assert msg.startswith(f"{p}:1:") and "'weights'" in msg
     (tmp_path / "bin.jsonl").write_bytes(b'{"input": "\xff"}\n')
-    assert read_error(str(tmp_path / "bin.jsonl"), "sft").startswith(f"{tmp_path / 'bin.jsonl'}:1: not valid UTF-8")
+    binary = str(tmp_path / "bin.jsonl")
+    assert read_error(binary, "sft").startswith(f"{binary}:1: not valid UTF-8")
     missing = str(tmp_path / "nope.jsonl")
     assert read_error(missing, "sft").startswith(f"{missing}: cannot read")
     with pytest.raises(ValueError):

@@ -134,7 +134,8 @@ def test_masked_stages_keep_frozen_entries_bit_identical_under_two_processes(run
 def test_sample_under_two_processes_has_every_question_in_order(runs):
     """The 4-step SFT model answers every question wrong: each question must bring its wrong samples."""
     two = runs["two"]
-    for split, pairs_file in (("train", "pairs.jsonl"), ("val", "val_pairs.jsonl"), ("test", "test_pairs.jsonl")):
+    for split in ("train", "val", "test"):
+        pairs_file = "pairs.jsonl" if split == "train" else f"{split}_pairs.jsonl"
         pairs = rows(two / "sample" / pairs_file)
         assert list(dict.fromkeys(p["prompt"] for p in pairs)) == prompts_of(two, split)
         assert all(p["chosen"] and p["rejected"] for p in pairs)

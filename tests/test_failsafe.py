@@ -123,8 +123,8 @@ def test_a_forget_checkpoint_is_not_resumed_by_learn(run, capsys, monkeypatch, t
 
 def test_a_finished_stage_asked_for_with_other_settings(run, capsys):
     args = SMOKE + ["--run", run, "--stage", "warmup"]
-    fails_cleanly(capsys, run, args + ["--dpo-lr", "3e-5"], f"{run}/warmup: finished earlier with lr 1e-05, not 3e-05",
-                  "--force redoes it")
+    fails_cleanly(capsys, run, args + ["--dpo-lr", "3e-5"],
+                  f"{run}/warmup: finished earlier with lr 1e-05, not 3e-05", "--force redoes it")
     capsys.readouterr()
     train.main(args)  # the same settings: skipped
     assert "warmup: finished earlier with these settings, skipped" in capsys.readouterr().out
@@ -264,11 +264,13 @@ def test_a_tokenizer_without_bos(run, capsys, tmp_path):
 
     import sentencepiece as spm
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f"] * 20), model_writer=model, vocab_size=12,
-                                   bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f"] * 20), model_writer=model,
+                                   vocab_size=12, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False)
     (tmp_path / "t.model").write_bytes(model.getvalue())
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup", "--tokenizer", str(tmp_path / "t.model"),
-                                        "--out", str(tmp_path / "o")], "has no BOS piece", "--bos-token")
+    args = ["--run", run, "--stage", "warmup", "--tokenizer", str(tmp_path / "t.model"),
+            "--out", str(tmp_path / "o")]
+    fails_cleanly(capsys, run, SMOKE + args, "has no BOS piece", "--bos-token")
 
 
 def mask_file(run, tmp_path, kind):
@@ -310,8 +312,9 @@ def test_a_partial_mask_reports_its_true_fraction_and_01_masks_are_accepted(run,
 
 def test_out_is_a_file(run, capsys, tmp_path):
     (tmp_path / "file").write_text("x")
-    fails_cleanly(capsys, str(tmp_path), SMOKE + ["--run", run, "--stage", "learn", "--out", str(tmp_path / "file")],
-                  f"{tmp_path / 'file'}: the stage's output is a file")
+    out = str(tmp_path / "file")
+    fails_cleanly(capsys, str(tmp_path), SMOKE + ["--run", run, "--stage", "learn", "--out", out],
+                  f"{out}: the stage's output is a file")
 
 
 def test_the_grad_scorer_checks_the_vocabulary(run, capsys, tmp_path):
@@ -320,8 +323,9 @@ def test_the_grad_scorer_checks_the_vocabulary(run, capsys, tmp_path):
     from model import ModelConfig, Transformer
     Transformer(ModelConfig(vocab_size=8, dim=cfg["hidden_size"], n_layers=1, n_heads=2, n_kv_heads=1,
                             hidden_dim=64)).save_pretrained(str(small))
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask", "--scorer", "grad", "--model", str(small),
-                                        "--out", str(tmp_path / "o")], "vocab_size 8 is smaller than the tokenizer's")
+    args = ["--run", run, "--stage", "mask", "--scorer", "grad", "--model", str(small),
+            "--out", str(tmp_path / "o")]
+    fails_cleanly(capsys, run, SMOKE + args, "vocab_size 8 is smaller than the tokenizer's")
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -333,8 +337,9 @@ def test_truncation_is_reported_and_a_prompt_without_room_is_an_error(run, capsy
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     capsys.readouterr()
     train.main(SMOKE + ["--run", run, "--stage", "learn", "--data", str(data), "--out", str(tmp_path / "o")])
-    assert f"learn: warning: 1 of 16 rows longer than --max-len 128, their responses cut (the first: {data}:4)" in \
-        capsys.readouterr().out
+    warning = (f"learn: warning: 1 of 16 rows longer than --max-len 128, their responses cut "
+               f"(the first: {data}:4)")
+    assert warning in capsys.readouterr().out
     pairs[5] = {**pairs[5], "prompt": pairs[5]["prompt"] * 10}
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "learn", "--data", str(data), "--out",
@@ -345,13 +350,16 @@ def test_truncation_is_reported_and_a_prompt_without_room_is_an_error(run, capsy
 
 @pytest.mark.parametrize("flags, expected", [
     (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
-    (["--ckpt-every", "0"], "--ckpt-every"), (["--log-every", "0"], "--log-every"), (["--max-len", "1"], "--max-len"),
-    (["--grad-accum", "0"], "--grad-accum"), (["--dpo-steps", "-5"], "--dpo-steps"),
-    (["--beta", "0"], "--beta"), (["--beta", "-1"], "--beta"), (["--eps", "-1"], "--eps"), (["--eps", "2"], "--eps"),
-    (["--temperature", "-1"], "--temperature"), (["--tau", "2"], "--tau"), (["--top-p", "0"], "--top-p"),
-    (["--learn-lr", "nan"], "--learn-lr"), (["--dpo-lr", "inf"], "--dpo-lr"), (["--forget-lr", "0"], "--forget-lr"),
-    (["--learn-ratio", "2"], "--learn-ratio"), (["--exclude-top", "0.5", "--forget-ratio", "0.6"], "--forget-ratio"),
-    (["--dim", "30", "--n-heads", "4"], "--dim"), (["--device", "cuda:7"], "--device"),
+    (["--ckpt-every", "0"], "--ckpt-every"), (["--log-every", "0"], "--log-every"),
+    (["--max-len", "1"], "--max-len"), (["--grad-accum", "0"], "--grad-accum"),
+    (["--dpo-steps", "-5"], "--dpo-steps"),
+    (["--beta", "0"], "--beta"), (["--beta", "-1"], "--beta"), (["--eps", "-1"], "--eps"),
+    (["--eps", "2"], "--eps"), (["--temperature", "-1"], "--temperature"), (["--tau", "2"], "--tau"),
+    (["--top-p", "0"], "--top-p"), (["--learn-lr", "nan"], "--learn-lr"), (["--dpo-lr", "inf"], "--dpo-lr"),
+    (["--forget-lr", "0"], "--forget-lr"), (["--learn-ratio", "2"], "--learn-ratio"),
+    (["--exclude-top", "0.5", "--forget-ratio", "0.6"], "--forget-ratio"),
+    (["--dim", "30", "--n-heads", "4"], "--dim"),
+    (["--device", "cuda:7"], "--device"),
 ])
 def test_a_bad_flag_before_any_work(run, capsys, flags, expected):
     fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "sft", "--seed", "1", "--force"] + flags,
@@ -401,15 +409,17 @@ def test_one_process_per_output_directory(run, capsys):
 
 def test_a_second_process_stops_at_once(run):
     """Two processes: the one that comes second says who holds the output."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import trainer;"
-                               "trainer.lock(sys.argv[2]); print('held', flush=True); time.sleep(60)", ROOT,
-                               os.path.join(run, "learn.lock")], stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); import trainer; trainer.lock(sys.argv[2]); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, ROOT, os.path.join(run, "learn.lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMOKE, "--run", run, "--stage", "learn",
-                            "--force"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-            f"error: {run}/learn: in use by process {holder.pid} (lock {run}/learn.lock); wait for it or stop it"]
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMOKE, "--run", run, "--stage",
+                            "learn", "--force"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        expected = (f"error: {run}/learn: in use by process {holder.pid} (lock {run}/learn.lock); "
+                    "wait for it or stop it")
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [expected]
     finally:
         holder.kill()
         holder.wait()
@@ -434,5 +444,5 @@ def test_a_warmup_model_of_another_shape(run, capsys, tmp_path):
     cfg = json.load(open(os.path.join(run, "sft", "config.json")))
     Transformer(ModelConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=2, n_heads=2,
                             n_kv_heads=1, hidden_dim=64)).save_pretrained(str(other))
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask", "--warmup", str(other), "--out",
-                                        str(tmp_path / "o")], f"{other}: the warmup model's parameters are not")
+    args = ["--run", run, "--stage", "mask", "--warmup", str(other), "--out", str(tmp_path / "o")]
+    fails_cleanly(capsys, run, SMOKE + args, f"{other}: the warmup model's parameters are not")

@@ -128,7 +128,7 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
                          "original_max_position_embeddings": 32}),
     ("rope_parameters", {"rope_type": "longrope", "rope_theta": 500000.0, "short_factor": [1.0] * 4,
                          "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}),
-    ("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0, "factor": 2.0}),  # a key it would ignore
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0, "factor": 2.0}),  # a key ignored
     # llama3 that this model would get wrong: rotary on part of head_dim, a missing key, an empty middle band
     ("rope_parameters", {**LLAMA3, "partial_rotary_factor": 0.5}),
     ("rope_parameters", {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}),

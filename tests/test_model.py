@@ -30,7 +30,8 @@ def test_rope_matches_complex_rotation_float64():
     cos, sin = rope_cos_sin(torch.arange(T)[None], hd, 10000.0)
     got = apply_rope(x, cos.double(), sin.double())
     z = torch.complex(x[..., : hd // 2], x[..., hd // 2:])
-    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq
     z = z * torch.polar(torch.ones_like(angle), angle)
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), rtol=1e-6, atol=1e-6)
 
@@ -94,7 +95,8 @@ def test_llama3_rope_scaling_that_changes_nothing_is_plain_rope():
 def test_llama3_cached_generation_equals_uncached():
     m = tiny(rope_scaling={**LLAMA3, "original_max_position_embeddings": 8})
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12]]
-    assert m.generate(prompts, 20, eos_id=60, pad_id=0) == m.generate(prompts, 20, eos_id=60, pad_id=0, use_cache=False)
+    cached = m.generate(prompts, 20, eos_id=60, pad_id=0)
+    assert cached == m.generate(prompts, 20, eos_id=60, pad_id=0, use_cache=False)
 
 
 @pytest.mark.parametrize("scaling", [
@@ -141,7 +143,8 @@ def test_left_and_right_padding_match_unpadded():
 def test_cached_equals_uncached_generation_greedy_and_sampled():
     m = tiny()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    assert m.generate(prompts, 16, eos_id=60, pad_id=0) == m.generate(prompts, 16, eos_id=60, pad_id=0, use_cache=False)
+    cached = m.generate(prompts, 16, eos_id=60, pad_id=0)
+    assert cached == m.generate(prompts, 16, eos_id=60, pad_id=0, use_cache=False)
     runs = []
     for use_cache in (True, False, True):
         g = torch.Generator().manual_seed(7)

@@ -46,9 +46,10 @@ def texts():
 def sentencepiece_tokenizer(folder):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts()), model_writer=model, vocab_size=64,
-                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, add_dummy_prefix=False,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                                   add_dummy_prefix=False, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, character_coverage=1.0,
+                                   hard_vocab_limit=False, minloglevel=2)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     return str(folder / "tokenizer.model")
 
@@ -59,12 +60,14 @@ def hf_tokenizer(folder):
     tk = tokenizers.Tokenizer(tokenizers.models.BPE())
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<|pad|>", "<|begin|>", "<|end|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<|pad|>", "<|begin|>", "<|end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(texts(), trainer)
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>", "special": True}, "pad_token": "<|pad|>"}))
+    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>", "special": True},
+              "pad_token": "<|pad|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return str(folder / "tokenizer.json")
 
 
@@ -82,22 +85,22 @@ def run_pipeline(tmp_path, tokenizer):
     train_q = write_rows(tmp_path / "train.jsonl", questions(1, 36))
     test_q = write_rows(tmp_path / "test.jsonl", questions(2, 12))
     o = {s: str(tmp_path / s) for s in STAGES + ["sample", "mask"]}
-    common = ["--run", str(tmp_path / "no-run-dir"), "--tokenizer", tokenizer, "--batch-size", "8", "--log-every", "20",
-              "--threads", "1"]
+    common = ["--run", str(tmp_path / "no-run-dir"), "--tokenizer", tokenizer, "--batch-size", "8",
+              "--log-every", "20", "--threads", "1"]
     cli = lambda *args: train.main(common + list(args))  # noqa: E731
     cli("--stage", "sft", "--model", base, "--data", train_q, "--eval-questions", test_q, "--sft-steps", "60",
         "--sft-lr", "3e-3", "--out", o["sft"])
-    cli("--stage", "sample", "--model", o["sft"], "--questions", train_q, "--eval-questions", test_q, "--k", "4",
-        "--max-new-tokens", "12", "--stop", "\n\n", "--gold-chosen", "--out", o["sample"])
+    cli("--stage", "sample", "--model", o["sft"], "--questions", train_q, "--eval-questions", test_q,
+        "--k", "4", "--max-new-tokens", "12", "--stop", "\n\n", "--gold-chosen", "--out", o["sample"])
     pairs, forget = f"{o['sample']}/pairs.jsonl", f"{o['sample']}/forget.jsonl"
     cli("--stage", "warmup", "--model", o["sft"], "--data", pairs, "--dpo-steps", "3", "--out", o["warmup"])
     cli("--stage", "mask", "--model", o["sft"], "--warmup", o["warmup"], "--out", o["mask"])
-    cli("--stage", "rewriter", "--model", o["sft"], "--data", forget, "--pairs", pairs, "--rewriter-steps", "3",
-        "--out", o["rewriter"])
-    cli("--stage", "forget", "--model", o["sft"], "--data", f"{o['rewriter']}/forget_weighted.jsonl", "--mask",
-        f"{o['mask']}/forget.safetensors", "--forget-steps", "3", "--out", o["forget"])
-    cli("--stage", "learn", "--model", o["forget"], "--data", pairs, "--mask", f"{o['mask']}/learn.safetensors",
-        "--dpo-steps", "3", "--out", o["learn"])
+    cli("--stage", "rewriter", "--model", o["sft"], "--data", forget, "--pairs", pairs,
+        "--rewriter-steps", "3", "--out", o["rewriter"])
+    cli("--stage", "forget", "--model", o["sft"], "--data", f"{o['rewriter']}/forget_weighted.jsonl",
+        "--mask", f"{o['mask']}/forget.safetensors", "--forget-steps", "3", "--out", o["forget"])
+    cli("--stage", "learn", "--model", o["forget"], "--data", pairs, "--mask",
+        f"{o['mask']}/learn.safetensors", "--dpo-steps", "3", "--out", o["learn"])
     assert not os.path.exists(tmp_path / "no-run-dir")
     return tok, o, test_q
 
@@ -119,8 +122,8 @@ def check_pipeline(tmp_path, capsys, tokenizer):
     for s in STAGES:
         Transformer.from_pretrained(o[s])  # every checkpoint loads back
     capsys.readouterr()
-    evaluation.main(["--questions", test_q, "--tokenizer", tokenizer, "--pairs", f"{o['sample']}/test_pairs.jsonl",
-                     "--ref", o["sft"]] + [o[s] for s in STAGES])
+    evaluation.main(["--questions", test_q, "--tokenizer", tokenizer, "--pairs",
+                     f"{o['sample']}/test_pairs.jsonl", "--ref", o["sft"]] + [o[s] for s in STAGES])
     table = capsys.readouterr().out
     assert all(f"| {o[s]} |" in table for s in STAGES) and "12 held-out questions" in table
 
@@ -137,7 +140,8 @@ def test_tokenizer_json_round_trips_and_takes_its_special_tokens(tmp_path):
     path = hf_tokenizer(tmp_path)
     tok = load_tokenizer(str(tmp_path))  # a directory: its tokenizer.json
     tk = tok.tk
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(tk.token_to_id(t) for t in ("<|begin|>", "<|end|>", "<|pad|>"))
+    named = tuple(tk.token_to_id(t) for t in ("<|begin|>", "<|end|>", "<|pad|>"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == named
     for text in ["Question: What is 7 times 8?\nAnswer:", " 7 * 8 = 56\n#### 56", " ünïcödé 42 "]:
         ids = tok.encode(text)
         assert tok.bos_id not in ids and tok.decode(ids) == text
@@ -161,7 +165,8 @@ def test_tokenizer_json_without_the_package_is_one_line(tmp_path, monkeypatch):
 
 
 def test_sft_data_may_be_questions_or_input_output_rows(tmp_path):
-    rows = read_jsonl(write_rows(tmp_path / "a.jsonl", [{"input": "x", "output": " y"}] + questions(0, 2)), "sft")
+    mixed = write_rows(tmp_path / "a.jsonl", [{"input": "x", "output": " y"}] + questions(0, 2))
+    rows = read_jsonl(mixed, "sft")
     assert [sorted(r)[:2] for r in rows] == [["input", "output"], ["answer", "id"], ["answer", "id"]]
     with pytest.raises(DataError, match="a.jsonl:1: missing field 'answer'"):
         read_jsonl(write_rows(tmp_path / "a.jsonl", [{"question": "q"}]), "sft")

@@ -21,8 +21,8 @@ SMOKE = ["--preset", "smoke"]
 
 def run_cli(*args):
     """train.py in a subprocess: (exit status, stderr)."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
     return p.returncode, p.stderr
 
 
@@ -44,9 +44,9 @@ def test_all_stages_write_their_outputs(run):
     for stage, files in expected.items():
         for f in files:
             assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
-        assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints are removed when a stage ends"
-    for f in ("task/tokenizer.model", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl", "task/sft.jsonl",
-              "task/rewrites.jsonl", "eval_test.json"):
+        assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints go when a stage ends"
+    task_files = ["tokenizer.model", "train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "rewrites.jsonl"]
+    for f in [f"task/{name}" for name in task_files] + ["eval_test.json"]:
         assert os.path.exists(os.path.join(run, f)), f
     rows = json.load(open(os.path.join(run, "eval_test.json")))["rows"]
     assert [r["stage"] for r in rows] == ["sft", "warmup", "forget", "learn"]
@@ -55,7 +55,9 @@ def test_all_stages_write_their_outputs(run):
 
 def test_masked_stages_move_only_their_mask(run):
     """forget starts from sft and may change only forget-mask entries; learn starts from forget."""
-    params = lambda stage: dict(Transformer.from_pretrained(os.path.join(run, stage)).named_parameters())  # noqa: E731
+    def params(stage):
+        return dict(Transformer.from_pretrained(os.path.join(run, stage)).named_parameters())
+
     for stage, start, mask in (("forget", "sft", "forget"), ("learn", "forget", "learn")):
         before, after = params(start), params(stage)
         masks = allo.load_masks(os.path.join(run, "mask", f"{mask}.safetensors"))
@@ -126,7 +128,8 @@ def test_nan_loss_stops_with_last_checkpoint_kept(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(allo, "sft_loss", nan_at_step_5)
     with pytest.raises(SystemExit) as e:
-        train.main(SMOKE + ["--run", str(tmp_path), "--stage", "sft", "--sft-steps", "6", "--ckpt-every", "2"])
+        train.main(SMOKE + ["--run", str(tmp_path), "--stage", "sft", "--sft-steps", "6",
+                            "--ckpt-every", "2"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and len(err.strip().splitlines()) == 1
@@ -143,22 +146,24 @@ def test_missing_prerequisite_names_the_stage_to_run(tmp_path):
 
 def test_bad_inputs_fail_with_one_line_and_status_2(run, tmp_path):
     bad = tmp_path / "pairs.jsonl"
-    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
-    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--data", str(bad), "--out", str(tmp_path / "o"))
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+                   '{"prompt": "q", "chosen": 3, "rejected": "b"}\n')
+    out = str(tmp_path / "o")
+    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--data", str(bad), "--out", out)
     assert code == 2 and f"{bad}:2:" in err and "'chosen'" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o" / "stage.json")
 
     masks = allo.load_masks(os.path.join(run, "mask", "learn.safetensors"))
     name = next(iter(masks))
     masks[name] = torch.ones(3, 3, dtype=torch.bool)
-    save_file(masks, str(tmp_path / "mask.safetensors"))
-    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--mask", str(tmp_path / "mask.safetensors"),
-                        "--out", str(tmp_path / "o"))
+    mask = str(tmp_path / "mask.safetensors")
+    save_file(masks, mask)
+    code, err = run_cli(*SMOKE, "--stage", "learn", "--run", run, "--mask", mask, "--out", out)
     assert code == 2 and "mask.safetensors" in err and name in err and err.count("\n") == 1
 
     small = tmp_path / "small"
     cfg = json.load(open(os.path.join(run, "sft", "config.json")))
     Transformer(ModelConfig(vocab_size=8, dim=cfg["hidden_size"], n_layers=1, n_heads=2, n_kv_heads=1,
                             hidden_dim=64)).save_pretrained(str(small))
-    code, err = run_cli(*SMOKE, "--stage", "forget", "--run", run, "--model", str(small), "--out", str(tmp_path / "o"))
+    code, err = run_cli(*SMOKE, "--stage", "forget", "--run", run, "--model", str(small), "--out", out)
     assert code == 2 and "vocab_size 8" in err and err.count("\n") == 1

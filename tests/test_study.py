@@ -34,14 +34,15 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
 
     # masks: one global top / bottom / random fraction each; top and bottom disjoint
     seed = os.path.join(root, "seed0")
-    m = {k: allo.load_masks(os.path.join(seed, "masks", f"{k}.safetensors")) for k in ("learn-top", "learn-bottom", "learn-random")}
+    kinds = ("learn-top", "learn-bottom", "learn-random")
+    m = {k: allo.load_masks(os.path.join(seed, "masks", f"{k}.safetensors")) for k in kinds}
     total = sum(t.numel() for t in m["learn-top"].values())
     for masks in m.values():
         assert sum(int(t.sum()) for t in masks.values()) == round(0.1 * total)
     assert allo.mask_overlap(m["learn-top"], m["learn-bottom"])["both"] == 0
     # a masked arm moves only its mask's entries
     sft = weights(os.path.join(smoke_run, "sft"))
-    for arm, kind in (("DPO top", "learn-top"), ("DPO bottom", "learn-bottom"), ("DPO random", "learn-random")):
+    for arm, kind in zip(("DPO top", "DPO bottom", "DPO random"), kinds):
         after = weights(os.path.join(seed, study.slug(arm)))
         for name, mask in m[kind].items():
             assert torch.equal(after[name][~mask], sft[name][~mask]), (arm, name)
@@ -66,7 +67,8 @@ def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path,
     with pytest.raises(SystemExit) as e:
         study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top", "--learn-lr", "1e-4"] + ARGS)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "dpo-top: finished earlier with lr 3e-05, not 0.0001" in err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "dpo-top: finished earlier with lr 3e-05, not 0.0001" in err
     with pytest.raises(SystemExit):
         study.main(["--run", run, "--tag", "u", "--arms", "DPO top", "--learn-ratio", "0.2"] + ARGS)
     assert "masks/settings.json: these masks were drawn with other settings" in capsys.readouterr().err
