@@ -121,7 +121,8 @@ def main(argv=None):
     paths = {"loop": False, "multi-tensor": True}  # MaskedAdamW's foreach
     for ratio in RATIOS:
         masks = allo.select_masks(scores, ratio)
-        masked = {k: allo.MaskedAdamW(named, masks, lr=1e-5, weight_decay=0.0, foreach=v) for k, v in paths.items()}
+        masked = {k: allo.MaskedAdamW(named, masks, lr=1e-5, weight_decay=0.0, foreach=v)
+                  for k, v in paths.items()}
         times = {k: [] for k in list(paths) + [baseline]}
         for i in range(WARMUP + STEPS):
             for k, opt in list(masked.items()) + [(baseline, dense)]:
@@ -132,15 +133,18 @@ def main(argv=None):
         b_masked, b_dense = allo.optimizer_state_bytes(masked["loop"]), allo.optimizer_state_bytes(dense)
         rows.append({"mask ratio": f"{ratio:.0%}", "selected": sum(int(m.sum()) for m in masks.values()),
                      "MaskedAdamW state MB": round(b_masked / 2**20, 1),
-                     f"{baseline} state MB": round(b_dense / 2**20, 1), "state ratio": round(b_masked / b_dense, 4),
+                     f"{baseline} state MB": round(b_dense / 2**20, 1),
+                     "state ratio": round(b_masked / b_dense, 4),
                      **{f"{k} ms": round(v, 1) for k, v in ms.items()},
                      **{f"{k} / {baseline}": round(ms[k] / ms[baseline], 2) for k in paths}})
         for k, v in paths.items():
             ops_all = count_ops(masked[k])
             buckets = len(masked[k]._buckets(list(masked[k].state), largest)) if v else "-"
-            half_opt = allo.MaskedAdamW(half, {n: masks[n] for n, _ in half}, lr=1e-5, weight_decay=0.0, foreach=v)
+            half_opt = allo.MaskedAdamW(half, {n: masks[n] for n, _ in half}, lr=1e-5, weight_decay=0.0,
+                                        foreach=v)
             half_opt.step()  # counted after a first step, as every optimizer here
-            ops.append(ops_row(f"MaskedAdamW {k} {ratio:.0%}", ops_all, n_all, count_ops(half_opt), n_half, buckets))
+            ops.append(ops_row(f"MaskedAdamW {k} {ratio:.0%}", ops_all, n_all, count_ops(half_opt), n_half,
+                               buckets))
             del half_opt
         del masked, masks
     print(allo.format_table(rows))

@@ -1,7 +1,7 @@
 """Throughput of ALLO's training steps and of generation, to estimate the time of a run.
 
     python tools/bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
-    python tools/bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda   # + TinyLlama-1.1B's shape
+    python tools/bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda  # TinyLlama's
     python tools/bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
 
 Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
@@ -14,8 +14,9 @@ the optimizer step of train.py on one batch of random token ids:
   generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
 A training step: trainer.py's per-batch loss (dpo_batch_loss, npo_batch_loss; bf16 autocast on
 CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as trainer.fit does on one
-process; reference log-probs are cached before timing (trainer.reference_logps), as train.py does. tokens/s counts the real
-(non-padding) tokens of the batch, as train.py's progress lines; for generate, the new tokens.
+process; reference log-probs are cached before timing (trainer.reference_logps), as train.py
+does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
+for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
 (oversubscribed threads made the default model's step 50-100x slower).
@@ -36,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import allo  # noqa: E402
 from data import collate  # noqa: E402
 from model import ModelConfig, Transformer, pick_device  # noqa: E402
-from trainer import Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference  # noqa: E402
+from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps,  # noqa: E402
+                     with_reference)
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -49,7 +51,8 @@ TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0)  # what collate needs; the i
 def model_config(spec, max_len):
     """A preset name or dim:layers:heads:kv_heads:hidden:vocab[:untied] -> ModelConfig."""
     fields = SIZES.get(spec, spec).split(":")
-    if len(fields) not in (6, 7) or fields[6:] not in ([], ["untied"]) or not all(f.isdigit() for f in fields[:6]):
+    if (len(fields) not in (6, 7) or fields[6:] not in ([], ["untied"])
+            or not all(f.isdigit() for f in fields[:6])):
         raise ValueError(f"--sizes {spec!r}: expected one of {', '.join(SIZES)} "
                          "or dim:layers:heads:kv_heads:hidden:vocab[:untied]")
     dim, layers, heads, kv, hidden, vocab = map(int, fields[:6])
@@ -114,7 +117,8 @@ def bench_size(spec, args, device):
     masks = allo.select_masks({n: torch.rand_like(p) for n, p in model.named_parameters()}, args.mask_ratio)
 
     pct = f"{args.mask_ratio:.0%}"
-    pair_norms = Norms(pairs=B, chosen_tokens=int((pairs["labels"][:B] != -100).sum()))  # as train.py's batches
+    chosen_tokens = int((pairs["labels"][:B] != -100).sum())
+    pair_norms = Norms(pairs=B, chosen_tokens=chosen_tokens)  # as train.py's batches
     forget_norms = Norms(weighted_tokens=int((forget["weights"] != 0).sum()))
     runs = [("DPO warmup (full)", full_masks(model), pairs,
              lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
@@ -147,8 +151,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--sizes", default="default,10m,34m",
-        help=f"comma list of {', '.join(SIZES)} or dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: all)")
-    add("--batch", type=int, default=32, help="pairs per DPO step, rows per NPO step (default 32, as train.py)")
+        help=f"comma list of {', '.join(SIZES)} or dim:layers:heads:kv_heads:hidden:vocab[:untied] "
+             "(default: all)")
+    add("--batch", type=int, default=32,
+        help="pairs per DPO step, rows per NPO step (default 32, as train.py)")
     add("--prompt", type=int, default=35, help="mean prompt tokens (default 35, the embedded task)")
     add("--response", type=int, default=25, help="mean response tokens (default 25, the embedded task)")
     add("--jitter", type=float, default=0.2, help="lengths vary uniformly by +- this fraction (default 0.2)")
@@ -174,8 +180,9 @@ def main(argv=None):
     device = pick_device(args.device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens (+-{args.jitter:.0%}), "
-          f"generate {args.gen_batch} x {args.new} new tokens; median of {args.steps} after {args.warmup} warmup"
+          f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens "
+          f"(+-{args.jitter:.0%}), generate {args.gen_batch} x {args.new} new tokens; "
+          f"median of {args.steps} after {args.warmup} warmup"
           + ("; torch.compile" if args.compile else ""))
     rows = []
     for spec in args.sizes.split(","):

@@ -183,7 +183,8 @@ def hf_to_ours(tie: bool, sharded: bool, theta: float, seed: int, attn: str = "s
         hf.save_pretrained(d, max_shard_size="40KB" if sharded else "100GB")
         shards = [f for f in os.listdir(d) if f.endswith(".safetensors")]
         has_index = os.path.exists(os.path.join(d, "model.safetensors.index.json"))
-        assert (len(shards) > 1 and has_index) if sharded else (shards == ["model.safetensors"] and not has_index), shards
+        assert ((len(shards) > 1 and has_index) if sharded
+                else (shards == ["model.safetensors"] and not has_index)), shards
         if transformers4_layout:
             to_transformers4_layout(d)
         ours = Transformer.from_pretrained(d).eval()
@@ -195,7 +196,8 @@ def ours_to_hf(tie: bool, theta: float, seed: int, llama3=None):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
-                      norm_eps=1e-6, rope_theta=theta, max_seq_len=128, tie_embeddings=tie, rope_scaling=llama3)
+                      norm_eps=1e-6, rope_theta=theta, max_seq_len=128, tie_embeddings=tie,
+                      rope_scaling=llama3)
     ours = Transformer(cfg).eval()
     randomize_(ours, gen)
     with tempfile.TemporaryDirectory() as d:
@@ -213,12 +215,14 @@ def refusal_cases():
     """(label, how the config.json is made, field the error must name). Real transformers
     configs where transformers can write them, hand edits of a valid config.json otherwise."""
     def real(**extra):
-        return lambda d: LlamaForCausalLM(hf_config(vocab=32, hidden=32, inter=64, **extra)).save_pretrained(d)
+        return lambda d: (LlamaForCausalLM(hf_config(vocab=32, hidden=32, inter=64, **extra))
+                          .save_pretrained(d))
 
     def mistral(d):
         from transformers import MistralConfig, MistralForCausalLM
-        MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=64)).save_pretrained(d)
+        MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=64)).save_pretrained(d)
 
     def edited(**fields):
         def make(d):
@@ -235,7 +239,8 @@ def refusal_cases():
     return [
         ("rope_scaling linear (transformers writes rope_parameters)",
          real(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope"),
-        ("rope_parameters dynamic", real(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_parameters"),
+        ("rope_parameters dynamic", real(rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+         "rope_parameters"),
         ("rope_parameters yarn",
          real(rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}),
          "rope_parameters"),
@@ -253,11 +258,13 @@ def refusal_cases():
          edited(rope_parameters={k: v for k, v in llama3.items() if k != "original_max_position_embeddings"}),
          "rope_parameters"),
         ("rope_parameters llama3, high_freq_factor < low (hand edit)",
-         edited(rope_parameters={**llama3, "low_freq_factor": 4.0, "high_freq_factor": 1.0}), "rope_parameters"),
+         edited(rope_parameters={**llama3, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+         "rope_parameters"),
         ("attention_bias true", real(attention_bias=True), "attention_bias"),
         ("mlp_bias true", real(mlp_bias=True), "mlp_bias"),
         ("model_type mistral (MistralForCausalLM)", mistral, "model_type"),
-        ("model_type qwen2 (hand edit)", edited(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "model_type"),
+        ("model_type qwen2 (hand edit)", edited(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+         "model_type"),
         ("hidden_act gelu", real(hidden_act="gelu"), "hidden_act"),
     ]
 
@@ -279,13 +286,14 @@ def check_refusal(make, field):
 # ------------------------------------------------------------------------------ fixture
 
 FIXTURES = {  # --write-fixture DIR: DIR's last component -> what to write
-    "hf_llama_tiny": dict(cfg=dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, inter=64, theta=500000.0,
-                                   tie=False, max_pos=64), max_shard_size="40KB", T=10, pads=[0, 4]),
+    "hf_llama_tiny": dict(cfg=dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, inter=64,
+                                   theta=500000.0, tie=False, max_pos=64),
+                          max_shard_size="40KB", T=10, pads=[0, 4]),
     # Llama 3 RoPE scaling; head_dim 8, rope_theta 100: wavelengths 6.3 | 19.9 | 62.8 198.7 against
     # L/4 = 8 and L = 32, so one frequency is kept, one interpolated, two divided by 8
-    "hf_llama3_rope_tiny": dict(cfg=dict(vocab=16, hidden=32, layers=1, heads=4, kv_heads=2, inter=16, theta=100.0,
-                                         tie=True, max_pos=128, llama3=LLAMA3), max_shard_size="100GB", T=40,
-                                pads=[0, 6]),
+    "hf_llama3_rope_tiny": dict(cfg=dict(vocab=16, hidden=32, layers=1, heads=4, kv_heads=2, inter=16,
+                                         theta=100.0, tie=True, max_pos=128, llama3=LLAMA3),
+                                max_shard_size="100GB", T=40, pads=[0, 6]),
 }
 
 
@@ -293,12 +301,12 @@ def fixture_readme(name, spec, seed, files):
     c, B, T = spec["cfg"], len(spec["pads"]), spec["T"]
     head = (f"# {name}\n\n"
             f"Generated by `python tools/check_hf_interop.py --write-fixture tests/fixtures/{name}` "
-            f"(seed {seed}) with transformers {transformers.__version__} and torch {torch.__version__}, float32, "
-            "in a throwaway venv (transformers is not a project dependency).\n\n")
+            f"(seed {seed}) with transformers {transformers.__version__} and torch {torch.__version__}, "
+            "float32, in a throwaway venv (transformers is not a project dependency).\n\n")
     tail = (f"expected.safetensors: `input_ids` [{B},{T}] (row 1 left-padded by {spec['pads'][1]}), "
             f"`attention_mask` [{B},{T}], and `logits` [{B},{T},{c['vocab']}] from transformers, given the "
-            "attention_mask and position_ids = cumsum(mask) - 1 (as its generate() does); logits at padding slots "
-            "are zeroed (compare real positions only).\n")
+            "attention_mask and position_ids = cumsum(mask) - 1 (as its generate() does); logits at padding "
+            "slots are zeroed (compare real positions only).\n")
     if name == "hf_llama_tiny":
         shards = [f for f in files if f.startswith("model-")]
         return head + (
@@ -306,7 +314,8 @@ def fixture_readme(name, spec, seed, files):
             f"{c['layers']} layers, {c['heads']} heads, {c['kv_heads']} kv heads (GQA), "
             f"intermediate {c['inter']}, rope_theta {c['theta']} (stored by transformers 5 under "
             "rope_parameters), untied embeddings, weights drawn so logits are O(1); saved by "
-            f"`save_pretrained(max_shard_size=\"40KB\")` into {len(shards)} shards + model.safetensors.index.json.\n\n"
+            f"`save_pretrained(max_shard_size=\"40KB\")` into {len(shards)} shards + "
+            "model.safetensors.index.json.\n\n"
         ) + tail
     r = c["llama3"]
     kept, mid, divided = rope_bands(c["hidden"] // c["heads"], c["theta"], r)
@@ -318,10 +327,10 @@ def fixture_readme(name, spec, seed, files):
         f"low_freq_factor {r['low_freq_factor']}, high_freq_factor {r['high_freq_factor']}, "
         f"original_max_position_embeddings {r['original_max_position_embeddings']}}} (transformers 5 layout; "
         "the tests also rewrite it to the transformers 4 one). Of the "
-        f"{kept + mid + divided} rotary frequencies, {kept} is kept, {mid} interpolated and {divided} divided by the "
-        f"factor, so all three bands of the scaling matter, and the {T}-token sequences run past "
-        "original_max_position_embeddings. Weights drawn so logits are O(1); saved by `save_pretrained()` "
-        "into a single model.safetensors.\n\n"
+        f"{kept + mid + divided} rotary frequencies, {kept} is kept, {mid} interpolated and {divided} "
+        f"divided by the factor, so all three bands of the scaling matter, and the {T}-token sequences "
+        "run past original_max_position_embeddings. Weights drawn so logits are O(1); saved by "
+        "`save_pretrained()` into a single model.safetensors.\n\n"
     ) + tail
 
 
@@ -342,8 +351,10 @@ def write_fixture(out: str, seed: int = 0):
     ids, mask = make_batch(c["vocab"], spec["T"], spec["pads"], gen)
     logits = hf_logits(hf, ids, mask)
     logits[mask == 0] = 0.0  # padding slots are not compared; zero them rather than store HF's values
-    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(), "logits": logits.contiguous()},
-              os.path.join(out, "expected.safetensors"), metadata={"transformers_version": transformers.__version__})
+    save_file({"input_ids": ids.contiguous(), "attention_mask": mask.contiguous(),
+               "logits": logits.contiguous()},
+              os.path.join(out, "expected.safetensors"),
+              metadata={"transformers_version": transformers.__version__})
     files = sorted(os.listdir(out))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(fixture_readme(name, spec, seed, files))
@@ -381,7 +392,8 @@ def main():
         for tie in (False, True):
             for sharded in (False, True):
                 seed += 1
-                label = f"HF->ours {'sharded' if sharded else 'single '} {'tied  ' if tie else 'untied'} theta={theta:g}"
+                label = (f"HF->ours {'sharded' if sharded else 'single '} {'tied  ' if tie else 'untied'} "
+                         f"theta={theta:g}")
                 try:
                     rows.append((label,) + hf_to_ours(tie, sharded, theta, seed))
                 except Exception as e:  # noqa: BLE001
@@ -401,14 +413,17 @@ def main():
         rows.append((label, float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {e}"))
     bands = rope_bands(64 // 4, LLAMA3_THETA, LLAMA3)
     assert min(bands) > 0, f"LLAMA3 test config must hit all three bands, got {bands}"
-    print(f"llama3 rope scaling cases: {LLAMA3}, rope_theta {LLAMA3_THETA:g}, T={LLAMA3_T}; rotary frequencies "
-          f"kept / interpolated / divided: {bands}")
+    print(f"llama3 rope scaling cases: {LLAMA3}, rope_theta {LLAMA3_THETA:g}, T={LLAMA3_T}; "
+          f"rotary frequencies kept / interpolated / divided: {bands}")
     for label, run, kw in (
-            ("HF->ours llama3 single  untied (tf5 rope_parameters)", hf_to_ours, dict(tie=False, sharded=False)),
-            ("HF->ours llama3 sharded tied   (tf5 rope_parameters)", hf_to_ours, dict(tie=True, sharded=True)),
+            ("HF->ours llama3 single  untied (tf5 rope_parameters)", hf_to_ours,
+             dict(tie=False, sharded=False)),
+            ("HF->ours llama3 sharded tied   (tf5 rope_parameters)", hf_to_ours,
+             dict(tie=True, sharded=True)),
             ("HF->ours llama3 single  untied (tf4 rope_scaling)", hf_to_ours,
              dict(tie=False, sharded=False, transformers4_layout=True)),
-            ("HF(eager attn)->ours llama3 single tied", hf_to_ours, dict(tie=True, sharded=False, attn="eager")),
+            ("HF(eager attn)->ours llama3 single tied", hf_to_ours,
+             dict(tie=True, sharded=False, attn="eager")),
             ("ours->HF llama3 single  untied", ours_to_hf, dict(tie=False)),
             ("ours->HF llama3 single  tied", ours_to_hf, dict(tie=True))):
         seed += 1
@@ -417,13 +432,15 @@ def main():
         except Exception as e:  # noqa: BLE001
             rows.append((label, float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {e}"))
 
-    print(f"\n{'direction / checkpoint':52s} {'files':>5s} {'unpadded':>10s} {'padded':>10s} {'max|logit|':>10s}  result")
+    print(f"\n{'direction / checkpoint':52s} {'files':>5s} {'unpadded':>10s} {'padded':>10s} "
+          f"{'max|logit|':>10s}  result")
     for label, d_plain, d_pad, scale, files in rows:
         ok = d_plain < TOL and d_pad < TOL  # NaN compares False
         failed |= not ok
         extra = "" if isinstance(files, int) else f"  {files}"
         files = files if isinstance(files, int) else "-"
-        print(f"{label:52s} {files!s:>5s} {d_plain:10.3e} {d_pad:10.3e} {scale:10.3f}  {'ok' if ok else 'FAIL'}{extra}")
+        print(f"{label:52s} {files!s:>5s} {d_plain:10.3e} {d_pad:10.3e} {scale:10.3f}  "
+              f"{'ok' if ok else 'FAIL'}{extra}")
 
     # negative controls: the comparison must notice real mismatches of the kind it guards
     # against (a wrong rope_theta; k/v heads grouped the wrong way for GQA; RoPE scaling ignored)
@@ -451,7 +468,8 @@ def main():
         d_plain, d_pad, _ = compare(ref, ours, 96, gen, T=T)
         ok = d_plain >= TOL and d_pad >= TOL
         failed |= not ok
-        print(f"{'control: ' + name + ' (must differ)':64s} {d_plain:10.3e} {d_pad:10.3e}  {'ok' if ok else 'FAIL'}")
+        print(f"{'control: ' + name + ' (must differ)':64s} {d_plain:10.3e} {d_pad:10.3e}  "
+              f"{'ok' if ok else 'FAIL'}")
 
     print(f"\n{'config that must be refused':60s} result")
     for label, make, field in refusal_cases():

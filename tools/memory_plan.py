@@ -1,9 +1,9 @@
 """Accelerator memory of every ALLO stage of train.py, item by item, from a Llama config.json.
 
-    python tools/memory_plan.py configs/llama-3.2-1b.json                 # batch 4 x 512 tokens, ratios 0.1, 24 GiB
+    python tools/memory_plan.py configs/llama-3.2-1b.json     # batch 4 x 512 tokens, ratios 0.1, 24 GiB
     python tools/memory_plan.py configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
-    python tools/memory_plan.py path/to/hf_model_dir --device cpu           # the float32 CPU path
-    python tools/memory_plan.py --check                                    # the formulas against measurements
+    python tools/memory_plan.py path/to/hf_model_dir --device cpu   # the float32 CPU path
+    python tools/memory_plan.py --check                             # the formulas against measurements
 
 Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage functions):
   weights       float32 master weights as train.py loads them (--weights-dtype bfloat16: a what-if)
@@ -80,7 +80,8 @@ def load_config(path):
         raise ValueError(f"{file}: head_dim * num_attention_heads != hidden_size (model.py needs it)")
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-                       hidden_dim=hf["intermediate_size"], tie_embeddings=hf.get("tie_word_embeddings", False))
+                       hidden_dim=hf["intermediate_size"],
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -301,8 +302,8 @@ def batch_loss(model, batch, loss, autocast=False):
     if loss == "npo":
         return trainer.npo_batch_loss(model, batch, Norms(weighted_tokens=scored), cpu, beta=0.1, amp=amp)
     pairs = len(batch["labels"]) // 2
-    return trainer.dpo_batch_loss(model, batch, Norms(pairs=pairs, chosen_tokens=scored), cpu, beta=0.1, eps=0.5,
-                                  nll=1.0, amp=amp)
+    return trainer.dpo_batch_loss(model, batch, Norms(pairs=pairs, chosen_tokens=scored), cpu, beta=0.1,
+                                  eps=0.5, nll=1.0, amp=amp)
 
 
 def measure_saved(model, batch, loss, autocast):
@@ -376,8 +377,9 @@ def measure_reference_pass(model, rows, T, autocast):
     """Peak of trainer.reference_logps over 3 batches of `rows` sequences of T tokens."""
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
     prompts, responses = [[5] * (T // 2)] * 3 * rows, [[6] * (T - T // 2 - 2)] * 3 * rows
-    return allocator_peak(lambda _: trainer.reference_logps(model, tok, prompts, responses, T, torch.device("cpu"),
-                                                            batch_size=rows, amp=amp_for(autocast)))
+    return allocator_peak(lambda _: trainer.reference_logps(model, tok, prompts, responses, T,
+                                                            torch.device("cpu"), batch_size=rows,
+                                                            amp=amp_for(autocast)))
 
 
 def measure_scoring_pass(model, batch, autocast):
@@ -404,7 +406,8 @@ def measure_step(cfg, ratio):
     (the embedding) where they fit: the case step_bytes bounds."""
     torch.manual_seed(0)
     model = Transformer(cfg)
-    scores = {name: torch.rand(p.shape) + (name == "embed_tokens.weight") for name, p in model.named_parameters()}
+    scores = {name: torch.rand(p.shape) + (name == "embed_tokens.weight")
+              for name, p in model.named_parameters()}
     opt = allo.MaskedAdamW(model.named_parameters(), allo.select_masks(scores, ratio))
     batch_loss(model, tiny_batch(cfg, 2, 8), "sft").backward()
     return allocator_peak(lambda _: opt.step())
@@ -412,7 +415,8 @@ def measure_step(cfg, ratio):
 
 CHECK_CONFIGS = [  # tiny: GQA tied; MHA untied; one GQA layer with a wide vocabulary
     ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160),
-    ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=6, hidden_dim=256, tie_embeddings=False),
+    ModelConfig(vocab_size=1000, dim=96, n_layers=3, n_heads=6, n_kv_heads=6, hidden_dim=256,
+                tie_embeddings=False),
     ModelConfig(vocab_size=4096, dim=64, n_layers=1, n_heads=8, n_kv_heads=2, hidden_dim=128),
 ]
 MODES = [(False, 4), (True, 4), (True, 2)]  # (autocast, weight bytes)
@@ -455,10 +459,12 @@ def check_peaks():
         for loss in ("sft", "dpo"):
             out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, rows * T, chunked=autocast),
                         measure_logit_grads(model, tiny_batch(cfg, rows, T), loss, autocast), 0.05))
-        out.append((f"reference_logps, {how}", no_grad_pass_bytes(cfg, rows, T, autocast, copies, inside_ops=False),
+        out.append((f"reference_logps, {how}",
+                    no_grad_pass_bytes(cfg, rows, T, autocast, copies, inside_ops=False),
                     measure_reference_pass(model, rows, T, autocast), 0.1))
         out.append((f"rewriter scoring, {how}",
-                    no_grad_pass_bytes(cfg, rows, 3 * T, autocast, copies, logps_in_autocast=True, inside_ops=False),
+                    no_grad_pass_bytes(cfg, rows, 3 * T, autocast, copies, logps_in_autocast=True,
+                                       inside_ops=False),
                     measure_scoring_pass(model, tiny_batch(cfg, rows, 3 * T), autocast), 0.1))
     for ratio in (1.0, 0.5):
         out.append((f"MaskedAdamW.step at {ratio}", step_bytes(param_counts(cfg)["largest"], n, ratio, 4),
@@ -507,15 +513,18 @@ def run_check(tolerance=0.001):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", help="HF Llama config.json files or model directories")
-    p.add_argument("--check", action="store_true", help="compare the formulas with measurements on tiny models")
+    p.add_argument("--check", action="store_true",
+                   help="compare the formulas with measurements on tiny models")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda: bf16 autocast (default); cpu: float32")
     p.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="master weights (train.py: float32)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples (or pairs) per micro-batch (default 4)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="examples (or pairs) per micro-batch (default 4)")
     p.add_argument("--seq-len", type=int, default=512,
                    help="tokens per sequence, train.py's --max-len (default 512)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1, as train.py)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step (default 1, as train.py)")
     p.add_argument("--forget-ratio", type=float, default=0.1, help="forgetting mask fraction (default 0.1)")
     p.add_argument("--learn-ratio", type=float, default=0.1, help="learning mask fraction (default 0.1)")
     p.add_argument("--checkpointing", default="both", choices=["off", "on", "both"],
