@@ -358,9 +358,8 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         print(f"{stage}: resumed from step {start}/{steps}")
     if parallel.is_main():
         trim_metrics(os.path.join(out, "metrics.jsonl"), start)  # rows after the checkpoint are logged again
-    world = parallel.world()
     # forward and backward through DDP (gradients all-reduced); optimizer and checkpoints use `model`
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else None
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if parallel.world() > 1 else None
     net = ddp or model
     if cfg.compile:
         net = torch.compile(net)  # compiled on the first batch, again when a new shape needs it
@@ -370,16 +369,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, steps, cfg.warmup_frac)
         batches = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
-        norms = step_norms([b["norms"] for b in batches], device)
-        stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
-                             dtype=torch.float64, device=device)  # [loss share, tokens] of this process
-        for j, b in enumerate(batches):
-            # DDP all-reduces the gradients once, after the step's last micro-batch
-            with nullcontext() if ddp is None or j == len(batches) - 1 else ddp.no_sync():
-                loss = loss_fn(net, b, norms)
-                (loss * world).backward()  # DDP averages over processes; the loss is a share of the sum
-            stats[0] += loss.detach()
-        step_loss, step_tokens = parallel.all_reduce_sum(stats).tolist()
+        step_loss, step_tokens = backward(net, ddp, batches, loss_fn, device)
         if not math.isfinite(step_loss):
             raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, "
                              f"{last_good(ckpt_dir)} (lower the learning rate?)")
@@ -399,6 +389,22 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         if done % cfg.ckpt_every == 0 and done < steps and parallel.is_main():
             save_checkpoint(ckpt_dir, done, model, opt)
     return model
+
+
+def backward(net, ddp, batches, loss_fn, device):
+    """The gradients of one optimizer step, from this process's micro-batches; returns the step's
+    loss and its real tokens, summed over every process."""
+    norms = step_norms([b["norms"] for b in batches], device)
+    stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
+                         dtype=torch.float64, device=device)  # [loss share, tokens] of this process
+    for j, b in enumerate(batches):
+        # DDP all-reduces the gradients once, after the step's last micro-batch
+        with nullcontext() if ddp is None or j == len(batches) - 1 else ddp.no_sync():
+            loss = loss_fn(net, b, norms)
+            (loss * parallel.world()).backward()  # DDP averages over processes: the loss is a share
+        stats[0] += loss.detach()
+    step_loss, step_tokens = parallel.all_reduce_sum(stats).tolist()
+    return step_loss, step_tokens
 
 
 def all_finite(tensors):
