@@ -114,6 +114,10 @@ class StageOutput:
             parent = os.path.dirname(parent)
         os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
         self.lock = lock(self.out + ".lock")
+        swapped = read_json(os.path.join(self.work, "stage.json"))  # finished, but stopped before the rename
+        if swapped is not None and swapped.get("fingerprint") == self.fingerprint and not self.force:
+            replace_dir(self.work, self.out)
+            return 1
         unfinished = read_json(os.path.join(self.work, "fingerprint.json"))
         if unfinished == self.fingerprint and not self.force:
             return 0  # resume it (also a redo that --force started, over a finished output)

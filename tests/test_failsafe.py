@@ -446,3 +446,14 @@ def test_a_warmup_model_of_another_shape(run, capsys, tmp_path):
                             n_kv_heads=1, hidden_dim=64)).save_pretrained(str(other))
     args = ["--run", run, "--stage", "mask", "--warmup", str(other), "--out", str(tmp_path / "o")]
     fails_cleanly(capsys, run, SMOKE + args, f"{other}: the warmup model's parameters are not")
+
+
+def test_a_stage_stopped_between_its_last_two_renames_is_finished(run, capsys):
+    """finish() writes stage.json into <out>.tmp/, moves <out> aside and renames <out>.tmp/ to <out>:
+    stopped between the renames, the next run completes the swap instead of training again."""
+    out = os.path.join(run, "learn")
+    os.replace(out, out + ".tmp")  # as if the old output had been moved aside and the process died
+    capsys.readouterr()
+    train.main(SMOKE + ["--run", run, "--stage", "learn"])
+    assert "learn: finished earlier with these settings, skipped" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "stage.json")) and not os.path.exists(out + ".tmp")
