@@ -457,3 +457,23 @@ def test_a_stage_stopped_between_its_last_two_renames_is_finished(run, capsys):
     train.main(SMOKE + ["--run", run, "--stage", "learn"])
     assert "learn: finished earlier with these settings, skipped" in capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "stage.json")) and not os.path.exists(out + ".tmp")
+
+
+def test_eval_and_study_errors_are_one_line(run, capsys, tmp_path):
+    import eval as evaluation
+    import study
+    questions = os.path.join(run, "task", "test.jsonl")
+    tok = os.path.join(run, "task", "tokenizer.model")
+    for argv, expected in (([str(tmp_path / "nothing")], "no such directory"),
+                           (["--questions", questions, "--tokenizer", tok, str(tmp_path)], "cannot load the model"),
+                           (["--questions", questions, str(tmp_path)], "--questions needs --tokenizer"),
+                           (["--max-new-tokens", "0", run], "argument --max-new-tokens")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        study.main(["--run", str(tmp_path), "--preset", "smoke"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "run `python train.py --stage sft` first" in err
