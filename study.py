@@ -43,7 +43,9 @@ from dataclasses import replace
 import torch
 
 import allo
+import flags
 import train
+import trainer
 from data import DataError, HelpFormatter, Parser, atomic_path, count, write_json
 from eval import run_evaluator
 from model import Transformer, pick_device
@@ -150,7 +152,7 @@ def run_study(opts, a):
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
     for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
-        train.need(os.path.join(run, stage, "stage.json"), stage)
+        trainer.need(os.path.join(run, stage, "stage.json"), stage)
     os.makedirs(root, exist_ok=True)
     evaluate = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
@@ -162,7 +164,7 @@ def run_study(opts, a):
     learn_args = dict(shared, data=os.path.join(run, "sample", "pairs.jsonl"), steps=a.dpo_steps, nll=a.nll)
     rows, t0, done, total = [], time.time(), 0, len(arms) * opts.seeds
     for seed in range(a.seed, a.seed + opts.seeds):
-        cfg = replace(train.train_config(a), seed=seed)
+        cfg = replace(flags.train_config(a), seed=seed)
         seed_dir = os.path.join(root, f"seed{seed}")
         arm_args = dict(run=run, seed_dir=seed_dir, forget_args={**forget_args, "cfg": cfg},
                         learn_args={**learn_args, "cfg": cfg}, lrs=(a.dpo_lr, a.learn_lr), eps=a.eps)
@@ -270,7 +272,7 @@ def markdown(summary, opts, a, n_questions, n_pairs):
 
 
 def parse(argv=None):
-    p = Parser(description=__doc__, formatter_class=HelpFormatter,
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,  # --seed is not --seeds
                epilog="Any other flag is a train.py flag (see python train.py --help).")
     p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
     p.add_argument("--seeds", type=count(1), default=3, help="seeds: --seed, --seed + 1, ...")

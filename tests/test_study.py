@@ -72,3 +72,11 @@ def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path,
     with pytest.raises(SystemExit):
         study.main(["--run", run, "--tag", "u", "--arms", "DPO top", "--learn-ratio", "0.2"] + ARGS)
     assert "masks/settings.json: these masks were drawn with other settings" in capsys.readouterr().err
+
+
+def test_train_flags_are_not_taken_for_abbreviations_of_study_flags():
+    """--seed is train.py's flag (the first seed), not an abbreviation of study's --seeds."""
+    opts, a = study.parse(["--seed", "2", "--seeds", "3", "--split", "val"])
+    assert (opts.seeds, a.seed, opts.split) == (3, 2, "val")
+    opts, a = study.parse(["--seed", "1"])
+    assert (opts.seeds, a.seed) == (3, 1)
