@@ -119,7 +119,7 @@ PRESETS = {
     # the second size of the study (README, "Does it reproduce?"): 5.98M parameters, a lazier SFT,
     # batches of 16 (the same examples as the default's 32 over twice the steps), rates chosen on val
     "6m": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=704, lazy_rate=0.8, batch_size=16,
-               sft_steps=2000, rewriter_steps=600, dpo_lr=2e-5, learn_lr=2e-5, forget_lr=3e-5),
+               sft_steps=2000, rewriter_steps=600, dpo_lr=2e-5, learn_lr=2e-5, forget_lr=3e-6),
 }
 
 

@@ -19,7 +19,7 @@ def test_preset_6m_resolves_to_the_documented_model_and_budget(tmp_path):
     assert {k: getattr(a, k) for k in SIX_M} == SIX_M
     assert (a.lazy_rate, a.batch_size, a.sft_steps, a.rewriter_steps, a.dpo_steps, a.forget_steps) == \
         (0.8, 16, 2000, 600, 100, 50)
-    assert (a.dpo_lr, a.learn_lr, a.forget_lr) == (2e-5, 2e-5, 3e-5)
+    assert (a.dpo_lr, a.learn_lr, a.forget_lr) == (2e-5, 2e-5, 3e-6)
     tok = task.train_task_tokenizer(str(tmp_path / "tok.model"))
     assert tok.vocab_size == 320
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=a.max_len, **SIX_M))
