@@ -1,5 +1,5 @@
 """train.py's command line: its flags and presets, and the arguments each stage function gets from
-them. Every input path is its flag or, without one, its place in the run directory."""
+them."""
 
 import os
 
@@ -9,8 +9,6 @@ from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, HelpFormatter, Parser, Token
                   read_jsonl, read_template, real)
 from model import pick_device
 from trainer import TrainConfig, need
-
-STAGES = ["sft", "sample", "warmup", "mask", "rewriter", "forget", "learn"]  # in the order they run
 
 # ----------------------------------------------------------------------------- each stage's arguments
 
@@ -123,10 +121,11 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None, description=None):
-    """train.py's flags, each checked (one line and exit status 2 for a bad one)."""
+def parse_args(argv, stages, description=None):
+    """train.py's flags, each checked (one line and exit status 2 for a bad one); --stage is one of
+    `stages` or all."""
     p = Parser(description=description, formatter_class=HelpFormatter)
-    add_input_flags(p)
+    add_input_flags(p, stages)
     add_task_flags(p)
     add_training_flags(p)
     pre, _ = p.parse_known_args(argv)
@@ -151,10 +150,10 @@ def check_flags(p, a):
         p.error(f"argument --device: {e}")
 
 
-def add_input_flags(p):
+def add_input_flags(p, stages):
     """What to run and its explicit inputs."""
     g = p.add_argument_group("what to run")
-    g.add_argument("--stage", default="all", choices=STAGES + ["all"], help="stage to run")
+    g.add_argument("--stage", default="all", choices=list(stages) + ["all"], help="stage to run")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/default",
                    help="run directory; under torchrun write --run-dir (torchrun's --run is its --run-path)")
     g.add_argument("--force", action="store_true",

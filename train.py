@@ -424,10 +424,11 @@ def stage_forget(*, model, tokenizer, data, out, lr, steps, beta, all_tokens, cf
 
 STAGE_FUNCTIONS = {"sft": stage_sft, "sample": stage_sample, "warmup": stage_warmup, "mask": stage_mask,
                    "rewriter": stage_rewriter, "forget": stage_forget, "learn": stage_learn}
+STAGES = list(STAGE_FUNCTIONS)  # in the order they run
 
 
 def parse_args(argv=None):
-    return flags.parse_args(argv, description=__doc__)
+    return flags.parse_args(argv, STAGES, description=__doc__)
 
 
 def run_stage(name, a, run, device):
@@ -443,7 +444,7 @@ def run_all(a, run, device):
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
     t0 = time.time()
-    for stage in flags.STAGES:
+    for stage in STAGES:
         run_stage(stage, a, run, device)
     if parallel.is_main():  # the table on rank 0 only
         rows = evaluate_run(run, "test", a.device, a.beta)

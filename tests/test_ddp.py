@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 import allo
-import flags
 import train
 import trainer
 from data import Tokenizer, prompt_text
@@ -111,7 +110,7 @@ def test_two_processes_match_one_process(runs, stage):
 
 def test_only_rank_0_writes_and_prints(runs):
     out = runs["stdout"]
-    for stage in flags.STAGES:
+    for stage in train.STAGES:
         assert out.count(f"{stage}: done in") == 1
     assert out.count("| SFT |") == 1
     assert len(losses(runs["two"] / "warmup")) == 2  # one row per step, not one per process

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import allo
-import flags
 import train
 import trainer
 from data import Tokenizer
@@ -92,7 +91,7 @@ def test_rewriter_prompt_ends_with_the_reference_tokenized_as_the_rewrite(run):
 def test_all_skips_finished_stages(run, capsys):
     train.main(SMOKE + ["--run", run, "--stage", "all"])
     out = capsys.readouterr().out
-    assert all(f"{s}: finished earlier with these settings, skipped" in out for s in flags.STAGES)
+    assert all(f"{s}: finished earlier with these settings, skipped" in out for s in train.STAGES)
 
 
 def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
