@@ -8,8 +8,7 @@ The file follows the method, top to bottom:
   0. Per-token log-probabilities, from which every loss is built: token_logps, sft_loss.
   1. Stage 1, key neurons: score every parameter entry by how much a short vanilla-DPO run moves
      it (importance_from_delta) or by its accumulated DPO gradient (grad_importance); keep ONE
-     global top-k% (select_masks); save_masks, load_masks, mask_summary, mask_overlap,
-     format_table.
+     global top-k% (select_masks); save_masks, mask_summary, mask_overlap, format_table.
   2. Stage 2, forgetting unaligned knowledge (token-level NPO): a rewriter scores each token of a
      wrong answer (rewriter_token_probs), the tokens it would edit get weight
      (unaligned_token_weights), and their probability is pushed down (npo_token_loss;
@@ -17,7 +16,8 @@ The file follows the method, top to bottom:
   3. Stage 3, learning aligned knowledge (DPO with key tokens): the rejected response counts only
      through its key tokens (key_token_mask, dpo_loss).
   4. The masked optimizer: AdamW that updates, and keeps state for, only the entries of a mask
-     (MaskedAdamW, save_optimizer, load_optimizer, optimizer_state_bytes).
+     (MaskedAdamW, save_optimizer, load_optimizer, optimizer_state_bytes). Its multi-tensor step
+     for GPUs, the same bits: optim.py.
 
 Notation: r_t = log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), the token log-ratio of the
 policy pi against the frozen reference pi_ref (the model at the start of the stage).
@@ -33,9 +33,7 @@ import re
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from data import atomic_path
+from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
 # 0. Per-token log-probabilities
@@ -201,13 +199,8 @@ def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
 
 
 def save_masks(path, masks):
-    """Write masks (bool tensors keyed by parameter name) as safetensors, atomically."""
-    with atomic_path(path) as tmp:
-        save_file({name: m.contiguous() for name, m in masks.items()}, tmp)
-
-
-def load_masks(path):
-    return load_file(path)
+    """Write masks (bool tensors keyed by parameter name) as safetensors."""
+    save_file({name: m.contiguous() for name, m in masks.items()}, path)
 
 
 def module_type(name):
@@ -253,7 +246,10 @@ def mask_overlap(a, b):
 def format_table(rows):
     """List of dicts with the same keys -> markdown table."""
     cols = list(rows[0])
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -378,57 +374,26 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 # 4. The masked optimizer
 
 
-def _factor(x):
-    """A Python number as the 0-dim float64 CPU tensor that torch._foreach_mul_ should multiply by.
-    On CPU, _foreach_mul_(tensors, number) rounds the number to the tensors' dtype first (bf16:
-    0.99 -> 0.98828125), Tensor.mul_(number) does not; with a 0-dim tensor both multiply in float.
-    On CUDA a CPU 0-dim tensor goes to the multi-tensor kernel as a number (scalar.item())."""
-    return torch.scalar_tensor(x, dtype=torch.float64, device="cpu")
-
-
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW (as torch.optim.AdamW) on the masked entries only: the optimizer of Stages 2 and 3.
 
-    - Entries outside the mask are never written, so they stay bit-identical after any number
-      of steps, also with weight decay. Fix: the release keeps dense moments, masks only the
-      first moment and decays every entry.
+    - Entries outside the mask are never written: they stay bit-identical after any number of
+      steps, also with weight decay. Fix: the release keeps dense moments, masks only the first
+      moment and decays every entry.
     - State per parameter: the flat int32 indices of its selected entries and their two moments
-      (param dtype): 12 bytes per selected float32 entry against dense AdamW's 8 per entry, i.e.
-      15% of AdamW's state at a 10% mask. A full mask keeps dense moments (in the parameter's
-      shape) and no indices, so the full-parameter stages (SFT, DPO warmup) use this optimizer
-      too at AdamW's cost. The step count is one int per group (param_groups[i]["step"]; a
-      parameter without .grad at a step is skipped but its bias correction advances with the
-      group). Parameters with an empty mask, or absent from `masks`, get no state and are never
-      touched.
-    - Decoupled weight decay only on parameters with >= 2 dims (not on norm gains or biases).
-    - Reads p.grad at the selected entries only, so clipping the dense gradients first
-      (torch.nn.utils.clip_grad_norm_, max norm 1.0 in the release) keeps the release's clip.
-    - Reads the weights afresh at every step (no copy of them is kept), so writing the parameters
-      between steps (p.copy_ when resuming) or replacing the state (load_state_dict) is safe.
+      (12 bytes per selected float32 entry: 15% of AdamW's state at a 10% mask). A full mask keeps
+      dense moments and no indices, so the full-parameter stages use this optimizer at AdamW's
+      cost. Parameters with an empty mask, or absent from `masks`, get no state.
+    - The step count is one per group; a parameter without .grad at a step is skipped.
+    - Decoupled weight decay only on parameters with >= 2 dims (not on norm gains).
+    - Reads p.grad at the selected entries only, so clipping the dense gradients first keeps the
+      release's clip (max norm 1.0); reads the weights afresh at every step.
     - lr, betas, eps, weight_decay live in param_groups: lr schedulers work as usual.
-    - state_dict() = {"state": {name: {"idx", "exp_avg", "exp_avg_sq"}} (tensors only, all 1-D),
-      "param_groups": [JSON-able dicts]}; save_optimizer / load_optimizer write it as safetensors.
-
-    Two ways to step, the same bits: `foreach` False runs the update tensor by tensor (~10 ops a
-    tensor; the faster way on a CPU, where an op costs little to launch); True, the default on
-    CUDA, runs it as a few multi-tensor ops, since on a GPU the loop is bound by kernel launches.
-    Per parameter with a partial mask the multi-tensor step dispatches 3 ops: gather the
-    gradient and the weights at the selected entries (torch.take) and scatter the weights back
-    (put_). The arithmetic runs as torch._foreach_* ops over a bucket of tensors at once (the
-    gathered entries and the full-mask parameters themselves): 11 ops a bucket, 13 with weight
-    decay. A bucket holds at most as many entries as the group's largest parameter, so the
-    step's temporaries (int64 indices, gathered gradients and weights, the denominators' two
-    steps) are at most those of a per-tensor loop on the largest parameter, as
-    tools/memory_plan.py's step_bytes counts them; a Llama has one bucket at a 1% mask, a few at
-    10%. The ops are elementwise the same, in the same order, as that per-tensor loop (and
-    torch.optim.AdamW's), hence the same bits: on CPU a foreach op runs the single-tensor op on
-    each tensor of its lists.
+    - state_dict() = {"state": {name: {"idx", "exp_avg", "exp_avg_sq"}} (1-D tensors),
+      "param_groups": [JSON-able dicts]}; save_optimizer / load_optimizer keep it as safetensors.
     """
 
-    def __init__(self, named_parameters, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, foreach=None):
-        """foreach: None picks the multi-tensor step on CUDA and the per-tensor loop elsewhere."""
-        self.foreach = foreach
+    def __init__(self, named_parameters, masks, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         params = dict(named_parameters)
         unknown = sorted(set(masks) - set(params))
         if unknown:
@@ -442,7 +407,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{name}: mask {tuple(mask.shape)} for a parameter "
                                  f"{tuple(p.shape)} (must match, contiguous, < 2**31 entries)")
             if mask.all():  # a full mask needs no indices: dense moments, as torch.optim.AdamW
-                # in p's shape, so that the foreach ops pair them with p and p.grad, no view needed
                 self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 continue
             idx = mask.reshape(-1).nonzero().squeeze(1).to(device=p.device, dtype=torch.int32)
@@ -458,14 +422,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             group["step"] += 1
-            stepped = [p for p in group["params"] if p.grad is not None and p in self.state]
-            if not (self.foreach if self.foreach is not None else any(p.is_cuda for p in stepped)):
-                for p in stepped:
+            for p in group["params"]:
+                if p.grad is not None and p in self.state:
                     self._update_one(p, group)
-                continue
-            largest = max((p.numel() for p in group["params"]), default=0)
-            for bucket in self._buckets(stepped, largest):
-                self._update(bucket, group)
         return loss
 
     def _update_one(self, p, group):
@@ -490,51 +449,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         if idx is not None:
             flat.index_copy_(0, idx, theta)  # scatter back: only the selected entries are written
-
-    def _buckets(self, params, max_entries):
-        """`params` cut into consecutive runs of at most `max_entries` updated entries each."""
-        buckets, entries = [], max_entries
-        for p in params:
-            n = self.state[p]["exp_avg"].numel()  # selected entries (all of p for a full mask)
-            if entries + n > max_entries:
-                buckets.append([])
-                entries = 0
-            buckets[-1].append(p)
-            entries += n
-        return buckets
-
-    def _update(self, params, group):
-        """One AdamW step of the selected entries of `params` (each has .grad and state)."""
-        lr, (beta1, beta2), eps, wd = (group[k] for k in ("lr", "betas", "eps", "weight_decay"))
-        bias_correction1 = 1 - beta1 ** group["step"]
-        bias_correction2_sqrt = (1 - beta2 ** group["step"]) ** 0.5
-        partial = [p for p in params if "idx" in self.state[p]]
-        full = [p for p in params if "idx" not in self.state[p]]
-        idx, grads, thetas = [], [], []
-        if partial:
-            # int32 at rest (compact state), int64 for take/put_: one cast for the whole bucket
-            sizes = [self.state[p]["idx"].numel() for p in partial]
-            idx = torch.cat([self.state[p]["idx"] for p in partial]).long().split(sizes)
-            for p, i in zip(partial, idx):  # torch.take reads p as if it were 1-D
-                grads.append(torch.take(p.grad, i))  # [n_sel] gathered gradient
-                thetas.append(torch.take(p, i))  # [n_sel] gathered weights
-        ordered = partial + full
-        grads += [p.grad for p in full]
-        thetas += full  # full mask: the parameter is updated in place
-        exp_avgs = [self.state[p]["exp_avg"] for p in ordered]
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ordered]
-        decayed = [theta for theta, p in zip(thetas, ordered) if p.dim() >= 2]
-        if wd != 0 and decayed:
-            torch._foreach_mul_(decayed, _factor(1 - lr * wd))
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, _factor(beta2))
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        # out of place, as the loop's exp_avg_sq.sqrt() / c: same bits, same temporaries
-        denoms = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias_correction2_sqrt)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(thetas, exp_avgs, denoms, value=-lr / bias_correction1)
-        for p, i, theta in zip(partial, idx, thetas):
-            p.put_(i, theta)  # scatter back: only the selected entries are written
 
     def state_dict(self):
         state = {name: {k: v.view(-1) for k, v in self.state[p].items()}  # full-mask moments flat
@@ -563,12 +477,11 @@ def optimizer_state_bytes(opt):
 
 
 def save_optimizer(path, opt):
-    """Write a MaskedAdamW's state_dict as safetensors, atomically: tensors as
-    "<parameter name>/<key>", param_groups as JSON in the file's metadata."""
+    """Write a MaskedAdamW's state_dict as safetensors: tensors as "<parameter name>/<key>",
+    param_groups as JSON in the file's metadata."""
     sd = opt.state_dict()
     tensors = {f"{name}/{k}": v.contiguous() for name, s in sd["state"].items() for k, v in s.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"param_groups": json.dumps(sd["param_groups"])})
+    save_file(tensors, path, metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
 def load_optimizer(path, opt):

@@ -1,122 +1,27 @@
-"""What ALLO reads and writes: atomic writes, command-line flags, tokenizers, prompts and answer
-extraction, JSONL, collation into batches. Nothing here knows the embedded task (task.py).
+"""What ALLO reads: tokenizers and their special tokens, prompts (templates and chat templates),
+answer extraction, JSONL, collation into batches. Nothing here knows the embedded task (task.py).
 
-The model sees prompt_text(question) = "Question: ...\\nAnswer:" and learns to continue it with a
-response that starts with a space, so prompt and response tokenize separately with a clean
-boundary and decode back to prompt + response exactly.
+The model sees prompt_text(question) = "Question: ...\\nAnswer:" (or the model's own chat template)
+and learns to continue it with a response that starts with a space (none after a chat template),
+so prompt and response tokenize separately with a clean boundary.
 
-Token sequences: [BOS] + enc(prompt) + enc(response) + [EOS], right padded, labels pre-shifted
-(labels[b, t] = input_ids[b, t+1] on response targets, else -100).
+Token sequences: the tokenizer's own prefix (its BOS, where its own encoding adds one) + enc(prompt)
++ enc(response) + [EOS], right padded, labels pre-shifted (labels[b, t] = input_ids[b, t+1] on
+response targets, else -100).
 """
 
-import argparse
 import io
 import json
 import math
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sentencepiece as spm
 import torch
 
-# -----------------------------------------------------------------------------
-# atomic writes
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` to write; when the block ends without an error, the
-    file is flushed to disk and renamed to `path` in one step, so `path` is either the old file or
-    the whole new one. On an error the temporary file is removed."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(os.path.dirname(os.path.abspath(path)))  # the rename itself
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def fsync(path):
-    """Flush a file, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(tmp, folder):
-    """Put the complete directory tmp in the place of `folder` (which may exist): its files are
-    flushed to disk, then two renames, the old folder removed last."""
-    for name in os.listdir(tmp):
-        if os.path.isfile(os.path.join(tmp, name)):
-            fsync(os.path.join(tmp, name))
-    old = folder + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    fsync(os.path.dirname(os.path.abspath(folder)))
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-# -----------------------------------------------------------------------------
-# command-line flags
-
-def count(low):
-    """An argparse type: an integer >= low."""
-    def parse(text):
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def real(low, high=math.inf, open_low=False):
-    """An argparse type: a finite number in [low, high] (in (low, high] with open_low)."""
-    def parse(text):
-        value = float(text)
-        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
-            span = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else \
-                f"{'>' if open_low else '>='} {low:g}"
-            where = f"in {span}" if high < math.inf else span
-            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
-
-rate = real(0, open_low=True)  # a learning rate: finite and > 0
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one line for a bad flag: "error: argument --x: ...", exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, every flag with its default (none shown for switches and
-    flags without one)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
+from fileio import atomic_path
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -126,11 +31,66 @@ class DataError(Exception):
     """A bad input file or value; the message is "path[:line]: what is wrong" (one line, for the CLI)."""
 
 
-class Tokenizer:
-    """A SentencePiece tokenizer.model (Llama 2, TinyLlama, Mistral; the embedded task's) with
-    explicit BOS/EOS/PAD ids. encode() adds no special token; decode() drops them."""
+BOS_MODES = ("auto", "always", "never")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# the files a tokenizer's folder may hold beside it, copied with it into every stage's output
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-    def __init__(self, model_path, bos=None, eos=None, pad=None):
+
+class BaseTokenizer:
+    """What both kinds of tokenizer share. A subclass sets path, vocab_size, bos/eos/pad ids and
+    tokens, own_prefix (the ids its own encoding puts before a text) and encode_text.
+
+    encode() adds no special token, but special tokens written in the text (a chat template's
+    "<|im_start|>") are encoded as themselves; decode() drops BOS, EOS and PAD."""
+
+    def setup(self, bos_mode):
+        """The BOS rule: `auto` puts in front of a prompt what the tokenizer's own encoding does,
+        `always` its BOS, `never` nothing."""
+        if bos_mode not in BOS_MODES:
+            raise ValueError(f"bos mode {bos_mode!r}: expected one of {BOS_MODES}")
+        if bos_mode == "always" and self.bos_id is None:
+            raise DataError(f"{self.path}: --bos always, but the tokenizer has no BOS token; name one with "
+                            "--bos-token")
+        self.prefix = {"auto": self.own_prefix, "always": [self.bos_id], "never": []}[bos_mode]
+        self.specials = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        self.chat_template = read_chat_template(os.path.dirname(self.path))
+
+    def encode(self, text):
+        return self.encode_text(text)
+
+    def prompt_ids(self, text_or_ids):
+        """A prompt's tokens as the tokenizer's own encoding makes them: its prefix (BOS) first,
+        unless the prompt begins with it already (a chat template that writes its own BOS)."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        return ids if ids[:len(self.prefix)] == self.prefix else self.prefix + ids
+
+    def decode(self, ids):
+        return self.decode_ids([int(i) for i in ids if int(i) not in self.specials])
+
+    def special_ids(self):
+        """The token ids a Hugging Face config.json and generation_config.json name."""
+        return {"bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id}
+
+    def save_pretrained(self, folder):
+        """Copy the tokenizer's files (and those beside it: its config, its chat template) into folder."""
+        here = os.path.dirname(self.path)
+        for name in (os.path.basename(self.path),) + COMPANION_FILES:
+            if os.path.isfile(os.path.join(here, name)):
+                shutil.copyfile(os.path.join(here, name), os.path.join(folder, name))
+        if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):  # a bare tokenizer.model
+            config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bool(self.prefix),
+                      "add_eos_token": False, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                      "pad_token": self.pad_token}
+            with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+
+
+class Tokenizer(BaseTokenizer):
+    """A SentencePiece tokenizer.model (Llama 2, TinyLlama, Mistral; the embedded task's). Its BOS goes
+    in front of a prompt where tokenizer_config.json's add_bos_token says so, by default (Llama 2)."""
+
+    def __init__(self, model_path, bos=None, eos=None, pad=None, bos_mode="auto"):
         try:
             with open(model_path, "rb") as f:
                 proto = f.read()
@@ -140,36 +100,52 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             why = str(e).splitlines()[0][:80]
             raise DataError(f"{model_path}: not a SentencePiece model ({why})") from None
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id = self.special(model_path, bos, self.sp.bos_id(), "BOS", "--bos-token")
-        self.eos_id = self.special(model_path, eos, self.sp.eos_id(), "EOS", "--eos-token")
+        self.path, self.vocab_size = model_path, self.sp.vocab_size()
+        own_bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.bos_id = self.special(bos, own_bos, "--bos-token")
+        self.eos_id = self.special(eos, self.sp.eos_id() if self.sp.eos_id() >= 0 else None, "--eos-token")
+        if self.eos_id is None:
+            raise DataError(f"{model_path}: the tokenizer has no EOS piece; name one with --eos-token")
         own_pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id  # Llama: no pad piece, EOS pads
-        self.pad_id = self.special(model_path, pad, own_pad, "PAD", "--pad-token")
-        self.specials = {self.bos_id, self.eos_id, self.pad_id}
+        self.pad_id = self.special(pad, own_pad, "--pad-token")
+        self.bos_token, self.eos_token, self.pad_token = (None if i is None else self.sp.id_to_piece(i)
+                                                          for i in (self.bos_id, self.eos_id, self.pad_id))
+        adds_bos = tokenizer_config(os.path.dirname(model_path)).get("add_bos_token", True)
+        if adds_bos and self.bos_id is None and bos_mode == "auto":
+            raise DataError(f"{model_path}: the tokenizer has no BOS piece; name one with --bos-token, or "
+                            "--bos never")
+        self.own_prefix = [self.bos_id] if adds_bos is True else []
+        self.setup(bos_mode)
+        self.split_at = re.compile("(" + "|".join(re.escape(t) for t in {self.bos_token, self.eos_token,
+                                                                        self.pad_token} if t) + ")")
 
-    def special(self, path, piece, default, what, flag):
-        """The id of `piece` (a flag's override) or the model's own, which must exist."""
-        i = default if piece is None else self.sp.piece_to_id(piece)
-        if piece is not None and (i == self.sp.unk_id() and piece != self.sp.id_to_piece(i)):
-            raise DataError(f"{path}: {flag} {piece!r} is not a piece of this tokenizer")
-        if i < 0:
-            raise DataError(f"{path}: the tokenizer has no {what} piece; name one with {flag}")
+    def special(self, piece, default, flag):
+        """The id of `piece` (a flag's override) or the model's own (None: it has none)."""
+        if piece is None:
+            return default
+        i = self.sp.piece_to_id(piece)
+        if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
+            raise DataError(f"{self.path}: {flag} {piece!r} is not a piece of this tokenizer")
         return i
 
-    def encode(self, text):
-        return self.sp.encode(text)  # no BOS/EOS
+    def encode_text(self, text):
+        ids = []
+        for part in self.split_at.split(text):  # special tokens written in the text are themselves
+            ids += [self.sp.piece_to_id(part)] if part in (self.bos_token, self.eos_token, self.pad_token) \
+                else self.sp.encode(part)
+        return ids
 
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids if int(i) not in self.specials])
+    def decode_ids(self, ids):
+        return self.sp.decode(ids)
 
 
-class HFTokenizer:
-    """A Hugging Face tokenizer.json (Llama 3.x, SmolLM2 and other BPE tokenizers) through the
+class HFTokenizer(BaseTokenizer):
+    """A Hugging Face tokenizer.json (Llama 3.x, SmolLM2, Qwen and other BPE tokenizers) through the
     `tokenizers` package, imported only here. BOS, EOS and PAD are the tokenizer's own, from
     tokenizer_config.json or special_tokens_map.json beside it, unless given; PAD defaults to EOS.
-    encode() adds no special token (the post-processor's BOS is not added); decode() drops them."""
+    Its post-processor decides whether a BOS goes in front of a prompt (Llama 3: yes, SmolLM2: no)."""
 
-    def __init__(self, path, bos=None, eos=None, pad=None):
+    def __init__(self, path, bos=None, eos=None, pad=None, bos_mode="auto"):
         try:
             from tokenizers import Tokenizer as Backend
         except ImportError:
@@ -179,26 +155,42 @@ class HFTokenizer:
             self.tk = Backend.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception for every bad file
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0][:80]})") from None
-        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.path, self.vocab_size = path, self.tk.get_vocab_size(with_added_tokens=True)
         named = special_tokens(os.path.dirname(path))
-        self.bos_id = self.special(path, bos or named.get("bos_token"), "BOS", "--bos-token")
-        self.eos_id = self.special(path, eos or named.get("eos_token"), "EOS", "--eos-token")
-        pad = pad or named.get("pad_token")
-        self.pad_id = self.eos_id if pad is None else self.special(path, pad, "PAD", "--pad-token")
-        self.specials = {self.bos_id, self.eos_id, self.pad_id}
+        self.bos_token, self.eos_token = bos or named.get("bos_token"), eos or named.get("eos_token")
+        self.pad_token = pad or named.get("pad_token") or self.eos_token
+        self.bos_id = self.special(self.bos_token, "BOS", "--bos-token", required=False)
+        self.eos_id = self.special(self.eos_token, "EOS", "--eos-token")
+        self.pad_id = self.special(self.pad_token, "PAD", "--pad-token")
+        plain, own = (self.tk.encode("a", add_special_tokens=s).ids for s in (False, True))
+        self.own_prefix = own[:own.index(plain[0])] if plain and plain[0] in own else []
+        self.setup(bos_mode)
 
-    def special(self, path, token, what, flag):
+    def special(self, token, what, flag, required=True):
         i = None if token is None else self.tk.token_to_id(token)
-        if i is None:
+        if i is None and (required or token is not None):
             said = "the tokenizer names none" if token is None else f"{token!r} is not one of its tokens"
-            raise DataError(f"{path}: no {what} token ({said}); name one with {flag}")
+            raise DataError(f"{self.path}: no {what} token ({said}); name one with {flag}")
         return i
 
-    def encode(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids
+    def encode_text(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids  # added tokens in the text: themselves
 
-    def decode(self, ids):
-        return self.tk.decode([int(i) for i in ids if int(i) not in self.specials], skip_special_tokens=False)
+    def decode_ids(self, ids):
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+
+def tokenizer_config(folder):
+    """tokenizer_config.json of folder as a dict ({} when there is none)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not readable JSON ({e})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def special_tokens(folder):
@@ -222,30 +214,50 @@ def special_tokens(folder):
     return out
 
 
+def read_chat_template(folder):
+    """The chat template of a tokenizer's folder: chat_template.jinja, else tokenizer_config.json's
+    "chat_template" (a string, or a list of named ones: "default"); None when it has none."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tokenizer_config(folder).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
 @dataclass(frozen=True)
 class TokenizerFile:
-    """A tokenizer's path with special tokens that override its own (token strings, None: its own)."""
+    """A tokenizer's path, special tokens that override its own (token strings, None: its own) and
+    the BOS rule (auto: the tokenizer's own, always, never)."""
     path: str
     bos: str | None = None
     eos: str | None = None
     pad: str | None = None
+    bos_mode: str = "auto"
+
+
+def find_tokenizer(path):
+    """The tokenizer file of a path: the file itself, or the one a directory holds (tokenizer.model
+    first); None when a directory holds none."""
+    if not os.path.isdir(path):
+        return path
+    return next((os.path.join(path, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(path, f))),
+                None)
 
 
 def load_tokenizer(spec):
     """A SentencePiece tokenizer.model or a Hugging Face tokenizer.json. spec: a path (the file, or
     a model directory holding one, tokenizer.model first) or a TokenizerFile."""
     spec = spec if isinstance(spec, TokenizerFile) else TokenizerFile(spec)
-    path, bos, eos, pad = spec.path, spec.bos, spec.eos, spec.pad
-    if os.path.isdir(path):
-        found = [os.path.join(path, f) for f in ("tokenizer.model", "tokenizer.json")
-                 if os.path.exists(os.path.join(path, f))]
-        if not found:
-            raise DataError(f"{path}: holds neither tokenizer.model nor tokenizer.json")
-        path = found[0]
+    path = find_tokenizer(spec.path)
+    if path is None:
+        raise DataError(f"{spec.path}: holds neither tokenizer.model nor tokenizer.json")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such tokenizer file")
     kind = HFTokenizer if path.endswith(".json") else Tokenizer
-    return kind(path, bos, eos, pad)
+    return kind(path, spec.bos, spec.eos, spec.pad, spec.bos_mode)
 
 
 def train_tokenizer(texts, path, vocab_size, max_number=None):
@@ -274,19 +286,73 @@ def train_tokenizer(texts, path, vocab_size, max_number=None):
 # prompts and answers
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+CHAT = "chat"  # --prompt-template chat: the tokenizer's own chat template
 ANSWER_FORMATS = ("auto", "gsm8k", "the-answer-is", "last-number")
 ANSWER_MARKER = re.compile(r"the answer is", re.IGNORECASE)
 NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
-def prompt_text(question, template=DEFAULT_TEMPLATE):
-    """The prompt of a question: the template with {question} replaced (other braces kept as
-    they are, so few-shot and chat templates need no escaping)."""
+def prompt_text(question, template=DEFAULT_TEMPLATE, tok=None, system=None):
+    """The prompt of a question: the template with {question} replaced (other braces kept as they
+    are, so few-shot formats need no escaping), or with template "chat" the tokenizer's own chat
+    template rendered (render_chat)."""
+    if template == CHAT:
+        return render_chat(tok, question, system)
     return template.replace("{question}", question)
 
 
+def response_lead(template):
+    """What a response starts with after this template's prompt: a space after "Answer:", nothing
+    after a chat template's "assistant\\n" or a template that ends in white space."""
+    return "" if template == CHAT or template[-1:].isspace() else " "
+
+
+def render_chat(tok, question, system=None):
+    """The tokenizer's chat template (tok.chat_template) rendered as transformers renders it (jinja2,
+    sandboxed, trim_blocks and lstrip_blocks): the question as the user message, after an optional
+    system message, with the generation prompt. jinja2 is imported only here."""
+    if tok is None or tok.chat_template is None:
+        where = tok.path if tok is not None else "the tokenizer"
+        raise DataError(f"{where}: --prompt-template chat, but its folder has no chat template "
+                        "(tokenizer_config.json's chat_template, or chat_template.jinja)")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                "content": question}]
+    return chat_renderer(tok.chat_template).render(
+        messages=messages, add_generation_prompt=True, bos_token=tok.bos_token or "",
+        eos_token=tok.eos_token or "", pad_token=tok.pad_token or "")
+
+
+_RENDERERS = {}
+
+
+def chat_renderer(source):
+    """The compiled jinja2 template of a chat template's source (compiled once)."""
+    if source not in _RENDERERS:
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise DataError("--prompt-template chat needs the `jinja2` package: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            _RENDERERS[source] = env.from_string(source)
+        except TemplateError as e:
+            raise DataError(f"the chat template does not parse: {e}") from None
+    return _RENDERERS[source]
+
+
 def read_template(value):
-    """--prompt-template: a string with {question}, or @file whose text is one."""
+    """--prompt-template: chat (the tokenizer's own chat template), a string with {question}, or
+    @file whose text is one."""
+    if value == CHAT:
+        return value
     text = value
     if value.startswith("@"):
         try:
@@ -420,26 +486,20 @@ def check_weights(row, where, tok):
             raise DataError(f"{where} field 'weights' has {len(w)} entries, the response has {n} tokens")
 
 
-def write_jsonl(path, rows):
-    """Write rows (dicts) as JSONL, atomically (atomic_path)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 # -----------------------------------------------------------------------------
 # collation
 
 
 def collate(tok, prompts, responses, max_len, weights=None):
-    """Batch [BOS] + prompt + response + [EOS] rows, right-padded with tok.pad_id.
+    """Batch prompt + response + [EOS] rows, each prompt as tok.prompt_ids makes it (the tokenizer's
+    BOS first where its own encoding adds one), right-padded with tok.pad_id.
 
-    prompts, responses: lists of str or of token id lists (pre-tokenized).
+    prompts, responses: lists of str or of token id lists (pre-tokenized, without BOS).
     weights: None (1.0 on every response target and on the EOS target) or one list per row
     with one number per response token (weight i -> target of response token i; EOS gets 0).
     Truncation to max_len: tokens are cut from the end (EOS first, then the response's tail);
     if the prompt leaves no room for a single response target, the prompt is cut from the left
-    (BOS kept) down to max_len - 2 tokens and one target is kept. Each cut row counts once in
+    (its BOS kept) down to max_len - 1 tokens and one target is kept. Each cut row counts once in
     "n_truncated"; the caller must report it.
     A preference batch is collate(tok, prompts + prompts, chosen + rejected, ...): rows 0..B-1
     chosen, B..2B-1 rejected, one padding length.
@@ -447,33 +507,36 @@ def collate(tok, prompts, responses, max_len, weights=None):
     weights float32 [B,T] (0 wherever labels == -100), n_truncated int.
     """
     if max_len < 2:
-        raise ValueError(f"max_len {max_len}: need at least 2 (BOS and one target)")
+        raise ValueError(f"max_len {max_len}: need at least 2 (a prompt token and one target)")
     rows, n_truncated = [], 0
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        p = tok.encode(p) if isinstance(p, str) else list(p)
+        lead = tok.prompt_ids(p)
+        if not lead:
+            raise ValueError(f"row {b}: an empty prompt without BOS: nothing predicts the first token")
         r = tok.encode(r) if isinstance(r, str) else list(r)
         w = [1.0] * len(r) + [1.0] if weights is None else list(weights[b]) + [0.0]
         if len(w) != len(r) + 1:
             raise ValueError(f"row {b}: {len(w) - 1} weights for {len(r)} response tokens")
         targets = r + [tok.eos_id]  # what the positions from the last prompt token on predict
-        cut_prompt = len(p) + 2 > max_len  # not even one target fits after the prompt
+        cut_prompt = len(lead) + 1 > max_len  # not even one target fits after the prompt
         if cut_prompt:
-            p = p[len(p) - (max_len - 2):]
-        keep = min(len(targets), max_len - 1 - len(p))
+            kept = len(tok.prefix) if lead[:len(tok.prefix)] == tok.prefix else 0  # the BOS stays
+            lead = lead[:kept] + lead[len(lead) - (max_len - 1 - kept):]
+        keep = min(len(targets), max_len - len(lead))
         n_truncated += cut_prompt or keep < len(targets)
-        rows.append(([tok.bos_id] + p + targets[:keep], len(p), w[:keep]))
+        rows.append((lead + targets[:keep], len(lead), w[:keep]))
     T = max(len(ids) for ids, _, _ in rows)
     B = len(rows)
     input_ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     wts = torch.zeros(B, T, dtype=torch.float32)
-    for b, (ids, n_prompt, w) in enumerate(rows):
+    for b, (ids, n_lead, w) in enumerate(rows):
         L = len(ids)
         input_ids[b, :L] = torch.tensor(ids)
         attention_mask[b, :L] = 1
-        # position n_prompt (the last prompt token, or BOS) predicts the first response token
-        labels[b, n_prompt:L - 1] = input_ids[b, n_prompt + 1:L]
-        wts[b, n_prompt:L - 1] = torch.tensor(w, dtype=torch.float32)
+        # position n_lead - 1 (the last prompt token) predicts the first response token
+        labels[b, n_lead - 1:L - 1] = input_ids[b, n_lead:L]
+        wts[b, n_lead - 1:L - 1] = torch.tensor(w, dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "weights": wts, "n_truncated": n_truncated}

@@ -3,45 +3,72 @@
     python eval.py runs/default            # every finished stage of a run (SFT, DPO, NPO, ALLO)
     python eval.py runs/default/learn      # one checkpoint directory of a run
     python eval.py runs/default --split val
-    python eval.py --questions test.jsonl --tokenizer my-llama/ --pairs out/sample/test_pairs.jsonl \
+    python eval.py --questions test.jsonl --tokenizer my-llama/ --pairs out/sample/test_pairs.jsonl \\
                    --ref my-llama/ my-llama/ out/warmup out/learn          # any checkpoints, your data
 
-Accuracy: greedy decoding of each question under the prompt template, the final answer read in
---answer-format and compared with the reference's (after removing commas, "$", a trailing period
-and a trailing ".0"). Pair accuracy and margin: on held-out preference pairs (`train.py --stage
-sample --eval-questions` writes them), the implicit reward beta * sum_t log pi/pi_ref of every
-checkpoint against the reference model (--ref; in a run, its SFT model); pair accuracy is the
-fraction of pairs whose chosen reward is above the rejected one, margin the mean difference.
+A run directory records its inputs (run.json: the questions files, the tokenizer's rules, the prompt
+template), so a run is scored as it was trained; --split names one of its evaluation files (default:
+the last). Accuracy: greedy decoding of each question under the prompt template, the final answer
+read in --answer-format and compared with the reference's (after removing commas, "$", a trailing
+period and a trailing ".0"). Pair accuracy and margin: on held-out preference pairs (`train.py
+--stage sample --eval-questions` writes them), the implicit reward beta * sum_t log pi/pi_ref of
+every checkpoint against the reference model (--ref; in a run, its starting model); pair accuracy
+is the fraction of pairs whose chosen reward is above the rejected one, margin the mean difference.
 """
 
-import json
+import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from allo import token_logps
-from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, HelpFormatter, Parser, collate, count,
-                  extract_answer, is_correct, load_tokenizer, prompt_text, read_jsonl, read_template, real,
-                  write_json)
+from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, TokenizerFile, collate, extract_answer,
+                  is_correct, load_tokenizer, prompt_text, read_jsonl, read_template)
+from fileio import read_json, write_json
+from flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags, add_tokenizer_flags, count,
+                   nonempty, real, setting)
 from model import autocast, pick_device
-from trainer import UsageError, load_model, one_line
+from runs import UsageError, load_model, one_line
 
-# (label, stage directory) of the comparison table of a run, in the order of the method
-ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
-        ("ALLO (forget + learn)", "learn")]
+
+def template_flag(value):
+    """--prompt-template as an argparse type: a bad template is a bad flag."""
+    try:
+        return read_template(value)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+template_flag.__name__ = "template"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """prompts and generation (sampling, validation, evaluation)"""
+    template: str = setting(DEFAULT_TEMPLATE, "a question's prompt: chat (the model's own chat template, "
+                            "needs jinja2), a string with {question}, or @file", flag="--prompt-template",
+                            type=template_flag)
+    system: str | None = setting(None, "with --prompt-template chat: a system message before the question",
+                                 type=nonempty)
+    answer_format: str = setting("auto", "how a final answer is read: auto tries '####', then 'The answer "
+                                 "is', then the last number", choices=ANSWER_FORMATS)
+    stop: tuple = setting((), "a string that ends a generation, besides EOS (repeatable)", type=nonempty)
+    max_new_tokens: int = setting(64, "max generated tokens", type=count(1))
 
 
 # ----------------------------------------------------------------------------- generation and answers
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
-    """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding, batched)."""
+    """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding,
+    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids)."""
     model.eval()
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch_size]]
+        ids = [tok.prompt_ids(p) for p in prompts[i:i + batch_size]]
         out += model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen,
                               vocab_size=tok.vocab_size)
     return out
@@ -52,10 +79,10 @@ def cut_at_stop(text, stop):
     return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
 
 
-def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=()):
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256):
     """Generated response text for each prompt string, cut at the first stop string."""
     return [cut_at_stop(tok.decode(t), stop)
-            for t in generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed)]
+            for t in generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size)]
 
 
 def reference_answers(rows):
@@ -69,13 +96,12 @@ def reference_answers(rows):
     return answers
 
 
-def accuracy(model, tok, questions, template=DEFAULT_TEMPLATE, answer_format="auto", stop=(),
-             max_new_tokens=64):
-    """Greedy accuracy on questions rows ({"question", "answer"})."""
-    prompts = [prompt_text(q["question"], template) for q in questions]
-    responses = complete(model, tok, prompts, max_new_tokens, stop=stop)
+def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256):
+    """Greedy accuracy on questions rows ({"question", "answer"}) under the prompt settings."""
+    prompts = [prompt_text(q["question"], prompt.template, tok, prompt.system) for q in questions]
+    responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop, batch_size=batch_size)
     answers = reference_answers(questions)
-    return sum(is_correct(r, a, answer_format) for r, a in zip(responses, answers)) / max(1, len(questions))
+    return sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers)) / max(1, len(questions))
 
 
 # ----------------------------------------------------------------------------- preference metrics
@@ -94,14 +120,12 @@ def response_logps(model, tok, prompts, responses, max_len, batch_size=64):
     return sums
 
 
-def pair_metrics(model, ref_sums, tok, pairs, beta, max_len):
+def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64):
     """Preference accuracy and mean implicit-reward margin of `model` on pairs, against the
     reference's summed log-probs ref_sums = (chosen, rejected)."""
-    if not pairs:
-        return float("nan"), float("nan")
     prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len)
-    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len)
+    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size)
+    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size)
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
@@ -110,22 +134,22 @@ class Evaluator:
     """Held-out metrics of any checkpoint: greedy accuracy on a questions file and, given pairs
     and a reference model, pair accuracy and margin (the reference's log-probs computed once)."""
 
-    def __init__(self, questions, tokenizer, pairs=None, ref=None, *, template=DEFAULT_TEMPLATE,
-                 answer_format="auto", stop=(), beta=0.1, max_len=256, max_new_tokens=64, device="auto",
-                 n_questions=0, n_pairs=0):
-        """questions, pairs: JSONL paths; ref: a model directory; n_questions, n_pairs: score only
-        the first N (0 = all)."""
+    def __init__(self, questions, tokenizer, pairs=None, ref=None, *, prompt=PromptConfig(), beta=0.1,
+                 max_len=256, device="auto", batch_size=64, gen_batch_size=256, n_questions=0, n_pairs=0):
+        """questions, pairs: JSONL paths; tokenizer: a path or a TokenizerFile; ref: a model directory;
+        n_questions, n_pairs: score only the first N (0 = all)."""
         if pairs and not ref:
             raise DataError(f"{pairs}: pair metrics need a reference model (--ref)")
         try:
             self.device = pick_device(device)
         except ValueError as e:
             raise DataError(f"--device: {e}") from None
-        self.beta, self.max_len = beta, max_len
-        self.template, self.answer_format, self.stop = template, answer_format, stop
-        self.max_new_tokens = max_new_tokens
+        self.prompt, self.beta, self.max_len = prompt, beta, max_len
+        self.batch_size, self.gen_batch_size = batch_size, gen_batch_size
         self.tok = load_tokenizer(tokenizer)
         self.problems = read_jsonl(questions, "questions")[:n_questions or None]
+        if not self.problems:
+            raise DataError(f"{questions}: no questions to score")
         reference_answers(self.problems)  # every question must have one
         self.pairs = read_jsonl(pairs, "pairs")[:n_pairs or None] if pairs else []
         self.ref = ref
@@ -134,7 +158,7 @@ class Evaluator:
             model = load_model(ref, self.device, self.tok)
             prompts = [p["prompt"] for p in self.pairs]
             self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs],
-                                                 max_len) for side in ("chosen", "rejected"))
+                                                 max_len, batch_size) for side in ("chosen", "rejected"))
 
     def __call__(self, model_dir):
         """{"accuracy", "pair_accuracy", "margin", "n_questions", "n_pairs"} of one checkpoint; the
@@ -142,9 +166,8 @@ class Evaluator:
         model = load_model(model_dir, self.device, self.tok)
         is_ref = self.ref is not None and os.path.samefile(model_dir, self.ref)
         pair_acc, margin = (None, None) if is_ref or not self.pairs else pair_metrics(
-            model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len)
-        acc = accuracy(model, self.tok, self.problems, self.template, self.answer_format, self.stop,
-                       self.max_new_tokens)
+            model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size)
+        acc = accuracy(model, self.tok, self.problems, self.prompt, self.gen_batch_size)
         return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin,
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 
@@ -171,39 +194,62 @@ def flag_quality(tok, scored, errors_at, tau):
 
 # ----------------------------------------------------------------------------- tables
 
-def stage_info(model_dir):
+def stage_record(model_dir):
     """trained fraction and wall time from a stage's stage.json (None outside a run)."""
-    path = os.path.join(model_dir, "stage.json")
-    if not os.path.exists(path):
-        return {"trained_fraction": None, "wall_s": None}
-    with open(path) as f:
-        info = json.load(f)
+    info = read_json(os.path.join(model_dir, "stage.json")) or {}
     return {"trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s")}
 
 
 def evaluate_models(evaluate, models):
     """Rows of the table for (label, model directory) pairs."""
-    return [{"model": label, "stage": os.path.basename(os.path.normpath(d)), **evaluate(d), **stage_info(d)}
+    return [{"model": label, "stage": os.path.basename(os.path.normpath(d)), **evaluate(d), **stage_record(d)}
             for label, d in models]
 
 
-def run_evaluator(run, split="test", device="auto", beta=0.1, n_questions=0, n_pairs=0):
-    """The Evaluator of a run directory: its task's split, its held-out pairs, its SFT model as reference."""
-    pairs = os.path.join(run, "sample", f"{split}_pairs.jsonl")
-    task_dir = os.path.join(run, "task")
-    return Evaluator(os.path.join(task_dir, f"{split}.jsonl"), os.path.join(task_dir, "tokenizer.model"),
-                     pairs if os.path.exists(pairs) else None, os.path.join(run, "sft"), beta=beta,
-                     device=device, n_questions=n_questions, n_pairs=n_pairs)
+def run_record(run):
+    """The record a run directory keeps of its inputs (run.json, written by train.py), with its
+    paths resolved; DataError when there is none."""
+    record = read_json(os.path.join(run, "run.json"))
+    if not isinstance(record, dict) or "eval" not in record:
+        raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft stage) "
+                        "first, or give --questions and --tokenizer")
+    return record
 
 
-def evaluate_run(run, split="test", device="auto", beta=0.1, stages=ROWS):
-    """Metrics of each finished stage of a run directory, with its trained fraction and wall time."""
-    finished = [(label, os.path.join(run, stage)) for label, stage in stages
-                if os.path.exists(os.path.join(run, stage, "stage.json"))]
-    return evaluate_models(run_evaluator(run, split, device, beta), finished)
+def in_run(run, path):
+    """A path of a run's record: relative ones lie inside the run directory."""
+    return path if path is None or os.path.isabs(path) else os.path.join(run, path)
 
 
-def markdown_table(rows, split, reference="the SFT model"):
+def run_evaluator(run, split=None, device="auto", beta=0.1, n_questions=0, n_pairs=0):
+    """The Evaluator of a run directory as its run.json says: an evaluation file (split: its name,
+    default the last), its held-out pairs, the run's starting model as reference, the run's
+    tokenizer rules and prompt settings. Returns (evaluator, split)."""
+    record = run_record(run)
+    splits = record["eval"]["splits"]
+    split = split or list(splits)[-1]
+    if split not in splits:
+        raise DataError(f"--split {split}: the run has no such evaluation file (it has: {', '.join(splits)})")
+    pairs = in_run(run, splits[split]["pairs"])
+    tokenizer = TokenizerFile(**{**record["tokenizer"], "path": in_run(run, record["tokenizer"]["path"])})
+    evaluate = Evaluator(in_run(run, splits[split]["questions"]), tokenizer,
+                         pairs if os.path.exists(pairs) else None, in_run(run, record["eval"]["reference"]),
+                         prompt=PromptConfig(**{**record["prompt"], "stop": tuple(record["prompt"]["stop"])}),
+                         beta=beta, max_len=record["max_len"], device=device, n_questions=n_questions,
+                         n_pairs=n_pairs)
+    return evaluate, split
+
+
+def evaluate_run(run, split=None, device="auto", beta=0.1, stages=None):
+    """Metrics of each finished stage of a run directory (its comparison rows, or `stages`: (label,
+    stage) pairs), with its trained fraction and wall time. Returns (rows, split)."""
+    evaluate, split = run_evaluator(run, split, device, beta)
+    rows = [(label, in_run(run, d)) for label, d in stages or run_record(run)["eval"]["rows"]]
+    finished = [(label, d) for label, d in rows if os.path.exists(os.path.join(d, "config.json"))]
+    return evaluate_models(evaluate, finished), split
+
+
+def markdown_table(rows, split, reference="the starting model"):
     lines = [f"| model | {split} accuracy | pair accuracy | margin | trained fraction | wall time (s) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -224,45 +270,49 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="a run directory, a checkpoint inside one, or (with --questions) "
                    "the checkpoint directories to compare")
-    p.add_argument("--split", default="test", choices=["test", "val"],
-                   help="a run's held-out split to score (choose settings on val, report test)")
+    p.add_argument("--split", help="a run's evaluation file to score, by name (val, test, ...; default: the "
+                   "last); choose settings on val, report test")
     p.add_argument("--questions", help="questions JSONL ({\"question\", \"answer\"}, GSM8K's format)")
-    p.add_argument("--tokenizer", help="with --questions: tokenizer.model, tokenizer.json or a directory "
-                   "holding one")
-    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (with "
-                   "--ref)")
+    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (with --ref)")
     p.add_argument("--ref", help="reference model directory of the implicit reward")
-    p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="a string with {question}, or @file")
-    p.add_argument("--answer-format", default="auto", choices=ANSWER_FORMATS,
-                   help="how the final answer is read (auto: '####', then 'The answer is', then the last "
-                        "number)")
-    p.add_argument("--stop", action="append", default=[], help="a string that ends a generation (repeatable)")
-    p.add_argument("--max-new-tokens", type=count(1), default=64, help="generated tokens per question")
     p.add_argument("--beta", type=real(0, open_low=True), default=0.1, help="beta of the implicit reward")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    p.add_argument("--batch-size", type=count(1), default=64, help="rows per batch when scoring pairs")
+    p.add_argument("--gen-batch-size", type=count(1), default=256, help="prompts per batch when generating")
+    p.add_argument("--max-len", type=count(2), help="max tokens of prompt + response (default: the run's, "
+                   "else 256)")
     p.add_argument("--out", help="JSON output file (default <run>/eval_<split>.json, or none)")
+    add_machine_flags(p)
+    g = p.add_argument_group("tokenizer (with --questions; a run uses its own)")
+    add_tokenizer_flags(g)
+    add_config_flags(p, [PromptConfig], {})
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         if a.questions:
             if not a.tokenizer:
                 raise DataError("--questions needs --tokenizer")
-            evaluate = Evaluator(a.questions, a.tokenizer, a.pairs, a.ref, beta=a.beta, device=a.device,
-                                 template=read_template(a.prompt_template), answer_format=a.answer_format,
-                                 stop=tuple(a.stop), max_new_tokens=a.max_new_tokens)
+            prompt = PromptConfig(template=a.prompt_template, system=a.system, answer_format=a.answer_format,
+                                  stop=tuple(a.stop), max_new_tokens=a.max_new_tokens)
+            tokenizer = TokenizerFile(a.tokenizer, a.bos_token, a.eos_token, a.pad_token, a.bos)
+            evaluate = Evaluator(a.questions, tokenizer, a.pairs, a.ref, prompt=prompt, beta=a.beta,
+                                 device=a.device, max_len=a.max_len or 256, batch_size=a.batch_size,
+                                 gen_batch_size=a.gen_batch_size)
             rows, split, out = evaluate_models(evaluate, [(d, d) for d in a.paths]), "held-out", a.out
         else:
             rows, split, out = evaluate_in_run(a)
+        print(markdown_table(rows, split, f"the reference model {a.ref}" if a.questions else
+                             "the run's starting model"))
+        if out:
+            write_json(out, {"split": split, "rows": rows})
+            print(f"wrote {out}")
     except (DataError, UsageError, OSError) as e:
         print(f"error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
-    print(markdown_table(rows, split, f"the reference model {a.ref}" if a.questions else "the SFT model"))
-    if out:
-        write_json(out, {"split": split, "rows": rows})
-        print(f"wrote {out}")
 
 
 def evaluate_in_run(a):
@@ -272,18 +322,15 @@ def evaluate_in_run(a):
     path = os.path.normpath(a.paths[0])
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such directory")
-    if os.path.isdir(os.path.join(path, "task")):  # a run directory
-        run, stages = path, ROWS
+    if os.path.exists(os.path.join(path, "run.json")):  # a run directory
+        run, stages = path, None
     else:
         run, stage = os.path.dirname(path), os.path.basename(path)
-        stages = [(dict((s, label) for label, s in ROWS).get(stage, stage), stage)]
-    for need in (f"task/{a.split}.jsonl", "task/tokenizer.model", "sft/config.json"):
-        if not os.path.exists(os.path.join(run, need)):
-            raise DataError(f"{os.path.join(run, need)}: not found; run `python train.py --stage sft` first, "
-                            "or give --questions and --tokenizer")
-    rows = evaluate_run(run, a.split, a.device, a.beta, stages=stages)
-    name = f"eval_{a.split}.json" if stages is ROWS else f"eval_{a.split}_{stages[0][1]}.json"
-    return rows, a.split, a.out or os.path.join(run, name)
+        labels = {os.path.basename(d): label for label, d in run_record(run)["eval"]["rows"]}
+        stages = [(labels.get(stage, stage), stage)]
+    rows, split = evaluate_run(run, a.split, a.device, a.beta, stages=stages)
+    name = f"eval_{split}.json" if stages is None else f"eval_{split}_{stages[0][1]}.json"
+    return rows, split, a.out or os.path.join(run, name)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from data import atomic_path, write_json
-
 
 @dataclass
 class ModelConfig:
@@ -331,8 +329,10 @@ class Transformer(nn.Module):
         model.load_state_dict({n: t.to(dtype) for n, t in weights.items()}, assign=True)
         return model
 
-    def save_pretrained(self, path: str):
-        """Write config.json and model.safetensors in the Hugging Face Llama layout (atomic per file)."""
+    def save_pretrained(self, path: str, **config):
+        """Write config.json and model.safetensors in the Hugging Face Llama layout; `config` adds
+        fields to config.json (bos_token_id, eos_token_id, pad_token_id). The files are written in
+        place: write into a new folder and rename it when complete (runs.StageOutput does)."""
         os.makedirs(path, exist_ok=True)
         c = self.cfg
         hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
@@ -341,14 +341,14 @@ class Transformer(nn.Module):
               "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
               "max_position_embeddings": c.max_seq_len,
               "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-              "mlp_bias": False, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:]}
+              "mlp_bias": False, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:], **config}
         # the transformers 4 layout (as Meta's Llama 3.x checkpoints ship); transformers 5 reads it too
         hf["rope_scaling"] = None if c.rope_scaling is None else {"rope_type": "llama3", **c.rope_scaling}
         tensors = {("" if n == "lm_head.weight" else "model.") + n: p.detach().contiguous().cpu()
                    for n, p in self.named_parameters()}
-        with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        write_json(os.path.join(path, "config.json"), hf)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
 
 
 def sample_next(logits, temperature: float, top_p: float, generator):

@@ -42,14 +42,13 @@ from dataclasses import replace
 
 import torch
 
-import allo
-import flags
 import train
-import trainer
-from data import DataError, HelpFormatter, Parser, atomic_path, count, write_json
+from data import DataError, TokenizerFile
 from eval import run_evaluator
-from model import Transformer, pick_device
-from trainer import UsageError, one_line
+from fileio import atomic_path, read_json, write_json
+from flags import HelpFormatter, Parser, config_from, count
+from model import pick_device
+from runs import UsageError, one_line
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
 ARMS = [
@@ -72,66 +71,54 @@ def slug(name):
     return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
 
 
-def stage_info(out):
-    with open(os.path.join(out, "stage.json")) as f:
-        return json.load(f)
+def stage_record(out):
+    return read_json(os.path.join(out, "stage.json"))
 
 
 # ----------------------------------------------------------------------------- masks (Stage 1)
 
-def study_masks(run, seed_dir, seed, forget_ratio, learn_ratio):
-    """Masks of one seed from its full-parameter DPO run: the top forget_ratio (forgetting), and
-    the top, bottom and a random learn_ratio (learning) of |theta_DPO - theta_SFT|, one global
-    threshold each (allo.select_masks)."""
-    paths = {kind: os.path.join(seed_dir, "masks", f"{kind}.safetensors")
-             for kind in ("forget-top", "learn-top", "learn-bottom", "learn-random")}
-    dpo_full = os.path.join(seed_dir, slug("DPO full"))
-    settings = {"forget_ratio": forget_ratio, "learn_ratio": learn_ratio, "seed": seed,
-                "dpo_full": stage_info(dpo_full)["id"]}
-    made = os.path.join(seed_dir, "masks", "settings.json")
-    if os.path.exists(made):
-        with open(made) as f:
-            old = json.load(f)
-        if old == settings and all(os.path.exists(p) for p in paths.values()):
-            return paths
-        raise UsageError(f"{made}: these masks were drawn with other settings ({old}); use another --tag")
-    os.makedirs(os.path.join(seed_dir, "masks"), exist_ok=True)
-    sft = Transformer.from_pretrained(os.path.join(run, "sft"))
-    dpo = Transformer.from_pretrained(os.path.join(seed_dir, slug("DPO full")))
-    scores = allo.importance_from_delta(dict(sft.named_parameters()), dict(dpo.named_parameters()))
-    g = torch.Generator().manual_seed(seed)
-    ranked = {"forget-top": (scores, forget_ratio), "learn-top": (scores, learn_ratio),
-              "learn-bottom": ({n: -s for n, s in scores.items()}, learn_ratio),
-              "learn-random": ({n: torch.rand(s.shape, generator=g) for n, s in scores.items()}, learn_ratio)}
-    for kind, (s, ratio) in ranked.items():
-        allo.save_masks(paths[kind], allo.select_masks(s, ratio))
-    write_json(made, settings)
+def study_masks(run, seed_dir, a, seed, device):
+    """Masks of one seed from its full-parameter DPO run, through the mask stage: the top
+    --forget-ratio (forgetting), and the top, bottom and a random --learn-ratio (learning) of
+    |theta_DPO - theta_SFT|, one global threshold each. Returns {kind: mask file}."""
+    inputs = dict(model=os.path.join(run, "sft"), warmup_model=os.path.join(seed_dir, slug("DPO full")))
+    paths = {}
+    for rank in ("top", "bottom", "random"):
+        config = config_from(train.MaskConfig, a, rank=rank, scorer="delta",
+                             train=replace(config_from(train.TrainConfig, a), seed=seed))
+        out = os.path.join(seed_dir, f"masks-{rank}")
+        train.stage_mask(config, inputs, out, device)
+        paths[f"learn-{rank}"] = os.path.join(out, "learn.safetensors")
+    paths["forget-top"] = os.path.join(seed_dir, "masks-top", "forget.safetensors")
     return paths
 
 
 # ----------------------------------------------------------------------------- one arm
 
-def train_arm(name, forget, learn, run, seed_dir, masks, forget_args, learn_args, lrs, eps):
+def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_config, inputs, lrs, eps, device):
     """Train one arm of one seed from the SFT model (forgetting, then learning) through train.py's
     stage functions; returns the output directory and the stage directories it went through.
-    forget_args, learn_args: the keyword arguments every forgetting / learning run shares;
-    lrs: (full-parameter, masked) learning rates of DPO; eps: ALLO's key-token fraction."""
+    forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
+    tokenizer and data files of each; lrs: (full-parameter, masked) learning rates of DPO; eps:
+    ALLO's key-token fraction."""
     model_dir, phases = os.path.join(run, "sft"), []  # each stage skips itself when finished alike
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
-        train.stage_forget(**forget_args, model=model_dir, out=out, all_tokens=tokens == "all",
-                           mask=masks["forget-top"] if kind == "top" else None)
+        train.stage_forget(replace(forget_config, all_tokens=tokens == "all"),
+                           {**inputs["forget"], "model": model_dir,
+                            "mask": masks["forget-top"] if kind == "top" else None}, out, device)
         model_dir = out
         phases.append(out)
     loss, kind, key_tokens = learn
     out = os.path.join(seed_dir, slug(name))
     if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
-        train.stage_forget(**{**forget_args, "steps": learn_args["steps"]}, model=model_dir, out=out,
-                           all_tokens=True)
+        train.stage_forget(replace(forget_config, steps=learn_config.steps, all_tokens=True),
+                           {**inputs["forget"], "model": model_dir, "mask": None}, out, device)
     else:
-        train.stage_learn(**learn_args, model=model_dir, out=out, mask=None if kind == "full" else
-                          masks[f"learn-{kind}"], lr=lrs[kind != "full"], eps=eps if key_tokens else 1.0)
+        mask = None if kind == "full" else masks[f"learn-{kind}"]
+        train.stage_learn(replace(learn_config, lr=lrs[kind != "full"], eps=eps if key_tokens else 1.0),
+                          {**inputs["learn"], "model": model_dir, "mask": mask}, out, device)
     phases.append(out)
     return out, phases
 
@@ -152,56 +139,56 @@ def run_study(opts, a):
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
     for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
-        trainer.need(os.path.join(run, stage, "stage.json"), stage)
+        train.need(os.path.join(run, stage, "stage.json"), stage)
     os.makedirs(root, exist_ok=True)
-    evaluate = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
-    print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {opts.split} questions, "
+    evaluate, split = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
+    print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {split} questions, "
           f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft_metrics = evaluate(os.path.join(run, "sft"))
-    shared = dict(tokenizer=os.path.join(run, "task", "tokenizer.model"), beta=a.beta, device=device)
-    forget_args = dict(shared, data=os.path.join(run, "rewriter", "forget_weighted.jsonl"), lr=a.forget_lr,
-                       steps=a.forget_steps)
-    learn_args = dict(shared, data=os.path.join(run, "sample", "pairs.jsonl"), steps=a.dpo_steps, nll=a.nll)
+    tokenizer = TokenizerFile(os.path.join(run, "sft"), a.bos_token, a.eos_token, a.pad_token, a.bos)
+    inputs = {"forget": dict(tokenizer=tokenizer, data=os.path.join(run, "rewriter", "forget_weighted.jsonl")),
+              "learn": dict(tokenizer=tokenizer, data=os.path.join(run, "sample", "pairs.jsonl"))}
     rows, t0, done, total = [], time.time(), 0, len(arms) * opts.seeds
     for seed in range(a.seed, a.seed + opts.seeds):
-        cfg = replace(flags.train_config(a), seed=seed)
+        cfg = replace(config_from(train.TrainConfig, a), seed=seed)
         seed_dir = os.path.join(root, f"seed{seed}")
-        arm_args = dict(run=run, seed_dir=seed_dir, forget_args={**forget_args, "cfg": cfg},
-                        learn_args={**learn_args, "cfg": cfg}, lrs=(a.dpo_lr, a.learn_lr), eps=a.eps)
+        arm_args = dict(run=run, seed_dir=seed_dir, forget_config=config_from(train.ForgetConfig, a, train=cfg),
+                        learn_config=config_from(train.LearnConfig, a, train=cfg), inputs=inputs,
+                        lrs=(a.dpo_lr, a.learn_lr), eps=a.eps, device=device)
         train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
-        masks = study_masks(run, seed_dir, seed, a.forget_ratio, a.learn_ratio)
+        masks = study_masks(run, seed_dir, a, seed, device)
         for name, forget, learn in arms:
             row = {"arm": name, "seed": seed, "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
                    "quarter_losses": None, **sft_metrics}
             if learn is not None:
                 out, phases = train_arm(name, forget, learn, masks=masks, **arm_args)
-                row.update(arm_metrics(name, out, phases, forget, evaluate, opts))
+                row.update(arm_metrics(name, out, phases, forget, evaluate, split, opts.n_eval))
             rows.append(row)
             done += 1
             elapsed = time.time() - t0
             print(f"study: {done}/{total} seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; "
                   f"elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s", flush=True)
-    write_results(root, opts, a, rows, [arm[0] for arm in arms], len(evaluate.problems), len(evaluate.pairs))
+    write_results(root, opts, split, a, rows, [arm[0] for arm in arms], len(evaluate.problems), len(evaluate.pairs))
     print(f"study: {time.time() - t0:.0f}s -> {root}")
 
 
-def write_results(root, opts, a, rows, names, n_questions, n_pairs):
+def write_results(root, opts, split, a, rows, names, n_questions, n_pairs):
     """results.json (every row, the summary), results.csv and table.md under root; prints the table."""
     summary = summarize(rows, names)
     write_json(os.path.join(root, "results.json"),
-               {"split": opts.split, "seeds": opts.seeds, "settings": vars(a), "rows": rows,
+               {"split": split, "seeds": opts.seeds, "settings": vars(a), "rows": rows,
                 "summary": summary})
     write_csv(os.path.join(root, "results.csv"), rows)
-    table = markdown(summary, opts, a, n_questions, n_pairs)
+    table = markdown(summary, opts, split, a, n_questions, n_pairs)
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)
 
 
-def arm_metrics(name, out, phases, forget, evaluate, opts):
+def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     """An arm's held-out metrics, the wall time and trained fractions of its phases, its losses."""
-    infos = [stage_info(p) for p in phases]
-    row = {**cached_eval(out, evaluate, opts.split, opts.n_eval), "wall_s": sum(i["wall_s"] for i in infos),
+    infos = [stage_record(p) for p in phases]
+    row = {**cached_eval(out, evaluate, split, n_eval), "wall_s": sum(i["wall_s"] for i in infos),
            "learn_fraction": infos[-1]["trained_fraction"]}
     if forget:
         row["forget_fraction"] = infos[0]["trained_fraction"]
@@ -225,7 +212,10 @@ def summarize(rows, names):
     for name in names:
         rs = [r for r in rows if r["arm"] == name]
         acc = [r["accuracy"] for r in rs]
-        mean = lambda k: None if rs[0][k] is None else statistics.fmean(r[k] for r in rs)  # noqa: E731
+
+        def mean(k):
+            return None if rs[0][k] is None else statistics.fmean(r[k] for r in rs)
+
         quarters = None if rs[0]["quarter_losses"] is None else [
             statistics.fmean(q) for q in zip(*(r["quarter_losses"] for r in rs))]
         out.append({"arm": name, "accuracy": statistics.fmean(acc),
@@ -246,16 +236,18 @@ def write_csv(path, rows):
             w.writerow([json.dumps(r[c]) if c == "quarter_losses" else r[c] for c in cols])
 
 
-def markdown(summary, opts, a, n_questions, n_pairs):
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = [f"| arm | {opts.split} accuracy (mean ± std) | pair accuracy | margin | trained fraction "
+def markdown(summary, opts, split, a, n_questions, n_pairs):
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines = [f"| arm | {split} accuracy (mean ± std) | pair accuracy | margin | trained fraction "
              "(forget / learn) | wall time (s) |", "|---|---|---|---|---|---|"]
     for s in summary:
         margin = "-" if s["margin"] is None else f"{s['margin']:+.3f}"
         frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
         lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
                      f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
-    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {opts.split} questions, greedy; {n_pairs} held-out "
+    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {split} questions, greedy; {n_pairs} held-out "
                  "pairs, "
                  "margin = beta * (chosen - rejected) log-ratio against the SFT model. Learning: "
                  f"{a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, "

@@ -2,7 +2,7 @@
 
 It enters the pipeline only as data, through the same path as a user's GSM8K-format files:
 write_task() writes its splits as {"question", "answer"} rows (answer = the reference solution),
-its SFT demonstrations as {"input", "output"} rows and its tokenizer; write_rewrites() writes the
+its SFT demonstrations as questions rows too and its tokenizer; write_rewrites() writes the
 minimal correction of each wrong response the sample stage found, for the rewriter.
 
     question: Mia has 14 apples. She buys 7 more. Then she gives away 5.
@@ -23,9 +23,11 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from data import DataError, is_correct, prompt_text, replace_dir, train_tokenizer, write_json, write_jsonl
+from data import DataError, is_correct, prompt_text, train_tokenizer
+from fileio import replace_dir, write_json, write_jsonl
+from flags import count, real, setting
 
 MIN_STEPS, MAX_STEPS, MAX_OPERAND, MAX_VALUE, OPS = 2, 3, 9, 49, ("+", "-")
 LAZY_RATE = 0.6  # fraction of the SFT demonstrations of 3-step problems that stop a step early
@@ -41,6 +43,19 @@ TEMPLATES = {  # one sentence per step; {p} is the pronoun, {b} the operand
     "-": ["{p} gives away {b}.", "{p} loses {b}.", "{p} sells {b}."],
     "*": ["{p} ends up with {b} times as many."],
 }
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """embedded task (without --questions)"""
+    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
+    n_train: int = setting(4000, "training problems", type=count(1))
+    n_val: int = setting(500, "validation problems, for choosing settings", type=count(1))
+    n_test: int = setting(500, "held-out test problems", type=count(1))
+    lazy_rate: float = setting(LAZY_RATE, "SFT demonstrations of 3-step problems that stop a step early: "
+                               "the unaligned habit the preference stages should remove", type=real(0, 1))
+    max_operand: int = setting(MAX_OPERAND, "largest number added or taken", type=count(1))
+    max_value: int = setting(MAX_VALUE, "largest count a problem reaches", type=count(1))
 
 
 @dataclass
@@ -111,12 +126,16 @@ def make_splits(seed, n_train, n_val, n_test, **difficulty):
     return splits
 
 
-def write_task(folder, *, seed, n_train, n_val, n_test, lazy_rate, **difficulty):
+def write_task(folder, config):
     """The task's files, written into a temporary folder renamed to `folder` when complete:
     train/val/test.jsonl ({"question", "answer"}, GSM8K's format with "The answer is N." endings),
-    sft.jsonl (the training problems' demonstrations, {"input", "output"}, lazy_rate of the 3-step
-    ones stopping early), tokenizer.model, and task.json (these settings)."""
-    settings = dict(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, lazy_rate=lazy_rate, **difficulty)
+    sft.jsonl (the training problems' demonstrations, questions rows whose answer is the
+    demonstration, lazy_rate of the 3-step ones stopping early), tokenizer.model, and task.json
+    (the config)."""
+    settings = asdict(config)
+    seed, n_train, n_val, n_test, lazy_rate = (settings.pop(k) for k in ("seed", "n_train", "n_val", "n_test",
+                                                                         "lazy_rate"))
+    difficulty = settings
     splits = make_splits(seed, n_train, n_val, n_test, **difficulty)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,13 +145,14 @@ def write_task(folder, *, seed, n_train, n_val, n_test, lazy_rate, **difficulty)
                                                          for p in problems])
     write_jsonl(os.path.join(tmp, "sft.jsonl"), sft_examples(splits["train"], lazy_rate, seed))
     train_task_tokenizer(os.path.join(tmp, "tokenizer.model"), **difficulty)
-    write_json(os.path.join(tmp, "task.json"), settings)
+    write_json(os.path.join(tmp, "task.json"), asdict(config))
     replace_dir(tmp, folder)
 
 
-def written_with(folder, settings, force=False):
-    """True when `folder` holds the task written with these settings; False when it must be
+def written_with(folder, config, force=False):
+    """True when `folder` holds the task written with this config; False when it must be
     written (none there, or other settings and force); other settings without force: DataError."""
+    settings = asdict(config)
     path = os.path.join(folder, "task.json")
     if not os.path.exists(path):
         return False
@@ -160,10 +180,10 @@ def write_rewrites(forget, path):
 # ----------------------------------------------------------------------------- SFT demonstrations
 
 def sft_example(problem, lazy=False):
-    """The SFT row of a problem: {"input": prompt, "output": response}, response = " " + solution,
-    or with lazy=True " " + lazy_solution(problem)."""
+    """The SFT row of a problem, a questions row: {"question", "answer": the demonstration}, its
+    solution or with lazy=True lazy_solution(problem). SFT puts it under the prompt template."""
     solution = lazy_solution(problem) if lazy else problem.solution
-    return {"input": prompt_text(problem.question), "output": " " + solution}
+    return {"question": problem.question, "answer": solution}
 
 
 def lazy_solution(problem):

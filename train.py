@@ -1,11 +1,14 @@
 """ALLO stage by stage (Chen et al., EMNLP 2024, "Not Everything is All You Need").
 
     python train.py                  # every stage on the embedded default, then the results table
+    python train.py --model DIR --questions train.jsonl --eval-questions val.jsonl test.jsonl --run-dir R
+                                     # every stage on your model and questions, then the table
     python train.py --stage learn --model out/forget --data pairs.jsonl --mask learn.safetensors --out allo/
     torchrun --nproc_per_node 4 train.py --run-dir runs/ddp    # the same on 4 GPUs (or 4 CPU processes)
 
-Stages (each reads the run directory, default runs/default/, or its explicit flags: your model and data):
-  sft       the starting point: SFT of --model on --data; on the embedded default, the task is written
+Stages (each reads the run directory, default runs/default/, as PIPELINE says, or its explicit flags):
+  sft       the starting point: SFT of --model on the questions' reference solutions (or --sft-data;
+            --skip-sft starts from --model as it is); on the embedded default, the task is written
             into <run>/task/ and a tiny Llama trained from scratch
   sample    Stage 0: K self-sampled responses per question -> learning pairs (correct, wrong) and
             the forgetting set (every wrong response)
@@ -19,8 +22,8 @@ Stages (each reads the run directory, default runs/default/, or its explicit fla
             the ALLO model
   all       every stage in order, skipping finished ones (--force redoes them), then eval.py's table
 
-A stage writes into <out>.tmp/ and renames it to <out> (default <run>/<stage>/: Hugging Face
-config.json + model.safetensors, metrics.jsonl, stage.json) when it finishes. Its fingerprint (its
+A stage writes into <out>.tmp/ and renames it to <out> (default <run>/<stage>/: a complete Hugging
+Face folder with the tokenizer's files, metrics.jsonl, stage.json) when it finishes. Its fingerprint (its
 settings and its inputs' identities) decides what happens when it runs again: finished alike, it is
 skipped; with other settings, an error (--force redoes it). Training stages checkpoint every
 --ckpt-every steps and resume from there when run again alike; the batch order is a function of
@@ -33,55 +36,75 @@ log-probs, sampling and rewriter scoring are split over the processes too; rank 
 files and prints. A checkpoint resumes under any number of processes with the same global batch.
 """
 
+import json
 import os
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 import allo
-import flags
 import parallel
 import task
-from data import (DEFAULT_TEMPLATE, DataError, collate, is_correct, load_tokenizer, prompt_text, read_jsonl,
-                  write_json, write_jsonl)
-from eval import (accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, markdown_table,
-                  reference_answers)
+import flags
+from data import (DataError, TokenizerFile, collate, find_tokenizer, is_correct, load_tokenizer, prompt_text,
+                  read_jsonl, response_lead)
+from eval import (PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, in_run,
+                  markdown_table, reference_answers)
+from fileio import read_json, write_json, write_jsonl
+from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
-from trainer import (Norms, StageOutput, UsageError, check_lengths, dpo_batch_loss, fit, full_masks,
-                     load_masks, load_model, n_scored, npo_batch_loss, one_line, pair_batch,
-                     pair_rows, rank_batch, reference_logps, sft_batch_loss, train_settings, trained_fraction,
-                     with_reference)
+from runs import StageOutput, UsageError, check_lengths, input_id, load_masks, load_model, need, one_line
+from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss, pair_batch,
+                     pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction, with_reference)
 
 
 # ----------------------------------------------------------------------------- sft
 
-def stage_sft(*, tokenizer, data, out, steps, lr, cfg, device, model=None, arch=None,
-              template=DEFAULT_TEMPLATE, eval_questions=None, eval_n=200, answer_format="auto", stop=(),
-              max_new_tokens=64, force=False):
-    """The starting point: SFT of `model` (a checkpoint directory) or, without one, of a new Llama of
-    shape `arch` (a dict of ModelConfig fields) on `data`: {"input", "output"} rows, or questions
-    rows whose target is their reference solution under the prompt template. Validation: greedy
-    accuracy on the first eval_n questions of eval_questions."""
-    settings = dict(steps=steps, lr=lr, arch=None if model else arch, template=template, eval_n=eval_n,
-                    answer_format=answer_format, stop=stop, max_new_tokens=max_new_tokens,
-                    **train_settings(cfg))
-    inputs = dict(model=model, tokenizer=tokenizer, data=data, eval_questions=eval_questions)
-    with StageOutput("sft", out, settings, inputs, device, force) as so:
+@dataclass(frozen=True)
+class ArchConfig:
+    """embedded model (sft without --model: a new Llama of this shape)"""
+    dim: int = setting(128, "model width", type=count(1))
+    n_layers: int = setting(4, "layers", type=count(1))
+    n_heads: int = setting(4, "attention heads", type=count(1))
+    n_kv_heads: int = setting(2, "key/value heads (grouped-query attention)", type=count(1))
+    hidden_dim: int = setting(352, "SwiGLU hidden size", type=count(1))
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """sft: the starting point"""
+    steps: int = setting(1000, "SFT optimizer steps", flag="--sft-steps", type=count(1))
+    lr: float = setting(2e-3, "SFT peak learning rate", flag="--sft-lr", type=rate)
+    eval_n: int = setting(200, "validation questions scored after SFT", type=count(0))
+    arch: ArchConfig = ArchConfig()
+    prompt: PromptConfig = PromptConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def stage_sft(config, inputs, out, device, force=False):
+    """The starting point: SFT of inputs["model"] (a checkpoint directory) or, without one, of a new
+    Llama of shape config.arch, on inputs["data"]: questions rows, whose target is their reference
+    solution under the prompt template, or {"input", "output"} rows. Validation: greedy accuracy on
+    the first eval_n questions of inputs["eval_questions"]."""
+    cfg, prompt = config.train, config.prompt
+    with StageOutput("sft", out, config, inputs, device, force) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer)
-        read = read_jsonl(data, "sft")
-        rows = [r if "input" in r else {"input": prompt_text(r["question"], template),
-                                        "output": " " + r["answer"]} for r in read]
+        tok = load_tokenizer(inputs["tokenizer"])
+        read = read_jsonl(inputs["data"], "sft")
+        lead = response_lead(prompt.template)
+        rows = [r if "input" in r else {"input": prompt_text(r["question"], prompt.template, tok, prompt.system),
+                                        "output": lead + r["answer"]} for r in read]
         prompts, targets = [r["input"] for r in rows], [r["output"] for r in rows]
         check_lengths("sft", tok, prompts, targets, cfg.max_len, read.where)
-        if model:
-            policy = load_model(model, device, tok)
+        if inputs["model"]:
+            policy = load_model(inputs["model"], device, tok)
         else:
             torch.manual_seed(cfg.seed)
-            shape = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=cfg.max_len, **arch)
+            shape = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=cfg.max_len, **vars(config.arch))
             policy = Transformer(shape).to(device)
         print(f"sft: {policy.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(rows)} "
               f"training examples, device {device}")
@@ -91,84 +114,101 @@ def stage_sft(*, tokenizer, data, out, steps, lr, cfg, device, model=None, arch=
             b = collate(tok, [prompts[k] for k in idx], [targets[k] for k in idx], cfg.max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
-        fit("sft", policy, full_masks(policy), batch_at,
-            lambda net, b, norms: sft_batch_loss(net, b, norms, device), so.work, steps=steps, lr=lr, cfg=cfg)
+        def loss(net, b, norms):
+            return sft_batch_loss(net, b, norms, device)
+
+        fit("sft", policy, full_masks(policy), batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         val_acc = None
-        if eval_questions and parallel.is_main():  # validation on rank 0 only; the others wait in finish()
-            questions = read_jsonl(eval_questions, "questions")[:eval_n]
-            val_acc = accuracy(policy, tok, questions, template, answer_format, stop, max_new_tokens)
+        if inputs["eval_questions"] and parallel.is_main():  # rank 0 only; the others wait in finish()
+            questions = read_jsonl(inputs["eval_questions"], "questions")[:config.eval_n]
+            val_acc = accuracy(policy, tok, questions, prompt)
             print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {len(questions)} questions")
-        return so.finish(policy, trained_fraction=1.0, val_accuracy=val_acc)
+        return so.finish(policy, tok, trained_fraction=1.0, val_accuracy=val_acc)
 
 
 # ----------------------------------------------------------------------------- Stage 0: sample
 
-def stage_sample(*, model, tokenizer, questions, out, k, temperature, top_p, max_new_tokens, max_pairs, seed,
-                 device, eval_questions=(), template=DEFAULT_TEMPLATE, stop=(), answer_format="auto",
-                 correct="answer", gold_chosen=False, n_sample=0, force=False):
-    """K responses per question of `questions` (the first n_sample, 0 = all) at `temperature`, cut at
-    the first stop string; correct = the reference's final answer (the paper) and, with
-    correct="steps", every step of the reference solution too (the embedded task's step checker).
-    Duplicates dropped. Writes out/pairs.jsonl: every (correct, wrong) of a question, at most
-    max_pairs drawn with the seed; out/forget.jsonl: every wrong response, with its question and
+@dataclass(frozen=True)
+class SampleConfig:
+    """sample: Stage 0, the model's own answers"""
+    k: int = setting(8, "samples per question", type=count(1))
+    temperature: float = setting(1.0, "sampling temperature", type=real(0))
+    top_p: float = setting(1.0, "nucleus sampling p", type=real(0, 1, open_low=True))
+    max_pairs: int = setting(5, "pairs kept per question", type=count(0))
+    n_sample: int = setting(1000, "training questions to sample, 0 = all", type=count(0))
+    correct: str = setting(None, "a sample is correct when its final answer is right (answer, the paper's "
+                           "rule; the default on your data) and, with steps, every number and sign of the "
+                           "reference's steps too (the embedded task's step checker, and its default)",
+                           choices=["steps", "answer"])
+    gold_chosen: bool = setting(False, "questions with no correct sample pair the reference solution with the "
+                                "wrong ones", variant=True)
+    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
+    prompt: PromptConfig = PromptConfig()
+
+
+def stage_sample(config, inputs, out, device, force=False):
+    """K responses per question of inputs["questions"] (the first n_sample, 0 = all) at the
+    temperature, cut at the first stop string; correct = the reference's final answer (the paper)
+    and, with correct="steps", every step of the reference solution too (the embedded task's step
+    checker). Duplicates dropped. Writes out/pairs.jsonl: every (correct, wrong) of a question, at
+    most max_pairs drawn with the seed; out/forget.jsonl: every wrong response, with its question and
     reference solution; out/<name>_pairs.jsonl: held-out pairs of each file <name>.jsonl of
-    eval_questions. Each process samples its contiguous share of the questions with seed + rank;
-    the token ids are gathered in question order."""
-    files = [("train", questions, "pairs.jsonl")]
-    files += [(name, path, f"{name}_pairs.jsonl") for path in eval_questions
+    inputs["eval_questions"]. Each process samples its contiguous share of the questions with
+    seed + rank; the token ids are gathered in question order."""
+    c, prompt = config, config.prompt
+    files = [("train", inputs["questions"], "pairs.jsonl")]
+    files += [(name, path, f"{name}_pairs.jsonl") for path in inputs["eval_questions"]
               for name in [os.path.splitext(os.path.basename(path))[0]]]
     if len({f[2] for f in files}) < len(files):
-        raise UsageError(f"--eval-questions {' '.join(eval_questions)}: two files of one name")
-    settings = dict(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                    max_pairs=max_pairs, seed=seed, template=template, stop=stop, answer_format=answer_format,
-                    correct=correct, gold_chosen=gold_chosen, n_sample=n_sample, world=parallel.world())
-    inputs = dict(model=model, tokenizer=tokenizer, questions=questions, eval_questions=list(eval_questions))
-    with StageOutput("sample", out, settings, inputs, device, force) as so:
+        raise UsageError(f"--eval-questions {' '.join(inputs['eval_questions'])}: two files of one name")
+    # each process samples with seed + rank: the number of processes changes the samples
+    with StageOutput("sample", out, config, inputs, device, force, world=parallel.world()) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(inputs["tokenizer"])
         rows_of = {path: read_jsonl(path, "questions") for _, path, _ in files}
         answers = {path: reference_answers(rows) for path, rows in rows_of.items()}
-        policy = load_model(model, device, tok)
-        rng, stats = random.Random(seed), {}
+        policy = load_model(inputs["model"], device, tok)
+        rng, stats = random.Random(c.seed), {}
         for split, path, pairs_file in files:
-            n = n_sample if split == "train" and n_sample else len(rows_of[path])
+            n = c.n_sample if split == "train" and c.n_sample else len(rows_of[path])
             rows, final = rows_of[path][:n], answers[path][:n]
-            prompts = [prompt_text(r["question"], template) for r in rows]
-            mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(k)]  # K per question
-            ids = generate_ids(policy, tok, mine, max_new_tokens, temperature, top_p, seed + parallel.rank())
+            prompts = [prompt_text(r["question"], prompt.template, tok, prompt.system) for r in rows]
+            mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(c.k)]  # K per question
+            ids = generate_ids(policy, tok, mine, prompt.max_new_tokens, c.temperature, c.top_p,
+                               c.seed + parallel.rank())
             ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
-            texts = [cut_at_stop(tok.decode(t), stop) for t in ids]  # K per question, every question in order
-            pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, k, correct, answer_format,
-                                                      gold_chosen, max_pairs, rng)
+            texts = [cut_at_stop(tok.decode(t), prompt.stop) for t in ids]  # K per question, in order
+            pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, c, rng)
             if parallel.is_main():
                 write_jsonl(os.path.join(so.work, pairs_file), pairs)
                 if split == "train":
                     write_jsonl(os.path.join(so.work, "forget.jsonl"), forget)
             s = stats[split]
-            print(f"sample {split}: {len(rows)} questions x {k}: final answer right in "
-                  f"{100 * s['sample_accuracy']:.1f}%, counted correct (--correct {correct}) "
+            print(f"sample {split}: {len(rows)} questions x {c.k}: final answer right in "
+                  f"{100 * s['sample_accuracy']:.1f}%, counted correct (--correct {c.correct}) "
                   f"{100 * s['steps_correct']:.1f}%; {len(pairs)} pairs, {len(forget)} wrong responses")
         return so.finish(**stats)
 
 
-def sample_rows(rows, answers, prompts, texts, k, correct, answer_format, gold_chosen, max_pairs, rng):
-    """(pairs, forgetting rows, stats) from K sampled texts per question."""
+def sample_rows(rows, answers, prompts, texts, config, rng):
+    """(pairs, forgetting rows, stats) from config.k sampled texts per question."""
+    k, lead = config.k, response_lead(config.prompt.template)
     pairs, forget, n_correct, n_right = [], [], 0, 0
     for qi, (row, answer, prompt) in enumerate(zip(rows, answers, prompts)):
-        drawn = [" " + t.strip() for t in texts[qi * k:(qi + 1) * k]]
-        final = [is_correct(s, answer, answer_format) for s in drawn]
+        drawn = [lead + t.strip() for t in texts[qi * k:(qi + 1) * k]]
+        final = [is_correct(s, answer, config.prompt.answer_format) for s in drawn]
         problem = task.Problem(row["question"], row["answer"], answer)
-        right = [ok and (correct == "answer" or task.steps_correct(problem, s))
+        right = [ok and (config.correct == "answer" or task.steps_correct(problem, s))
                  for s, ok in zip(drawn, final)]
         n_correct += sum(final)
         n_right += sum(right)
         good = list(dict.fromkeys(s for s, ok in zip(drawn, right) if ok))
         bad = list(dict.fromkeys(s for s, ok in zip(drawn, right) if not ok))
-        if not good and gold_chosen:  # not in the paper: the reference stands in as chosen
-            good = [" " + row["answer"]]
+        if not good and config.gold_chosen:  # not in the paper: the reference stands in as chosen
+            good = [lead + row["answer"]]
         combos = [(c, w) for c in good for w in bad]
-        for c, w in rng.sample(combos, min(max_pairs, len(combos))):
+        for c, w in rng.sample(combos, min(config.max_pairs, len(combos))):
             pairs.append({"prompt": prompt, "chosen": c, "rejected": w})
         forget += [{"prompt": prompt, "response": w, "question": row["question"], "reference": row["answer"],
                     "answer": answer} for w in bad]
@@ -180,89 +220,138 @@ def sample_rows(rows, answers, prompts, texts, k, correct, answer_format, gold_c
 
 # ----------------------------------------------------------------------------- DPO: Stage 1a and Stage 3
 
-def stage_warmup(*, model, tokenizer, data, out, lr, steps, beta, nll, cfg, device, ref=None, force=False):
+@dataclass(frozen=True)
+class WarmupConfig:
+    """warmup: Stage 1a, vanilla DPO (also the full-parameter DPO baseline)"""
+    lr: float = setting(1e-5, "warmup (vanilla DPO, every parameter) learning rate", flag="--dpo-lr", type=rate)
+    steps: int = setting(100, "warmup DPO steps (and the learn stage's, unless --learn-steps)",
+                         flag="--dpo-steps", type=count(1))
+    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style)", type=real(0),
+                         variant=True)
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """learn: Stage 3, DPO with key tokens under the learning mask"""
+    lr: float = setting(3e-5, "learning-stage learning rate, under the mask", flag="--learn-lr", type=rate)
+    steps: int = setting(None, "learning-stage steps (default: --dpo-steps, so that budgets are equal)",
+                         flag="--learn-steps", type=count(1), default_from="dpo_steps")
+    eps: float = setting(0.5, "key tokens: the share of the rejected response kept",
+                         type=real(0, 1, open_low=True))
+    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style)", type=real(0),
+                         variant=True)
+    train: TrainConfig = TrainConfig()
+
+
+def stage_warmup(config, inputs, out, device, force=False):
     """Stage 1a: vanilla DPO on every parameter (the full-parameter DPO baseline); its weight change
     ranks the neurons in the mask stage."""
-    return train_dpo("warmup", model=model, ref=ref, tokenizer=tokenizer, data=data, mask=None, out=out,
-                     eps=1.0, lr=lr, steps=steps, beta=beta, nll=nll, cfg=cfg, device=device, force=force)
+    return train_dpo("warmup", config, 1.0, inputs, out, device, force)
 
 
-def stage_learn(*, model, tokenizer, data, out, lr, steps, beta, eps, nll, cfg, device, mask=None, ref=None,
-                force=False):
+def stage_learn(config, inputs, out, device, force=False):
     """Stage 3: DPO whose rejected side counts through its key tokens (eps < 1), updating only the
-    learning mask's entries (mask None: every parameter). Its output is the ALLO model."""
-    return train_dpo("learn", model=model, ref=ref, tokenizer=tokenizer, data=data, mask=mask, out=out,
-                     eps=eps, lr=lr, steps=steps, beta=beta, nll=nll, cfg=cfg, device=device, force=force)
+    learning mask's entries (inputs["mask"] None: every parameter). Its output is the ALLO model."""
+    return train_dpo("learn", config, config.eps, inputs, out, device, force)
 
 
-def train_dpo(stage, *, model, ref, tokenizer, data, mask, out, eps, lr, steps, beta, nll, cfg, device,
-              force):
-    """DPO on the pairs of `data` from `model`; the reference is `ref` (default: the same starting
-    weights), its log-probs cached once."""
-    settings = dict(eps=eps, lr=lr, steps=steps, beta=beta, nll=nll, **train_settings(cfg))
-    inputs = dict(model=model, ref=ref, tokenizer=tokenizer, data=data, mask=mask)
-    with StageOutput(stage, out, settings, inputs, device, force) as so:
+def train_dpo(stage, config, eps, inputs, out, device, force):
+    """DPO on the pairs of inputs["data"] from inputs["model"]; the reference is inputs["ref"]
+    (default: the same starting weights), its log-probs cached once."""
+    cfg = config.train
+    with StageOutput(stage, out, config, inputs, device, force) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(inputs["tokenizer"])
+        data, model, ref = inputs["data"], inputs["model"], inputs.get("ref")
         pairs = read_jsonl(data, "pairs")
         if not pairs:
             raise UsageError(f"{data}: no preference pairs to train on")
         check_lengths(stage, tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % len(pairs)))
         policy = load_model(model, device, tok)
-        masks = load_masks(mask, policy)
+        masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
         cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device)
         del reference
         fraction = trained_fraction(masks, policy)
-        print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {lr}, "
-              f"{steps} steps")
+        print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
+              f"{config.steps} steps")
 
         def batch_at(i):
             return pair_batch(tok, pairs, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
 
-        fit(stage, policy, masks, batch_at,
-            lambda net, b, norms: dpo_batch_loss(net, b, norms, device, beta, eps, nll), so.work, steps=steps,
-            lr=lr, cfg=cfg)
-        return so.finish(policy, trained_fraction=fraction, steps=steps, lr=lr, eps=eps)
+        def loss(net, b, norms):
+            return dpo_batch_loss(net, b, norms, device, config.beta, eps, config.nll)
+
+        fit(stage, policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
+        return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps, lr=config.lr, eps=eps)
 
 
 # ----------------------------------------------------------------------------- Stage 1b: key neurons
 
-def stage_mask(*, model, out, scorer, forget_ratio, learn_ratio, granularity, exclude_top, cfg, device,
-               warmup=None, tokenizer=None, data=None, grad_mode="abs_sum", beta=0.1, force=False):
+@dataclass(frozen=True)
+class MaskConfig:
+    """mask: Stage 1b, the key neurons"""
+    scorer: str = setting("delta", "key neurons from |theta_warmup - theta_sft| or accumulated DPO "
+                          "gradients", choices=["delta", "grad"])
+    forget_ratio: float = setting(0.1, "forgetting mask: top fraction; 1 = no mask", type=real(0, 1))
+    learn_ratio: float = setting(0.1, "learning mask: top fraction; 1 = no mask", type=real(0, 1))
+    grad_mode: str = setting("abs_sum", "--scorer grad: |sum g| (= SGD's weight change) or sum |g|",
+                             choices=["abs_sum", "sum_abs"], variant=True)
+    granularity: str = setting("entry", "mask unit: entries, or whole rows (neurons)",
+                               choices=["entry", "neuron"], variant=True)
+    exclude_top: float = setting(0.0, "skip the very top fraction (the release's l)", type=real(0, 1),
+                                 variant=True)
+    rank: str = setting("top", "which entries the masks keep: the top of the ranking (ALLO), its bottom, "
+                        "or random ones (the study's controls)", flag="--mask-rank",
+                        choices=["top", "bottom", "random"], variant=True)
+    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    train: TrainConfig = TrainConfig()
+
+
+def stage_mask(config, inputs, out, device, force=False):
     """Importance of every entry: |theta_warmup - theta_model| (scorer "delta") or the DPO gradient
-    accumulated over the pairs of `data` (scorer "grad", cfg.batch_size pairs at a time); then one
-    global top-k% threshold for the forgetting mask and one for the learning mask."""
-    grad = dict(grad_mode=grad_mode, beta=beta, max_len=cfg.max_len, batch_size=cfg.batch_size)
-    settings = dict(scorer=scorer, forget_ratio=forget_ratio, learn_ratio=learn_ratio,
-                    granularity=granularity, exclude_top=exclude_top, **(grad if scorer == "grad" else {}))
-    inputs = dict(model=model, warmup=warmup, tokenizer=tokenizer, data=data)
-    with StageOutput("mask", out, settings, inputs, device, force) as so:
+    accumulated over the pairs of inputs["data"] (scorer "grad", train.batch_size pairs at a time);
+    then one global top-k% threshold for the forgetting mask and one for the learning mask (or the
+    bottom-k%, or k% drawn at random with train.seed: the study's controls)."""
+    cfg = config.train
+    with StageOutput("mask", out, config, inputs, device, force) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer) if scorer == "grad" else None
+        tok = load_tokenizer(inputs["tokenizer"]) if config.scorer == "grad" else None
+        model, warmup = inputs["model"], inputs.get("warmup_model")
         start = load_model(model, device, tok)
-        if scorer == "delta":
+        if config.scorer == "delta":
             warm = load_model(warmup, device)
-            shapes = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
-            if shapes(warm) != shapes(start):
+            if [p.shape for p in warm.parameters()] != [p.shape for p in start.parameters()]:
                 raise UsageError(f"{warmup}: the warmup model's parameters are not those of {model}")
             scores = allo.importance_from_delta(dict(start.named_parameters()), dict(warm.named_parameters()))
         else:
-            pairs = read_jsonl(data, "pairs")
+            pairs = read_jsonl(inputs["data"], "pairs")
             n = len(pairs)
+            if not n:
+                raise UsageError(f"{inputs['data']}: no preference pairs to score with")
             check_lengths("mask", tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % n))
             cached = reference_logps(start, tok, *pair_rows(pairs), cfg.max_len, device)
             batches = (pair_batch(tok, pairs, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
                        for i in range(0, n, cfg.batch_size))
-            # gradients of the vanilla-DPO loss, each batch's share of the mean over all n pairs
-            scores = allo.grad_importance(
-                start, lambda m, b: dpo_batch_loss(m, b, Norms(pairs=n), device, beta, 1.0), batches,
-                mode=grad_mode)
+
+            def loss(m, b):  # the vanilla-DPO loss, each batch's share of the mean over all n pairs
+                return dpo_batch_loss(m, b, Norms(pairs=n), device, config.beta, 1.0)
+
+            scores = allo.grad_importance(start, loss, batches, mode=config.grad_mode)
+        if config.rank == "bottom":
+            scores = {name: -s for name, s in scores.items()}
+        elif config.rank == "random":
+            g = torch.Generator().manual_seed(cfg.seed)
+            scores = {name: torch.rand(s.shape, generator=g) for name, s in scores.items()}
         info = {}
-        for name, ratio in (("forget", forget_ratio), ("learn", learn_ratio)):
-            masks = allo.select_masks(scores, ratio, granularity=granularity, exclude_top=exclude_top)
+        for name, ratio in (("forget", config.forget_ratio), ("learn", config.learn_ratio)):
+            masks = allo.select_masks(scores, ratio, granularity=config.granularity,
+                                      exclude_top=config.exclude_top)
             if parallel.is_main():
                 allo.save_masks(os.path.join(so.work, f"{name}.safetensors"), masks)
             info[f"{name}_fraction"] = trained_fraction(masks)
@@ -270,7 +359,7 @@ def stage_mask(*, model, out, scorer, forget_ratio, learn_ratio, granularity, ex
             print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))
         print("mask by layer (learning mask):")
         print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "layer"]))
-        return so.finish(scorer=scorer, granularity=granularity, **info)
+        return so.finish(scorer=config.scorer, granularity=config.granularity, **info)
 
 
 # ----------------------------------------------------------------------------- Stage 2a: the rewriter
@@ -282,27 +371,37 @@ def rewriter_prompt(row):
     return f"Question: {row['question']}\nDraft:{row['response']}\nReference: {row['reference']}\nRewrite:"
 
 
-def stage_rewriter(*, model, tokenizer, data, out, steps, lr, tau, weights_mode, cfg, device, rewrites=None,
-                   pairs=None, force=False):
-    """Stage 2a: train the rewriter, a copy of `model`, to turn (question, wrong response, reference
-    solution) into the response minimally corrected, then score every wrong response of `data`
-    (forgetting rows with their "question" and "reference"): p_t of each of its tokens, unaligned =
-    p_t < tau. The target of a wrong response is its rewrite in `rewrites` ({"prompt", "response",
-    "rewrite"}, e.g. written by a stronger model) or else, a weaker proxy, the reference solution;
-    the correct responses (the chosen side of `pairs`) are rewrites of themselves, as in RLMEC.
-    Writes out/forget_weighted.jsonl."""
-    settings = dict(steps=steps, lr=lr, tau=tau, weights_mode=weights_mode, **train_settings(cfg))
-    inputs = dict(model=model, tokenizer=tokenizer, data=data, rewrites=rewrites, pairs=pairs)
-    with StageOutput("rewriter", out, settings, inputs, device, force) as so:
+@dataclass(frozen=True)
+class RewriterConfig:
+    """rewriter: Stage 2a, the token-level reward model"""
+    steps: int = setting(300, "rewriter training steps", flag="--rewriter-steps", type=count(1))
+    lr: float = setting(1e-3, "rewriter learning rate", flag="--rewriter-lr", type=rate)
+    tau: float = setting(0.5, "unaligned token: rewriter p_t < tau", type=real(0, 1, open_low=True))
+    weights_mode: str = setting("hard", "forgetting weights: 1[p_t < tau] or 1 - p_t", choices=["hard", "soft"],
+                                variant=True)
+    train: TrainConfig = TrainConfig()
+
+
+def stage_rewriter(config, inputs, out, device, force=False):
+    """Stage 2a: train the rewriter, a copy of inputs["model"], to turn (question, wrong response,
+    reference solution) into the response minimally corrected, then score every wrong response of
+    inputs["data"] (forgetting rows with their "question" and "reference"): p_t of each of its
+    tokens, unaligned = p_t < tau. The target of a wrong response is its rewrite in
+    inputs["rewrites"] ({"prompt", "response", "rewrite"}, e.g. written by a stronger model) or
+    else, a weaker proxy, the reference solution; the correct responses (the chosen side of
+    inputs["pairs"]) are rewrites of themselves, as in RLMEC. Writes out/forget_weighted.jsonl."""
+    cfg, tau = config.train, config.tau
+    with StageOutput("rewriter", out, config, inputs, device, force) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(inputs["tokenizer"])
+        data = inputs["data"]
         forget = read_jsonl(data, "forget")
-        examples, errors_at, n_given = rewrite_examples(forget, rewrites, pairs)
+        examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"))
         max_len = 3 * cfg.max_len
         check_lengths("rewriter", tok, [e[0] for e in examples], [e[1] for e in examples], max_len,
                       lambda i: f"{data} (rewrite example {i + 1})")
-        rewriter = load_model(model, device, tok)
+        rewriter = load_model(inputs["model"], device, tok)
         print(f"rewriter: {len(examples)} rewrite examples; of {len(forget)} wrong responses {n_given} with "
               f"a given rewrite, {len(forget) - n_given} with the reference solution as target")
 
@@ -311,9 +410,12 @@ def stage_rewriter(*, model, tokenizer, data, out, steps, lr, tau, weights_mode,
             b = collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
-        fit("rewriter", rewriter, full_masks(rewriter), batch_at,
-            lambda net, b, norms: sft_batch_loss(net, b, norms, device), so.work, steps=steps, lr=lr, cfg=cfg)
-        scored = score_tokens(rewriter, tok, forget, tau, weights_mode, cfg.batch_size, max_len, device)
+        def loss(net, b, norms):
+            return sft_batch_loss(net, b, norms, device)
+
+        fit("rewriter", rewriter, full_masks(rewriter), batch_at, loss, so.work, steps=config.steps,
+            lr=config.lr, cfg=cfg)
+        scored = score_tokens(rewriter, tok, forget, tau, config.weights_mode, cfg.batch_size, max_len, device)
         if parallel.is_main():
             write_jsonl(os.path.join(so.work, "forget_weighted.jsonl"), scored)
         info = {"unaligned_tokens": sum(sum(w > 0 for w in s["weights"]) for s in scored),
@@ -326,7 +428,7 @@ def stage_rewriter(*, model, tokenizer, data, out, steps, lr, tau, weights_mode,
             line += (f"; first wrong step found in {100 * recall:.1f}% of {found} wrong responses; "
                      f"{100 * precision:.1f}% of flagged tokens lie at or after it")
         print(line)
-        return so.finish(rewriter, trained_fraction=1.0, **info)
+        return so.finish(rewriter, tok, trained_fraction=1.0, **info)
 
 
 def rewrite_examples(forget, rewrites, pairs):
@@ -378,32 +480,41 @@ def score_tokens(rewriter, tok, forget, tau, weights_mode, batch_size, max_len, 
 
 # ----------------------------------------------------------------------------- Stage 2b: forget
 
-def stage_forget(*, model, tokenizer, data, out, lr, steps, beta, all_tokens, cfg, device, mask=None,
-                 ref=None, force=False):
+@dataclass(frozen=True)
+class ForgetConfig:
+    """forget: Stage 2b, token-level NPO under the forgetting mask"""
+    lr: float = setting(3e-5, "forgetting learning rate", flag="--forget-lr", type=rate)
+    steps: int = setting(50, "forgetting steps", flag="--forget-steps", type=count(1))
+    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    all_tokens: bool = setting(False, "forget every response token, not only the unaligned ones")
+    train: TrainConfig = TrainConfig()
+
+
+def stage_forget(config, inputs, out, device, force=False):
     """Stage 2b, token-level NPO: -w_t log sigmoid(-beta r_t) on the weighted (unaligned) tokens of
-    the wrong responses of `data` (all_tokens: every token); reference = `ref` (default: the
-    starting model); only the entries of `mask` move (None: every parameter)."""
-    settings = dict(lr=lr, steps=steps, beta=beta, all_tokens=all_tokens, **train_settings(cfg))
-    inputs = dict(model=model, ref=ref, tokenizer=tokenizer, data=data, mask=mask)
-    with StageOutput("forget", out, settings, inputs, device, force) as so:
+    the wrong responses of inputs["data"] (all_tokens: every token); reference = inputs["ref"]
+    (default: the starting model); only the entries of inputs["mask"] move (None: every parameter)."""
+    cfg = config.train
+    with StageOutput("forget", out, config, inputs, device, force) as so:
         if so.finished:
             return so.info
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(inputs["tokenizer"])
+        data, model, ref = inputs["data"], inputs["model"], inputs.get("ref")
         rows = read_jsonl(data, "forget", tok)
         if not rows:
             raise UsageError(f"{data}: no forgetting examples")
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         check_lengths("forget", tok, prompts, responses, cfg.max_len, rows.where)
         policy = load_model(model, device, tok)
-        masks = load_masks(mask, policy)
+        masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
-        weights = None if all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"])))
-                                           for r in rows]
+        weights = None if config.all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"])))
+                                                  for r in rows]
         cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device)
         del reference
         fraction = trained_fraction(masks, policy)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
-              f"{'all tokens' if all_tokens else 'unaligned tokens'}")
+              f"{'all tokens' if config.all_tokens else 'unaligned tokens'}")
 
         def batch_at(i):
             idx = rank_batch(len(rows), i, cfg)
@@ -414,43 +525,222 @@ def stage_forget(*, model, tokenizer, data, out, lr, steps, beta, all_tokens, cf
             b["norms"] = Norms(weighted_tokens=int((b["weights"] != 0).sum()))
             return with_reference(b, cached, idx)
 
-        fit("forget", policy, masks, batch_at,
-            lambda net, b, norms: npo_batch_loss(net, b, norms, device, beta), so.work, steps=steps, lr=lr,
-            cfg=cfg)
-        return so.finish(policy, trained_fraction=fraction, steps=steps)
+        def loss(net, b, norms):
+            return npo_batch_loss(net, b, norms, device, config.beta)
+
+        fit("forget", policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
+        return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps)
 
 
-# ----------------------------------------------------------------------------- the command line
+# ----------------------------------------------------------------------------- the pipeline
 
-STAGE_FUNCTIONS = {"sft": stage_sft, "sample": stage_sample, "warmup": stage_warmup, "mask": stage_mask,
-                   "rewriter": stage_rewriter, "forget": stage_forget, "learn": stage_learn}
-STAGES = list(STAGE_FUNCTIONS)  # in the order they run
+STAGES = {"sft": (stage_sft, SFTConfig), "sample": (stage_sample, SampleConfig),
+          "warmup": (stage_warmup, WarmupConfig), "mask": (stage_mask, MaskConfig),
+          "rewriter": (stage_rewriter, RewriterConfig), "forget": (stage_forget, ForgetConfig),
+          "learn": (stage_learn, LearnConfig)}  # in the order they run
+
+# Each stage's inputs, and where each comes from when no flag names it (FLAGS):
+#   "sample/pairs.jsonl"  a file an earlier stage wrote into the run directory
+#   "sft/"                an earlier stage's model (with --skip-sft, "sft/" is the model as given)
+#   "run:questions"       one of the run's own inputs, recorded in <run>/run.json: your files, or the
+#                         embedded task's (written into <run>/task/); "?" marks one that may be absent
+PIPELINE = {
+    "sft": dict(model="run:model?", data="run:sft_data", eval_questions="run:validation?"),
+    "sample": dict(model="sft/", questions="run:questions", eval_questions="run:eval_questions"),
+    "warmup": dict(model="sft/", data="sample/pairs.jsonl", ref=None),
+    "mask": dict(model="sft/", warmup_model="warmup/", data="sample/pairs.jsonl"),
+    "rewriter": dict(model="sft/", data="sample/forget.jsonl", pairs="sample/pairs.jsonl", rewrites="run:rewrites?"),
+    "forget": dict(model="sft/", data="rewriter/forget_weighted.jsonl", mask="mask/forget.safetensors", ref=None),
+    "learn": dict(model="forget/", data="sample/pairs.jsonl", mask="mask/learn.safetensors", ref=None),
+}
+FLAGS = dict(model=("model",), data=("data",), questions=("questions",), eval_questions=("eval_questions",),
+             warmup_model=("warmup_model",), mask=("mask",), pairs=("pairs",), rewrites=("rewrites",), ref=("ref",))
+# the comparison table of a run: (label, stage)
+ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
+        ("ALLO (forget + learn)", "learn")]
 
 
-def parse_args(argv=None):
-    return flags.parse_args(argv, STAGES, description=__doc__)
+def stage_config(name, a, record):
+    """The config of stage `name` from the flags `a` (by field name)."""
+    if name == "sample":
+        own = (record or {}).get("inputs", {}).get("correct", "answer")  # the embedded task checks steps
+        return flags.config_from(SampleConfig, a, correct=a.correct or own)
+    return flags.config_from(STAGES[name][1], a)
+
+
+def stage_inputs(name, a, run, config):
+    """The inputs of stage `name`: each its flag or, without one, its place in PIPELINE; the
+    tokenizer: --tokenizer, else the one in the model's folder, else the run's."""
+    record, inputs = None, {}
+    for key, source in PIPELINE[name].items():
+        given = a.rewriter_init if (name, key) == ("rewriter", "model") and a.rewriter_init else \
+            getattr(a, FLAGS[key][0])
+        if name == "sft" and key == "eval_questions" and given:
+            given = given[0]  # sft validates on the first
+        if given is not None or source is None or unused(name, key, a, config):
+            inputs[key] = given
+            continue
+        if source.startswith("run:") and record is None:
+            if source.endswith("?") and not os.path.exists(os.path.join(run, "run.json")):
+                inputs[key] = None  # an optional input of a run that is not there
+                continue
+            record = read_record(run, name)
+        inputs[key] = from_run(run, record, source, name)
+    if name == "mask" and config.scorer == "delta":
+        return inputs  # no tokenizer: it tokenizes nothing
+    own = inputs["model"] and find_tokenizer(inputs["model"])
+    path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
+    if path is None:
+        record = record or read_record(run, name)
+        path = in_run(run, record["tokenizer"]["path"])
+    inputs["tokenizer"] = TokenizerFile(path, a.bos_token, a.eos_token, a.pad_token, a.bos)
+    return inputs
+
+
+def unused(name, key, a, config):
+    """An input the stage does not read with these settings."""
+    if name == "mask":
+        return key == ("data" if config.scorer == "delta" else "warmup_model")
+    if key == "mask":
+        return (a.forget_ratio if name == "forget" else a.learn_ratio) >= 1
+    return False
+
+
+def from_run(run, record, source, stage):
+    """The path of a PIPELINE source in the run directory (which must hold it)."""
+    optional, source = source.endswith("?"), source.rstrip("?")
+    if source.startswith("run:"):
+        value = record["inputs"].get(source[4:])
+        if source == "run:rewrites" and record["inputs"].get("embedded"):
+            value = embedded_rewrites(run, record)
+        if value is None and not optional:
+            raise UsageError(f"{run}/run.json: the run has no {source[4:]}; name it with its flag")
+        return [in_run(run, v) for v in value] if isinstance(value, list) else in_run(run, value)
+    if source == "sft/" and record_of(run).get("inputs", {}).get("skip_sft"):
+        return record_of(run)["inputs"]["model"]
+    made_by = source.split("/")[0]
+    if not os.path.exists(os.path.join(run, "run.json")):
+        read_record(run, stage)  # nothing of the run is there
+    path = need(os.path.join(run, source.rstrip("/")), made_by)
+    if source.endswith("/"):
+        need(os.path.join(path, "config.json"), made_by)
+    return path
+
+
+def record_of(run):
+    return read_json(os.path.join(run, "run.json")) or {}
+
+
+def read_record(run, stage):
+    record = read_json(os.path.join(run, "run.json"))
+    if record is None:
+        raise UsageError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py --stage sft` (or "
+                         f"`python train.py`) first, or give --stage {stage} its inputs as flags")
+    return record
+
+
+def embedded_rewrites(run, record):
+    """The embedded task's minimal corrections of the sample stage's wrong responses, written once
+    per forgetting file (its content's hash in the name)."""
+    forget = need(os.path.join(run, "sample", "forget.jsonl"), "sample")
+    path = os.path.join(run, "task", f"rewrites-{input_id(forget)[-12:]}.jsonl")
+    if parallel.is_main() and not os.path.exists(path):
+        task.write_rewrites(read_jsonl(forget, "forget"), path)
+    parallel.barrier()
+    return path
+
+
+def start_run(a, run):
+    """The run's own inputs, recorded in <run>/run.json: your model and questions (--questions), or
+    the embedded task's files, written into <run>/task/. Also what eval.py needs to score the run as
+    it was trained. A run started with other inputs is refused unless --force."""
+    if a.questions:
+        if not a.model:
+            raise UsageError("--questions: your questions need your model too (--model DIR)")
+        absolute = os.path.abspath
+        evals = [absolute(p) for p in a.eval_questions or []]
+        inputs = dict(embedded=False, model=absolute(a.model), questions=absolute(a.questions),
+                      eval_questions=evals, validation=evals[0] if evals else None,
+                      sft_data=absolute(a.sft_data or a.questions), rewrites=a.rewrites and absolute(a.rewrites),
+                      skip_sft=a.skip_sft, correct="answer")
+        tokenizer = absolute(a.tokenizer or a.model)
+    else:
+        if a.model or a.skip_sft or a.eval_questions or a.sft_data:
+            raise UsageError("--model, --skip-sft, --eval-questions and --sft-data go with your --questions")
+        write_embedded_task(a, os.path.join(run, "task"))
+        inputs = dict(embedded=True, model=None, questions="task/train.jsonl",
+                      eval_questions=["task/val.jsonl", "task/test.jsonl"], validation="task/val.jsonl",
+                      sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps")
+        tokenizer = "task/tokenizer.model"
+    splits = {os.path.splitext(os.path.basename(p))[0]: p for p in inputs["eval_questions"]}
+    start = inputs["model"] if inputs["skip_sft"] else "sft"
+    rows = [("start (--skip-sft)", start)] + ROWS[1:] if inputs["skip_sft"] else ROWS
+    record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
+                                                    pad=a.pad_token, bos_mode=a.bos),
+              "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
+              "eval": {"splits": {n: {"questions": p, "pairs": f"sample/{n}_pairs.jsonl"} for n, p in splits.items()},
+                       "reference": start, "rows": rows}}
+    old = read_json(os.path.join(run, "run.json"))
+    if old is not None and json_form(old) != json_form(record) and not a.force:
+        key = next(k for k in record if json_form(old.get(k)) != json_form(record[k]))
+        raise UsageError(f"{run}: the run was started with other {key} ({json_form(old.get(key))}); another "
+                         "--run-dir, or --force (redo every stage)")
+    if parallel.is_main():
+        os.makedirs(run, exist_ok=True)
+        write_json(os.path.join(run, "run.json"), record)
+    parallel.barrier()
+    return record
+
+
+def json_form(x):
+    return json.loads(json.dumps(x))
+
+
+def write_embedded_task(a, folder):
+    """The embedded task's files in `folder`, unless they are there with these settings."""
+    config = flags.config_from(task.TaskConfig, a)
+    if not task.written_with(folder, config, a.force):  # every process checks, rank 0 writes
+        if parallel.is_main():
+            task.write_task(folder, config)
+        parallel.barrier()
 
 
 def run_stage(name, a, run, device):
     if device.type == "cuda":  # StageOutput.finish() records the stage's peak
         torch.cuda.reset_peak_memory_stats(device)
-    return STAGE_FUNCTIONS[name](**flags.stage_arguments(name, a, run), device=device, force=a.force)
+    record = record_of(run)
+    if name == "sft" and not (a.model or a.data) and record.get("inputs", {}).get("embedded", True):
+        record = start_run(a, run)  # the embedded task, stage by stage: its files written or checked
+    config = stage_config(name, a, record)
+    function = STAGES[name][0]
+    return function(config, stage_inputs(name, a, run, config), a.out or os.path.join(run, name), device, a.force)
 
 
 def run_all(a, run, device):
-    """Every stage in order (each skips itself when finished alike), then the test table."""
-    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "model", "data", "mask", "questions", "rewrites",
-                                                       "warmup", "pairs", "rewriter_init") if getattr(a, k)]
+    """Every stage in order (each skips itself when finished alike), then the table of the last
+    evaluation file."""
+    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "warmup_model", "pairs",
+                                                       "rewriter_init", "ref") if getattr(a, k)]
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
+    record = start_run(a, run)
     t0 = time.time()
     for stage in STAGES:
-        run_stage(stage, a, run, device)
+        if not (stage == "sft" and record["inputs"]["skip_sft"]):
+            run_stage(stage, a, run, device)
     if parallel.is_main():  # the table on rank 0 only
-        rows = evaluate_run(run, "test", a.device, a.beta)
-        print(markdown_table(rows, "test"))
-        write_json(os.path.join(run, "eval_test.json"), {"split": "test", "rows": rows})
+        rows, split = evaluate_run(run, None, a.device, a.beta)
+        print(markdown_table(rows, split, "the starting model" if record["inputs"]["skip_sft"] else "the SFT model"))
+        write_json(os.path.join(run, f"eval_{split}.json"), {"split": split, "rows": rows})
     print(f"pipeline: {time.time() - t0:.0f}s")
+
+
+def parse_args(argv=None):
+    return flags.parse_train_args(argv, list(STAGES), CONFIGS, description=__doc__)
+
+
+CONFIGS = [task.TaskConfig, ArchConfig, TrainConfig, PromptConfig, SFTConfig, SampleConfig, WarmupConfig, MaskConfig,
+           RewriterConfig, ForgetConfig, LearnConfig]
 
 
 def main(argv=None):

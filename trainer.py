@@ -7,16 +7,13 @@ global micro-batch of N x --batch-size examples, and every loss is normalized ov
 optimizer step (Norms), so N processes at batch b train exactly like one process at batch N*b.
 """
 
-import fcntl
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -25,27 +22,32 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 import parallel
-from data import DataError, TokenizerFile, atomic_path, collate, replace_dir, write_json
-from model import Transformer, autocast
+from data import collate
+from fileio import atomic_path, replace_dir
+from flags import count, real, setting
+from model import autocast
+from optim import masked_adamw
+from runs import UsageError, checkpoints, one_line
 
 
-class UsageError(Exception):
-    """A missing prerequisite or an input that does not fit: one line, exit status 2."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """How every training stage trains (train.py's optimization flags)."""
-    batch_size: int = 32  # examples (or pairs) per micro-batch and process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    weight_decay: float = 0.0  # AdamW's, on parameters with >= 2 dims
-    warmup_frac: float = 0.1  # linear warmup over this fraction of the steps, then cosine decay to 0
-    max_len: int = 128  # tokens of prompt + response
-    log_every: int = 50  # a progress line every N steps
-    ckpt_every: int = 100  # a checkpoint every N steps
-    grad_checkpoint: bool = False  # recompute each block in backward: less activation memory
-    compile: bool = False  # torch.compile the training forward (and backward)
-    seed: int = 0  # the batch order
+    """optimization (every training stage)"""
+    batch_size: int = setting(32, "examples (or pairs) per micro-batch and process", type=count(1),
+                              per_process=True)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", type=count(1))
+    weight_decay: float = setting(0.0, "AdamW weight decay, on parameters with >= 2 dims", type=real(0))
+    lr_warmup_frac: float = setting(0.1, "linear learning-rate warmup over this fraction of the steps, "
+                                    "then cosine decay to 0", type=real(0, 1))
+    max_len: int = setting(128, "max tokens of prompt + response", type=count(2))
+    log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
+    ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
+    grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
+                                    "(less activation memory, one more forward pass)", result=False)
+    compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
+                            "after tens of seconds of compiling; agrees with eager within float rounding)",
+                            result=False)
+    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
 
 
 @dataclass
@@ -60,283 +62,6 @@ class Norms:
 
 
 # ----------------------------------------------------------------------------- a stage's output
-
-class StageOutput:
-    """Where a stage writes, and the checks around it. Use: `with StageOutput(...) as so:`.
-
-    - One process per output: a lock on <out>.lock (fcntl.flock, released by the OS if the process
-      dies); a second process stops at once with one line naming the holder's pid.
-    - Nothing half-written: the stage writes into <out>.tmp/ (its checkpoints, metrics.jsonl, its
-      files), which finish() renames to <out>, so <out> is the previous result or the whole new one.
-      A failure leaves <out> as it was; <out>.tmp/ stays only if it holds a checkpoint to resume.
-    - A fingerprint (the stage, its settings, an identity of each input file or model, see
-      input_id) in <out>.tmp/fingerprint.json and in stage.json: a finished stage with the same
-      fingerprint is skipped (so.finished, so.info); with another it is an error unless force; a
-      checkpoint resumes only under the same fingerprint (force starts over).
-    Rank 0 checks and writes; every process learns the outcome.
-    """
-
-    def __init__(self, stage, out, settings, inputs, device, force=False):
-        self.stage, self.out, self.work, self.device, self.force = stage, out, out + ".tmp", device, force
-        self.fingerprint = json.loads(json.dumps({"stage": stage, **settings,
-                                                  "inputs": {k: input_id(v) for k, v in inputs.items()}}))
-        self.finished, self.info, self.t0, self.lock = False, None, time.time(), None
-        self.created = []  # parent directories this stage made, removed again if it fails
-
-    def __enter__(self):
-        code = 0  # 0: train, 1: finished earlier, 2: rank 0 stopped with an error
-        if parallel.is_main():
-            try:
-                code = self.prepare()
-            except BaseException:
-                parallel.all_reduce_sum(torch.tensor([2], device=self.device))
-                self.cleanup()
-                raise
-        code = int(parallel.all_reduce_sum(torch.tensor([code], device=self.device)))
-        if code == 2:
-            raise UsageError(f"{self.stage}: stopped (rank 0 says why)")
-        if code == 1:
-            self.finished = True
-            with open(os.path.join(self.out, "stage.json")) as f:
-                self.info = json.load(f)
-            print(f"{self.stage}: finished earlier with these settings, skipped (--force redoes it) -> "
-                  f"{self.out}")
-        return self
-
-    def prepare(self):
-        """Rank 0: lock, then 1 if the stage is finished with this fingerprint, else 0 with a work
-        directory ready (kept for resuming, or new)."""
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise UsageError(f"{self.out}: the stage's output is a file, not a directory")
-        parent = os.path.dirname(os.path.abspath(self.out))
-        while not os.path.exists(parent):  # remember what we make, to remove it if we fail
-            self.created.append(parent)
-            parent = os.path.dirname(parent)
-        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
-        self.lock = lock(self.out + ".lock")
-        swapped = read_json(os.path.join(self.work, "stage.json"))  # finished, but stopped before the rename
-        if swapped is not None and swapped.get("fingerprint") == self.fingerprint and not self.force:
-            replace_dir(self.work, self.out)
-            return 1
-        unfinished = read_json(os.path.join(self.work, "fingerprint.json"))
-        if unfinished == self.fingerprint and not self.force:
-            return 0  # resume it (also a redo that --force started, over a finished output)
-        done = read_json(os.path.join(self.out, "stage.json"))
-        if done is not None and not self.force:
-            if done.get("fingerprint") == self.fingerprint:
-                return 1
-            raise UsageError(f"{self.out}: finished earlier with "
-                             f"{difference(done.get('fingerprint'), self.fingerprint)}; --force redoes it")
-        if os.path.isdir(self.work) and not self.force:
-            raise UsageError(f"{self.work}: holds an unfinished run with "
-                             f"{difference(unfinished, self.fingerprint)}; --force starts over")
-        shutil.rmtree(self.work, ignore_errors=True)
-        os.makedirs(self.work)
-        write_json(os.path.join(self.work, "fingerprint.json"), self.fingerprint)
-        return 0
-
-    def finish(self, model=None, **info):
-        """Save the stage's model (Hugging Face layout) if it has one and, last, stage.json (with the
-        fingerprint, an id for the stages after it, and on CUDA the peak allocated memory); then
-        <out>.tmp/ becomes <out>. Rank 0 writes; every process returns once it is there."""
-        info = {"stage": self.stage, "wall_s": time.time() - self.t0, **info}
-        if self.device.type == "cuda":
-            info["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if parallel.is_main():
-            if model is not None:
-                model.save_pretrained(self.work)
-            shutil.rmtree(os.path.join(self.work, "ckpt"), ignore_errors=True)
-            os.remove(os.path.join(self.work, "fingerprint.json"))
-            write_json(os.path.join(self.work, "stage.json"),
-                       {**info, "id": uuid.uuid4().hex, "fingerprint": self.fingerprint})
-            replace_dir(self.work, self.out)
-        memory = f", peak memory {info['peak_memory_gib']:.2f} GiB" if self.device.type == "cuda" else ""
-        print(f"{self.stage}: done in {info['wall_s']:.0f}s{memory} -> {self.out}")
-        parallel.barrier()
-        self.info = info
-        return info
-
-    def __exit__(self, kind, error, trace):
-        if parallel.is_main():
-            self.cleanup(failed=kind is not None)
-        return False
-
-    def cleanup(self, failed=True):
-        """Rank 0: on a failure remove what holds nothing to resume; release the lock."""
-        if failed:
-            if not checkpoints(os.path.join(self.work, "ckpt")):
-                shutil.rmtree(self.work, ignore_errors=True)
-            for folder in self.created:
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
-        if self.lock is not None:
-            unlock(*self.lock)
-            self.lock = None
-
-
-def lock(path):
-    """(fd, path) holding an exclusive flock on path, which records our pid; UsageError naming the
-    holder when another process has it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UsageError(f"{path[:-5]}: in use by process {holder} (lock {path}); wait for it or stop it")
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked meanwhile
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            return fd, path
-        os.close(fd)
-
-
-def unlock(fd, path):
-    os.unlink(path)  # while still holding it: a process waiting on the old file sees it is gone
-    os.close(fd)
-
-
-def read_json(path):
-    """The JSON object of path, or None when it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def difference(old, new):
-    """The first setting in which two fingerprints differ, as words."""
-    if not isinstance(old, dict):
-        return "no record of its settings"
-    for key in list(new) + [k for k in old if k not in new]:
-        if key == "inputs":
-            for name in sorted(set(old.get("inputs", {})) | set(new["inputs"])):
-                if old.get("inputs", {}).get(name) != new["inputs"].get(name):
-                    return f"another {name} (input)"
-        elif old.get(key) != new.get(key):
-            return f"{key} {old.get(key)!r}, not {new.get(key)!r}" if key != "stage" else \
-                f"stage {old.get(key)!r}, not {new.get(key)!r}"
-    return "the same settings"
-
-
-def input_id(path):
-    """What stands for an input in a fingerprint: None; for a directory or file written by a stage,
-    that stage's id (from its stage.json) and the file's name; otherwise a content hash (of the
-    whole file up to 256 MiB, else of its size and first and last MiB; a directory: of its files).
-    A TokenizerFile: its file's id and the special tokens it names; a list: each item's id."""
-    if path is None:
-        return None
-    if isinstance(path, (list, tuple)):
-        return [input_id(p) for p in path]
-    if isinstance(path, TokenizerFile):
-        return [input_id(path.path), path.bos, path.eos, path.pad]
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    made = read_json(os.path.join(folder, "stage.json"))
-    if made and "id" in made:
-        return made["id"] + ("" if folder == path else "/" + os.path.basename(path))
-    if os.path.isdir(path):
-        files = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-        listing = "".join(f"{n}:{file_hash(os.path.join(path, n))}" for n in files)
-        return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
-    return "sha256:" + file_hash(path)
-
-
-def file_hash(path, whole=256 * 2**20, edge=2**20):
-    h, size = hashlib.sha256(), os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= whole:
-            while chunk := f.read(2**24):
-                h.update(chunk)
-        else:
-            h.update(f.read(edge))
-            f.seek(size - edge)
-            h.update(f.read(edge) + str(size).encode())
-    return h.hexdigest()
-
-
-def train_settings(cfg):
-    """The settings of TrainConfig that change a stage's result: not the logging, checkpointing,
-    recomputation or compilation, and the global micro-batch rather than the per-process one (N
-    processes at batch b train like one at N*b, so a checkpoint resumes under any number)."""
-    ignored = ("log_every", "ckpt_every", "grad_checkpoint", "compile", "batch_size")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
-    return {**settings, "global_batch": cfg.batch_size * parallel.world()}
-
-
-# ----------------------------------------------------------------------------- a stage's inputs
-
-def load_model(path, device, tok=None):
-    """A Hugging Face Llama directory on `device`, checked: loadable, every weight finite, a
-    vocabulary that holds the tokenizer's. Any problem is one UsageError naming the path."""
-    try:
-        model = Transformer.from_pretrained(path).to(device)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise UsageError(f"{path}: cannot load the model: {one_line(e)}") from None
-    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
-        raise UsageError(f"{path}/config.json: vocab_size {model.cfg.vocab_size} is smaller than the "
-                         f"tokenizer's {tok.vocab_size}")
-    bad = {n: int((~torch.isfinite(p)).sum()) for n, p in model.named_parameters()}
-    if any(bad.values()):
-        first = next(n for n, k in bad.items() if k)
-        raise UsageError(f"{path}: {sum(bad.values()):,} non-finite weights (the first in {first})")
-    return model
-
-
-def one_line(error):
-    text = getattr(error, "strerror", None) and f"{error.strerror}: {error.filename}" or str(error)
-    return " ".join(text.split())[:200] or type(error).__name__
-
-
-def load_masks(path, model):
-    """The masks of `path` (safetensors, parameter name -> a bool tensor, or exact 0/1 values, of the
-    parameter's shape; a parameter without a mask is frozen), checked against the model; None: every
-    parameter trained. Any problem is one UsageError naming the path."""
-    if path is None:
-        return full_masks(model)
-    try:
-        masks = allo.load_masks(path)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise UsageError(f"{path}: not a mask file: {one_line(e)}") from None
-    if not masks:
-        raise UsageError(f"{path}: holds no mask")
-    params = dict(model.named_parameters())
-    for name, m in masks.items():
-        if name not in params or m.shape != params[name].shape:
-            got = tuple(params[name].shape) if name in params else "no such parameter"
-            raise UsageError(f"{path}: mask {name!r} of shape {tuple(m.shape)} does not fit the model "
-                             f"({got})")
-        if m.dtype != torch.bool:
-            odd = m[(m != 0) & (m != 1)]
-            if odd.numel():
-                raise UsageError(f"{path}: mask {name!r} ({m.dtype}) holds {odd[0].item()!r}: a mask is "
-                                 "bool, or exact 0 and 1")
-    return {n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()}
-
-
-def check_lengths(stage, tok, prompts, responses, max_len, where):
-    """Before training: a row whose prompt leaves no room for a response token in max_len is an
-    error naming where(i) ("path:line"); rows whose response is cut are counted in one warning."""
-    cut, first = 0, None
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        n_prompt = len(tok.encode(p))
-        if n_prompt + 2 > max_len:  # BOS + prompt + at least one response target
-            raise DataError(f"{where(i)}: the prompt has {n_prompt} tokens; --max-len {max_len} leaves no "
-                            "room for its response")
-        if n_prompt + len(tok.encode(r)) + 2 > max_len:  # BOS + prompt + response + EOS
-            cut, first = cut + 1, first or where(i)
-    if cut:
-        print(f"{stage}: warning: {cut} of {len(prompts)} rows longer than --max-len {max_len}, their "
-              f"responses cut (the first: {first})", flush=True)
-
-
-def need(path, stage):
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: not found; run `python train.py --stage {stage}` first (or pass it as a "
-                         "flag)")
-    return path
-
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -354,7 +79,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     """
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
-    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=lr, weight_decay=cfg.weight_decay)
+    opt = masked_adamw(model.named_parameters(), masks, device, lr=lr, weight_decay=cfg.weight_decay)
     trained = [p for p in model.parameters() if p in opt.state]
     ckpt_dir = os.path.join(out, "ckpt")
     start = resume(ckpt_dir, model, opt)
@@ -371,7 +96,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     for step in range(start, steps):
         model.train()
         for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, steps, cfg.warmup_frac)
+            g["lr"] = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
         batches = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
         step_loss, step_tokens = backward(net, ddp, batches, loss_fn, device)
         if not math.isfinite(step_loss):
@@ -492,14 +217,6 @@ def save_checkpoint(ckpt_dir, step, model, opt):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoints(ckpt_dir):
-    """The complete checkpoint directories, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return [os.path.join(ckpt_dir, d) for d in sorted(os.listdir(ckpt_dir)) if d.startswith("step-")
-            and not d.endswith((".tmp", ".old"))]
-
-
 def resume(ckpt_dir, model, opt):
     """Load the newest checkpoint that loads (a torn one, e.g. after a power loss, is skipped with a
     warning for the one before); returns its step, 0 when there is none."""
@@ -536,41 +253,41 @@ def trained_fraction(masks, model=None):
 
 # ----------------------------------------------------------------------------- per-batch losses
 
-def forward_logps(model, batch, device, amp=autocast):
+def forward_logps(model, batch, device):
     """Per-token log-probs [B,T] of the batch's labels (0 off-target), the forward under amp(device).
 
     collate() pads on the right, so causal attention alone gives every real position exactly the
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
-    with amp(device):
+    with autocast(device):
         logits = model(batch["input_ids"].to(device))  # [B,T,V]
     return allo.token_logps(logits, batch["labels"].to(device))
 
 
-def sft_batch_loss(model, b, norms, device, amp=autocast):
+def sft_batch_loss(model, b, norms, device):
     """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
     tokens, its share of the mean over the step's scored tokens."""
-    with amp(device):
+    with autocast(device):
         logits = model(b["input_ids"].to(device))  # [B,T,V], right-padded: see forward_logps
     return allo.sft_loss(logits, b["labels"].to(device), normalizer=norms.scored_tokens)
 
 
-def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0, amp=autocast):
+def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):
     """DPO with key tokens on a micro-batch of pairs, rows [chosen; rejected] [2B,T]: its share of
     the mean over the step's pairs, plus nll x the NLL of the chosen tokens over the step's chosen
     tokens (RPO-style, optional). eps < 1: the rejected side counts through its ceil(eps * T) key
     tokens (Stage 3); eps 1 is vanilla DPO (the warmup)."""
-    logps = forward_logps(model, b, device, amp)  # [2B,T]
+    logps = forward_logps(model, b, device)  # [2B,T]
     (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
     keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
     loss = allo.dpo_loss(pc, pr, rc, rr, beta, keep)[0].sum() / norms.pairs
     return loss - nll * pc.sum() / norms.chosen_tokens if nll else loss
 
 
-def npo_batch_loss(model, b, norms, device, beta, amp=autocast):
+def npo_batch_loss(model, b, norms, device, beta):
     """Token-level NPO (Stage 2) on the micro-batch's weighted tokens, its share of the mean over
     the step's weighted tokens."""
-    logps = forward_logps(model, b, device, amp)  # [B,T]
+    logps = forward_logps(model, b, device)  # [B,T]
     return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), beta,
                                normalizer=norms.weighted_tokens)
 
@@ -583,7 +300,7 @@ def n_scored(labels):
 # ----------------------------------------------------------------------------- reference log-probs and pairs
 
 @torch.no_grad()
-def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64, amp=autocast):
+def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64):
     """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
     computed once and cached for the whole stage (no second model kept in memory during training).
     Each process computes its contiguous share of the examples; every process gets them all."""
@@ -593,7 +310,7 @@ def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64
     out = []
     for i in range(0, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
-        logps = forward_logps(ref, b, device, amp)
+        logps = forward_logps(ref, b, device)
         keep = b["labels"] != -100
         out += [row[k] for row, k in zip(logps, keep.to(device))]
     return parallel.gather_rows(out, torch.float32, device)

@@ -2,15 +2,16 @@
 
 import math
 import os
-from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import allo
 from model import ModelConfig, Transformer
+from optim import MultiTensorMaskedAdamW
 from tools.bench_optim import OpCounter
 
 D = torch.float64
@@ -394,7 +395,7 @@ def test_masks_save_load_summary_overlap(tmp_path):
     path = str(tmp_path / "m.safetensors")
     allo.save_masks(path, masks)
     assert os.listdir(tmp_path) == ["m.safetensors"]
-    loaded = allo.load_masks(path)
+    loaded = load_file(path)
     assert all(torch.equal(loaded[n], masks[n]) for n in masks)
     rows = {(r["by"], r["group"]): (r["selected"], r["total"], r["density"])
             for r in allo.mask_summary(masks)}
@@ -429,11 +430,16 @@ def grads_for(params, step, scale=1.0):
     return {n: torch.randn(p.shape, generator=g) * scale for n, p in params.items()}
 
 
+def optimizer(multi_tensor):
+    """The per-tensor MaskedAdamW of allo.py, or the multi-tensor one of optim.py."""
+    return MultiTensorMaskedAdamW if multi_tensor else allo.MaskedAdamW
+
+
 @pytest.mark.parametrize("multi_tensor", [False, True])
 def test_masked_adamw_frozen_entries_bit_identical_with_weight_decay(multi_tensor):
     params, masks = make_params()
     start = {n: p.detach().clone() for n, p in params.items()}
-    opt = allo.MaskedAdamW(params.items(), masks, lr=0.05, weight_decay=0.5, foreach=multi_tensor)
+    opt = optimizer(multi_tensor)(params.items(), masks, lr=0.05, weight_decay=0.5)
     for step in range(5):
         for n, g in grads_for(params, step).items():
             params[n].grad = g
@@ -450,8 +456,8 @@ def test_masked_adamw_frozen_entries_bit_identical_with_weight_decay(multi_tenso
 def test_masked_adamw_equals_adamw_on_gathered_entries(foreach, multi_tensor):
     params, masks = make_params()
     start = {n: p.detach().clone() for n, p in params.items()}
-    opt = allo.MaskedAdamW(params.items(), masks, lr=0.03, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2,
-                           foreach=multi_tensor)
+    opt = optimizer(multi_tensor)(params.items(), masks, lr=0.03, betas=(0.8, 0.95), eps=1e-6,
+                                  weight_decay=0.2)
     subs = {n: nn.Parameter(start[n][masks[n]].clone()) for n in params if masks[n].any()}
     refs = {n: torch.optim.AdamW([s], lr=0.03, betas=(0.8, 0.95), eps=1e-6, foreach=foreach,
                                  weight_decay=0.2 if params[n].dim() >= 2 else 0.0) for n, s in subs.items()}
@@ -617,10 +623,8 @@ def test_masked_adamw_multi_tensor_step_bit_identical_to_the_per_tensor_loop(tie
     the step of the earlier MaskedAdamW: the default run's table did not move.)"""
     model, masks = llama_and_masks(tie, dtype)
     twin, _ = llama_and_masks(tie, dtype)
-    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd,
-                           foreach=True)
-    ref = allo.MaskedAdamW(twin.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd,
-                           foreach=False)
+    opt = MultiTensorMaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
+    ref = allo.MaskedAdamW(twin.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
     names = [n for n, _ in model.named_parameters()]
     partial = next(n for n in names if n in masks and 0 < masks[n].sum() < masks[n].numel())
     full = next(n for n in names if n in masks and masks[n].all())
@@ -644,8 +648,8 @@ def test_masked_adamw_reads_weights_written_between_steps():
     twin, _ = llama_and_masks(tie=False, dtype=torch.float32)
     g = torch.Generator().manual_seed(7)
     other = {n: torch.rand(m.shape, generator=g) < 0.5 for n, m in masks.items()}
-    opt = allo.MaskedAdamW(model.named_parameters(), masks, lr=0.01, weight_decay=0.1, foreach=True)
-    ref = allo.MaskedAdamW(twin.named_parameters(), masks, lr=0.01, weight_decay=0.1, foreach=False)
+    opt = MultiTensorMaskedAdamW(model.named_parameters(), masks, lr=0.01, weight_decay=0.1)
+    ref = allo.MaskedAdamW(twin.named_parameters(), masks, lr=0.01, weight_decay=0.1)
     donor_model, _ = llama_and_masks(tie=False, dtype=torch.float32, seed=5)
     donor = allo.MaskedAdamW(donor_model.named_parameters(), other, lr=0.02, weight_decay=0.1)
     set_grads(donor_model, 50)
@@ -686,14 +690,13 @@ def test_masked_adamw_step_dispatches_at_most_3_ops_per_tensor():
         p.grad = torch.randn(p.shape, generator=g)
     params["p2"].grad = None
     counts = {}
-    for kind, make in (("multi-tensor", partial(allo.MaskedAdamW, foreach=True)),
-                       ("loop", partial(allo.MaskedAdamW, foreach=False))):
+    for kind, make in (("multi-tensor", MultiTensorMaskedAdamW), ("loop", allo.MaskedAdamW)):
         opt = make(params.items(), masks, lr=1e-3, weight_decay=0.1)
         opt.step()  # counted after a first step
         with OpCounter() as counter:
             opt.step()
         counts[kind] = counter.count
-    new = allo.MaskedAdamW(params.items(), masks)
+    new = MultiTensorMaskedAdamW(params.items(), masks)
     kinds = ["partial" if "idx" in s else "full" for s in new.state.values()]
     assert kinds.count("partial") >= 40 and kinds.count("full") == 8
     assert len(new._buckets([p for p in new.state if p.grad is not None], 256 * 16)) == 1

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import fileio  # noqa: E402
 import task  # noqa: E402
 from data import DataError  # noqa: E402
 from task import Problem  # noqa: E402
@@ -25,12 +26,14 @@ def test_trained_tokenizer_ids_and_round_trip(tok):
     assert (tok.pad_id, tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
     for p in task.make_splits(1, 50, 0, 0)["train"]:
         ex = task.sft_example(p)
-        prompt, response = tok.encode(ex["input"]), tok.encode(ex["output"])
-        assert tok.decode(prompt + response) == ex["input"] + ex["output"]
+        text, answer = data.prompt_text(ex["question"]), " " + ex["answer"]
+        prompt, response = tok.encode(text), tok.encode(answer)
+        assert tok.decode(prompt + response) == text + answer
         specials = [tok.bos_id] + prompt + response + [tok.eos_id, tok.pad_id]
-        assert tok.decode(specials) == ex["input"] + ex["output"]
+        assert tok.decode(specials) == text + answer
         assert tok.sp.unk_id() not in prompt + response
-        assert ex["output"].startswith(" ") and tok.decode(response) == ex["output"]
+        assert tok.decode(response) == answer
+        assert tok.prompt_ids(text) == [tok.bos_id] + prompt  # Llama 2's rule: BOS before every prompt
 
 
 def test_numbers_are_single_pieces(tok):
@@ -240,7 +243,7 @@ def test_jsonl_round_trip(tmp_path, tok):
     rows = [{"prompt": "Q é", "response": " 1 + 2 = 3.", "weights": [0, 1.0, 0.5, 1, 0.0, 2]},
             {"prompt": "Q", "response": " x", "extra": 1}]
     path = str(tmp_path / "f.jsonl")
-    data.write_jsonl(path, rows)
+    fileio.write_jsonl(path, rows)
     assert not os.path.exists(path + ".tmp")
     assert data.read_jsonl(path, "forget", tok) == rows
     with open(path, "a") as f:
@@ -281,12 +284,38 @@ def test_jsonl_errors(tmp_path, tok):
 
 # ----------------------------------------------------------------------------- collation
 
-class CharTok:
-    """Letters a..z -> ids 10..35; bos 2, eos 3, pad 0: hand-checkable."""
+class CharTok(data.BaseTokenizer):
+    """Letters a..z -> ids 10..35; bos 2, eos 3, pad 0: hand-checkable. bos: whether its own encoding
+    puts the BOS first (Llama 2's tokenizer does, SmolLM2's does not)."""
     bos_id, eos_id, pad_id = 2, 3, 0
+
+    def __init__(self, bos=True):
+        self.prefix = [2] if bos else []
 
     def encode(self, text):
         return [10 + ord(c) - ord("a") for c in text]
+
+
+def test_collate_without_bos():
+    """A tokenizer that adds no BOS: rows start with the prompt itself, its last token predicts the
+    response; a prompt cut from the left keeps max_len - 1 tokens; an empty prompt is refused."""
+    b = data.collate(CharTok(bos=False), ["ab", "a"], ["cd", "x"], max_len=16)
+    assert b["input_ids"].tolist() == [[10, 11, 12, 13, 3], [10, 33, 3, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 12, 13, 3, -100], [33, 3, -100, -100, -100]]
+    assert b["weights"].tolist() == [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
+    b = data.collate(CharTok(bos=False), ["abcde"], ["x"], max_len=4)
+    assert b["input_ids"].tolist() == [[12, 13, 14, 33]] and b["labels"].tolist() == [[-100, -100, 33, -100]]
+    with_bos = data.collate(CharTok(), ["\x02ab"[1:]], ["cd"], max_len=16)["input_ids"].tolist()
+    assert with_bos == [[2, 10, 11, 12, 13, 3]]
+    with pytest.raises(ValueError, match="empty prompt"):
+        data.collate(CharTok(bos=False), [""], ["cd"], max_len=16)
+
+
+def test_prompt_ids_add_no_second_bos():
+    """A prompt that already begins with the BOS (a chat template that writes its own) gets none on top."""
+    tok = CharTok()
+    assert tok.prompt_ids([2, 10]) == [2, 10] and tok.prompt_ids([10]) == [2, 10]
+    assert CharTok(bos=False).prompt_ids([10]) == [10]
 
 
 def test_collate_hand_checked():
@@ -323,7 +352,8 @@ def test_collate_truncation_counted():
 
 def test_collate_with_task_tokenizer(tok):
     ps = task.make_splits(0, 8, 0, 0)["train"]
-    rows = [task.sft_example(p) for p in ps]
+    rows = [{"input": data.prompt_text(e["question"]), "output": " " + e["answer"]}
+            for e in map(task.sft_example, ps)]
     b = data.collate(tok, [r["input"] for r in rows], [r["output"] for r in rows], max_len=256)
     ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
     for i, r in enumerate(rows):

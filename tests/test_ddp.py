@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import allo
 import train
 import trainer
 from data import Tokenizer, prompt_text
@@ -60,7 +59,7 @@ def runs(tmp_path_factory):
     p = torchrun(*TWO, "--run-dir", str(two))
     assert p.returncode == 0, p.stderr
     train.main(ONE + ["--run", str(one), "--stage", "sft"])
-    for f in ("task", "sft", "sample", "mask"):
+    for f in ("run.json", "task", "sft", "sample", "mask"):
         (shutil.copytree if os.path.isdir(two / f) else shutil.copy)(two / f, ref / f)
     train.main(ONE + ["--run", str(ref), "--stage", "warmup"])
     train.main(ONE + ["--run", str(ref), "--stage", "rewriter"])
@@ -122,7 +121,7 @@ def test_masked_stages_keep_frozen_entries_bit_identical_under_two_processes(run
     two = runs["two"]
     for stage, start, mask in (("forget", "sft", "forget"), ("learn", "forget", "learn")):
         before, after = weights(two / start), weights(two / stage)
-        masks = allo.load_masks(str(two / "mask" / f"{mask}.safetensors"))
+        masks = load_file(str(two / "mask" / f"{mask}.safetensors"))
         moved = 0
         for name, m in masks.items():
             a, b = before["model." + name], after["model." + name]

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import allo
+import runs
 import train
 import trainer
 
@@ -135,7 +136,7 @@ def test_a_finished_stage_asked_for_with_other_settings(run, capsys):
 def test_a_redone_stage_changes_the_inputs_of_the_next(run, capsys):
     """stage.json's id stands for a stage's output in the fingerprints of the stages after it."""
     train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force"])
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask"], "another warmup (input)")
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask"], "another warmup_model (input)")
 
 
 def test_metrics_start_fresh_when_a_stage_starts_over_and_resume_drops_the_rows_after_the_checkpoint(
@@ -275,7 +276,7 @@ def test_a_tokenizer_without_bos(run, capsys, tmp_path):
 
 def mask_file(run, tmp_path, kind):
     path = tmp_path / "mask.safetensors"
-    masks = allo.load_masks(os.path.join(run, "mask", "learn.safetensors"))
+    masks = load_file(os.path.join(run, "mask", "learn.safetensors"))
     if kind == "truncated":
         shutil.copy(os.path.join(run, "mask", "learn.safetensors"), path)
         truncate(path, 50)
@@ -299,7 +300,7 @@ def test_a_bad_mask(run, capsys, tmp_path, kind, expected):
 
 
 def test_a_partial_mask_reports_its_true_fraction_and_01_masks_are_accepted(run, tmp_path):
-    masks = allo.load_masks(os.path.join(run, "mask", "learn.safetensors"))
+    masks = load_file(os.path.join(run, "mask", "learn.safetensors"))
     kept = dict(list(masks.items())[:2])
     path = str(tmp_path / "two.safetensors")
     save_file({n: m.to(torch.float32) for n, m in kept.items()}, path)  # exact 0/1 values in float32
@@ -398,18 +399,18 @@ def test_a_torn_checkpoint_falls_back_to_the_one_before(run, capsys, monkeypatch
 
 def test_one_process_per_output_directory(run, capsys):
     out = os.path.join(run, "warmup")
-    held = trainer.lock(out + ".lock")  # another process would hold it the same way
+    held = runs.lock(out + ".lock")  # another process would hold it the same way
     try:
         fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--force"],
               f"{out}: in use by process {os.getpid()}")
     finally:
-        trainer.unlock(*held)
+        runs.unlock(*held)
     assert not os.path.exists(out + ".lock")
 
 
 def test_a_second_process_stops_at_once(run):
     """Two processes: the one that comes second says who holds the output."""
-    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); import trainer; trainer.lock(sys.argv[2]); "
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); import runs; runs.lock(sys.argv[2]); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, ROOT, os.path.join(run, "learn.lock")],
                               stdout=subprocess.PIPE, text=True)
@@ -430,7 +431,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_output_as_it_was(run, capsys, mo
 
     from model import Transformer
 
-    def full(self, path):
+    def full(self, path, **config):
         raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "model.safetensors"))
 
     monkeypatch.setattr(Transformer, "save_pretrained", full)

@@ -94,13 +94,13 @@ def run_pipeline(tmp_path, tokenizer):
         "--k", "4", "--max-new-tokens", "12", "--stop", "\n\n", "--gold-chosen", "--out", o["sample"])
     pairs, forget = f"{o['sample']}/pairs.jsonl", f"{o['sample']}/forget.jsonl"
     cli("--stage", "warmup", "--model", o["sft"], "--data", pairs, "--dpo-steps", "3", "--out", o["warmup"])
-    cli("--stage", "mask", "--model", o["sft"], "--warmup", o["warmup"], "--out", o["mask"])
+    cli("--stage", "mask", "--model", o["sft"], "--warmup-model", o["warmup"], "--out", o["mask"])
     cli("--stage", "rewriter", "--model", o["sft"], "--data", forget, "--pairs", pairs,
         "--rewriter-steps", "3", "--out", o["rewriter"])
     cli("--stage", "forget", "--model", o["sft"], "--data", f"{o['rewriter']}/forget_weighted.jsonl",
         "--mask", f"{o['mask']}/forget.safetensors", "--forget-steps", "3", "--out", o["forget"])
     cli("--stage", "learn", "--model", o["forget"], "--data", pairs, "--mask",
-        f"{o['mask']}/learn.safetensors", "--dpo-steps", "3", "--out", o["learn"])
+        f"{o['mask']}/learn.safetensors", "--learn-steps", "3", "--out", o["learn"])
     assert not os.path.exists(tmp_path / "no-run-dir")
     return tok, o, test_q
 
@@ -151,8 +151,12 @@ def test_tokenizer_json_round_trips_and_takes_its_special_tokens(tmp_path):
     other = load_tokenizer(TokenizerFile(path, bos="<|end|>", pad="<|end|>"))
     assert other.bos_id == other.pad_id == tok.eos_id
     os.remove(tmp_path / "tokenizer_config.json")
-    with pytest.raises(DataError, match="no BOS token .*--bos-token"):
+    with pytest.raises(DataError, match="no EOS token .*--eos-token"):
         load_tokenizer(path)
+    bare = load_tokenizer(TokenizerFile(path, eos="<|end|>"))  # no BOS named: none is needed, none added
+    assert bare.bos_id is None and bare.prompt_ids("Q") == bare.encode("Q")
+    with pytest.raises(DataError, match="--bos always, but the tokenizer has no BOS token"):
+        load_tokenizer(TokenizerFile(path, eos="<|end|>", bos_mode="always"))
     with pytest.raises(DataError, match="'<x>' is not one of its tokens"):
         load_tokenizer(TokenizerFile(path, bos="<|begin|>", eos="<x>"))
 

@@ -45,8 +45,12 @@ def test_all_stages_write_their_outputs(run):
         for f in files:
             assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
         assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints go when a stage ends"
-    task_files = ["tokenizer.model", "train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "rewrites.jsonl"]
-    for f in [f"task/{name}" for name in task_files] + ["eval_test.json"]:
+    for stage in ("sft", "warmup", "rewriter", "forget", "learn"):  # complete Hugging Face folders
+        for f in ("generation_config.json", "tokenizer.model", "tokenizer_config.json"):
+            assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
+    assert [f for f in os.listdir(os.path.join(run, "task")) if f.startswith("rewrites-")]
+    task_files = ["tokenizer.model", "train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl"]
+    for f in [f"task/{name}" for name in task_files] + ["eval_test.json", "run.json"]:
         assert os.path.exists(os.path.join(run, f)), f
     rows = json.load(open(os.path.join(run, "eval_test.json")))["rows"]
     assert [r["stage"] for r in rows] == ["sft", "warmup", "forget", "learn"]
@@ -60,7 +64,7 @@ def test_masked_stages_move_only_their_mask(run):
 
     for stage, start, mask in (("forget", "sft", "forget"), ("learn", "forget", "learn")):
         before, after = params(start), params(stage)
-        masks = allo.load_masks(os.path.join(run, "mask", f"{mask}.safetensors"))
+        masks = load_file(os.path.join(run, "mask", f"{mask}.safetensors"))
         moved = 0
         for name, m in masks.items():
             a, b = before[name].detach(), after[name].detach()
@@ -153,7 +157,7 @@ def test_bad_inputs_fail_with_one_line_and_status_2(run, tmp_path):
     assert code == 2 and f"{bad}:2:" in err and "'chosen'" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o" / "stage.json")
 
-    masks = allo.load_masks(os.path.join(run, "mask", "learn.safetensors"))
+    masks = load_file(os.path.join(run, "mask", "learn.safetensors"))
     name = next(iter(masks))
     masks[name] = torch.ones(3, 3, dtype=torch.bool)
     mask = str(tmp_path / "mask.safetensors")

@@ -5,7 +5,6 @@ import filecmp
 import json
 import os
 
-import flags
 import task
 import train
 from data import read_jsonl
@@ -41,7 +40,7 @@ def test_preset_6m_task_is_deterministic_and_lazier(tmp_path):
     one the solution's first steps with the answer they reach."""
     args = ["--n-train", "1500", "--n-val", "50", "--n-test", "50"]
     for name, preset in (("a", ["--preset", "6m"]), ("b", ["--preset", "6m"]), ("default", [])):
-        flags.write_embedded_task(train.parse_args(preset + args), str(tmp_path / name))
+        train.write_embedded_task(train.parse_args(preset + args), str(tmp_path / name))
     names = ["train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "task.json"]
     assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)[0] == names
     assert json.load(open(tmp_path / "a" / "task.json"))["lazy_rate"] == 0.8
@@ -51,13 +50,14 @@ def test_preset_6m_task_is_deterministic_and_lazier(tmp_path):
     default = read_jsonl(os.path.join(tmp_path, "default", "sft.jsonl"), "sft")
     lazy, three = 0, 0
     for p, r, d in zip(problems, rows, default):
+        assert r["question"] == p.question
         if p.solution.count(" = ") == 2:
-            assert r["output"] == " " + p.solution
+            assert r["answer"] == p.solution
             continue
         three += 1
-        if r["output"] != " " + p.solution:
+        if r["answer"] != p.solution:
             lazy += 1
-            assert r["output"] == " " + task.lazy_solution(p)
-        if d["output"] != " " + p.solution:  # lazy at 0.6 is lazy at 0.8: one draw per problem
-            assert r["output"] == d["output"]
+            assert r["answer"] == task.lazy_solution(p)
+        if d["answer"] != p.solution:  # lazy at 0.6 is lazy at 0.8: one draw per problem
+            assert r["answer"] == d["answer"]
     assert three > 500 and abs(lazy / three - 0.8) < 0.04

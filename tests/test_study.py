@@ -5,6 +5,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file
 
 import allo
 import study
@@ -32,10 +33,12 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
     table = open(os.path.join(root, "table.md")).read()
     assert all(f"| {a[0]} |" in table for a in study.ARMS) and "DPO loss, mean over each quarter" in table
 
-    # masks: one global top / bottom / random fraction each; top and bottom disjoint
+    # masks, made by the mask stage: one global top / bottom / random fraction each; top and bottom disjoint
     seed = os.path.join(root, "seed0")
     kinds = ("learn-top", "learn-bottom", "learn-random")
-    m = {k: allo.load_masks(os.path.join(seed, "masks", f"{k}.safetensors")) for k in kinds}
+    m = {k: load_file(os.path.join(seed, f"masks-{k[6:]}", "learn.safetensors")) for k in kinds}
+    for rank in ("top", "bottom", "random"):
+        assert json.load(open(os.path.join(seed, f"masks-{rank}", "stage.json")))["fingerprint"]["rank"] == rank
     total = sum(t.numel() for t in m["learn-top"].values())
     for masks in m.values():
         assert sum(int(t.sum()) for t in masks.values()) == round(0.1 * total)
@@ -71,7 +74,7 @@ def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path,
     assert "dpo-top: finished earlier with lr 3e-05, not 0.0001" in err
     with pytest.raises(SystemExit):
         study.main(["--run", run, "--tag", "u", "--arms", "DPO top", "--learn-ratio", "0.2"] + ARGS)
-    assert "masks/settings.json: these masks were drawn with other settings" in capsys.readouterr().err
+    assert "masks-top: finished earlier with learn_ratio 0.1, not 0.2" in capsys.readouterr().err
 
 
 def test_train_flags_are_not_taken_for_abbreviations_of_study_flags():

@@ -286,24 +286,35 @@ def tiny_batch(cfg, rows, T, seed=0):
             "weights": (labels != -100).float()}
 
 
-def amp_for(autocast):
-    """The context trainer.py's losses run their forward in: torch.autocast("cpu", bfloat16) standing
-    in for the CUDA autocast if autocast, else plain float32."""
-    if autocast:
-        return lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
-    return lambda device: nullcontext()
+def cuda_stand_in(autocast):
+    """torch.autocast("cpu", bfloat16) standing in on the CPU for the CUDA autocast if autocast,
+    else plain float32 (trainer.py's own autocast does nothing on a CPU)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+
+
+class StandIn(torch.nn.Module):
+    """The seam of the measurements: the model whose forward runs under cuda_stand_in, handed to
+    trainer.py's own functions where they run the model under their (CUDA) autocast."""
+
+    def __init__(self, model, autocast):
+        super().__init__()
+        self.model, self.autocast = model, autocast
+
+    def forward(self, *args, **kwargs):
+        with cuda_stand_in(self.autocast):
+            return self.model(*args, **kwargs)
 
 
 def batch_loss(model, batch, loss, autocast=False):
     """One micro-batch's loss by trainer.py's own function (DPO: key tokens, eps 0.5, --nll 1)."""
-    cpu, scored, amp = torch.device("cpu"), int((batch["labels"] != -100).sum()), amp_for(autocast)
+    cpu, scored, net = torch.device("cpu"), int((batch["labels"] != -100).sum()), StandIn(model, autocast)
     if loss == "sft":
-        return trainer.sft_batch_loss(model, batch, Norms(scored_tokens=scored), cpu, amp=amp)
+        return trainer.sft_batch_loss(net, batch, Norms(scored_tokens=scored), cpu)
     if loss == "npo":
-        return trainer.npo_batch_loss(model, batch, Norms(weighted_tokens=scored), cpu, beta=0.1, amp=amp)
+        return trainer.npo_batch_loss(net, batch, Norms(weighted_tokens=scored), cpu, beta=0.1)
     pairs = len(batch["labels"]) // 2
-    return trainer.dpo_batch_loss(model, batch, Norms(pairs=pairs, chosen_tokens=scored), cpu, beta=0.1,
-                                  eps=0.5, nll=1.0, amp=amp)
+    return trainer.dpo_batch_loss(net, batch, Norms(pairs=pairs, chosen_tokens=scored), cpu, beta=0.1,
+                                  eps=0.5, nll=1.0)
 
 
 def measure_saved(model, batch, loss, autocast):
@@ -375,11 +386,11 @@ def measure_logit_grads(model, batch, loss, autocast):
 
 def measure_reference_pass(model, rows, T, autocast):
     """Peak of trainer.reference_logps over 3 batches of `rows` sequences of T tokens."""
-    tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0)
+    tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, prompt_ids=lambda ids: [1] + list(ids))
     prompts, responses = [[5] * (T // 2)] * 3 * rows, [[6] * (T - T // 2 - 2)] * 3 * rows
-    return allocator_peak(lambda _: trainer.reference_logps(model, tok, prompts, responses, T,
-                                                            torch.device("cpu"), batch_size=rows,
-                                                            amp=amp_for(autocast)))
+
+    return allocator_peak(lambda _: trainer.reference_logps(StandIn(model, autocast), tok, prompts, responses, T,
+                                                            torch.device("cpu"), batch_size=rows))
 
 
 def measure_scoring_pass(model, batch, autocast):
@@ -387,7 +398,7 @@ def measure_scoring_pass(model, batch, autocast):
     autocast, given input_ids and labels only (no attention mask)."""
     batch = {k: batch[k] for k in ("input_ids", "labels")}
     def score(_):
-        with amp_for(autocast)(torch.device("cpu")):
+        with cuda_stand_in(autocast):
             allo.rewriter_token_probs(model, batch)
 
     return allocator_peak(score)
@@ -397,8 +408,10 @@ def measure_delta_scores(cfg):
     """Memory that allo.importance_from_delta's result holds, for two models' parameters."""
     before, after = (dict(Transformer(cfg).named_parameters()) for _ in range(2))
     start = malloc_in_use()
-    scores = allo.importance_from_delta(before, after)  # noqa: F841 (alive while measured)
-    return malloc_in_use() - start
+    scores = allo.importance_from_delta(before, after)
+    held = malloc_in_use() - start
+    del scores  # alive while measured
+    return held
 
 
 def measure_step(cfg, ratio):
