@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 
 import sentencepiece as spm
@@ -155,7 +156,8 @@ class HFTokenizer(BaseTokenizer):
             self.tk = Backend.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception for every bad file
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0][:80]})") from None
-        self.path, self.vocab_size = path, self.tk.get_vocab_size(with_added_tokens=True)
+        # ids may have gaps: the vocabulary the model needs runs to the largest id
+        self.path, self.vocab_size = path, max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         named = special_tokens(os.path.dirname(path))
         self.bos_token, self.eos_token = bos or named.get("bos_token"), eos or named.get("eos_token")
         self.pad_token = pad or named.get("pad_token") or self.eos_token
@@ -204,8 +206,8 @@ def special_tokens(folder):
         try:
             with open(path) as f:
                 config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not readable JSON ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise DataError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
         for key in ("bos_token", "eos_token", "pad_token"):
             value = config.get(key) if isinstance(config, dict) else None
             value = value.get("content") if isinstance(value, dict) else value
@@ -412,6 +414,18 @@ FIELDS = {"sft": ("input", "output"), "pairs": ("prompt", "chosen", "rejected"),
           "rewrites": ("prompt", "response", "rewrite")}
 
 
+def regular_file(path):
+    """path, which must be a regular file (or a symbolic link to one); DataError otherwise: a FIFO, a
+    device or a socket would hang or be consumed by a read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket cannot be an input)")
+    return path
+
+
 class Rows(list):
     """The rows of a JSONL file, with where each came from: rows.where(i) -> "path:line"."""
 
@@ -437,6 +451,7 @@ def read_jsonl(path, kind, tok=None):
     if kind not in FIELDS:
         raise ValueError(f"kind {kind!r}: expected one of {sorted(FIELDS)}")
     rows = Rows(path)
+    regular_file(path)
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -454,6 +469,8 @@ def read_jsonl(path, kind, tok=None):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} malformed JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where} JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where} expected a JSON object, got {type(row).__name__}")
             questions = kind == "sft" and "input" not in row and "question" in row
@@ -463,6 +480,10 @@ def read_jsonl(path, kind, tok=None):
                 if not isinstance(row[field], str):
                     raise DataError(f"{where} field {field!r} must be a string, "
                                     f"got {type(row[field]).__name__}")
+                try:
+                    row[field].encode("utf-8")
+                except UnicodeEncodeError:  # "\\ud800" in JSON: no tokenizer can encode it
+                    raise DataError(f"{where} field {field!r} is not valid Unicode (a lone surrogate)") from None
             if kind == "forget" and "weights" in row:
                 check_weights(row, where, tok)
             first = row.get("first_error", -1) if kind == "rewrites" else -1
@@ -473,12 +494,20 @@ def read_jsonl(path, kind, tok=None):
     return rows
 
 
+def finite(x):
+    """x is a finite number (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def check_weights(row, where, tok):
     w = row["weights"]
     if not isinstance(w, list):
         raise DataError(f"{where} field 'weights' must be a list of numbers, got {type(w).__name__}")
     for i, x in enumerate(w):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not finite(x) or x < 0:
             raise DataError(f"{where} field 'weights' item {i} must be a finite number >= 0, got {x!r}")
     if tok is not None:
         n = len(tok.encode(row["response"]))

@@ -33,6 +33,11 @@ from model import autocast, pick_device
 from runs import UsageError, load_model, one_line
 
 
+# the comparison table of a run, (label, stage), in the order of the method
+ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
+        ("ALLO (forget + learn)", "learn")]
+
+
 def template_flag(value):
     """--prompt-template as an argparse type: a bad template is a bad flag."""
     try:
@@ -200,6 +205,13 @@ def stage_record(model_dir):
     return {"trained_fraction": info.get("trained_fraction"), "wall_s": info.get("wall_s")}
 
 
+def stage_label(model_dir):
+    """A folder's label in the table: its stage's (SFT, DPO, NPO, ALLO) when a run's stage wrote it,
+    else the folder itself."""
+    stage = (read_json(os.path.join(model_dir, "stage.json")) or {}).get("stage")
+    return dict((s, label) for label, s in ROWS).get(stage, model_dir)
+
+
 def evaluate_models(evaluate, models):
     """Rows of the table for (label, model directory) pairs."""
     return [{"model": label, "stage": os.path.basename(os.path.normpath(d)), **evaluate(d), **stage_record(d)}
@@ -284,7 +296,7 @@ def parse_args(argv=None):
     add_machine_flags(p)
     g = p.add_argument_group("tokenizer (with --questions; a run uses its own)")
     add_tokenizer_flags(g)
-    add_config_flags(p, [PromptConfig], {})
+    add_config_flags(p, [PromptConfig])
     return p.parse_args(argv)
 
 
@@ -302,7 +314,8 @@ def main(argv=None):
             evaluate = Evaluator(a.questions, tokenizer, a.pairs, a.ref, prompt=prompt, beta=a.beta,
                                  device=a.device, max_len=a.max_len or 256, batch_size=a.batch_size,
                                  gen_batch_size=a.gen_batch_size)
-            rows, split, out = evaluate_models(evaluate, [(d, d) for d in a.paths]), "held-out", a.out
+            rows = evaluate_models(evaluate, [(stage_label(d), d) for d in a.paths])
+            split, out = "held-out", a.out
         else:
             rows, split, out = evaluate_in_run(a)
         print(markdown_table(rows, split, f"the reference model {a.ref}" if a.questions else

@@ -68,10 +68,14 @@ class Parser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, every flag with its default (none shown for switches and
-    flags without one)."""
+    flags without one), on lines of up to 110 characters."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=110)
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        shown = action.default is not None and action.default is not False and action.default != []
+        return super()._get_help_string(action) if shown else action.help
 
 
 # ----------------------------------------------------------------------------- settings as flags
@@ -99,23 +103,25 @@ def dest(f):
     return flag_name(f)[2:].replace("-", "_")
 
 
-def add_config_flags(parser, configs, groups):
+def add_config_flags(parser, configs):
     """The flags of every setting of `configs` (config dataclasses; nested configs are their own
-    entries), each once, in the argument group of its config (its docstring's first line) or in
-    "variants not in the paper". groups: {title: argument group}, filled as groups are made."""
-    made = {action.dest for action in parser._actions}
+    entries), each once, in the argument group of its config (its docstring's first line), and last
+    the group "variants not in the paper"."""
+    made, placed = {action.dest for action in parser._actions}, {}
     for cls in configs:
         for f in fields(cls):
-            if "help" not in f.metadata or dest(f) in made:
-                continue  # a nested config, or a flag another config made
-            made.add(dest(f))
-            title = VARIANTS if f.metadata["variant"] else cls.__doc__.strip().splitlines()[0]
-            if title not in groups:
-                groups[title] = parser.add_argument_group(title)
-            g, meta = groups[title], f.metadata
+            if "help" in f.metadata and dest(f) not in made:  # not a nested config, nor a flag made already
+                made.add(dest(f))
+                title = VARIANTS if f.metadata["variant"] else cls.__doc__.strip().splitlines()[0]
+                placed.setdefault(title, []).append(f)
+    placed[VARIANTS] = placed.pop(VARIANTS, [])
+    for title, settings in placed.items():
+        g = parser.add_argument_group(title)
+        for f in settings:
+            meta = f.metadata
             if f.type in (bool, "bool"):
                 g.add_argument(flag_name(f), action="store_true", help=meta["help"])
-            elif f.default == () or f.type in ("tuple[str, ...]",):
+            elif f.default == ():
                 g.add_argument(flag_name(f), action="append", default=[], type=meta["type"], help=meta["help"])
             else:
                 g.add_argument(flag_name(f), default=f.default, type=meta["type"], choices=meta["choices"],
@@ -186,7 +192,8 @@ PRESETS = {
 def parse_train_args(argv, stages, configs, description=None):
     """train.py's flags, each checked (one line and exit status 2 for a bad one): what to run, your
     model and data, one stage's explicit inputs, the tokenizer, and the settings of `configs`."""
-    p = Parser(description=description, formatter_class=HelpFormatter)
+    p = Parser(description=description, formatter_class=HelpFormatter,
+               usage="%(prog)s [--stage NAME] [--model DIR --questions F --eval-questions F [F ...]] [flags]")
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", choices=list(stages) + ["all"], help="stage to run")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/default", type=folder,
@@ -221,7 +228,7 @@ def parse_train_args(argv, stages, configs, description=None):
     g.add_argument("--rewriter-init", type=folder, help="rewriter: its starting weights (default: --model)")
     g.add_argument("--out", type=folder, help="output directory of the stage (default <run>/<stage>)")
     add_tokenizer_flags(p.add_argument_group("tokenizer"))
-    add_config_flags(p, configs, {})
+    add_config_flags(p, configs)
     pre, _ = p.parse_known_args(argv)
     if pre.preset:
         p.set_defaults(**PRESETS[pre.preset])

@@ -314,18 +314,29 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "Transformer":
         """Load a Hugging Face Llama directory: config.json + model.safetensors, or shards
-        listed in model.safetensors.index.json."""
+        listed in model.safetensors.index.json. The checkpoint's names and shapes are compared with
+        the config's before any model is built; every weight must be a float tensor (float16 and
+        bfloat16 are converted)."""
         cfg = config_from_hf(path)
         weights = read_hf_weights(path)
         if cfg.tie_embeddings:
             weights.pop("lm_head.weight", None)  # some tied checkpoints still store the head
-        with torch.device("meta"):
-            model = cls(cfg)
-        names = {n for n, _ in model.named_parameters()}
-        missing, unexpected = names - weights.keys(), weights.keys() - names
+        layers = {k.split(".")[1] for k in weights if k.startswith("layers.")}
+        if layers != {str(i) for i in range(cfg.n_layers)}:  # before anything of that size is made
+            raise ValueError(f"{path}: the checkpoint holds {len(layers)} layers, config.json's "
+                             f"num_hidden_layers says {cfg.n_layers}")
+        expected = parameter_shapes(cfg)
+        missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match the config: "
                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        for name, t in weights.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the config says {expected[name]}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{path}: {name} holds {t.dtype} values, not floating-point weights")
+        with torch.device("meta"):
+            model = cls(cfg)
         model.load_state_dict({n: t.to(dtype) for n, t in weights.items()}, assign=True)
         return model
 
@@ -364,20 +375,44 @@ def sample_next(logits, temperature: float, top_p: float, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """The name and shape of every parameter of Transformer(cfg), without building it: one block's,
+    built on the meta device, repeated for every layer."""
+    with torch.device("meta"):
+        block = {n: tuple(p.shape) for n, p in Block(cfg, 0).named_parameters()}
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{n}": s for n, s in block.items()})
+    return shapes
+
+
 def config_from_hf(path: str) -> ModelConfig:
     """Map a Hugging Face LlamaConfig to ModelConfig; refuse what this model does not implement."""
     file = os.path.join(path, "config.json")
     with open(file) as f:
         try:
             hf = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{file}: not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{file}: not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{file}: not a JSON object")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if not isinstance(hf.get(k), int) or hf[k] <= 0]
+                           "intermediate_size") if not positive_int(hf.get(k))]
     if missing:
         raise ValueError(f"{file}: missing or not a positive integer: {', '.join(missing)}")
+    wrong = [f"{k} {hf[k]!r} (not a positive integer)" for k in ("num_key_value_heads", "max_position_embeddings",
+                                                                  "head_dim") if hf.get(k) is not None
+             and not positive_int(hf[k])]
+    wrong += [f"{k} {hf[k]!r} (not a positive number)" for k in ("rms_norm_eps", "rope_theta")
+              if k in hf and not positive_number(hf[k])]
+    wrong += [f"{k} {hf[k]!r} (not true or false)" for k in ("tie_word_embeddings", "attention_bias", "mlp_bias")
+              if hf.get(k) is not None and not isinstance(hf[k], bool)]
+    wrong += [f"{k} {hf[k]!r} (not an object)" for k in ("rope_scaling", "rope_parameters")
+              if hf.get(k) is not None and not isinstance(hf[k], dict)]
+    if wrong:
+        raise ValueError(f"{file}: {'; '.join(wrong)}")
     refuse = []
     if hf.get("model_type") != "llama":
         refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
@@ -409,6 +444,14 @@ def config_from_hf(path: str) -> ModelConfig:
                        rope_theta=theta, rope_scaling=scaling,
                        max_seq_len=hf.get("max_position_embeddings", 2048),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def positive_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
 
 
 def read_hf_weights(path: str) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Run bookkeeping of every stage: its output folder, fingerprint, lock, input identities and input
 checks. It knows no stage: a stage hands StageOutput its name, its config and its inputs."""
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -15,13 +16,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import parallel
-from data import COMPANION_FILES, DataError, TokenizerFile, find_tokenizer
+from data import COMPANION_FILES, TOKENIZER_FILES, DataError, TokenizerFile, find_tokenizer, regular_file
 from fileio import read_json, replace_dir, write_json
 from model import Transformer
 
 
 class UsageError(Exception):
     """A missing prerequisite or an input that does not fit: one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: one line saying where a rerun resumes, exit status 130."""
 
 
 def fingerprint(config):
@@ -92,18 +97,22 @@ class StageOutput:
 
     def prepare(self):
         """Rank 0: lock, then 1 if the stage is finished with this fingerprint, else 0 with a work
-        directory ready (kept for resuming, or new)."""
+        directory ready (kept for resuming, or new). A folder that is not this stage's own (a user's
+        folder, the run directory, a model, another stage's output) is refused, --force or not."""
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UsageError(f"{self.out}: the stage's output is a file, not a directory")
+        for folder in (self.out, self.work, self.out + ".old"):
+            refuse_foreign(folder, self.stage)
         parent = os.path.dirname(os.path.abspath(self.out))
         while not os.path.exists(parent):  # remember what we make, to remove it if we fail
             self.created.append(parent)
             parent = os.path.dirname(parent)
         os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
         self.lock = lock(self.out + ".lock")
-        swapped = read_json(os.path.join(self.work, "stage.json"))  # finished, but stopped before the rename
-        if swapped is not None and swapped.get("fingerprint") == self.fingerprint and not self.force:
-            replace_dir(self.work, self.out)
+        swapped = read_json(os.path.join(self.work, "stage.json"))  # finished, stopped before its swap
+        if swapped is not None and swapped.get("fingerprint") == self.fingerprint:
+            self.swap()
+            print(f"{self.stage}: finished earlier, its output put in place -> {self.out}")
             return 1
         unfinished = read_json(os.path.join(self.work, "fingerprint.json"))
         if unfinished == self.fingerprint and not self.force:
@@ -124,26 +133,33 @@ class StageOutput:
 
     def finish(self, model=None, tok=None, **info):
         """Save the stage's model, if it has one, as a complete Hugging Face folder (config.json with
-        its tokenizer's special ids, generation_config.json, the weights, the tokenizer's files) and,
-        last, stage.json (the fingerprint, an id for the stages after it, the machine, on CUDA the
-        peak allocated memory); then <out>.tmp/ becomes <out>. Rank 0 writes; every process returns
-        once it is there."""
+        its tokenizer's special ids, generation_config.json, the weights, the tokenizer's files) and
+        stage.json (the fingerprint, the machine, on CUDA the peak allocated memory); then swap
+        <out>.tmp/ into <out>. Once stage.json is written the result is complete: a stop at any later
+        point leaves it in <out>.tmp/ or <out>, and the next run completes the swap without
+        training. Rank 0 writes; every process returns once it is there."""
         info = {"stage": self.stage, "wall_s": time.time() - self.t0, **info, **machine(self.device)}
         if self.device.type == "cuda":
             info["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if parallel.is_main():
             if model is not None:
                 save_model(self.work, model, tok)
-            shutil.rmtree(os.path.join(self.work, "ckpt"), ignore_errors=True)
-            os.remove(os.path.join(self.work, "fingerprint.json"))
             write_json(os.path.join(self.work, "stage.json"),
                        {**info, "id": uuid.uuid4().hex, "fingerprint": self.fingerprint})
-            replace_dir(self.work, self.out)
+            self.swap()
         memory = f", peak memory {info['peak_memory_gib']:.2f} GiB" if self.device.type == "cuda" else ""
         print(f"{self.stage}: done in {info['wall_s']:.0f}s{memory} -> {self.out}")
         parallel.barrier()
         self.info = info
         return info
+
+    def swap(self):
+        """The finished <out>.tmp/ (its stage.json written) without what only a run needs, in the
+        place of <out>."""
+        shutil.rmtree(os.path.join(self.work, "ckpt"), ignore_errors=True)
+        if os.path.exists(os.path.join(self.work, "fingerprint.json")):
+            os.remove(os.path.join(self.work, "fingerprint.json"))
+        replace_dir(self.work, self.out)
 
     def __exit__(self, kind, error, trace):
         if parallel.is_main():
@@ -151,9 +167,11 @@ class StageOutput:
         return False
 
     def cleanup(self, failed=True):
-        """Rank 0: on a failure remove what holds nothing to resume; release the lock."""
+        """Rank 0: on a failure remove the work folder if it holds nothing to resume (no checkpoint)
+        and nothing finished (no stage.json); release the lock."""
         if failed:
-            if not checkpoints(os.path.join(self.work, "ckpt")):
+            finished = os.path.exists(os.path.join(self.work, "stage.json"))
+            if not finished and not checkpoints(os.path.join(self.work, "ckpt")):
                 shutil.rmtree(self.work, ignore_errors=True)
             for folder in self.created:
                 if os.path.isdir(folder) and not os.listdir(folder):
@@ -163,11 +181,31 @@ class StageOutput:
             self.lock = None
 
 
+def refuse_foreign(folder, stage):
+    """UsageError unless `folder` is absent, empty, or this stage's own (its stage.json, or its work
+    folder's fingerprint.json, names the stage)."""
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    mark = read_json(os.path.join(folder, "stage.json")) or read_json(os.path.join(folder, "fingerprint.json"))
+    owner = mark.get("stage") if isinstance(mark, dict) else None
+    if owner == stage:
+        return
+    what = f"a run of the {owner} stage" if owner else \
+        f"files that no stage wrote ({', '.join(sorted(os.listdir(folder))[:3])})"
+    raise UsageError(f"{folder}: holds {what}, not a {stage} stage's output; give the stage a folder of "
+                     "its own (--out)")
+
+
 def lock(path):
     """(fd, path) holding an exclusive flock on path, which records our pid; UsageError naming the
     holder when another process has it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symbolic link in the lock's place is refused, never written through
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UsageError(f"{path}: the lock is a symbolic link; remove it") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -203,12 +241,17 @@ def difference(old, new):
     return "the same settings"
 
 
+MODEL_FILES = ("config.json", "model.safetensors.index.json") + TOKENIZER_FILES + COMPANION_FILES
+
+
 def input_id(path):
-    """What stands for an input in a fingerprint: None; for a directory or file written by a stage,
-    that stage's id (from its stage.json) and the file's name; otherwise a content hash (of the
-    whole file up to 256 MiB, else of its size and first and last MiB; a directory: of its files).
-    A TokenizerFile: its file's id, those of the files beside it that change it (its config, its chat
-    template), the special tokens and BOS rule it names; a list: each item's id."""
+    """What stands for an input in a fingerprint: its content. None; a file: a hash of its content (the
+    whole file up to 256 MiB, else its size and first and last MiB); a model directory: a hash of the
+    names and hashes of the files that make the model (MODEL_FILES and its .safetensors). A file written by an earlier stage counts like any other, so an edited one is
+    another input. A TokenizerFile: its file's id, those of the files beside it that change it (its
+    config, its chat template), the special tokens and BOS rule it names; a list: each item's id.
+    Anything but a regular file or a directory (a FIFO, a device, a socket) is refused: reading it to
+    hash it would hang or consume it."""
     if path is None:
         return None
     if isinstance(path, (list, tuple)):
@@ -218,14 +261,11 @@ def input_id(path):
         beside = [os.path.join(os.path.dirname(file), n) for n in COMPANION_FILES]
         return [input_id(file), *[input_id(f) for f in beside if os.path.isfile(f)], path.bos, path.eos,
                 path.pad, path.bos_mode]
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    made = read_json(os.path.join(folder, "stage.json"))
-    if made and "id" in made:
-        return made["id"] + ("" if folder == path else "/" + os.path.basename(path))
-    if os.path.isdir(path):
-        files = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-        listing = "".join(f"{n}:{file_hash(os.path.join(path, n))}" for n in files)
+    if os.path.isdir(path):  # a model: what makes it, not what was written beside it (metrics, scores)
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") or n in MODEL_FILES)
+        listing = "".join(f"{n}:{input_id(os.path.join(path, n))}" for n in files)
         return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+    regular_file(path)
     return "sha256:" + file_hash(path)
 
 

@@ -71,10 +71,6 @@ def slug(name):
     return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
 
 
-def stage_record(out):
-    return read_json(os.path.join(out, "stage.json"))
-
-
 # ----------------------------------------------------------------------------- masks (Stage 1)
 
 def study_masks(run, seed_dir, a, seed, device):
@@ -187,7 +183,7 @@ def write_results(root, opts, split, a, rows, names, n_questions, n_pairs):
 
 def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     """An arm's held-out metrics, the wall time and trained fractions of its phases, its losses."""
-    infos = [stage_record(p) for p in phases]
+    infos = [read_json(os.path.join(p, "stage.json")) for p in phases]
     row = {**cached_eval(out, evaluate, split, n_eval), "wall_s": sum(i["wall_s"] for i in infos),
            "learn_fraction": infos[-1]["trained_fraction"]}
     if forget:

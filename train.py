@@ -44,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from safetensors import SafetensorError
 
 import allo
 import parallel
@@ -51,12 +52,12 @@ import task
 import flags
 from data import (DataError, TokenizerFile, collate, find_tokenizer, is_correct, load_tokenizer, prompt_text,
                   read_jsonl, response_lead)
-from eval import (PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, in_run,
+from eval import (ROWS, PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, in_run,
                   markdown_table, reference_answers)
 from fileio import read_json, write_json, write_jsonl
 from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
-from runs import StageOutput, UsageError, check_lengths, input_id, load_masks, load_model, need, one_line
+from runs import Interrupted, StageOutput, UsageError, check_lengths, input_id, load_masks, load_model, need, one_line
 from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss, pair_batch,
                      pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction, with_reference)
 
@@ -95,6 +96,8 @@ def stage_sft(config, inputs, out, device, force=False):
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
         read = read_jsonl(inputs["data"], "sft")
+        if not read:
+            raise UsageError(f"{inputs['data']}: no SFT rows to train on")
         lead = response_lead(prompt.template)
         rows = [r if "input" in r else {"input": prompt_text(r["question"], prompt.template, tok, prompt.system),
                                         "output": lead + r["answer"]} for r in read]
@@ -167,6 +170,9 @@ def stage_sample(config, inputs, out, device, force=False):
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
         rows_of = {path: read_jsonl(path, "questions") for _, path, _ in files}
+        empty = next((path for path, rows in rows_of.items() if not rows), None)
+        if empty:
+            raise UsageError(f"{empty}: no questions to sample")
         answers = {path: reference_answers(rows) for path, rows in rows_of.items()}
         policy = load_model(inputs["model"], device, tok)
         rng, stats = random.Random(c.seed), {}
@@ -555,9 +561,6 @@ PIPELINE = {
 }
 FLAGS = dict(model=("model",), data=("data",), questions=("questions",), eval_questions=("eval_questions",),
              warmup_model=("warmup_model",), mask=("mask",), pairs=("pairs",), rewrites=("rewrites",), ref=("ref",))
-# the comparison table of a run: (label, stage)
-ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
-        ("ALLO (forget + learn)", "learn")]
 
 
 def stage_config(name, a, record):
@@ -759,10 +762,15 @@ def main(argv=None):
             run_all(a, a.run, device)
         else:
             run_stage(a.stage, a, a.run, device)
-    except (UsageError, DataError, OSError) as e:  # OSError: an output that cannot be written, a full disk
+    except (UsageError, DataError, OSError, SafetensorError) as e:  # OSError, SafetensorError: a full disk
         if parallel.is_main():  # every process raises the same error
             print(f"error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         status = 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if parallel.is_main():
+            print(e if isinstance(e, Interrupted) else "interrupted; rerun the same command to go on (finished "
+                  "stages are skipped)", file=sys.stderr)
+        status = 130
     finally:  # after the except block, which frees the error's traceback and the DDP wrapper in it,
         parallel.shutdown()  # so that no process exits with the process group still referenced
     if status:

@@ -27,7 +27,7 @@ from fileio import atomic_path, replace_dir
 from flags import count, real, setting
 from model import autocast
 from optim import masked_adamw
-from runs import UsageError, checkpoints, one_line
+from runs import Interrupted, UsageError, checkpoints, one_line
 
 
 @dataclass(frozen=True)
@@ -93,30 +93,37 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     if cfg.compile:
         net = torch.compile(net)  # compiled on the first batch, again when a new shape needs it
     t0, tokens, losses = time.time(), 0, []
-    for step in range(start, steps):
-        model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
-        batches = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
-        step_loss, step_tokens = backward(net, ddp, batches, loss_fn, device)
-        if not math.isfinite(step_loss):
-            raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, "
-                             f"{last_good(ckpt_dir)} (lower the learning rate?)")
-        tokens += step_tokens
-        losses.append(step_loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not all_finite(trained):  # before any checkpoint or final file holds them
-            raise UsageError(f"{stage}: non-finite weights after step {step + 1}; stopped, "
-                             f"{last_good(ckpt_dir)} (lower the learning rate?)")
-        done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
-            log_progress(stage, out, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
-                         tokens, time.time() - t0, done - start)
-            losses = []
-        if done % cfg.ckpt_every == 0 and done < steps and parallel.is_main():
-            save_checkpoint(ckpt_dir, done, model, opt)
+    try:
+        for step in range(start, steps):
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
+            batches = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
+            step_loss, step_tokens = backward(net, ddp, batches, loss_fn, device)
+            if not math.isfinite(step_loss):
+                raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, "
+                                 f"{last_good(ckpt_dir)} (too high a learning rate, or the data or starting "
+                                 "weights out of range?)")
+            tokens += step_tokens
+            losses.append(step_loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if not all_finite(trained):  # before any checkpoint or final file holds them
+                first = next(n for n, p in model.named_parameters() if p in opt.state and not all_finite([p]))
+                raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the "
+                                 f"update overflowed); stopped, {last_good(ckpt_dir)}")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == steps:
+                log_progress(stage, out, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
+                             tokens, time.time() - t0, done - start)
+                losses = []
+            if done % cfg.ckpt_every == 0 and done < steps and parallel.is_main():
+                save_checkpoint(ckpt_dir, done, model, opt)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
+        found = checkpoints(ckpt_dir)
+        step = int(os.path.basename(found[-1]).split("-")[1]) if found else 0
+        raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step {step}") from None
     return model
 
 

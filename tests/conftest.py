@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,12 @@ import train
 # shared cores can be 30x slower. Subprocesses inherit the setting through OMP_NUM_THREADS.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def run(smoke_run, tmp_path):
+    """A copy of the finished smoke run, free to damage."""
+    return str(shutil.copytree(smoke_run, tmp_path / "run"))
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
         real_save(ckpt_dir, step, model, opt)
         raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
         mp.setattr(trainer, "save_checkpoint", save_then_die)
         train.main(ONE + ["--run", str(two), "--stage", "sft"])
     p = torchrun(*TWO, "--run-dir", str(two))

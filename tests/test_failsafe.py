@@ -24,12 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke"]
 
 
-@pytest.fixture
-def run(smoke_run, tmp_path):
-    """A copy of the finished smoke run, free to damage."""
-    return str(shutil.copytree(smoke_run, tmp_path / "run"))
-
-
 def snapshot(root):
     """Every file's bytes and every directory under root (and root's siblings: <out>.lock, <out>.tmp)."""
     seen = {}
@@ -87,7 +81,7 @@ def test_resume_with_other_settings_is_refused(run, capsys, monkeypatch, killed,
     out = os.path.join(run, "x")
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2", "--out", out]
     kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train.main(args + killed)
     monkeypatch.undo()
     assert os.path.isdir(os.path.join(out + ".tmp", "ckpt", "step-0000004"))
@@ -103,7 +97,7 @@ def test_a_forced_redo_that_was_killed_resumes(run, capsys, monkeypatch):
     """Over a finished output, --force starts a redo; killed, it resumes without --force."""
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2"]
     kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train.main(args + ["--force"])
     monkeypatch.undo()
     capsys.readouterr()
@@ -115,11 +109,11 @@ def test_a_forced_redo_that_was_killed_resumes(run, capsys, monkeypatch):
 def test_a_forget_checkpoint_is_not_resumed_by_learn(run, capsys, monkeypatch, tmp_path):
     out = str(tmp_path / "x")
     kill_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train.main(SMOKE + ["--run", run, "--stage", "forget", "--forget-steps", "4", "--out", out])
     monkeypatch.undo()
     fails_cleanly(capsys, str(tmp_path), SMOKE + ["--run", run, "--stage", "learn", "--out", out],
-                  "holds an unfinished run with stage 'forget', not 'learn'")
+                  "x.tmp: holds a run of the forget stage, not a learn stage's output")
 
 
 def test_a_finished_stage_asked_for_with_other_settings(run, capsys):
@@ -134,8 +128,12 @@ def test_a_finished_stage_asked_for_with_other_settings(run, capsys):
 
 
 def test_a_redone_stage_changes_the_inputs_of_the_next(run, capsys):
-    """stage.json's id stands for a stage's output in the fingerprints of the stages after it."""
+    """A stage's output stands in the fingerprints of the stages after it by its content: redone
+    alike (the same weights) it changes nothing; redone otherwise, the next stage sees another input."""
     train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force"])
+    train.main(SMOKE + ["--run", run, "--stage", "mask"])
+    assert "mask: finished earlier with these settings, skipped" in capsys.readouterr().out
+    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force", "--dpo-lr", "1e-3"])
     fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask"], "another warmup_model (input)")
 
 
@@ -150,7 +148,7 @@ def test_metrics_start_fresh_when_a_stage_starts_over_and_resume_drops_the_rows_
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "log_progress", die_after_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train.main(args)
     monkeypatch.undo()
     steps = lambda path: [json.loads(line)["step"] for line in open(path)]  # noqa: E731
@@ -189,7 +187,7 @@ def test_the_last_good_checkpoint_exists_and_is_finite(run, capsys, monkeypatch)
     poison_at(monkeypatch, 3)
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "4", "--ckpt-every", "1", "--force"]
     err = fails(capsys, args, "learn: non-finite weights after step 3", "the last good checkpoint is ")
-    named = err.split("the last good checkpoint is ")[1].split(" (")[0]
+    named = err.split("the last good checkpoint is ")[1].split(" (")[0].strip()
     assert named.endswith("step-0000002")
     weights = load_file(os.path.join(named, "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -383,7 +381,7 @@ def test_a_torn_checkpoint_falls_back_to_the_one_before(run, capsys, monkeypatch
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2"]
     train.main(args + ["--out", str(tmp_path / "straight")])
     kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train.main(args + ["--force"])
     monkeypatch.undo()
     torn = os.path.join(run, "learn.tmp", "ckpt", "step-0000004", "model.safetensors")

@@ -125,7 +125,9 @@ def check_pipeline(tmp_path, capsys, tokenizer):
     evaluation.main(["--questions", test_q, "--tokenizer", tokenizer, "--pairs",
                      f"{o['sample']}/test_pairs.jsonl", "--ref", o["sft"]] + [o[s] for s in STAGES])
     table = capsys.readouterr().out
-    assert all(f"| {o[s]} |" in table for s in STAGES) and "12 held-out questions" in table
+    labels = ["| SFT |", "| DPO (full parameters) |", f"| {o['rewriter']} |", "| NPO forgetting only |",
+              "| ALLO (forget + learn) |"]  # a run's stages by their labels, other folders by their path
+    assert all(label in table for label in labels) and "12 held-out questions" in table
 
 
 def test_every_stage_on_your_own_model_and_gsm8k_file(tmp_path, capsys):
@@ -177,3 +179,185 @@ def test_sft_data_may_be_questions_or_input_output_rows(tmp_path):
     with pytest.raises(DataError, match=r"b.jsonl:2: field 'answer' states no final answer"):
         evaluation.reference_answers(read_jsonl(write_rows(tmp_path / "b.jsonl", questions(0, 1) + [
             {"question": "q", "answer": "none"}]), "questions"))
+
+
+# ----------------------------------------------------------------------------- the tokenizer's own rules
+
+def bpe_tokenizer(folder, bos_in_post_processor, config=None):
+    """A byte-level BPE tokenizer.json whose post-processor adds its BOS (as Llama 3's) or none (as
+    SmolLM2's), with tokenizer_config.json (its special tokens, and `config`)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder.mkdir(exist_ok=True)
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    specials = ["<|pad|>", "<|begin|>", "<|end|>", "<|im_start|>", "<|im_end|>"]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=140, special_tokens=specials,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts() + ["system user assistant"] * 5, trainer)
+    if bos_in_post_processor:
+        tk.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<|begin|> $A", pair="<|begin|> $A <|begin|> $B", special_tokens=[("<|begin|>", 1)])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin|>", "eos_token": "<|end|>", "pad_token": "<|pad|>", **(config or {})}))
+    return str(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_bos_follows_the_tokenizer_json_post_processor(tmp_path, adds_bos):
+    """A BOS goes in where the tokenizer's own encoding puts one: training rows, reference and eval
+    rows (collate) and generation prompts (generate_ids); --bos always/never override."""
+    from tokenizers import Tokenizer as Backend
+
+    from data import TokenizerFile, collate
+    path = bpe_tokenizer(tmp_path, adds_bos)
+    tok = load_tokenizer(path)
+    own = Backend.from_file(path).encode("Question: What is 2 times 3?\nAnswer:").ids  # as transformers encodes
+    assert tok.prompt_ids("Question: What is 2 times 3?\nAnswer:") == own
+    assert (own[0] == tok.bos_id) == adds_bos
+    b = collate(tok, ["Question: Q?\nAnswer:"], [" 6"], max_len=64)
+    assert b["input_ids"][0, :len(own)].tolist()[:1] == ([tok.bos_id] if adds_bos else tok.encode("Q"))
+    assert (b["input_ids"][0] == tok.bos_id).sum() == int(adds_bos)
+
+    class Recorder:  # the model's generate, recording the prompt ids it is given
+        embed_tokens = torch.nn.Embedding(1, 1)
+
+        def eval(self):
+            return self
+
+        def generate(self, ids, *args, **kwargs):
+            self.ids = ids
+            return [[] for _ in ids]
+
+    model = Recorder()
+    evaluation.generate_ids(model, tok, ["Question: Q?\nAnswer:"], 4)
+    assert model.ids == [tok.prompt_ids("Question: Q?\nAnswer:")]
+    assert (model.ids[0][0] == tok.bos_id) == adds_bos
+    for mode, first in (("always", [tok.bos_id]), ("never", [])):
+        other = load_tokenizer(TokenizerFile(path, bos_mode=mode))
+        assert other.prompt_ids("Q") == first + tok.encode("Q")
+
+
+def test_bos_of_a_tokenizer_model_follows_add_bos_token(tmp_path):
+    path = sentencepiece_tokenizer(tmp_path)
+    assert load_tokenizer(path).prompt_ids("Q") == [2] + load_tokenizer(path).encode("Q")  # Llama 2's default
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert load_tokenizer(path).prompt_ids("Q") == load_tokenizer(path).encode("Q")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '<|im_end|>\\n\\n' + "
+          "message['content'] | trim + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant<|im_end|>\\n\\n' }}{% endif %}")
+
+
+def test_chat_templates_render_as_written_and_encode_their_special_tokens(tmp_path):
+    """ChatML (no BOS; SmolLM2's kind) and a Llama-3-style template that writes its own BOS: the
+    rendered prompt and its ids equal the hand-written ones; no second BOS on top."""
+    from data import prompt_text
+    path = bpe_tokenizer(tmp_path / "chatml", False, {"chat_template": CHATML})
+    tok = load_tokenizer(path)
+    text = prompt_text("What is 2 times 3?", "chat", tok, system="Be brief.")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 times 3?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    start, end = tok.tk.token_to_id("<|im_start|>"), tok.tk.token_to_id("<|im_end|>")
+    ids = tok.prompt_ids(text)
+    assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2
+    tail = tok.encode("assistant\n")
+    assert ids[-len(tail) - 1:] == [start] + tail
+    assert ids == tok.tk.encode(text).ids  # as the tokenizer itself encodes the rendered text
+
+    path = bpe_tokenizer(tmp_path / "llama3", True)
+    (tmp_path / "llama3" / "chat_template.jinja").write_text(LLAMA3)  # the file beside it is read too
+    tok = load_tokenizer(path)
+    text = prompt_text(" What is 2 times 3? ", "chat", tok)
+    assert text == "<|begin|><|im_start|>user<|im_end|>\n\nWhat is 2 times 3?<|end|><|im_start|>assistant<|im_end|>\n\n"
+    ids = tok.prompt_ids(text)
+    assert ids[:2] == [tok.bos_id, tok.tk.token_to_id("<|im_start|>")] and ids.count(tok.bos_id) == 1
+    assert prompt_text("Q", "{question}?") == "Q?"
+
+
+def test_chat_template_without_jinja2_or_without_a_template_is_one_line(tmp_path, monkeypatch):
+    from data import _RENDERERS, prompt_text
+    path = bpe_tokenizer(tmp_path, False)
+    with pytest.raises(DataError, match="no chat template"):
+        prompt_text("Q", "chat", load_tokenizer(path))
+    (tmp_path / "chat_template.jinja").write_text(CHATML + " ")  # a template not compiled yet
+    _RENDERERS.clear()
+    monkeypatch.setitem(__import__("sys").modules, "jinja2", None)
+    with pytest.raises(DataError, match=r"needs the `jinja2` package: pip install jinja2"):
+        prompt_text("Q", "chat", load_tokenizer(path))
+
+
+# ----------------------------------------------------------------------------- one command
+
+def one_command(tmp_path, *extra):
+    tok = bpe_tokenizer(tmp_path / "model", False, {"chat_template": CHATML})
+    base = tiny_llama(tmp_path / "model", load_tokenizer(tok).vocab_size)
+    train_q = write_rows(tmp_path / "train.jsonl", questions(1, 36))
+    val_q = write_rows(tmp_path / "val.jsonl", questions(3, 8))
+    test_q = write_rows(tmp_path / "test.jsonl", questions(2, 12))
+    run = str(tmp_path / "run")
+    args = ["--model", base, "--questions", train_q, "--eval-questions", val_q, test_q, "--run-dir", run,
+            "--batch-size", "8", "--threads", "1", "--log-every", "20", "--sft-steps", "20", "--sft-lr", "3e-3",
+            "--k", "2", "--max-new-tokens", "12", "--gold-chosen", "--dpo-steps", "2", "--rewriter-steps", "2",
+            "--forget-steps", "2", "--eval-n", "4", *extra]
+    return run, args
+
+
+def table_of(out):
+    return out[out.index("| model |"):out.index("held-out pairs")]
+
+
+def test_one_command_runs_every_stage_resumes_and_eval_prints_the_same_table(tmp_path, capsys):
+    run, args = one_command(tmp_path)
+    train.main(args)
+    first = capsys.readouterr().out
+    for stage in train.STAGES:
+        assert f"{stage}: done in" in first
+    assert "12 test questions" in first  # the table of the last evaluation file
+    for stage in ("sft", "warmup", "rewriter", "forget", "learn"):  # complete Hugging Face folders
+        out = os.path.join(run, stage)
+        Transformer.from_pretrained(out)
+        tok = load_tokenizer(out)
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+            (tok.bos_id, tok.eos_id, tok.pad_id)
+        assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == tok.eos_id
+        assert tok.chat_template == CHATML and tok.prefix == []
+    train.main(args)  # finished alike: every stage skipped
+    again = capsys.readouterr().out
+    assert all(f"{stage}: finished earlier with these settings, skipped" in again for stage in train.STAGES)
+    assert " loss " not in again
+    evaluation.main([run])
+    assert table_of(capsys.readouterr().out) == table_of(first)
+    evaluation.main([run, "--split", "val"])
+    assert "8 val questions" in capsys.readouterr().out
+
+
+def test_one_command_from_an_instruct_model_with_its_chat_template(tmp_path, capsys):
+    run, args = one_command(tmp_path, "--skip-sft", "--prompt-template", "chat", "--system", "Be brief.")
+    train.main(args)
+    out = capsys.readouterr().out
+    assert "sft:" not in out and "| start (--skip-sft) |" in out
+    pair = read_jsonl(os.path.join(run, "sample", "pairs.jsonl"), "pairs")[0]
+    assert pair["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is")
+    assert not pair["chosen"].startswith(" ")  # after "assistant\n" a response starts as it is
+    with pytest.raises(SystemExit):
+        train.main(args[:-1] + ["Be long."])  # the run was started with other inputs
+    assert "the run was started with other prompt" in capsys.readouterr().err
+
+
+def test_one_command_flags_are_checked(tmp_path, capsys):
+    for argv, expected in ((["--skip-sft"], "--skip-sft: starts from --model"),
+                           (["--system", "x"], "--system: goes with --prompt-template chat"),
+                           (["--bos-token", ""], "--bos-token: must not be empty"),
+                           (["--model", str(tmp_path)], "--questions"),
+                           (["--questions", "q.jsonl"], "--model")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--run-dir", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
