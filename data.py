@@ -437,7 +437,7 @@ class Rows(list):
         return f"{self.path}:{self.lines[i]}"
 
 
-def read_jsonl(path, kind, tok=None):
+def read_jsonl(path, kind, tok=None, held=None):
     """Rows of a JSONL file of the given kind, each checked:
       questions: {"question": str, "answer": str}   (GSM8K's format: answer = the reference
                  solution, ending in "#### <final answer>" or "The answer is <final answer>.")
@@ -447,15 +447,19 @@ def read_jsonl(path, kind, tok=None):
       rewrites:  {"prompt": str, "response": str, "rewrite": str, "first_error": int (optional)}
     With tok, forget weights must have one entry per token of tok.encode(response).
     Blank lines are skipped; other fields are kept. Raises DataError("path:line: ...").
-    Returns Rows (a list that knows each row's line)."""
+    held: {path: bytes} already read (a stage's inputs, as hashed for its fingerprint); a path not
+    in it is read now. Returns Rows (a list that knows each row's line)."""
     if kind not in FIELDS:
         raise ValueError(f"kind {kind!r}: expected one of {sorted(FIELDS)}")
     rows = Rows(path)
-    regular_file(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    if held is not None and path in held:
+        f = io.BytesIO(held[path])
+    else:
+        regular_file(path)
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror}") from None
     with f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}:"

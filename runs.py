@@ -70,8 +70,9 @@ class StageOutput:
         """config: the stage's config dataclass; inputs: {name: path, list of paths, TokenizerFile or
         None}; extra: settings outside the config that change the result."""
         self.stage, self.out, self.work, self.device, self.force = stage, out, out + ".tmp", device, force
-        self.fingerprint = json.loads(json.dumps({"stage": stage, **fingerprint(config), **extra,
-                                                  "inputs": {k: input_id(v) for k, v in inputs.items()}}))
+        self.held = {}  # path -> the bytes of each data file, read once: hashed here, parsed by the stage
+        ids = {k: input_id(v, self.held) for k, v in inputs.items()}
+        self.fingerprint = json.loads(json.dumps({"stage": stage, **fingerprint(config), **extra, "inputs": ids}))
         self.finished, self.info, self.t0, self.lock = False, None, time.time(), None
         self.created = []  # parent directories this stage made, removed again if it fails
 
@@ -244,7 +245,7 @@ def difference(old, new):
 MODEL_FILES = ("config.json", "model.safetensors.index.json") + TOKENIZER_FILES + COMPANION_FILES
 
 
-def input_id(path):
+def input_id(path, held=None):
     """What stands for an input in a fingerprint: its content. None; a file: a hash of its content (the
     whole file up to 256 MiB, else its size and first and last MiB); a model directory: a hash of the
     names and hashes of the files that make the model (MODEL_FILES and its .safetensors). A file written by an earlier stage counts like any other, so an edited one is
@@ -266,6 +267,10 @@ def input_id(path):
         listing = "".join(f"{n}:{input_id(os.path.join(path, n))}" for n in files)
         return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
     regular_file(path)
+    if held is not None and path.endswith(".jsonl"):  # a data file: read once, hashed and kept
+        with open(path, "rb") as f:
+            held[path] = f.read()
+        return "sha256:" + hashlib.sha256(held[path]).hexdigest()
     return "sha256:" + file_hash(path)
 
 

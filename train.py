@@ -95,7 +95,7 @@ def stage_sft(config, inputs, out, device, force=False):
         if so.finished:
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
-        read = read_jsonl(inputs["data"], "sft")
+        read = read_jsonl(inputs["data"], "sft", held=so.held)
         if not read:
             raise UsageError(f"{inputs['data']}: no SFT rows to train on")
         lead = response_lead(prompt.template)
@@ -123,7 +123,7 @@ def stage_sft(config, inputs, out, device, force=False):
         fit("sft", policy, full_masks(policy), batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         val_acc = None
         if inputs["eval_questions"] and parallel.is_main():  # rank 0 only; the others wait in finish()
-            questions = read_jsonl(inputs["eval_questions"], "questions")[:config.eval_n]
+            questions = read_jsonl(inputs["eval_questions"], "questions", held=so.held)[:config.eval_n]
             val_acc = accuracy(policy, tok, questions, prompt)
             print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {len(questions)} questions")
         return so.finish(policy, tok, trained_fraction=1.0, val_accuracy=val_acc)
@@ -169,7 +169,7 @@ def stage_sample(config, inputs, out, device, force=False):
         if so.finished:
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
-        rows_of = {path: read_jsonl(path, "questions") for _, path, _ in files}
+        rows_of = {path: read_jsonl(path, "questions", held=so.held) for _, path, _ in files}
         empty = next((path for path, rows in rows_of.items() if not rows), None)
         if empty:
             raise UsageError(f"{empty}: no questions to sample")
@@ -273,7 +273,7 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
         data, model, ref = inputs["data"], inputs["model"], inputs.get("ref")
-        pairs = read_jsonl(data, "pairs")
+        pairs = read_jsonl(data, "pairs", held=so.held)
         if not pairs:
             raise UsageError(f"{data}: no preference pairs to train on")
         check_lengths(stage, tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % len(pairs)))
@@ -336,7 +336,7 @@ def stage_mask(config, inputs, out, device, force=False):
                 raise UsageError(f"{warmup}: the warmup model's parameters are not those of {model}")
             scores = allo.importance_from_delta(dict(start.named_parameters()), dict(warm.named_parameters()))
         else:
-            pairs = read_jsonl(inputs["data"], "pairs")
+            pairs = read_jsonl(inputs["data"], "pairs", held=so.held)
             n = len(pairs)
             if not n:
                 raise UsageError(f"{inputs['data']}: no preference pairs to score with")
@@ -402,8 +402,8 @@ def stage_rewriter(config, inputs, out, device, force=False):
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
         data = inputs["data"]
-        forget = read_jsonl(data, "forget")
-        examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"))
+        forget = read_jsonl(data, "forget", held=so.held)
+        examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"), so.held)
         max_len = 3 * cfg.max_len
         check_lengths("rewriter", tok, [e[0] for e in examples], [e[1] for e in examples], max_len,
                       lambda i: f"{data} (rewrite example {i + 1})")
@@ -437,22 +437,23 @@ def stage_rewriter(config, inputs, out, device, force=False):
         return so.finish(rewriter, tok, trained_fraction=1.0, **info)
 
 
-def rewrite_examples(forget, rewrites, pairs):
+def rewrite_examples(forget, rewrites, pairs, held=None):
     """The rewriter's (prompt, target) examples, deduplicated: each wrong response with its given
     rewrite or, without one, its reference solution; each correct response (pairs' chosen side) as
     itself. Also the char index of each wrong response's first error (-1: not known) and the number
-    of given rewrites."""
+    of given rewrites. held: the bytes of the files already read (read_jsonl)."""
     for i, r in enumerate(forget):
         if not all(isinstance(r.get(f), str) for f in ("question", "reference")):
             raise DataError(f"{forget.where(i)}: the rewriter needs the fields 'question' and 'reference' "
                             "(the sample stage writes them)")
-    given = {(r["prompt"], r["response"]): r for r in (read_jsonl(rewrites, "rewrites") if rewrites else [])}
+    given = {(r["prompt"], r["response"]): r for r in (read_jsonl(rewrites, "rewrites", held=held) if rewrites
+                                                       else [])}
     fixes = [given.get((r["prompt"], r["response"])) for r in forget]
     lead = [r["response"][:len(r["response"]) - len(r["response"].lstrip())] for r in forget]  # leading space
     examples = [(rewriter_prompt(r), fix["rewrite"] if fix else space + r["reference"])
                 for r, fix, space in zip(forget, fixes, lead)]
     by_prompt = {r["prompt"]: r for r in forget}
-    for p in read_jsonl(pairs, "pairs") if pairs else []:  # a correct response is its own rewrite
+    for p in read_jsonl(pairs, "pairs", held=held) if pairs else []:  # a correct response is its own rewrite
         if p["prompt"] in by_prompt:
             row = {**by_prompt[p["prompt"]], "response": p["chosen"]}
             examples.append((rewriter_prompt(row), p["chosen"]))
@@ -506,7 +507,7 @@ def stage_forget(config, inputs, out, device, force=False):
             return so.info
         tok = load_tokenizer(inputs["tokenizer"])
         data, model, ref = inputs["data"], inputs["model"], inputs.get("ref")
-        rows = read_jsonl(data, "forget", tok)
+        rows = read_jsonl(data, "forget", tok, held=so.held)
         if not rows:
             raise UsageError(f"{data}: no forgetting examples")
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]

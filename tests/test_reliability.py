@@ -240,3 +240,16 @@ def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(run, capsys, mo
     err = capsys.readouterr().err
     assert e.value.code == 130
     assert err == "learn: interrupted; rerun the same command to resume from step 2\n"
+
+
+def test_a_data_file_is_read_once_the_copy_hashed_is_the_copy_parsed(tmp_path):
+    """A stage hashes its data files for its fingerprint and parses those same bytes: a file changed
+    in between (or a pipe that could be read only once) cannot slip another content in."""
+    import runs
+    from data import read_jsonl
+    path = write(tmp_path / "pairs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    held = {}
+    first = runs.input_id(path, held)
+    write(path, '{"prompt": "other", "chosen": "c", "rejected": "d"}\n')
+    assert [r["prompt"] for r in read_jsonl(path, "pairs", held=held)] == ["q"]
+    assert runs.input_id(path) != first and [r["prompt"] for r in read_jsonl(path, "pairs")] == ["other"]
