@@ -1,12 +1,20 @@
 """The paper's claims in miniature: its empirical study and its ablations, over several seeds.
 
-    python study.py                          # 3 seeds on runs/default, scored on the test split
+    python study.py --pipeline-seeds 5 --run runs/pipe   # 5 whole pipelines: the claims' true spread
+    python study.py                          # 3 arm seeds on runs/default, scored on the test split
     python study.py --quick                  # 1 seed, short budgets, 200 questions
     python study.py --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
 
-Every train.py flag works here too (learning rates, steps, ratios, eps, tau, beta, ...). The study
-needs runs/default/{sft,sample,rewriter} (`python train.py` makes them): every arm starts from the
-same SFT model and trains on the same self-sampled data, the learning arms for --dpo-steps
+Two kinds of seed. A pipeline seed (--pipeline-seeds N) re-runs everything the arms start from:
+the SFT model's init and batch order, the sampling of the pairs and wrong responses, the rewriter
+(each seed in its own run directory <run>/seed<s>/, made and resumed as train.py makes them; the
+task's questions stay those of --task-seed), then every arm. An arm seed (--seeds N, on one run)
+varies only the arms' batch order, hence the DPO run that ranks the neurons and its masks: its
+spread leaves out the largest source of variance, and its intervals are too narrow for a claim.
+
+Every train.py flag works here too (learning rates, steps, ratios, eps, tau, beta, ...). With arm
+seeds the study needs runs/default/{sft,sample,rewriter} (`python train.py` makes them): every arm
+starts from the same SFT model and trains on the same self-sampled data, the learning arms for --dpo-steps
 optimizer steps on the same pairs, the forgetting phases for --forget-steps on the same wrong
 responses. A seed sets the batch order, hence the DPO run whose weight change ranks the neurons,
 the masks drawn from it and every arm. Full-parameter training runs at --dpo-lr, training under a
@@ -29,26 +37,30 @@ mask at --learn-lr, forgetting at --forget-lr: each choice made on the validatio
     token
 
 Writes <run>/study/<tag>/: one directory per seed and arm (resumable: finished arms are skipped),
-results.json (every seed's row and the means), results.csv, table.md.
+results.json (every seed's row, the means, the claims as paired differences with 95% t intervals, the
+machine), results.csv, table.md, and with matplotlib the figures convergence, accuracy and
+mask_density (PNG and SVG).
 """
 
+import argparse
 import csv
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import replace
 
 import torch
+from safetensors.torch import load_file
 
+import report
 import train
 from data import DataError, TokenizerFile
 from eval import run_evaluator
 from fileio import atomic_path, read_json, write_json
 from flags import HelpFormatter, Parser, config_from, count
 from model import pick_device
-from runs import UsageError, one_line
+from runs import UsageError, machine, one_line
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
 ARMS = [
@@ -119,33 +131,52 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     return out, phases
 
 
-def quarter_losses(out):
-    """Mean training loss over each quarter of a run, from its metrics.jsonl (logged every quarter)."""
+def step_losses(out):
+    """The training loss of every step of a run, from its metrics.jsonl."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r["loss"] for r in rows][-4:]
+        return [json.loads(line)["loss"] for line in f]
 
 
 # ----------------------------------------------------------------------------- the study
 
 def run_study(opts, a):
-    """Every arm of opts.arms for opts.seeds seeds with train.py's flags `a`, scored on opts.split."""
-    run, device = opts.run, pick_device(a.device)
-    root = os.path.join(run, "study", opts.tag)
+    """Every arm of opts.arms, scored on opts.split: for opts.pipeline_seeds whole pipelines (one
+    run directory each), or for opts.seeds arm seeds on the run opts.run."""
+    device = pick_device(a.device)
+    root = os.path.join(opts.run, "study", opts.tag)
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
-    for stage in ("sft", "sample") + (("rewriter",) if forgets else ()):
-        train.need(os.path.join(run, stage, "stage.json"), stage)
+    prerequisites = ("sft", "sample") + (("rewriter",) if forgets else ())
+    t0, rows = time.time(), []
+    if opts.pipeline_seeds:
+        for seed in range(a.seed, a.seed + opts.pipeline_seeds):
+            a_seed, run = argparse.Namespace(**{**vars(a), "seed": seed}), os.path.join(opts.run, f"seed{seed}")
+            train.start_run(a_seed, run)
+            for stage in prerequisites:  # each skips itself when finished alike
+                train.run_stage(stage, a_seed, run, device)
+            rows += study_run(opts, a_seed, run, [seed], arms, device, t0)
+    else:
+        for stage in prerequisites:
+            train.need(os.path.join(opts.run, stage, "stage.json"), stage)
+        rows = study_run(opts, a, opts.run, range(a.seed, a.seed + opts.seeds), arms, device, t0)
+    os.makedirs(root, exist_ok=True)
+    write_results(root, opts, a, rows, [arm[0] for arm in arms], device)
+    print(f"study: {time.time() - t0:.0f}s -> {root}")
+
+
+def study_run(opts, a, run, seeds, arms, device, t0):
+    """The arms on one run directory for the given arm seeds; returns a row per seed and arm."""
+    root = os.path.join(run, "study", opts.tag)
     os.makedirs(root, exist_ok=True)
     evaluate, split = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
-    print(f"study: {len(arms)} arms x {opts.seeds} seeds, {len(evaluate.problems)} {split} questions, "
+    print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} questions, "
           f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft_metrics = evaluate(os.path.join(run, "sft"))
     tokenizer = TokenizerFile(os.path.join(run, "sft"), a.bos_token, a.eos_token, a.pad_token, a.bos)
     inputs = {"forget": dict(tokenizer=tokenizer, data=os.path.join(run, "rewriter", "forget_weighted.jsonl")),
               "learn": dict(tokenizer=tokenizer, data=os.path.join(run, "sample", "pairs.jsonl"))}
-    rows, t0, done, total = [], time.time(), 0, len(arms) * opts.seeds
-    for seed in range(a.seed, a.seed + opts.seeds):
+    rows = []
+    for seed in seeds:
         cfg = replace(config_from(train.TrainConfig, a), seed=seed)
         seed_dir = os.path.join(root, f"seed{seed}")
         arm_args = dict(run=run, seed_dir=seed_dir, forget_config=config_from(train.ForgetConfig, a, train=cfg),
@@ -154,31 +185,40 @@ def run_study(opts, a):
         train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
         masks = study_masks(run, seed_dir, a, seed, device)
         for name, forget, learn in arms:
-            row = {"arm": name, "seed": seed, "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
-                   "quarter_losses": None, **sft_metrics}
+            row = {"arm": name, "seed": seed, "run": run, "forget_fraction": 0.0, "learn_fraction": 0.0,
+                   "wall_s": 0.0, "losses": None, "split": split, **sft_metrics}
             if learn is not None:
                 out, phases = train_arm(name, forget, learn, masks=masks, **arm_args)
                 row.update(arm_metrics(name, out, phases, forget, evaluate, split, opts.n_eval))
             rows.append(row)
-            done += 1
-            elapsed = time.time() - t0
-            print(f"study: {done}/{total} seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; "
-                  f"elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s", flush=True)
-    write_results(root, opts, split, a, rows, [arm[0] for arm in arms], len(evaluate.problems), len(evaluate.pairs))
-    print(f"study: {time.time() - t0:.0f}s -> {root}")
+            print(f"study: seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; elapsed "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    return rows
 
 
-def write_results(root, opts, split, a, rows, names, n_questions, n_pairs):
-    """results.json (every row, the summary), results.csv and table.md under root; prints the table."""
-    summary = summarize(rows, names)
+def write_results(root, opts, a, rows, names, device):
+    """results.json (every row, the summary, the claims, the machine), results.csv, table.md and the
+    figures under root; prints the table."""
+    summary, found = report.summarize(rows, names), report.claims(rows)
+    split, seeds = rows[0]["split"], sorted({r["seed"] for r in rows})
+    kind = "pipeline seed(s)" if opts.pipeline_seeds else "arm seed(s) (one SFT model, one sample, one rewriter)"
     write_json(os.path.join(root, "results.json"),
-               {"split": split, "seeds": opts.seeds, "settings": vars(a), "rows": rows,
-                "summary": summary})
+               {"split": split, "seeds": seeds, "kind": kind, "settings": vars(a), "rows": rows,
+                "summary": summary, "claims": found, **machine(device)})
     write_csv(os.path.join(root, "results.csv"), rows)
-    table = markdown(summary, opts, split, a, n_questions, n_pairs)
+    settings = (f"Learning: {a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, masks "
+                f"at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); forgetting: {a.forget_steps} "
+                f"steps of {a.batch_size} wrong responses at lr {a.forget_lr:g}, forget ratio {a.forget_ratio:g}, "
+                f"tau {a.tau:g}. Intervals: Student's t over the per-seed paired differences.")
+    table = report.markdown(summary, found, split, f"{len(seeds)} {kind}", settings,
+                            rows[0]["n_questions"], rows[0]["n_pairs"])
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)
+    mask = os.path.join(rows[0]["run"], "study", opts.tag, f"seed{seeds[0]}", "masks-top", "learn.safetensors")
+    written = report.figures(root, rows, summary, load_file(mask) if os.path.exists(mask) else None)
+    if written:
+        print("study: figures " + ", ".join(os.path.basename(p) for p in written))
 
 
 def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
@@ -189,7 +229,7 @@ def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     if forget:
         row["forget_fraction"] = infos[0]["trained_fraction"]
     if name in CONVERGENCE:
-        row["quarter_losses"] = quarter_losses(out)
+        row["losses"] = step_losses(out)
     return row
 
 
@@ -202,68 +242,22 @@ def cached_eval(out, evaluate, split, n_eval):
         return json.load(f)
 
 
-def summarize(rows, names):
-    """Per arm: mean and sample std over seeds of accuracy, means of the rest."""
-    out = []
-    for name in names:
-        rs = [r for r in rows if r["arm"] == name]
-        acc = [r["accuracy"] for r in rs]
-
-        def mean(k):
-            return None if rs[0][k] is None else statistics.fmean(r[k] for r in rs)
-
-        quarters = None if rs[0]["quarter_losses"] is None else [
-            statistics.fmean(q) for q in zip(*(r["quarter_losses"] for r in rs))]
-        out.append({"arm": name, "accuracy": statistics.fmean(acc),
-                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                    "pair_accuracy": mean("pair_accuracy"), "margin": mean("margin"),
-                    "forget_fraction": mean("forget_fraction"), "learn_fraction": mean("learn_fraction"),
-                    "wall_s": mean("wall_s"), "quarter_losses": quarters})
-    return out
-
-
 def write_csv(path, rows):
-    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction",
-            "wall_s", "quarter_losses"]
+    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction", "wall_s"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
-            w.writerow([json.dumps(r[c]) if c == "quarter_losses" else r[c] for c in cols])
-
-
-def markdown(summary, opts, split, a, n_questions, n_pairs):
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    lines = [f"| arm | {split} accuracy (mean ± std) | pair accuracy | margin | trained fraction "
-             "(forget / learn) | wall time (s) |", "|---|---|---|---|---|---|"]
-    for s in summary:
-        margin = "-" if s["margin"] is None else f"{s['margin']:+.3f}"
-        frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
-        lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
-                     f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
-    lines.append(f"\n{opts.seeds} seed(s); {n_questions} {split} questions, greedy; {n_pairs} held-out "
-                 "pairs, "
-                 "margin = beta * (chosen - rejected) log-ratio against the SFT model. Learning: "
-                 f"{a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, "
-                 f"masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); forgetting: "
-                 f"{a.forget_steps} steps of {a.batch_size} wrong responses at lr {a.forget_lr:g}, "
-                 f"forget ratio {a.forget_ratio:g}, tau {a.tau:g}.")
-    conv = [s for s in summary if s["quarter_losses"]]
-    if conv:
-        lines += ["", "| DPO loss, mean over each quarter of training | 25% | 50% | 75% | 100% |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {s['arm']} | " + " | ".join(f"{q:.4f}" for q in s["quarter_losses"]) + " |"
-                  for s in conv]
-    return "\n".join(lines)
+            w.writerow([r[c] for c in cols])
 
 
 def parse(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,  # --seed is not --seeds
                epilog="Any other flag is a train.py flag (see python train.py --help).")
     p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
-    p.add_argument("--seeds", type=count(1), default=3, help="seeds: --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=count(1), default=3, help="arm seeds on one run: --seed, --seed + 1, ...")
+    p.add_argument("--pipeline-seeds", type=count(0), default=0, help="whole pipelines, one run directory "
+                   "<run>/seed<s>/ each (SFT, sampling, rewriter, then the arms); 0: arm seeds on --run")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="held-out split to score: choose settings on val, report test")
     p.add_argument("--tag", default="main", help="name of this study under <run>/study/")
@@ -278,7 +272,6 @@ def parse(argv=None):
         opts.seeds, opts.n_eval = 1, opts.n_eval or 200
         rest = ["--dpo-steps", "40", "--forget-steps", "20"] + rest
     a = train.parse_args(rest)
-    a.log_every = max(1, a.dpo_steps // 4)  # four loss points per run: the convergence table
     return opts, a
 
 

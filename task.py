@@ -48,7 +48,8 @@ TEMPLATES = {  # one sentence per step; {p} is the pronoun, {b} the operand
 @dataclass(frozen=True)
 class TaskConfig:
     """embedded task (without --questions)"""
-    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
+    seed: int = setting(0, "seed of the task's questions (--seed varies the rest: init, batch order, "
+                        "sampling)", flag="--task-seed", type=int)
     n_train: int = setting(4000, "training problems", type=count(1))
     n_val: int = setting(500, "validation problems, for choosing settings", type=count(1))
     n_test: int = setting(500, "held-out test problems", type=count(1))

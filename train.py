@@ -145,7 +145,7 @@ class SampleConfig:
                            choices=["steps", "answer"])
     gold_chosen: bool = setting(False, "questions with no correct sample pair the reference solution with the "
                                 "wrong ones", variant=True)
-    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
+    seed: int = setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
     prompt: PromptConfig = PromptConfig()
 
 

@@ -47,7 +47,7 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
                             "after tens of seconds of compiling; agrees with eager within float rounding)",
                             result=False)
-    seed: int = setting(0, "seed of the task, the init, the batch order and the sampling", type=int)
+    seed: int = setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
 
 
 @dataclass
@@ -74,8 +74,10 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     Dense gradients are clipped to norm 1.0 before the masked update (as the release); the
     learning rate warms up linearly, then decays on a cosine. A progress line (loss, lr, global
     tokens/s, ETA) every cfg.log_every steps, appended to out/metrics.jsonl; a checkpoint every
-    cfg.ckpt_every steps into out/ckpt/, resumed from when the stage runs again. A non-finite loss
-    stops every process (the loss is all-reduced) with a UsageError.
+    cfg.ckpt_every steps into out/ckpt/, resumed from when the stage runs again. out/metrics.jsonl
+    holds every step's loss and learning rate (written at each progress line and checkpoint), and
+    the tokens/s of the steps with a progress line. A non-finite loss stops every process (the loss
+    is all-reduced) with a UsageError.
     """
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
@@ -92,7 +94,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     net = ddp or model
     if cfg.compile:
         net = torch.compile(net)  # compiled on the first batch, again when a new shape needs it
-    t0, tokens, losses = time.time(), 0, []
+    t0, tokens, losses, rows = time.time(), 0, [], []  # rows: the metrics not yet written
     try:
         for step in range(start, steps):
             model.train()
@@ -106,6 +108,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
                                  "weights out of range?)")
             tokens += step_tokens
             losses.append(step_loss)
+            rows.append({"stage": stage, "step": step + 1, "loss": step_loss, "lr": opt.param_groups[0]["lr"]})
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -114,11 +117,15 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
                 raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the "
                                  f"update overflowed); stopped, {last_good(ckpt_dir)}")
             done = step + 1
+            checkpoint = done % cfg.ckpt_every == 0 and done < steps
+            if done % cfg.log_every == 0 or done == steps or checkpoint:
+                rows[-1]["tokens_per_s"] = tokens / (time.time() - t0)
+                rows = write_metrics(out, rows)
             if done % cfg.log_every == 0 or done == steps:
-                log_progress(stage, out, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
+                log_progress(stage, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
                              tokens, time.time() - t0, done - start)
                 losses = []
-            if done % cfg.ckpt_every == 0 and done < steps and parallel.is_main():
+            if checkpoint and parallel.is_main():
                 save_checkpoint(ckpt_dir, done, model, opt)
     except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
         found = checkpoints(ckpt_dir)
@@ -169,14 +176,19 @@ def step_norms(norms, device):
     return Norms(*parallel.all_reduce_sum(total).tolist())
 
 
-def log_progress(stage, out, done, steps, loss, lr, tokens, elapsed, steps_run):
-    row = {"stage": stage, "step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed}
-    eta = (steps - done) * elapsed / steps_run
-    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {row['tokens_per_s']:,.0f} "
-          f"eta {eta:.0f}s", flush=True)
+def write_metrics(out, rows):
+    """Append rows to out/metrics.jsonl (rank 0); returns an empty list for the rows to come."""
     if parallel.is_main():
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return []
+
+
+def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
+    """The progress line: the mean loss since the last line, lr, tokens/s over the run, ETA."""
+    eta = (steps - done) * elapsed / steps_run
+    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {tokens / elapsed:,.0f} eta {eta:.0f}s",
+          flush=True)
 
 
 def lr_factor(step, n_steps, warmup_frac):

@@ -146,8 +146,8 @@ def test_metrics_start_fresh_when_a_stage_starts_over_and_resume_drops_the_rows_
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2", "--force"]
     real_log = trainer.log_progress
 
-    def die_after_step_5(stage, out, done, *a):
-        real_log(stage, out, done, *a)
+    def die_after_step_5(stage, done, *a):
+        real_log(stage, done, *a)
         if done == 5:
             raise KeyboardInterrupt
 
@@ -375,7 +375,7 @@ def test_select_masks_refuses_nan_scores():
 
 
 def test_the_embedded_task_asked_for_with_other_settings(run, capsys):
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "sft", "--seed", "1"],
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "sft", "--task-seed", "1"],
                   f"{run}/task: the task was written with seed 0, not 1", "--force")
 
 

@@ -4,10 +4,12 @@ a second call resumes instead of retraining."""
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import allo
+import report
 import study
 from model import Transformer
 
@@ -26,8 +28,12 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
     assert [s["arm"] for s in res["summary"]] == [a[0] for a in study.ARMS]
     for r in res["rows"]:
         assert 0 <= r["accuracy"] <= 1 and r["n_questions"] == 8
-        assert (r["quarter_losses"] is not None) == (r["arm"] in study.CONVERGENCE)
-    assert all(len(r["quarter_losses"]) == 4 for r in res["rows"] if r["quarter_losses"])
+        assert (r["losses"] is not None) == (r["arm"] in study.CONVERGENCE)
+        if r["losses"]:  # every step's loss (--dpo-steps 4), their quarters from them
+            assert len(r["losses"]) == 4
+            summary = next(s for s in res["summary"] if s["arm"] == r["arm"])
+            assert summary["quarter_losses"] == r["losses"]  # one seed, one step a quarter
+    assert res["device"].startswith("cpu ") and res["torch"] == torch.__version__
     with open(os.path.join(root, "results.csv")) as f:
         assert len(f.readlines()) == 1 + len(study.ARMS)
     table = open(os.path.join(root, "table.md")).read()
@@ -83,3 +89,70 @@ def test_train_flags_are_not_taken_for_abbreviations_of_study_flags():
     assert (opts.seeds, a.seed, opts.split) == (3, 2, "val")
     opts, a = study.parse(["--seed", "1"])
     assert (opts.seeds, a.seed) == (3, 1)
+
+
+@pytest.mark.parametrize("n", [7, 50, 100])
+def test_quarter_means_are_the_means_of_every_steps_loss(n):
+    losses = [float(i * i % 17) for i in range(1, n + 1)]
+    bounds = {7: [0, 1, 3, 5, 7], 50: [0, 12, 25, 37, 50], 100: [0, 25, 50, 75, 100]}[n]  # floor(q * n / 4)
+    expected = [sum(losses[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+    assert report.quarter_means(losses) == pytest.approx(expected, abs=0)
+    assert report.quarter_means([1.0, 2.0]) == [None, 1.0, None, 2.0]
+
+
+def test_paired_interval_and_verdicts_by_hand():
+    """Differences 2, 4, 6 points: mean 4, sd 2, t(2) = 4.303, half width 4.303 * 2 / sqrt(3) = 4.969."""
+    rows = [{"arm": arm, "seed": s, "accuracy": acc} for s, (a, d) in enumerate([(0.50, 0.48), (0.60, 0.56),
+                                                                                  (0.70, 0.64)])
+            for arm, acc in (("ALLO", a), ("DPO full", d))]
+    (claim,) = report.claims(rows)
+    assert claim["claim"] == "ALLO − DPO full" and claim["seeds"] == 3
+    assert claim["difference"] == pytest.approx(4.0)
+    assert (claim["low"], claim["high"]) == pytest.approx((4 - 4.303 * 2 / 3 ** 0.5, 4 + 4.303 * 2 / 3 ** 0.5))
+    assert claim["verdict"] == "not shown: the interval holds 0"
+    assert report.verdict(0.5, 2.0, +1) == "holds" and report.verdict(-3, -1, +1) == "fails: the other way"
+    assert report.verdict(-3, -1, -1) == "holds" and report.verdict(None, None, +1) == "one seed: no interval"
+
+
+def test_pipeline_seeds_rerun_the_whole_pipeline_per_seed(tmp_path, capsys):
+    run = str(tmp_path / "pipe")
+    args = ["--run", run, "--pipeline-seeds", "2", "--tag", "p", "--arms", "DPO full", "DPO top", "ALLO",
+            "--preset", "smoke", "--dpo-steps", "4", "--forget-steps", "2", "--n-eval", "8", "--threads", "1"]
+    study.main(args)
+    sft = [weights(os.path.join(run, f"seed{s}", "sft")) for s in (0, 1)]
+    assert any(not torch.equal(sft[0][n], sft[1][n]) for n in sft[0])  # another init and batch order
+    samples = [open(os.path.join(run, f"seed{s}", "sample", "forget.jsonl")).read() for s in (0, 1)]
+    assert samples[0] != samples[1]
+    questions = [open(os.path.join(run, f"seed{s}", "task", "test.jsonl")).read() for s in (0, 1)]
+    assert questions[0] == questions[1]  # the task's questions stay
+    res = json.load(open(os.path.join(run, "study", "p", "results.json")))
+    assert res["seeds"] == [0, 1] and "pipeline" in res["kind"]
+    by = {(r["arm"], r["seed"]): 100 * r["accuracy"] for r in res["rows"]}
+    claim = next(c for c in res["claims"] if c["claim"] == "ALLO − DPO full")
+    diffs = [by[("ALLO", s)] - by[("DPO full", s)] for s in (0, 1)]
+    half = 12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5  # t(1) * sd / sqrt(2)
+    assert claim["difference"] == pytest.approx(sum(diffs) / 2)
+    assert (claim["low"], claim["high"]) == pytest.approx((claim["difference"] - half, claim["difference"] + half))
+    table = open(os.path.join(run, "study", "p", "table.md")).read()
+    assert "2 pipeline seed(s)" in table and "| ALLO − DPO full |" in table
+    capsys.readouterr()
+    study.main(args)  # resumable: nothing trains again
+    assert " loss " not in capsys.readouterr().out
+
+
+def test_figures_are_written_with_matplotlib_and_skipped_in_one_line_without(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rows = [{"arm": arm, "seed": s, "accuracy": 0.5 + 0.1 * s, "pair_accuracy": None, "margin": None,
+             "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
+             "losses": [0.7, 0.6, 0.5, 0.4] if arm != "ALLO" else None} for arm in ("DPO full", "DPO top", "ALLO")
+            for s in (0, 1)]
+    summary = report.summarize(rows, ["DPO full", "DPO top", "ALLO"])
+    masks = {"layers.0.mlp.up_proj.weight": torch.tensor([[True, False]]), "norm.weight": torch.tensor([True])}
+    written = report.figures(str(tmp_path), rows, summary, masks)
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(f"{n}.{e}" for n in ("convergence", "accuracy", "mask_density") for e in ("png", "svg"))
+    assert all(os.path.getsize(p) > 1000 for p in written)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert report.figures(str(tmp_path / "none"), rows, summary, masks) == []
+    assert capsys.readouterr().out == "study: no figures (they need matplotlib: pip install matplotlib); the " \
+        "tables are written\n"
