@@ -30,7 +30,7 @@ from fileio import read_json, write_json
 from flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags, add_tokenizer_flags, count,
                    nonempty, real, setting)
 from model import autocast, pick_device
-from runs import UsageError, load_model, one_line
+from runs import UsageError, batches, load_model, one_line
 
 
 # the comparison table of a run, (label, stage), in the order of the method
@@ -66,16 +66,25 @@ class PromptConfig:
 # ----------------------------------------------------------------------------- generation and answers
 
 @torch.no_grad()
-def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256):
+def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256,
+                 label="generate", stop=()):
     """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding,
-    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids)."""
+    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids). A row
+    ends at EOS or at the token whose decoded tail holds a stop string. A progress line, headed
+    `label`, every few seconds."""
     model.eval()
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    tail = max((len(s) for s in stop), default=0) + 2  # tokens enough to hold any stop string
+
+    def finished(new):
+        text = tok.decode(new[-tail:])
+        return any(s in text for s in stop)
+
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in batches(label, len(prompts), batch_size, "responses"):
         ids = [tok.prompt_ids(p) for p in prompts[i:i + batch_size]]
         out += model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen,
-                              vocab_size=tok.vocab_size)
+                              vocab_size=tok.vocab_size, finished=finished if stop else None)
     return out
 
 
@@ -84,10 +93,11 @@ def cut_at_stop(text, stop):
     return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
 
 
-def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256):
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256,
+             label="generate"):
     """Generated response text for each prompt string, cut at the first stop string."""
-    return [cut_at_stop(tok.decode(t), stop)
-            for t in generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size)]
+    ids = generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, label, stop)
+    return [cut_at_stop(tok.decode(t), stop) for t in ids]
 
 
 def reference_answers(rows):
@@ -101,10 +111,11 @@ def reference_answers(rows):
     return answers
 
 
-def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256):
+def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256, label="accuracy"):
     """Greedy accuracy on questions rows ({"question", "answer"}) under the prompt settings."""
     prompts = [prompt_text(q["question"], prompt.template, tok, prompt.system) for q in questions]
-    responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop, batch_size=batch_size)
+    responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop, batch_size=batch_size,
+                         label=label)
     answers = reference_answers(questions)
     return sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers)) / max(1, len(questions))
 
@@ -112,12 +123,12 @@ def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256):
 # ----------------------------------------------------------------------------- preference metrics
 
 @torch.no_grad()
-def response_logps(model, tok, prompts, responses, max_len, batch_size=64):
+def response_logps(model, tok, prompts, responses, max_len, batch_size=64, label="score"):
     """Summed log pi(response | prompt) per row, float64 list."""
     model.eval()
     device = model.embed_tokens.weight.device
     sums = []
-    for i in range(0, len(prompts), batch_size):
+    for i in batches(label, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         with autocast(device):
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
@@ -129,8 +140,9 @@ def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64):
     """Preference accuracy and mean implicit-reward margin of `model` on pairs, against the
     reference's summed log-probs ref_sums = (chosen, rejected)."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size)
-    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size)
+    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size, "eval chosen")
+    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
+                              "eval rejected")
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
@@ -162,8 +174,9 @@ class Evaluator:
         if self.pairs:
             model = load_model(ref, self.device, self.tok)
             prompts = [p["prompt"] for p in self.pairs]
-            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs],
-                                                 max_len, batch_size) for side in ("chosen", "rejected"))
+            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs], max_len,
+                                                 batch_size, f"eval reference {side}")
+                                  for side in ("chosen", "rejected"))
 
     def __call__(self, model_dir):
         """{"accuracy", "pair_accuracy", "margin", "n_questions", "n_pairs"} of one checkpoint; the
@@ -172,7 +185,7 @@ class Evaluator:
         is_ref = self.ref is not None and os.path.samefile(model_dir, self.ref)
         pair_acc, margin = (None, None) if is_ref or not self.pairs else pair_metrics(
             model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size)
-        acc = accuracy(model, self.tok, self.problems, self.prompt, self.gen_batch_size)
+        acc = accuracy(model, self.tok, self.problems, self.prompt, self.gen_batch_size, f"eval {model_dir}")
         return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin,
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 

@@ -272,13 +272,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
+                 use_cache: bool = True, vocab_size: int | None = None, finished=None) -> list[list[int]]:
         """Continue each prompt; returns the new tokens of each row, its EOS not included.
 
-        Prompts of different lengths are left-padded into one batch; each row stops at its own
-        EOS. temperature 0 is greedy; otherwise softmax(logits / temperature), restricted to the
-        top-p nucleus, sampled with `generator` (so a seed reproduces the samples). vocab_size:
-        only ids below it are generated (a tokenizer smaller than the model's embedding). With
+        Prompts of different lengths are left-padded into one batch. A row ends at its own EOS or,
+        given `finished` (a function of a row's new tokens so far, e.g. a stop string in their
+        decoded tail), at the token that makes it true, which is kept; the batch ends when every row
+        has. temperature 0 is greedy; otherwise softmax(logits / temperature), restricted to the
+        top-p nucleus, sampled with `generator` (so a seed reproduces the samples: every row draws
+        at every step, so a row's tokens do not depend on when the others end). vocab_size: only
+        ids below it are generated (a tokenizer smaller than the model's embedding). With
         use_cache=False every step recomputes the whole prefix (the reference for the cache).
         """
         device = self.embed_tokens.weight.device
@@ -291,23 +294,27 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         cache = KVCache(self.cfg, B, P + max_new_tokens, device, dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
+        new, ends = [[] for _ in range(B)], [None] * B  # ends[b]: how many of row b's tokens it keeps
         step_ids = ids
-        for _ in range(max_new_tokens):
+        for t in range(max_new_tokens):
             with autocast(device):
                 logits = self(step_ids if use_cache else ids, attn, cache)[:, -1, :vocab_size]  # [B,V]
-            logits = logits.float()
-            nxt = sample_next(logits, temperature, top_p, generator)
+            nxt = sample_next(logits.float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out.append(nxt)
-            done = done | (nxt == eos_id)
+            for b, token in enumerate(nxt.tolist()):
+                if ends[b] is None:
+                    new[b].append(token)
+                    if token == eos_id:
+                        ends[b] = t
+                    elif finished is not None and finished(new[b]):
+                        ends[b] = t + 1
+            done = torch.tensor([e is not None for e in ends], device=device)
             if done.all():
                 break
             step_ids = nxt[:, None]
             ids = torch.cat([ids, step_ids], dim=1)
             attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
-        new = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
-        return [row[:row.index(eos_id)] if eos_id in row else row for row in new]
+        return [row[:end] for row, end in zip(new, ends)]
 
     # ------------------------------------------------------------ Hugging Face I/O
 

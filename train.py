@@ -57,7 +57,8 @@ from eval import (ROWS, PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_
 from fileio import read_json, write_json, write_jsonl
 from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
-from runs import Interrupted, StageOutput, UsageError, check_lengths, input_id, load_masks, load_model, need, one_line
+from runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id, load_masks, load_model,
+                  need, one_line)
 from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss, pair_batch,
                      pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction, with_reference)
 
@@ -124,7 +125,7 @@ def stage_sft(config, inputs, out, device, force=False):
         val_acc = None
         if inputs["eval_questions"] and parallel.is_main():  # rank 0 only; the others wait in finish()
             questions = read_jsonl(inputs["eval_questions"], "questions", held=so.held)[:config.eval_n]
-            val_acc = accuracy(policy, tok, questions, prompt)
+            val_acc = accuracy(policy, tok, questions, prompt, label="sft: validation")
             print(f"sft: validation greedy accuracy {100 * val_acc:.1f}% on {len(questions)} questions")
         return so.finish(policy, tok, trained_fraction=1.0, val_accuracy=val_acc)
 
@@ -182,7 +183,7 @@ def stage_sample(config, inputs, out, device, force=False):
             prompts = [prompt_text(r["question"], prompt.template, tok, prompt.system) for r in rows]
             mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(c.k)]  # K per question
             ids = generate_ids(policy, tok, mine, prompt.max_new_tokens, c.temperature, c.top_p,
-                               c.seed + parallel.rank())
+                               c.seed + parallel.rank(), label=f"sample {split}", stop=prompt.stop)
             ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
             texts = [cut_at_stop(tok.decode(t), prompt.stop) for t in ids]  # K per question, in order
             pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, c, rng)
@@ -280,7 +281,8 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
-        cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device)
+        cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device,
+                                 label=f"{stage}: reference log-probs")
         del reference
         fraction = trained_fraction(masks, policy)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
@@ -341,7 +343,8 @@ def stage_mask(config, inputs, out, device, force=False):
             if not n:
                 raise UsageError(f"{inputs['data']}: no preference pairs to score with")
             check_lengths("mask", tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % n))
-            cached = reference_logps(start, tok, *pair_rows(pairs), cfg.max_len, device)
+            cached = reference_logps(start, tok, *pair_rows(pairs), cfg.max_len, device,
+                                     label="mask: reference log-probs")
             batches = (pair_batch(tok, pairs, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
                        for i in range(0, n, cfg.batch_size))
 
@@ -468,7 +471,7 @@ def score_tokens(rewriter, tok, forget, tau, weights_mode, batch_size, max_len, 
     itself; each process scores its contiguous share and every process gets them all, in order."""
     mine = forget[parallel.shard(len(forget))]
     p_rows, w_rows = [], []  # p_t, w_t [n_tok] of each response of this process
-    for i in range(0, len(mine), batch_size):
+    for i in batches("rewriter: scoring", len(mine), batch_size, "responses"):
         rows = mine[i:i + batch_size]
         b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
         b = {k: b[k].to(device) for k in ("input_ids", "labels")}  # right-padded: no attention mask needed
@@ -517,7 +520,8 @@ def stage_forget(config, inputs, out, device, force=False):
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
         weights = None if config.all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"])))
                                                   for r in rows]
-        cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device)
+        cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device,
+                                 label="forget: reference log-probs")
         del reference
         fraction = trained_fraction(masks, policy)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "

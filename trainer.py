@@ -27,7 +27,7 @@ from fileio import atomic_path, replace_dir
 from flags import count, real, setting
 from model import autocast
 from optim import masked_adamw
-from runs import Interrupted, UsageError, checkpoints, one_line
+from runs import Interrupted, UsageError, batches, checkpoints, one_line
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,6 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
     opt = masked_adamw(model.named_parameters(), masks, device, lr=lr, weight_decay=cfg.weight_decay)
-    trained = [p for p in model.parameters() if p in opt.state]
     ckpt_dir = os.path.join(out, "ckpt")
     start = resume(ckpt_dir, model, opt)
     if start:
@@ -97,33 +96,21 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     t0, tokens, losses, rows = time.time(), 0, [], []  # rows: the metrics not yet written
     try:
         for step in range(start, steps):
-            model.train()
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
-            batches = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
-            step_loss, step_tokens = backward(net, ddp, batches, loss_fn, device)
-            if not math.isfinite(step_loss):
-                raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, "
-                                 f"{last_good(ckpt_dir)} (too high a learning rate, or the data or starting "
-                                 "weights out of range?)")
+            lr_now = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
+            micro = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
+            step_loss, step_tokens = optimizer_step(stage, model, net, ddp, opt, micro, loss_fn, lr_now, step,
+                                                    ckpt_dir)
             tokens += step_tokens
             losses.append(step_loss)
-            rows.append({"stage": stage, "step": step + 1, "loss": step_loss, "lr": opt.param_groups[0]["lr"]})
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if not all_finite(trained):  # before any checkpoint or final file holds them
-                first = next(n for n, p in model.named_parameters() if p in opt.state and not all_finite([p]))
-                raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the "
-                                 f"update overflowed); stopped, {last_good(ckpt_dir)}")
+            rows.append({"stage": stage, "step": step + 1, "loss": step_loss, "lr": lr_now})
             done = step + 1
             checkpoint = done % cfg.ckpt_every == 0 and done < steps
             if done % cfg.log_every == 0 or done == steps or checkpoint:
                 rows[-1]["tokens_per_s"] = tokens / (time.time() - t0)
                 rows = write_metrics(out, rows)
             if done % cfg.log_every == 0 or done == steps:
-                log_progress(stage, done, steps, sum(losses) / len(losses), opt.param_groups[0]["lr"],
-                             tokens, time.time() - t0, done - start)
+                log_progress(stage, done, steps, sum(losses) / len(losses), lr_now, tokens, time.time() - t0,
+                             done - start)
                 losses = []
             if checkpoint and parallel.is_main():
                 save_checkpoint(ckpt_dir, done, model, opt)
@@ -132,6 +119,29 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         step = int(os.path.basename(found[-1]).split("-")[1]) if found else 0
         raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step {step}") from None
     return model
+
+
+def optimizer_step(stage, model, net, ddp, opt, micro_batches, loss_fn, lr, step, ckpt_dir):
+    """One optimizer step at learning rate lr: the gradients of the micro-batches, clipped to norm
+    1.0, the masked update; stops (UsageError) on a non-finite loss or weights. Returns the step's
+    loss and real tokens, summed over every process."""
+    model.train()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    device = next(model.parameters()).device
+    step_loss, step_tokens = backward(net, ddp, micro_batches, loss_fn, device)
+    if not math.isfinite(step_loss):
+        raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, {last_good(ckpt_dir)} "
+                         "(too high a learning rate, or the data or starting weights out of range?)")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    trained = [p for p in model.parameters() if p in opt.state]
+    if not all_finite(trained):  # before any checkpoint or final file holds them
+        first = next(n for n, p in model.named_parameters() if p in opt.state and not all_finite([p]))
+        raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the update "
+                         f"overflowed); stopped, {last_good(ckpt_dir)}")
+    return step_loss, step_tokens
 
 
 def backward(net, ddp, batches, loss_fn, device):
@@ -319,7 +329,7 @@ def n_scored(labels):
 # ----------------------------------------------------------------------------- reference log-probs and pairs
 
 @torch.no_grad()
-def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64):
+def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64, label="reference log-probs"):
     """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
     computed once and cached for the whole stage (no second model kept in memory during training).
     Each process computes its contiguous share of the examples; every process gets them all."""
@@ -327,7 +337,7 @@ def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64
     mine = parallel.shard(len(prompts))
     prompts, responses = prompts[mine], responses[mine]
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in batches(label, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         logps = forward_logps(ref, b, device)
         keep = b["labels"] != -100

@@ -221,3 +221,29 @@ def test_right_padded_rows_need_no_attention_mask():
     out = m(batch)
     for i, s in enumerate(seqs):
         torch.testing.assert_close(out[i, :len(s)], m(s[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_stops_at_its_stop_mid_batch_and_the_batch_ends_when_every_row_has():
+    """`finished` (a stop string in a row's decoded tail, as eval.generate_ids passes it) ends that row
+    at the token that completes it; the other rows and the tokens before the stop are what an
+    unstopped run gives, greedy and sampled; once every row has finished, no more forward passes."""
+    m = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    for temperature in (0.0, 1.0):
+        def run(finished=None):
+            g = torch.Generator().manual_seed(3)
+            return m.generate(prompts, 20, eos_id=60, pad_id=0, temperature=temperature, generator=g,
+                              finished=finished)
+
+        free = run()
+        stop = free[0][4]  # a token row 0 emits mid-way
+        stopped = run(lambda new: new[-1] == stop)
+        for row, full in zip(stopped, free):
+            end = full.index(stop) + 1 if stop in full else len(full)
+            assert row == full[:end]
+        assert len(stopped[0]) <= 5 < len(free[0])
+    calls = []
+    m.register_forward_hook(lambda *args: calls.append(1))
+    assert m.generate(prompts, 20, eos_id=60, pad_id=0, finished=lambda new: len(new) == 3) == [
+        row[:3] for row in m.generate(prompts, 3, eos_id=60, pad_id=0)]
+    assert len(calls) == 3 + 3  # 3 steps each run: the first ended when every row had 3 tokens

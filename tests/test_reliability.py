@@ -253,3 +253,16 @@ def test_a_data_file_is_read_once_the_copy_hashed_is_the_copy_parsed(tmp_path):
     write(path, '{"prompt": "other", "chosen": "c", "rejected": "d"}\n')
     assert [r["prompt"] for r in read_jsonl(path, "pairs", held=held)] == ["q"]
     assert runs.input_id(path) != first and [r["prompt"] for r in read_jsonl(path, "pairs")] == ["other"]
+
+
+def test_long_phases_print_progress_lines(run, capsys, monkeypatch):
+    """Sampling, reference log-probs and the rewriter's scoring print done/total, rate and ETA
+    (here at every batch), as plain lines."""
+    import runs
+    monkeypatch.setattr(runs, "PROGRESS_EVERY", 0.0)
+    train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--batch-size", "8"])
+    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force"])
+    out = capsys.readouterr().out
+    assert "sample train 192/192 responses, " in out and "sample test 48/48 responses, " in out
+    assert "warmup: reference log-probs 384/384 rows, " in out and " eta 0s" in out
+    assert "\r" not in out

@@ -3,10 +3,10 @@
 A ~34M-parameter Llama from model.py (dim 512, 8 layers, vocab 8000, untied head; --config: the
 shape of a Hugging Face config.json instead, e.g. configs/tinyllama-1.1b.json), random gradients,
 masks = global top-k of random scores (allo.select_masks). MaskedAdamW's two steps, the per-tensor
-loop (foreach=False, its default on CPU) and the multi-tensor step (foreach=True, its default on
-CUDA), against torch.optim.AdamW, fused on CUDA and foreach on CPU. The optimizers step in turn on
-the same weights (warmup, then the median of several steps each), so all see the same machine
-load; on CUDA each step is timed between two torch.cuda.synchronize().
+loop (allo.MaskedAdamW, train.py's on CPU) and the multi-tensor step (optim.MultiTensorMaskedAdamW,
+train.py's on CUDA), against torch.optim.AdamW, fused on CUDA and foreach on CPU. The optimizers step
+in turn on the same weights (warmup, then the median of several steps each), so all see the same
+machine load; on CUDA each step is timed between two torch.cuda.synchronize().
 
 Ops per step: the aten ops that reach a TorchDispatchMode during one step(), the kernel launches
 the step asks for (CPU-side; views count too, foreach ops once). "constant" and "per tensor" are
@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import allo  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from optim import MultiTensorMaskedAdamW  # noqa: E402
 
 RATIOS = [0.01, 0.05, 0.10, 0.30, 1.00]
 WARMUP, STEPS = 2, 7
@@ -118,11 +119,10 @@ def main(argv=None):
     scores = {n: torch.rand_like(p) for n, p in named}
     largest = max(p.numel() for _, p in named)
     rows, ops = [], []
-    paths = {"loop": False, "multi-tensor": True}  # MaskedAdamW's foreach
+    paths = {"loop": allo.MaskedAdamW, "multi-tensor": MultiTensorMaskedAdamW}  # MaskedAdamW's two steps
     for ratio in RATIOS:
         masks = allo.select_masks(scores, ratio)
-        masked = {k: allo.MaskedAdamW(named, masks, lr=1e-5, weight_decay=0.0, foreach=v)
-                  for k, v in paths.items()}
+        masked = {k: v(named, masks, lr=1e-5, weight_decay=0.0) for k, v in paths.items()}
         times = {k: [] for k in list(paths) + [baseline]}
         for i in range(WARMUP + STEPS):
             for k, opt in list(masked.items()) + [(baseline, dense)]:
@@ -139,9 +139,8 @@ def main(argv=None):
                      **{f"{k} / {baseline}": round(ms[k] / ms[baseline], 2) for k in paths}})
         for k, v in paths.items():
             ops_all = count_ops(masked[k])
-            buckets = len(masked[k]._buckets(list(masked[k].state), largest)) if v else "-"
-            half_opt = allo.MaskedAdamW(half, {n: masks[n] for n, _ in half}, lr=1e-5, weight_decay=0.0,
-                                        foreach=v)
+            buckets = len(masked[k]._buckets(list(masked[k].state), largest)) if k == "multi-tensor" else "-"
+            half_opt = v(half, {n: masks[n] for n, _ in half}, lr=1e-5, weight_decay=0.0)
             half_opt.step()  # counted after a first step, as every optimizer here
             ops.append(ops_row(f"MaskedAdamW {k} {ratio:.0%}", ops_all, n_all, count_ops(half_opt), n_half,
                                buckets))
