@@ -422,10 +422,14 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             group["step"] += 1
-            for p in group["params"]:
-                if p.grad is not None and p in self.state:
-                    self._update_one(p, group)
+            self.update([p for p in group["params"] if p.grad is not None and p in self.state], group)
         return loss
+
+    def update(self, params, group):
+        """One AdamW step of the selected entries of `params` (each has .grad and state), tensor by
+        tensor (optim.py's subclass runs it as multi-tensor ops)."""
+        for p in params:
+            self._update_one(p, group)
 
     def _update_one(self, p, group):
         """One AdamW step of the selected entries of p, as torch.optim.AdamW's loop would make it."""

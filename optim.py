@@ -25,19 +25,11 @@ class MultiTensorMaskedAdamW(MaskedAdamW):
     group's largest parameter, so the step's temporaries are at most those of the per-tensor loop
     on the largest parameter."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            group["step"] += 1
-            stepped = [p for p in group["params"] if p.grad is not None and p in self.state]
-            largest = max((p.numel() for p in group["params"]), default=0)
-            for bucket in self._buckets(stepped, largest):
-                self._update(bucket, group)
-        return loss
+    def update(self, params, group):
+        """One AdamW step of the selected entries of `params`, a bucket of them at a time."""
+        largest = max((p.numel() for p in group["params"]), default=0)
+        for bucket in self._buckets(params, largest):
+            self._update(bucket, group)
 
     def _buckets(self, params, max_entries):
         """`params` cut into consecutive runs of at most `max_entries` updated entries each."""
