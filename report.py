@@ -88,7 +88,8 @@ def summarize(rows, names):
 
         losses = [r["losses"] for r in rs if r.get("losses")]
         steps = [statistics.fmean(s) for s in zip(*losses)] if losses else None
-        out.append({"arm": name, "accuracy": mean, "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        out.append({"arm": name, "accuracy": mean,
+                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                     "accuracy_low": low, "accuracy_high": high, "pair_accuracy": average("pair_accuracy"),
                     "margin": average("margin"), "forget_fraction": average("forget_fraction"),
                     "learn_fraction": average("learn_fraction"), "wall_s": average("wall_s"),
@@ -108,20 +109,22 @@ def markdown(summary, found, split, seeds_line, settings_line, n_questions, n_pa
         frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
         lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
                      f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
-    lines.append(f"\n{seeds_line}; {n_questions} {split} questions, greedy; {n_pairs} held-out pairs, margin = "
-                 f"beta * (chosen - rejected) log-ratio against the SFT model. {settings_line}")
+    lines.append(f"\n{seeds_line}; {n_questions} {split} questions, greedy; {n_pairs} held-out pairs, "
+                 f"margin = beta * (chosen - rejected) log-ratio against the SFT model. {settings_line}")
     if found:
         lines += ["", "| claim (accuracy, points) | paired difference | 95% t interval | seeds | verdict |",
                   "|---|---|---|---|---|"]
         for c in found:
             span = "-" if c["low"] is None else f"[{c['low']:+.1f}, {c['high']:+.1f}]"
-            lines.append(f"| {c['claim']} | {c['difference']:+.1f} | {span} | {c['seeds']} | {c['verdict']} |")
+            lines.append(f"| {c['claim']} | {c['difference']:+.1f} | {span} | {c['seeds']} | "
+                         f"{c['verdict']} |")
     conv = [s for s in summary if s["quarter_losses"]]
     if conv:
         lines += ["", "| DPO loss, mean over each quarter of the steps | 25% | 50% | 75% | 100% |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {s['arm']} | " + " | ".join("-" if q is None else f"{q:.4f}" for q in s["quarter_losses"])
-                  + " |" for s in conv]
+        lines += [f"| {s['arm']} | "
+                  + " | ".join("-" if q is None else f"{q:.4f}" for q in s["quarter_losses"]) + " |"
+                  for s in conv]
     return "\n".join(lines)
 
 
@@ -153,7 +156,8 @@ def figures(root, rows, summary, masks):
             per_seed = [r["losses"] for r in rows if r["arm"] == s["arm"] and r.get("losses")]
             steps = range(1, len(s["losses"]) + 1)
             ax.plot(steps, s["losses"], label=s["arm"])
-            ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)], alpha=0.2)
+            ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
+                            alpha=0.2)
         ax.set(xlabel="step", ylabel="DPO loss", title="Vanilla DPO on every parameter or on 10% of them\n"
                "(mean over seeds, band: lowest to highest)")
         ax.legend()
@@ -161,8 +165,10 @@ def figures(root, rows, summary, masks):
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [s["arm"] for s in summary]
     means = [100 * s["accuracy"] for s in summary]
-    errors = [[0 if s["accuracy_low"] is None else 100 * (s["accuracy"] - s["accuracy_low"]) for s in summary],
-              [0 if s["accuracy_high"] is None else 100 * (s["accuracy_high"] - s["accuracy"]) for s in summary]]
+    errors = [[0 if s["accuracy_low"] is None else 100 * (s["accuracy"] - s["accuracy_low"])
+               for s in summary],
+              [0 if s["accuracy_high"] is None else 100 * (s["accuracy_high"] - s["accuracy"])
+               for s in summary]]
     ax.errorbar(means, range(len(names)), xerr=errors, fmt="o", capsize=3)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()

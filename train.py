@@ -550,7 +550,7 @@ STAGES = {"sft": (stage_sft, SFTConfig), "sample": (stage_sample, SampleConfig),
           "rewriter": (stage_rewriter, RewriterConfig), "forget": (stage_forget, ForgetConfig),
           "learn": (stage_learn, LearnConfig)}  # in the order they run
 
-# Each stage's inputs, and where each comes from when no flag names it (FLAGS):
+# Each stage's inputs, and where each comes from when its flag (--<input name>) does not name it:
 #   "sample/pairs.jsonl"  a file an earlier stage wrote into the run directory
 #   "sft/"                an earlier stage's model (with --skip-sft, "sft/" is the model as given)
 #   "run:questions"       one of the run's own inputs, recorded in <run>/run.json: your files, or the
@@ -564,10 +564,6 @@ PIPELINE = {
     "forget": dict(model="sft/", data="rewriter/forget_weighted.jsonl", mask="mask/forget.safetensors", ref=None),
     "learn": dict(model="forget/", data="sample/pairs.jsonl", mask="mask/learn.safetensors", ref=None),
 }
-FLAGS = dict(model=("model",), data=("data",), questions=("questions",), eval_questions=("eval_questions",),
-             warmup_model=("warmup_model",), mask=("mask",), pairs=("pairs",), rewrites=("rewrites",), ref=("ref",))
-
-
 def stage_config(name, a, record):
     """The config of stage `name` from the flags `a` (by field name)."""
     if name == "sample":
@@ -579,28 +575,19 @@ def stage_config(name, a, record):
 def stage_inputs(name, a, run, config):
     """The inputs of stage `name`: each its flag or, without one, its place in PIPELINE; the
     tokenizer: --tokenizer, else the one in the model's folder, else the run's."""
-    record, inputs = None, {}
+    record, inputs = read_json(os.path.join(run, "run.json")), {}
     for key, source in PIPELINE[name].items():
-        given = a.rewriter_init if (name, key) == ("rewriter", "model") and a.rewriter_init else \
-            getattr(a, FLAGS[key][0])
+        given = a.rewriter_init if (name, key) == ("rewriter", "model") and a.rewriter_init else getattr(a, key)
         if name == "sft" and key == "eval_questions" and given:
             given = given[0]  # sft validates on the first
-        if given is not None or source is None or unused(name, key, a, config):
-            inputs[key] = given
-            continue
-        if source.startswith("run:") and record is None:
-            if source.endswith("?") and not os.path.exists(os.path.join(run, "run.json")):
-                inputs[key] = None  # an optional input of a run that is not there
-                continue
-            record = read_record(run, name)
-        inputs[key] = from_run(run, record, source, name)
+        unread = source is None or unused(name, key, a, config)
+        inputs[key] = given if given is not None or unread else from_run(run, record, source, name)
     if name == "mask" and config.scorer == "delta":
         return inputs  # no tokenizer: it tokenizes nothing
     own = inputs["model"] and find_tokenizer(inputs["model"])
     path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
     if path is None:
-        record = record or read_record(run, name)
-        path = in_run(run, record["tokenizer"]["path"])
+        path = in_run(run, (record or no_run(run, name))["tokenizer"]["path"])
     inputs["tokenizer"] = TokenizerFile(path, a.bos_token, a.eos_token, a.pad_token, a.bos)
     return inputs
 
@@ -615,39 +602,31 @@ def unused(name, key, a, config):
 
 
 def from_run(run, record, source, stage):
-    """The path of a PIPELINE source in the run directory (which must hold it)."""
+    """The path of a PIPELINE source in the run directory, whose record (run.json) is `record`."""
     optional, source = source.endswith("?"), source.rstrip("?")
+    if record is None:
+        return None if optional else no_run(run, stage)
     if source.startswith("run:"):
-        value = record["inputs"].get(source[4:])
-        if source == "run:rewrites" and record["inputs"].get("embedded"):
-            value = embedded_rewrites(run, record)
+        value = embedded_rewrites(run) if source == "run:rewrites" and record["inputs"]["embedded"] else \
+            record["inputs"].get(source[4:])
         if value is None and not optional:
             raise UsageError(f"{run}/run.json: the run has no {source[4:]}; name it with its flag")
         return [in_run(run, v) for v in value] if isinstance(value, list) else in_run(run, value)
-    if source == "sft/" and record_of(run).get("inputs", {}).get("skip_sft"):
-        return record_of(run)["inputs"]["model"]
+    if source == "sft/" and record["inputs"]["skip_sft"]:
+        return record["inputs"]["model"]
     made_by = source.split("/")[0]
-    if not os.path.exists(os.path.join(run, "run.json")):
-        read_record(run, stage)  # nothing of the run is there
     path = need(os.path.join(run, source.rstrip("/")), made_by)
     if source.endswith("/"):
         need(os.path.join(path, "config.json"), made_by)
     return path
 
 
-def record_of(run):
-    return read_json(os.path.join(run, "run.json")) or {}
+def no_run(run, stage):
+    raise UsageError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py --stage sft` (or "
+                     f"`python train.py`) first, or give --stage {stage} its inputs as flags")
 
 
-def read_record(run, stage):
-    record = read_json(os.path.join(run, "run.json"))
-    if record is None:
-        raise UsageError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py --stage sft` (or "
-                         f"`python train.py`) first, or give --stage {stage} its inputs as flags")
-    return record
-
-
-def embedded_rewrites(run, record):
+def embedded_rewrites(run):
     """The embedded task's minimal corrections of the sample stage's wrong responses, written once
     per forgetting file (its content's hash in the name)."""
     forget = need(os.path.join(run, "sample", "forget.jsonl"), "sample")
@@ -716,8 +695,8 @@ def write_embedded_task(a, folder):
 def run_stage(name, a, run, device):
     if device.type == "cuda":  # StageOutput.finish() records the stage's peak
         torch.cuda.reset_peak_memory_stats(device)
-    record = record_of(run)
-    if name == "sft" and not (a.model or a.data) and record.get("inputs", {}).get("embedded", True):
+    record = read_json(os.path.join(run, "run.json"))
+    if name == "sft" and not (a.model or a.data) and (record is None or record["inputs"]["embedded"]):
         record = start_run(a, run)  # the embedded task, stage by stage: its files written or checked
     config = stage_config(name, a, record)
     function = STAGES[name][0]

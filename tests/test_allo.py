@@ -623,7 +623,8 @@ def test_masked_adamw_multi_tensor_step_bit_identical_to_the_per_tensor_loop(tie
     the step of the earlier MaskedAdamW: the default run's table did not move.)"""
     model, masks = llama_and_masks(tie, dtype)
     twin, _ = llama_and_masks(tie, dtype)
-    opt = MultiTensorMaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
+    opt = MultiTensorMaskedAdamW(model.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99),
+                                 weight_decay=wd)
     ref = allo.MaskedAdamW(twin.named_parameters(), masks, lr=0.01, betas=(0.85, 0.99), weight_decay=wd)
     names = [n for n, _ in model.named_parameters()]
     partial = next(n for n in names if n in masks and 0 < masks[n].sum() < masks[n].numel())

@@ -468,7 +468,8 @@ def test_eval_and_study_errors_are_one_line(run, capsys, tmp_path):
     questions = os.path.join(run, "task", "test.jsonl")
     tok = os.path.join(run, "task", "tokenizer.model")
     for argv, expected in (([str(tmp_path / "nothing")], "no such directory"),
-                           (["--questions", questions, "--tokenizer", tok, str(tmp_path)], "cannot load the model"),
+                           (["--questions", questions, "--tokenizer", tok, str(tmp_path)],
+                            "cannot load the model"),
                            (["--questions", questions, str(tmp_path)], "--questions needs --tokenizer"),
                            (["--max-new-tokens", "0", run], "argument --max-new-tokens")):
         capsys.readouterr()

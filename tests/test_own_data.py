@@ -213,7 +213,8 @@ def test_bos_follows_the_tokenizer_json_post_processor(tmp_path, adds_bos):
     from data import TokenizerFile, collate
     path = bpe_tokenizer(tmp_path, adds_bos)
     tok = load_tokenizer(path)
-    own = Backend.from_file(path).encode("Question: What is 2 times 3?\nAnswer:").ids  # as transformers encodes
+    # as transformers encodes
+    own = Backend.from_file(path).encode("Question: What is 2 times 3?\nAnswer:").ids
     assert tok.prompt_ids("Question: What is 2 times 3?\nAnswer:") == own
     assert (own[0] == tok.bos_id) == adds_bos
     b = collate(tok, ["Question: Q?\nAnswer:"], [" 6"], max_len=64)
@@ -249,9 +250,9 @@ def test_bos_of_a_tokenizer_model_follows_add_bos_token(tmp_path):
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '<|im_end|>\\n\\n' + "
-          "message['content'] | trim + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|>assistant<|im_end|>\\n\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + "
+          "'<|im_end|>\\n\\n' + message['content'] | trim + '<|end|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\\n\\n' }}{% endif %}")
 
 
 def test_chat_templates_render_as_written_and_encode_their_special_tokens(tmp_path):
@@ -261,8 +262,8 @@ def test_chat_templates_render_as_written_and_encode_their_special_tokens(tmp_pa
     path = bpe_tokenizer(tmp_path / "chatml", False, {"chat_template": CHATML})
     tok = load_tokenizer(path)
     text = prompt_text("What is 2 times 3?", "chat", tok, system="Be brief.")
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 times 3?<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                    "<|im_start|>user\nWhat is 2 times 3?<|im_end|>\n<|im_start|>assistant\n")
     start, end = tok.tk.token_to_id("<|im_start|>"), tok.tk.token_to_id("<|im_end|>")
     ids = tok.prompt_ids(text)
     assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2
@@ -274,7 +275,8 @@ def test_chat_templates_render_as_written_and_encode_their_special_tokens(tmp_pa
     (tmp_path / "llama3" / "chat_template.jinja").write_text(LLAMA3)  # the file beside it is read too
     tok = load_tokenizer(path)
     text = prompt_text(" What is 2 times 3? ", "chat", tok)
-    assert text == "<|begin|><|im_start|>user<|im_end|>\n\nWhat is 2 times 3?<|end|><|im_start|>assistant<|im_end|>\n\n"
+    assert text == ("<|begin|><|im_start|>user<|im_end|>\n\nWhat is 2 times 3?<|end|>"
+                    "<|im_start|>assistant<|im_end|>\n\n")
     ids = tok.prompt_ids(text)
     assert ids[:2] == [tok.bos_id, tok.tk.token_to_id("<|im_start|>")] and ids.count(tok.bos_id) == 1
     assert prompt_text("Q", "{question}?") == "Q?"
@@ -302,9 +304,9 @@ def one_command(tmp_path, *extra):
     test_q = write_rows(tmp_path / "test.jsonl", questions(2, 12))
     run = str(tmp_path / "run")
     args = ["--model", base, "--questions", train_q, "--eval-questions", val_q, test_q, "--run-dir", run,
-            "--batch-size", "8", "--threads", "1", "--log-every", "20", "--sft-steps", "20", "--sft-lr", "3e-3",
-            "--k", "2", "--max-new-tokens", "12", "--gold-chosen", "--dpo-steps", "2", "--rewriter-steps", "2",
-            "--forget-steps", "2", "--eval-n", "4", *extra]
+            "--batch-size", "8", "--threads", "1", "--log-every", "20", "--sft-steps", "20",
+            "--sft-lr", "3e-3", "--k", "2", "--max-new-tokens", "12", "--gold-chosen", "--dpo-steps", "2",
+            "--rewriter-steps", "2", "--forget-steps", "2", "--eval-n", "4", *extra]
     return run, args
 
 

@@ -15,7 +15,7 @@ import eval as evaluation
 import train
 from test_failsafe import SMOKE, fails, fails_cleanly, snapshot
 
-# ----------------------------------------------------------------------------- an output folder is the stage's
+# ---------------------------------------------------------------------------- an output folder is the stage's
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
@@ -78,8 +78,8 @@ def test_a_stop_at_each_step_of_the_swap_leaves_a_result_and_the_rerun_completes
         train.main(args + ["--force"])
     monkeypatch.undo()
     finished = os.path.join(run, "learn.tmp", "stage.json")
-    results = [p for p in (os.path.join(out, "stage.json"), os.path.join(out + ".old", "stage.json"), finished)
-               if os.path.exists(p)]
+    results = [p for p in (os.path.join(out, "stage.json"), os.path.join(out + ".old", "stage.json"),
+                           finished) if os.path.exists(p)]
     assert results, "no whole result left"
     new_id = json.load(open(finished))["id"] if os.path.exists(finished) else None
     capsys.readouterr()
@@ -99,7 +99,8 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(run, capsys, tmp_p
     target = tmp_path / "precious.txt"
     target.write_text("keep me")
     os.symlink(target, os.path.join(run, "learn.lock"))
-    fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--force"], "learn.lock: the lock is a symbolic link")
+    fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--force"],
+          "learn.lock: the lock is a symbolic link")
     assert target.read_text() == "keep me"
 
 
@@ -111,7 +112,8 @@ def test_an_earlier_stages_file_edited_in_place_is_another_input(run, capsys):
         rows = f.readlines()
     with open(pairs, "w") as f:
         f.writelines(rows[:10])  # cut in place: the stage id in sample/stage.json is unchanged
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup"], "finished earlier with another data (input)")
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup"],
+                  "finished earlier with another data (input)")
 
 
 def test_a_fifo_as_an_input_is_one_line_and_no_hang(run, capsys, tmp_path):
@@ -120,7 +122,8 @@ def test_a_fifo_as_an_input_is_one_line_and_no_hang(run, capsys, tmp_path):
     fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--data", fifo, "--out", str(tmp_path / "o")],
           f"{fifo}: not a regular file")
     with pytest.raises(SystemExit) as e:
-        evaluation.main(["--questions", fifo, "--tokenizer", os.path.join(run, "sft"), os.path.join(run, "sft")])
+        evaluation.main(["--questions", fifo, "--tokenizer", os.path.join(run, "sft"),
+                         os.path.join(run, "sft")])
     assert e.value.code == 2 and "not a regular file" in capsys.readouterr().err
 
 
@@ -156,7 +159,8 @@ def model_with(run, tmp_path, **config):
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings 'yes' (not true or false)"),
     ({"num_key_value_heads": 1.5}, "num_key_value_heads 1.5 (not a positive integer)"),
     ({"rope_scaling": [1]}, "rope_scaling [1] (not an object)"),
-    ({"num_hidden_layers": 10**6}, "the checkpoint holds 1 layers, config.json's num_hidden_layers says 1000000"),
+    ({"num_hidden_layers": 10**6},
+     "the checkpoint holds 1 layers, config.json's num_hidden_layers says 1000000"),
     ({"vocab_size": 10**12}, "embed_tokens.weight has shape"),
 ])
 def test_config_fields_are_checked_before_a_model_is_built(run, capsys, tmp_path, config, expected):
@@ -180,7 +184,8 @@ def test_integer_weights_are_refused_and_half_precision_converts(run, capsys, tm
 
 def test_a_tokenizer_whose_largest_id_exceeds_the_embedding_is_refused(run, capsys, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1, "</s>": 5000}, unk_token="<unk>"))
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1, "</s>": 5000},
+                                                          unk_token="<unk>"))
     folder = tmp_path / "tok"
     folder.mkdir()
     tk.save(str(folder / "tokenizer.json"))
@@ -195,7 +200,8 @@ def test_a_full_disk_in_safetensors_is_one_line(run, capsys, monkeypatch):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
     monkeypatch.setattr("model.save_file", full)
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "learn", "--force"], "No space left on device")
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "learn", "--force"],
+                  "No space left on device")
 
 
 def test_an_output_that_cannot_be_written_by_eval_is_one_line(run, capsys, tmp_path):
@@ -210,7 +216,8 @@ def test_an_empty_stop_string_is_refused(run, capsys):
     fails(capsys, SMOKE + ["--run", run, "--stage", "sample", "--stop", ""], "--stop: must not be empty")
 
 
-@pytest.mark.parametrize("stage, flag", [("sample", "--questions"), ("warmup", "--data"), ("forget", "--data")])
+@pytest.mark.parametrize("stage, flag", [("sample", "--questions"), ("warmup", "--data"),
+                                         ("forget", "--data")])
 def test_an_empty_input_file_is_refused(run, capsys, tmp_path, stage, flag):
     empty = write(tmp_path / "empty.jsonl", "\n")
     fails(capsys, SMOKE + ["--run", run, "--stage", stage, flag, empty, "--out", str(tmp_path / "o")], empty)
@@ -219,7 +226,8 @@ def test_an_empty_input_file_is_refused(run, capsys, tmp_path, stage, flag):
 def test_eval_over_zero_questions_is_refused(run, capsys, tmp_path):
     empty = write(tmp_path / "empty.jsonl", "")
     with pytest.raises(SystemExit) as e:
-        evaluation.main(["--questions", empty, "--tokenizer", os.path.join(run, "sft"), os.path.join(run, "sft")])
+        evaluation.main(["--questions", empty, "--tokenizer", os.path.join(run, "sft"),
+                         os.path.join(run, "sft")])
     assert e.value.code == 2 and "no questions to score" in capsys.readouterr().err
 
 
@@ -236,7 +244,8 @@ def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(run, capsys, mo
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_ctrl_c)
     with pytest.raises(SystemExit) as e:
-        train.main(SMOKE + ["--run", run, "--stage", "learn", "--force", "--dpo-steps", "4", "--ckpt-every", "1"])
+        train.main(SMOKE + ["--run", run, "--stage", "learn", "--force", "--dpo-steps", "4",
+                            "--ckpt-every", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 130
     assert err == "learn: interrupted; rerun the same command to resume from step 2\n"

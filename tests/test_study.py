@@ -44,7 +44,8 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
     kinds = ("learn-top", "learn-bottom", "learn-random")
     m = {k: load_file(os.path.join(seed, f"masks-{k[6:]}", "learn.safetensors")) for k in kinds}
     for rank in ("top", "bottom", "random"):
-        assert json.load(open(os.path.join(seed, f"masks-{rank}", "stage.json")))["fingerprint"]["rank"] == rank
+        stage = json.load(open(os.path.join(seed, f"masks-{rank}", "stage.json")))
+        assert stage["fingerprint"]["rank"] == rank
     total = sum(t.numel() for t in m["learn-top"].values())
     for masks in m.values():
         assert sum(int(t.sum()) for t in masks.values()) == round(0.1 * total)
@@ -108,7 +109,8 @@ def test_paired_interval_and_verdicts_by_hand():
     (claim,) = report.claims(rows)
     assert claim["claim"] == "ALLO − DPO full" and claim["seeds"] == 3
     assert claim["difference"] == pytest.approx(4.0)
-    assert (claim["low"], claim["high"]) == pytest.approx((4 - 4.303 * 2 / 3 ** 0.5, 4 + 4.303 * 2 / 3 ** 0.5))
+    assert (claim["low"], claim["high"]) == pytest.approx((4 - 4.303 * 2 / 3 ** 0.5,
+                                                           4 + 4.303 * 2 / 3 ** 0.5))
     assert claim["verdict"] == "not shown: the interval holds 0"
     assert report.verdict(0.5, 2.0, +1) == "holds" and report.verdict(-3, -1, +1) == "fails: the other way"
     assert report.verdict(-3, -1, -1) == "holds" and report.verdict(None, None, +1) == "one seed: no interval"
@@ -132,7 +134,8 @@ def test_pipeline_seeds_rerun_the_whole_pipeline_per_seed(tmp_path, capsys):
     diffs = [by[("ALLO", s)] - by[("DPO full", s)] for s in (0, 1)]
     half = 12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5  # t(1) * sd / sqrt(2)
     assert claim["difference"] == pytest.approx(sum(diffs) / 2)
-    assert (claim["low"], claim["high"]) == pytest.approx((claim["difference"] - half, claim["difference"] + half))
+    assert (claim["low"], claim["high"]) == pytest.approx((claim["difference"] - half,
+                                                           claim["difference"] + half))
     table = open(os.path.join(run, "study", "p", "table.md")).read()
     assert "2 pipeline seed(s)" in table and "| ALLO − DPO full |" in table
     capsys.readouterr()
@@ -144,15 +147,17 @@ def test_figures_are_written_with_matplotlib_and_skipped_in_one_line_without(tmp
     pytest.importorskip("matplotlib")
     rows = [{"arm": arm, "seed": s, "accuracy": 0.5 + 0.1 * s, "pair_accuracy": None, "margin": None,
              "forget_fraction": 0.0, "learn_fraction": 0.0, "wall_s": 0.0,
-             "losses": [0.7, 0.6, 0.5, 0.4] if arm != "ALLO" else None} for arm in ("DPO full", "DPO top", "ALLO")
-            for s in (0, 1)]
+             "losses": [0.7, 0.6, 0.5, 0.4] if arm != "ALLO" else None}
+            for arm in ("DPO full", "DPO top", "ALLO") for s in (0, 1)]
     summary = report.summarize(rows, ["DPO full", "DPO top", "ALLO"])
-    masks = {"layers.0.mlp.up_proj.weight": torch.tensor([[True, False]]), "norm.weight": torch.tensor([True])}
+    masks = {"layers.0.mlp.up_proj.weight": torch.tensor([[True, False]]),
+             "norm.weight": torch.tensor([True])}
     written = report.figures(str(tmp_path), rows, summary, masks)
     names = sorted(os.path.basename(p) for p in written)
-    assert names == sorted(f"{n}.{e}" for n in ("convergence", "accuracy", "mask_density") for e in ("png", "svg"))
+    assert names == sorted(f"{n}.{e}" for n in ("convergence", "accuracy", "mask_density")
+                           for e in ("png", "svg"))
     assert all(os.path.getsize(p) > 1000 for p in written)
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     assert report.figures(str(tmp_path / "none"), rows, summary, masks) == []
-    assert capsys.readouterr().out == "study: no figures (they need matplotlib: pip install matplotlib); the " \
-        "tables are written\n"
+    assert capsys.readouterr().out == "study: no figures (they need matplotlib: pip install matplotlib); " \
+        "the tables are written\n"

@@ -45,7 +45,8 @@ SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: t
     "10m": "256:10:4:2:704:8000",  # 9.4M
     "34m": "512:8:8:8:1376:8000:untied",  # 33.5M, bench_optim.py's model
 }
-TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0, prompt_ids=lambda ids: [2] + list(ids))  # what collate needs; the inputs are token ids
+# what collate needs; the inputs are token ids
+TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0, prompt_ids=lambda ids: [2] + list(ids))
 
 
 def model_config(spec, max_len):

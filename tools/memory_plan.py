@@ -389,8 +389,8 @@ def measure_reference_pass(model, rows, T, autocast):
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, prompt_ids=lambda ids: [1] + list(ids))
     prompts, responses = [[5] * (T // 2)] * 3 * rows, [[6] * (T - T // 2 - 2)] * 3 * rows
 
-    return allocator_peak(lambda _: trainer.reference_logps(StandIn(model, autocast), tok, prompts, responses, T,
-                                                            torch.device("cpu"), batch_size=rows))
+    return allocator_peak(lambda _: trainer.reference_logps(StandIn(model, autocast), tok, prompts, responses,
+                                                            T, torch.device("cpu"), batch_size=rows))
 
 
 def measure_scoring_pass(model, batch, autocast):
