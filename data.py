@@ -157,7 +157,8 @@ class HFTokenizer(BaseTokenizer):
         except Exception as e:  # the Rust side raises a bare Exception for every bad file
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0][:80]})") from None
         # ids may have gaps: the vocabulary the model needs runs to the largest id
-        self.path, self.vocab_size = path, max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self.path = path
+        self.vocab_size = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         named = special_tokens(os.path.dirname(path))
         self.bos_token, self.eos_token = bos or named.get("bos_token"), eos or named.get("eos_token")
         self.pad_token = pad or named.get("pad_token") or self.eos_token
@@ -487,7 +488,8 @@ def read_jsonl(path, kind, tok=None, held=None):
                 try:
                     row[field].encode("utf-8")
                 except UnicodeEncodeError:  # "\\ud800" in JSON: no tokenizer can encode it
-                    raise DataError(f"{where} field {field!r} is not valid Unicode (a lone surrogate)") from None
+                    raise DataError(f"{where} field {field!r} is not valid Unicode (a lone "
+                                    "surrogate)") from None
             if kind == "forget" and "weights" in row:
                 check_weights(row, where, tok)
             first = row.get("first_error", -1) if kind == "rewrites" else -1

@@ -117,7 +117,8 @@ def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256, label
     responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop, batch_size=batch_size,
                          label=label)
     answers = reference_answers(questions)
-    return sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers)) / max(1, len(questions))
+    right = sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers))
+    return right / max(1, len(questions))
 
 
 # ----------------------------------------------------------------------------- preference metrics
@@ -140,7 +141,8 @@ def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64):
     """Preference accuracy and mean implicit-reward margin of `model` on pairs, against the
     reference's summed log-probs ref_sums = (chosen, rejected)."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size, "eval chosen")
+    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size,
+                            "eval chosen")
     rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
                               "eval rejected")
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
@@ -174,8 +176,8 @@ class Evaluator:
         if self.pairs:
             model = load_model(ref, self.device, self.tok)
             prompts = [p["prompt"] for p in self.pairs]
-            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs], max_len,
-                                                 batch_size, f"eval reference {side}")
+            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs],
+                                                 max_len, batch_size, f"eval reference {side}")
                                   for side in ("chosen", "rejected"))
 
     def __call__(self, model_dir):
@@ -236,8 +238,8 @@ def run_record(run):
     paths resolved; DataError when there is none."""
     record = read_json(os.path.join(run, "run.json"))
     if not isinstance(record, dict) or "eval" not in record:
-        raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft stage) "
-                        "first, or give --questions and --tokenizer")
+        raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft "
+                        "stage) first, or give --questions and --tokenizer")
     return record
 
 
@@ -298,7 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--split", help="a run's evaluation file to score, by name (val, test, ...; default: the "
                    "last); choose settings on val, report test")
     p.add_argument("--questions", help="questions JSONL ({\"question\", \"answer\"}, GSM8K's format)")
-    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (with --ref)")
+    p.add_argument("--pairs", help="held-out preference pairs JSONL, for pair accuracy and margin (with "
+                   "--ref)")
     p.add_argument("--ref", help="reference model directory of the implicit reward")
     p.add_argument("--beta", type=real(0, open_low=True), default=0.1, help="beta of the implicit reward")
     p.add_argument("--batch-size", type=count(1), default=64, help="rows per batch when scoring pairs")

@@ -122,7 +122,8 @@ def add_config_flags(parser, configs):
             if f.type in (bool, "bool"):
                 g.add_argument(flag_name(f), action="store_true", help=meta["help"])
             elif f.default == ():
-                g.add_argument(flag_name(f), action="append", default=[], type=meta["type"], help=meta["help"])
+                g.add_argument(flag_name(f), action="append", default=[], type=meta["type"],
+                               help=meta["help"])
             else:
                 g.add_argument(flag_name(f), default=f.default, type=meta["type"], choices=meta["choices"],
                                help=meta["help"])
@@ -136,7 +137,8 @@ def config_from(cls, a, **given):
         if f.name in given:
             values[f.name] = given[f.name]
         elif "help" not in f.metadata:  # a nested config
-            values[f.name] = config_from(type(f.default) if f.default is not MISSING else f.default_factory, a)
+            nested = type(f.default) if f.default is not MISSING else f.default_factory
+            values[f.name] = config_from(nested, a)
         else:
             value = getattr(a, dest(f))
             if value is None and f.metadata["default_from"]:
@@ -164,7 +166,8 @@ def add_tokenizer_flags(g):
                    "tokenizer's own encoding does (a tokenizer.json's post-processor; for a tokenizer.model, "
                    "tokenizer_config.json's add_bos_token, default on)")
     g.add_argument("--bos-token", type=nonempty, help="override the tokenizer's BOS token")
-    g.add_argument("--eos-token", type=nonempty, help="override the tokenizer's EOS token (ends every response)")
+    g.add_argument("--eos-token", type=nonempty, help="override the tokenizer's EOS token (ends every "
+                   "response)")
     g.add_argument("--pad-token", type=nonempty, help="override the tokenizer's PAD token (default: its own, "
                    "else EOS)")
 
@@ -209,15 +212,16 @@ def parse_train_args(argv, stages, configs, description=None):
     g.add_argument("--model", type=folder, help="your model directory (Hugging Face Llama layout); with "
                    "--stage: the stage's starting model")
     g.add_argument("--questions", help="your training questions, JSONL in GSM8K's format {question, answer}")
-    g.add_argument("--eval-questions", nargs="+", help="questions files for validation (the first) and held-out "
-                   "pairs and the table (the last)")
-    g.add_argument("--sft-data", help="SFT rows, questions or {input, output} (default: --questions' reference "
-                   "solutions)")
+    g.add_argument("--eval-questions", nargs="+", help="questions files for validation (the first) and "
+                   "held-out pairs and the table (the last)")
+    g.add_argument("--sft-data", help="SFT rows, questions or {input, output} (default: --questions' "
+                   "reference solutions)")
     g.add_argument("--skip-sft", action="store_true", help="start from --model as it is (an instruct model)")
-    g.add_argument("--rewrites", help="minimal-edit rewrites {prompt, response, rewrite} of the wrong responses "
-                   "(default: on the embedded task, task.py's; otherwise each response's target is its "
-                   "reference solution, a weaker proxy)")
-    g = p.add_argument_group("one stage's explicit inputs (with --stage; each overrides its place in the run)")
+    g.add_argument("--rewrites", help="minimal-edit rewrites {prompt, response, rewrite} of the wrong "
+                   "responses (default: on the embedded task, task.py's; otherwise each response's target is "
+                   "its reference solution, a weaker proxy)")
+    g = p.add_argument_group("one stage's explicit inputs (with --stage; each overrides its place in the "
+                             "run)")
     g.add_argument("--data", help="JSONL: for sft {input, output} or questions rows; pairs for warmup, mask, "
                    "learn; forgetting rows for rewriter, forget")
     g.add_argument("--ref", type=folder, help="reference model dir for warmup, forget, learn (default: the "

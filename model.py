@@ -339,7 +339,8 @@ class Transformer(nn.Module):
                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         for name, t in weights.items():
             if tuple(t.shape) != expected[name]:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the config says {expected[name]}")
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the config says "
+                                 f"{expected[name]}")
             if not t.dtype.is_floating_point:
                 raise ValueError(f"{path}: {name} holds {t.dtype} values, not floating-point weights")
         with torch.device("meta"):
@@ -409,12 +410,13 @@ def config_from_hf(path: str) -> ModelConfig:
                            "intermediate_size") if not positive_int(hf.get(k))]
     if missing:
         raise ValueError(f"{file}: missing or not a positive integer: {', '.join(missing)}")
-    wrong = [f"{k} {hf[k]!r} (not a positive integer)" for k in ("num_key_value_heads", "max_position_embeddings",
-                                                                  "head_dim") if hf.get(k) is not None
-             and not positive_int(hf[k])]
+    wrong = [f"{k} {hf[k]!r} (not a positive integer)"
+             for k in ("num_key_value_heads", "max_position_embeddings", "head_dim")
+             if hf.get(k) is not None and not positive_int(hf[k])]
     wrong += [f"{k} {hf[k]!r} (not a positive number)" for k in ("rms_norm_eps", "rope_theta")
               if k in hf and not positive_number(hf[k])]
-    wrong += [f"{k} {hf[k]!r} (not true or false)" for k in ("tie_word_embeddings", "attention_bias", "mlp_bias")
+    wrong += [f"{k} {hf[k]!r} (not true or false)" for k in ("tie_word_embeddings", "attention_bias",
+                                                             "mlp_bias")
               if hf.get(k) is not None and not isinstance(hf[k], bool)]
     wrong += [f"{k} {hf[k]!r} (not an object)" for k in ("rope_scaling", "rope_parameters")
               if hf.get(k) is not None and not isinstance(hf[k], dict)]

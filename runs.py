@@ -89,7 +89,8 @@ class StageOutput:
         self.stage, self.out, self.work, self.device, self.force = stage, out, out + ".tmp", device, force
         self.held = {}  # path -> the bytes of each data file, read once: hashed here, parsed by the stage
         ids = {k: input_id(v, self.held) for k, v in inputs.items()}
-        self.fingerprint = json.loads(json.dumps({"stage": stage, **fingerprint(config), **extra, "inputs": ids}))
+        self.fingerprint = json.loads(json.dumps({"stage": stage, **fingerprint(config), **extra,
+                                                  "inputs": ids}))
         self.finished, self.info, self.t0, self.lock = False, None, time.time(), None
         self.created = []  # parent directories this stage made, removed again if it fails
 
@@ -204,7 +205,8 @@ def refuse_foreign(folder, stage):
     folder's fingerprint.json, names the stage)."""
     if not os.path.isdir(folder) or not os.listdir(folder):
         return
-    mark = read_json(os.path.join(folder, "stage.json")) or read_json(os.path.join(folder, "fingerprint.json"))
+    mark = read_json(os.path.join(folder, "stage.json")) or \
+        read_json(os.path.join(folder, "fingerprint.json"))
     owner = mark.get("stage") if isinstance(mark, dict) else None
     if owner == stage:
         return
@@ -265,15 +267,17 @@ MODEL_FILES = ("config.json", "model.safetensors.index.json") + TOKENIZER_FILES 
 def input_id(path, held=None):
     """What stands for an input in a fingerprint: its content. None; a file: a hash of its content (the
     whole file up to 256 MiB, else its size and first and last MiB); a model directory: a hash of the
-    names and hashes of the files that make the model (MODEL_FILES and its .safetensors). A file written by an earlier stage counts like any other, so an edited one is
-    another input. A TokenizerFile: its file's id, those of the files beside it that change it (its
-    config, its chat template), the special tokens and BOS rule it names; a list: each item's id.
-    Anything but a regular file or a directory (a FIFO, a device, a socket) is refused: reading it to
-    hash it would hang or consume it."""
+    names and hashes of the files that make the model (MODEL_FILES and its .safetensors). A file
+    written by an earlier stage counts like any other, so an edited one is another input. A
+    TokenizerFile: its file's id, those of the files beside it that change it (its config, its chat
+    template), the special tokens and BOS rule it names; a list: each item's id. Anything but a
+    regular file or a directory (a FIFO, a device, a socket) is refused: reading it to hash it would
+    hang or consume it. held: a dict that keeps the bytes of each data file (.jsonl), so that the copy
+    hashed is the copy the stage reads."""
     if path is None:
         return None
     if isinstance(path, (list, tuple)):
-        return [input_id(p) for p in path]
+        return [input_id(p, held) for p in path]
     if isinstance(path, TokenizerFile):
         file = find_tokenizer(path.path) or path.path
         beside = [os.path.join(os.path.dirname(file), n) for n in COMPANION_FILES]

@@ -103,7 +103,8 @@ def study_masks(run, seed_dir, a, seed, device):
 
 # ----------------------------------------------------------------------------- one arm
 
-def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_config, inputs, lrs, eps, device):
+def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_config, inputs, lrs, eps,
+              device):
     """Train one arm of one seed from the SFT model (forgetting, then learning) through train.py's
     stage functions; returns the output directory and the stage directories it went through.
     forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
@@ -150,7 +151,8 @@ def run_study(opts, a):
     t0, rows = time.time(), []
     if opts.pipeline_seeds:
         for seed in range(a.seed, a.seed + opts.pipeline_seeds):
-            a_seed, run = argparse.Namespace(**{**vars(a), "seed": seed}), os.path.join(opts.run, f"seed{seed}")
+            a_seed = argparse.Namespace(**{**vars(a), "seed": seed})
+            run = os.path.join(opts.run, f"seed{seed}")
             train.start_run(a_seed, run)
             for stage in prerequisites:  # each skips itself when finished alike
                 train.run_stage(stage, a_seed, run, device)
@@ -168,19 +170,22 @@ def study_run(opts, a, run, seeds, arms, device, t0):
     """The arms on one run directory for the given arm seeds; returns a row per seed and arm."""
     root = os.path.join(run, "study", opts.tag)
     os.makedirs(root, exist_ok=True)
-    evaluate, split = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
-    print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} questions, "
-          f"{len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
+    evaluate, split = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval,
+                                    n_pairs=opts.n_eval)
+    print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
+          f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft_metrics = evaluate(os.path.join(run, "sft"))
     tokenizer = TokenizerFile(os.path.join(run, "sft"), a.bos_token, a.eos_token, a.pad_token, a.bos)
-    inputs = {"forget": dict(tokenizer=tokenizer, data=os.path.join(run, "rewriter", "forget_weighted.jsonl")),
+    forgetting = os.path.join(run, "rewriter", "forget_weighted.jsonl")
+    inputs = {"forget": dict(tokenizer=tokenizer, data=forgetting),
               "learn": dict(tokenizer=tokenizer, data=os.path.join(run, "sample", "pairs.jsonl"))}
     rows = []
     for seed in seeds:
         cfg = replace(config_from(train.TrainConfig, a), seed=seed)
         seed_dir = os.path.join(root, f"seed{seed}")
-        arm_args = dict(run=run, seed_dir=seed_dir, forget_config=config_from(train.ForgetConfig, a, train=cfg),
-                        learn_config=config_from(train.LearnConfig, a, train=cfg), inputs=inputs,
+        arm_args = dict(run=run, seed_dir=seed_dir, inputs=inputs,
+                        forget_config=config_from(train.ForgetConfig, a, train=cfg),
+                        learn_config=config_from(train.LearnConfig, a, train=cfg),
                         lrs=(a.dpo_lr, a.learn_lr), eps=a.eps, device=device)
         train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
         masks = study_masks(run, seed_dir, a, seed, device)
@@ -201,21 +206,24 @@ def write_results(root, opts, a, rows, names, device):
     figures under root; prints the table."""
     summary, found = report.summarize(rows, names), report.claims(rows)
     split, seeds = rows[0]["split"], sorted({r["seed"] for r in rows})
-    kind = "pipeline seed(s)" if opts.pipeline_seeds else "arm seed(s) (one SFT model, one sample, one rewriter)"
+    kind = "pipeline seed(s)" if opts.pipeline_seeds else \
+        "arm seed(s) (one SFT model, one sample, one rewriter)"
     write_json(os.path.join(root, "results.json"),
                {"split": split, "seeds": seeds, "kind": kind, "settings": vars(a), "rows": rows,
                 "summary": summary, "claims": found, **machine(device)})
     write_csv(os.path.join(root, "results.csv"), rows)
-    settings = (f"Learning: {a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr {a.dpo_lr:g}, masks "
-                f"at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); forgetting: {a.forget_steps} "
-                f"steps of {a.batch_size} wrong responses at lr {a.forget_lr:g}, forget ratio {a.forget_ratio:g}, "
-                f"tau {a.tau:g}. Intervals: Student's t over the per-seed paired differences.")
+    settings = (f"Learning: {a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr "
+                f"{a.dpo_lr:g}, masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); "
+                f"forgetting: {a.forget_steps} steps of {a.batch_size} wrong responses at lr "
+                f"{a.forget_lr:g}, forget ratio {a.forget_ratio:g}, tau {a.tau:g}. Intervals: Student's t "
+                "over the per-seed paired differences.")
     table = report.markdown(summary, found, split, f"{len(seeds)} {kind}", settings,
                             rows[0]["n_questions"], rows[0]["n_pairs"])
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)
-    mask = os.path.join(rows[0]["run"], "study", opts.tag, f"seed{seeds[0]}", "masks-top", "learn.safetensors")
+    mask = os.path.join(rows[0]["run"], "study", opts.tag, f"seed{seeds[0]}", "masks-top",
+                        "learn.safetensors")
     written = report.figures(root, rows, summary, load_file(mask) if os.path.exists(mask) else None)
     if written:
         print("study: figures " + ", ".join(os.path.basename(p) for p in written))
@@ -243,7 +251,8 @@ def cached_eval(out, evaluate, split, n_eval):
 
 
 def write_csv(path, rows):
-    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction", "wall_s"]
+    cols = ["arm", "seed", "accuracy", "pair_accuracy", "margin", "forget_fraction", "learn_fraction",
+            "wall_s"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -252,7 +261,8 @@ def write_csv(path, rows):
 
 
 def parse(argv=None):
-    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,  # --seed is not --seeds
+    # allow_abbrev False: train.py's --seed is not an abbreviation of --seeds
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
                epilog="Any other flag is a train.py flag (see python train.py --help).")
     p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
     p.add_argument("--seeds", type=count(1), default=3, help="arm seeds on one run: --seed, --seed + 1, ...")

@@ -57,10 +57,11 @@ from eval import (ROWS, PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_
 from fileio import read_json, write_json, write_jsonl
 from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
-from runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id, load_masks, load_model,
-                  need, one_line)
-from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss, pair_batch,
-                     pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction, with_reference)
+from runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id, load_masks,
+                  load_model, need, one_line)
+from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss,
+                     pair_batch, pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction,
+                     with_reference)
 
 
 # ----------------------------------------------------------------------------- sft
@@ -100,8 +101,9 @@ def stage_sft(config, inputs, out, device, force=False):
         if not read:
             raise UsageError(f"{inputs['data']}: no SFT rows to train on")
         lead = response_lead(prompt.template)
-        rows = [r if "input" in r else {"input": prompt_text(r["question"], prompt.template, tok, prompt.system),
-                                        "output": lead + r["answer"]} for r in read]
+        rows = [r if "input" in r else
+                {"input": prompt_text(r["question"], prompt.template, tok, prompt.system),
+                 "output": lead + r["answer"]} for r in read]
         prompts, targets = [r["input"] for r in rows], [r["output"] for r in rows]
         check_lengths("sft", tok, prompts, targets, cfg.max_len, read.where)
         if inputs["model"]:
@@ -121,7 +123,8 @@ def stage_sft(config, inputs, out, device, force=False):
         def loss(net, b, norms):
             return sft_batch_loss(net, b, norms, device)
 
-        fit("sft", policy, full_masks(policy), batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
+        fit("sft", policy, full_masks(policy), batch_at, loss, so.work, steps=config.steps, lr=config.lr,
+            cfg=cfg)
         val_acc = None
         if inputs["eval_questions"] and parallel.is_main():  # rank 0 only; the others wait in finish()
             questions = read_jsonl(inputs["eval_questions"], "questions", held=so.held)[:config.eval_n]
@@ -144,8 +147,8 @@ class SampleConfig:
                            "rule; the default on your data) and, with steps, every number and sign of the "
                            "reference's steps too (the embedded task's step checker, and its default)",
                            choices=["steps", "answer"])
-    gold_chosen: bool = setting(False, "questions with no correct sample pair the reference solution with the "
-                                "wrong ones", variant=True)
+    gold_chosen: bool = setting(False, "questions with no correct sample pair the reference solution with "
+                                "the wrong ones", variant=True)
     seed: int = setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
     prompt: PromptConfig = PromptConfig()
 
@@ -230,7 +233,8 @@ def sample_rows(rows, answers, prompts, texts, config, rng):
 @dataclass(frozen=True)
 class WarmupConfig:
     """warmup: Stage 1a, vanilla DPO (also the full-parameter DPO baseline)"""
-    lr: float = setting(1e-5, "warmup (vanilla DPO, every parameter) learning rate", flag="--dpo-lr", type=rate)
+    lr: float = setting(1e-5, "warmup (vanilla DPO, every parameter) learning rate", flag="--dpo-lr",
+                        type=rate)
     steps: int = setting(100, "warmup DPO steps (and the learn stage's, unless --learn-steps)",
                          flag="--dpo-steps", type=count(1))
     beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
@@ -386,8 +390,8 @@ class RewriterConfig:
     steps: int = setting(300, "rewriter training steps", flag="--rewriter-steps", type=count(1))
     lr: float = setting(1e-3, "rewriter learning rate", flag="--rewriter-lr", type=rate)
     tau: float = setting(0.5, "unaligned token: rewriter p_t < tau", type=real(0, 1, open_low=True))
-    weights_mode: str = setting("hard", "forgetting weights: 1[p_t < tau] or 1 - p_t", choices=["hard", "soft"],
-                                variant=True)
+    weights_mode: str = setting("hard", "forgetting weights: 1[p_t < tau] or 1 - p_t",
+                                choices=["hard", "soft"], variant=True)
     train: TrainConfig = TrainConfig()
 
 
@@ -406,7 +410,8 @@ def stage_rewriter(config, inputs, out, device, force=False):
         tok = load_tokenizer(inputs["tokenizer"])
         data = inputs["data"]
         forget = read_jsonl(data, "forget", held=so.held)
-        examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"), so.held)
+        examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"),
+                                                        so.held)
         max_len = 3 * cfg.max_len
         check_lengths("rewriter", tok, [e[0] for e in examples], [e[1] for e in examples], max_len,
                       lambda i: f"{data} (rewrite example {i + 1})")
@@ -424,7 +429,8 @@ def stage_rewriter(config, inputs, out, device, force=False):
 
         fit("rewriter", rewriter, full_masks(rewriter), batch_at, loss, so.work, steps=config.steps,
             lr=config.lr, cfg=cfg)
-        scored = score_tokens(rewriter, tok, forget, tau, config.weights_mode, cfg.batch_size, max_len, device)
+        scored = score_tokens(rewriter, tok, forget, tau, config.weights_mode, cfg.batch_size, max_len,
+                              device)
         if parallel.is_main():
             write_jsonl(os.path.join(so.work, "forget_weighted.jsonl"), scored)
         info = {"unaligned_tokens": sum(sum(w > 0 for w in s["weights"]) for s in scored),
@@ -560,8 +566,10 @@ PIPELINE = {
     "sample": dict(model="sft/", questions="run:questions", eval_questions="run:eval_questions"),
     "warmup": dict(model="sft/", data="sample/pairs.jsonl", ref=None),
     "mask": dict(model="sft/", warmup_model="warmup/", data="sample/pairs.jsonl"),
-    "rewriter": dict(model="sft/", data="sample/forget.jsonl", pairs="sample/pairs.jsonl", rewrites="run:rewrites?"),
-    "forget": dict(model="sft/", data="rewriter/forget_weighted.jsonl", mask="mask/forget.safetensors", ref=None),
+    "rewriter": dict(model="sft/", data="sample/forget.jsonl", pairs="sample/pairs.jsonl",
+                     rewrites="run:rewrites?"),
+    "forget": dict(model="sft/", data="rewriter/forget_weighted.jsonl", mask="mask/forget.safetensors",
+                   ref=None),
     "learn": dict(model="forget/", data="sample/pairs.jsonl", mask="mask/learn.safetensors", ref=None),
 }
 def stage_config(name, a, record):
@@ -577,7 +585,9 @@ def stage_inputs(name, a, run, config):
     tokenizer: --tokenizer, else the one in the model's folder, else the run's."""
     record, inputs = read_json(os.path.join(run, "run.json")), {}
     for key, source in PIPELINE[name].items():
-        given = a.rewriter_init if (name, key) == ("rewriter", "model") and a.rewriter_init else getattr(a, key)
+        given = getattr(a, key)
+        if (name, key) == ("rewriter", "model") and a.rewriter_init:
+            given = a.rewriter_init  # the rewriter's own starting weights
         if name == "sft" and key == "eval_questions" and given:
             given = given[0]  # sft validates on the first
         unread = source is None or unused(name, key, a, config)
@@ -648,7 +658,8 @@ def start_run(a, run):
         evals = [absolute(p) for p in a.eval_questions or []]
         inputs = dict(embedded=False, model=absolute(a.model), questions=absolute(a.questions),
                       eval_questions=evals, validation=evals[0] if evals else None,
-                      sft_data=absolute(a.sft_data or a.questions), rewrites=a.rewrites and absolute(a.rewrites),
+                      sft_data=absolute(a.sft_data or a.questions),
+                      rewrites=a.rewrites and absolute(a.rewrites),
                       skip_sft=a.skip_sft, correct="answer")
         tokenizer = absolute(a.tokenizer or a.model)
     else:
@@ -665,7 +676,8 @@ def start_run(a, run):
     record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
                                                     pad=a.pad_token, bos_mode=a.bos),
               "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
-              "eval": {"splits": {n: {"questions": p, "pairs": f"sample/{n}_pairs.jsonl"} for n, p in splits.items()},
+              "eval": {"splits": {n: {"questions": p, "pairs": f"sample/{n}_pairs.jsonl"}
+                                  for n, p in splits.items()},
                        "reference": start, "rows": rows}}
     old = read_json(os.path.join(run, "run.json"))
     if old is not None and json_form(old) != json_form(record) and not a.force:
@@ -700,7 +712,8 @@ def run_stage(name, a, run, device):
         record = start_run(a, run)  # the embedded task, stage by stage: its files written or checked
     config = stage_config(name, a, record)
     function = STAGES[name][0]
-    return function(config, stage_inputs(name, a, run, config), a.out or os.path.join(run, name), device, a.force)
+    inputs = stage_inputs(name, a, run, config)
+    return function(config, inputs, a.out or os.path.join(run, name), device, a.force)
 
 
 def run_all(a, run, device):
@@ -717,7 +730,8 @@ def run_all(a, run, device):
             run_stage(stage, a, run, device)
     if parallel.is_main():  # the table on rank 0 only
         rows, split = evaluate_run(run, None, a.device, a.beta)
-        print(markdown_table(rows, split, "the starting model" if record["inputs"]["skip_sft"] else "the SFT model"))
+        reference = "the starting model" if record["inputs"]["skip_sft"] else "the SFT model"
+        print(markdown_table(rows, split, reference))
         write_json(os.path.join(run, f"eval_{split}.json"), {"split": split, "rows": rows})
     print(f"pipeline: {time.time() - t0:.0f}s")
 
@@ -726,8 +740,8 @@ def parse_args(argv=None):
     return flags.parse_train_args(argv, list(STAGES), CONFIGS, description=__doc__)
 
 
-CONFIGS = [task.TaskConfig, ArchConfig, TrainConfig, PromptConfig, SFTConfig, SampleConfig, WarmupConfig, MaskConfig,
-           RewriterConfig, ForgetConfig, LearnConfig]
+CONFIGS = [task.TaskConfig, ArchConfig, TrainConfig, PromptConfig, SFTConfig, SampleConfig, WarmupConfig,
+           MaskConfig, RewriterConfig, ForgetConfig, LearnConfig]
 
 
 def main(argv=None):
@@ -752,8 +766,8 @@ def main(argv=None):
         status = 2
     except (Interrupted, KeyboardInterrupt) as e:
         if parallel.is_main():
-            print(e if isinstance(e, Interrupted) else "interrupted; rerun the same command to go on (finished "
-                  "stages are skipped)", file=sys.stderr)
+            print(e if isinstance(e, Interrupted) else "interrupted; rerun the same command to go on "
+                  "(finished stages are skipped)", file=sys.stderr)
         status = 130
     finally:  # after the except block, which frees the error's traceback and the DDP wrapper in it,
         parallel.shutdown()  # so that no process exits with the process group still referenced

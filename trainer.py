@@ -117,7 +117,8 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
         found = checkpoints(ckpt_dir)
         step = int(os.path.basename(found[-1]).split("-")[1]) if found else 0
-        raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step {step}") from None
+        raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step "
+                          f"{step}") from None
     return model
 
 
@@ -139,8 +140,8 @@ def optimizer_step(stage, model, net, ddp, opt, micro_batches, loss_fn, lr, step
     trained = [p for p in model.parameters() if p in opt.state]
     if not all_finite(trained):  # before any checkpoint or final file holds them
         first = next(n for n, p in model.named_parameters() if p in opt.state and not all_finite([p]))
-        raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the update "
-                         f"overflowed); stopped, {last_good(ckpt_dir)}")
+        raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the "
+                         f"update overflowed); stopped, {last_good(ckpt_dir)}")
     return step_loss, step_tokens
 
 
@@ -329,7 +330,8 @@ def n_scored(labels):
 # ----------------------------------------------------------------------------- reference log-probs and pairs
 
 @torch.no_grad()
-def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64, label="reference log-probs"):
+def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64,
+                    label="reference log-probs"):
     """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
     computed once and cached for the whole stage (no second model kept in memory during training).
     Each process computes its contiguous share of the examples; every process gets them all."""
