@@ -89,7 +89,8 @@ def study_masks(run, seed_dir, a, seed, device):
     """Masks of one seed from its full-parameter DPO run, through the mask stage: the top
     --forget-ratio (forgetting), and the top, bottom and a random --learn-ratio (learning) of
     |theta_DPO - theta_SFT|, one global threshold each. Returns {kind: mask file}."""
-    inputs = dict(model=os.path.join(run, "sft"), warmup_model=os.path.join(seed_dir, slug("DPO full")))
+    inputs = dict(model=train.in_pipeline(run, "mask", "model"), warmup_model=os.path.join(seed_dir,
+                                                                                      slug("DPO full")))
     paths = {}
     for rank in ("top", "bottom", "random"):
         config = config_from(train.MaskConfig, a, rank=rank, scorer="delta",
@@ -110,7 +111,7 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
     tokenizer and data files of each; lrs: (full-parameter, masked) learning rates of DPO; eps:
     ALLO's key-token fraction."""
-    model_dir, phases = os.path.join(run, "sft"), []  # each stage skips itself when finished alike
+    model_dir, phases = train.in_pipeline(run, "forget", "model"), []  # each skips itself when finished alike
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
@@ -174,11 +175,11 @@ def study_run(opts, a, run, seeds, arms, device, t0):
                                     n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
           f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
-    sft_metrics = evaluate(os.path.join(run, "sft"))
-    tokenizer = TokenizerFile(os.path.join(run, "sft"), a.bos_token, a.eos_token, a.pad_token, a.bos)
-    forgetting = os.path.join(run, "rewriter", "forget_weighted.jsonl")
-    inputs = {"forget": dict(tokenizer=tokenizer, data=forgetting),
-              "learn": dict(tokenizer=tokenizer, data=os.path.join(run, "sample", "pairs.jsonl"))}
+    sft = train.in_pipeline(run, "warmup", "model")
+    sft_metrics = evaluate(sft)
+    tokenizer = TokenizerFile(sft, a.bos_token, a.eos_token, a.pad_token, a.bos)
+    inputs = {"forget": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "forget", "data")),
+              "learn": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "learn", "data"))}
     rows = []
     for seed in seeds:
         cfg = replace(config_from(train.TrainConfig, a), seed=seed)

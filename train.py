@@ -135,6 +135,8 @@ def stage_sft(config, inputs, out, device, force=False):
 
 # ----------------------------------------------------------------------------- Stage 0: sample
 
+HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
+
 @dataclass(frozen=True)
 class SampleConfig:
     """sample: Stage 0, the model's own answers"""
@@ -164,7 +166,7 @@ def stage_sample(config, inputs, out, device, force=False):
     seed + rank; the token ids are gathered in question order."""
     c, prompt = config, config.prompt
     files = [("train", inputs["questions"], "pairs.jsonl")]
-    files += [(name, path, f"{name}_pairs.jsonl") for path in inputs["eval_questions"]
+    files += [(name, path, HELD_OUT.format(name)) for path in inputs["eval_questions"]
               for name in [os.path.splitext(os.path.basename(path))[0]]]
     if len({f[2] for f in files}) < len(files):
         raise UsageError(f"--eval-questions {' '.join(inputs['eval_questions'])}: two files of one name")
@@ -572,6 +574,12 @@ PIPELINE = {
                    ref=None),
     "learn": dict(model="forget/", data="sample/pairs.jsonl", mask="mask/learn.safetensors", ref=None),
 }
+def in_pipeline(run, stage, key):
+    """Where PIPELINE says stage's input `key` lies in the run directory (an earlier stage's file or
+    model), for study.py."""
+    return os.path.join(run, PIPELINE[stage][key].rstrip("/"))
+
+
 def stage_config(name, a, record):
     """The config of stage `name` from the flags `a` (by field name)."""
     if name == "sample":
@@ -676,7 +684,7 @@ def start_run(a, run):
     record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
                                                     pad=a.pad_token, bos_mode=a.bos),
               "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
-              "eval": {"splits": {n: {"questions": p, "pairs": f"sample/{n}_pairs.jsonl"}
+              "eval": {"splits": {n: {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(n))}
                                   for n, p in splits.items()},
                        "reference": start, "rows": rows}}
     old = read_json(os.path.join(run, "run.json"))
