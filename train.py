@@ -137,6 +137,7 @@ def stage_sft(config, inputs, out, device, force=False):
 
 HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
 
+
 @dataclass(frozen=True)
 class SampleConfig:
     """sample: Stage 0, the model's own answers"""
