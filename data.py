@@ -514,7 +514,8 @@ def check_weights(row, where, tok):
         raise DataError(f"{where} field 'weights' must be a list of numbers, got {type(w).__name__}")
     for i, x in enumerate(w):
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not finite(x) or x < 0:
-            raise DataError(f"{where} field 'weights' item {i} must be a finite number >= 0, got {x!r}")
+            shown = repr(x) if len(repr(x)) < 30 else repr(x)[:12] + f"... ({len(repr(x))} characters)"
+            raise DataError(f"{where} field 'weights' item {i} must be a finite number >= 0, got {shown}")
     if tok is not None:
         n = len(tok.encode(row["response"]))
         if len(w) != n:

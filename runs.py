@@ -210,10 +210,16 @@ def refuse_foreign(folder, stage):
     owner = mark.get("stage") if isinstance(mark, dict) else None
     if owner == stage:
         return
-    what = f"a run of the {owner} stage" if owner else \
-        f"files that no stage wrote ({', '.join(sorted(os.listdir(folder))[:3])})"
-    raise UsageError(f"{folder}: holds {what}, not a {stage} stage's output; give the stage a folder of "
-                     "its own (--out)")
+    if owner:
+        what = f"holds a run of the {owner} stage"
+    elif os.path.exists(os.path.join(folder, "run.json")):
+        what = "is a run directory"
+    elif os.path.exists(os.path.join(folder, "config.json")):
+        what = "is a model's folder"
+    else:
+        what = f"holds files that no stage wrote ({', '.join(sorted(os.listdir(folder))[:3])})"
+    raise UsageError(f"{folder}: {what}, not a {stage} stage's output; give the stage a folder of its own "
+                     "(--out)")
 
 
 def lock(path):

@@ -19,22 +19,26 @@ from test_failsafe import SMOKE, fails, fails_cleanly, snapshot
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
-@pytest.mark.parametrize("where", ["user", "run", "model", "other stage"])
-def test_an_output_over_a_folder_that_is_not_the_stages_is_refused(run, capsys, tmp_path, where, force):
+@pytest.mark.parametrize("where, says", [("user", "holds files that no stage wrote (notes.txt)"),
+                                         ("run", "is a run directory"), ("model", "is a model's folder"),
+                                         ("other stage", "holds a run of the warmup stage")])
+def test_an_output_over_a_folder_that_is_not_the_stages_is_refused(run, capsys, tmp_path, where, says,
+                                                                   force):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
-    out = {"user": str(user), "run": run, "model": os.path.join(run, "task"),
-           "other stage": os.path.join(run, "warmup")}[where]
+    model = shutil.copytree(os.path.join(run, "sft"), tmp_path / "model")
+    os.remove(model / "stage.json")  # a model of yours: no stage wrote it here
+    out = {"user": str(user), "run": run, "model": str(model), "other stage": os.path.join(run, "warmup")}[where]
     before = snapshot(str(tmp_path / "x"))  # every file under tmp_path
-    fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--out", out, *force], f"{out}: holds",
+    fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--out", out, *force], f"{out}: {says}",
           "not a learn stage's output")
     assert snapshot(str(tmp_path / "x")) == before
 
 
 def test_the_run_directory_with_a_trailing_slash_or_dots_is_the_same_folder(run, capsys):
     fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--out", run + "/sample/../", "--force"],
-          f"{run}: holds files that no stage wrote")
+          f"{run}: is a run directory")
 
 
 def swap_steps():
@@ -137,7 +141,8 @@ def write(path, text):
 
 @pytest.mark.parametrize("row, expected", [
     ("[" * 100000 + "]" * 100000, "nested too deeply"),
-    ('{"prompt": "a", "response": "b", "weights": [1' + "0" * 400 + "]}", "'weights' item 0"),
+    ('{"prompt": "a", "response": "b", "weights": [1' + "0" * 400 + "]}",
+     "'weights' item 0 must be a finite number >= 0, got 100000000000... (401 characters)"),
     ('{"prompt": "\\ud800", "response": "b"}', "'prompt' is not valid Unicode"),
 ])
 def test_bad_content_that_libraries_choke_on_is_one_line(run, capsys, tmp_path, row, expected):
