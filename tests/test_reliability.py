@@ -29,7 +29,8 @@ def test_an_output_over_a_folder_that_is_not_the_stages_is_refused(run, capsys, 
     (user / "notes.txt").write_text("keep me")
     model = shutil.copytree(os.path.join(run, "sft"), tmp_path / "model")
     os.remove(model / "stage.json")  # a model of yours: no stage wrote it here
-    out = {"user": str(user), "run": run, "model": str(model), "other stage": os.path.join(run, "warmup")}[where]
+    out = {"user": str(user), "run": run, "model": str(model),
+           "other stage": os.path.join(run, "warmup")}[where]
     before = snapshot(str(tmp_path / "x"))  # every file under tmp_path
     fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--out", out, *force], f"{out}: {says}",
           "not a learn stage's output")
