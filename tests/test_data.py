@@ -305,8 +305,8 @@ def test_collate_without_bos():
     assert b["weights"].tolist() == [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
     b = data.collate(CharTok(bos=False), ["abcde"], ["x"], max_len=4)
     assert b["input_ids"].tolist() == [[12, 13, 14, 33]] and b["labels"].tolist() == [[-100, -100, 33, -100]]
-    with_bos = data.collate(CharTok(), ["\x02ab"[1:]], ["cd"], max_len=16)["input_ids"].tolist()
-    assert with_bos == [[2, 10, 11, 12, 13, 3]]
+    with_bos = data.collate(CharTok(), [[2, 10, 11]], ["cd"], max_len=16)["input_ids"].tolist()
+    assert with_bos == [[2, 10, 11, 12, 13, 3]]  # a prompt that starts with the BOS gets no second one
     with pytest.raises(ValueError, match="empty prompt"):
         data.collate(CharTok(bos=False), [""], ["cd"], max_len=16)
 
