@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 
 import torch
@@ -322,11 +323,21 @@ def checkpoints(ckpt_dir):
             and not d.endswith((".tmp", ".old"))]
 
 
+@contextmanager
+def writing(path):
+    """A safetensors write error (a full disk) as one UsageError naming what was being written."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise UsageError(f"{path}: cannot write it ({one_line(e)})") from None
+
+
 def save_model(folder, model, tok):
     """A complete Hugging Face folder: the model with its tokenizer's special ids, the tokenizer's
     files, generation_config.json."""
     ids = tok.special_ids()
-    model.save_pretrained(folder, **ids)
+    with writing(os.path.join(folder, "model.safetensors")):
+        model.save_pretrained(folder, **ids)
     tok.save_pretrained(folder)
     write_json(os.path.join(folder, "generation_config.json"), {**ids, "do_sample": False})
 

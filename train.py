@@ -58,7 +58,7 @@ from fileio import read_json, write_json, write_jsonl
 from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
 from runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id, load_masks,
-                  load_model, need, one_line)
+                  load_model, need, one_line, writing)
 from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss,
                      pair_batch, pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction,
                      with_reference)
@@ -369,7 +369,8 @@ def stage_mask(config, inputs, out, device, force=False):
             masks = allo.select_masks(scores, ratio, granularity=config.granularity,
                                       exclude_top=config.exclude_top)
             if parallel.is_main():
-                allo.save_masks(os.path.join(so.work, f"{name}.safetensors"), masks)
+                with writing(os.path.join(so.work, f"{name}.safetensors")):
+                    allo.save_masks(os.path.join(so.work, f"{name}.safetensors"), masks)
             info[f"{name}_fraction"] = trained_fraction(masks)
             print(f"mask {name}: {100 * info[f'{name}_fraction']:.2f}% of entries; by module type:")
             print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))

@@ -27,7 +27,7 @@ from fileio import atomic_path, replace_dir
 from flags import count, real, setting
 from model import autocast
 from optim import masked_adamw
-from runs import Interrupted, UsageError, batches, checkpoints, one_line
+from runs import Interrupted, UsageError, batches, checkpoints, one_line, writing
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,9 @@ def save_checkpoint(ckpt_dir, step, model, opt):
     tmp = os.path.join(ckpt_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    with atomic_path(os.path.join(tmp, "model.safetensors")) as path:
+    with writing(tmp), atomic_path(os.path.join(tmp, "model.safetensors")) as path:
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, path)
-    allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
+        allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
     replace_dir(tmp, os.path.join(ckpt_dir, name))
     for old in checkpoints(ckpt_dir)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
