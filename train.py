@@ -22,13 +22,14 @@ Stages (each reads the run directory, default runs/default/, as PIPELINE says, o
             the ALLO model
   all       every stage in order, skipping finished ones (--force redoes them), then eval.py's table
 
-A stage writes into <out>.tmp/ and renames it to <out> (default <run>/<stage>/: a complete Hugging
-Face folder with the tokenizer's files, metrics.jsonl, stage.json) when it finishes. Its fingerprint (its
-settings and its inputs' identities) decides what happens when it runs again: finished alike, it is
-skipped; with other settings, an error (--force redoes it). Training stages checkpoint every
---ckpt-every steps and resume from there when run again alike; the batch order is a function of
-(seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one. Every bad
-file or flag stops with one line and exit status 2; one process at a time works on an output.
+A stage writes into <out>.tmp/ and swaps it into <out> (default <run>/<stage>/: a complete Hugging
+Face folder with the tokenizer's files, metrics.jsonl, stage.json) when it finishes; it writes only
+into a folder of its own. Its fingerprint (its config and its inputs' content) decides what happens
+when it runs again: finished alike, it is skipped; with other settings, an error (--force redoes
+it). Training stages checkpoint every --ckpt-every steps and resume from there when run again alike;
+the batch order is a function of (seed, step), so a resumed run on CPU ends with the same weights as
+an uninterrupted one. Every bad file or flag stops with one line and exit status 2, Ctrl-C with one
+line and 130; one process at a time works on an output. <run>/run.json records the run's own inputs.
 
 Under torchrun (parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per process, gloo
 on CPU) N processes at --batch-size b train exactly like one process at batch N*b. Reference
