@@ -40,7 +40,7 @@ COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_tem
 
 class BaseTokenizer:
     """What both kinds of tokenizer share. A subclass sets path, vocab_size, bos/eos/pad ids and
-    tokens, own_prefix (the ids its own encoding puts before a text) and encode_text.
+    tokens, own_prefix (the ids its own encoding puts before a text), encode and decode_ids.
 
     encode() adds no special token, but special tokens written in the text (a chat template's
     "<|im_start|>") are encoded as themselves; decode() drops BOS, EOS and PAD."""
@@ -56,9 +56,6 @@ class BaseTokenizer:
         self.prefix = {"auto": self.own_prefix, "always": [self.bos_id], "never": []}[bos_mode]
         self.specials = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         self.chat_template = read_chat_template(os.path.dirname(self.path))
-
-    def encode(self, text):
-        return self.encode_text(text)
 
     def prompt_ids(self, text_or_ids):
         """A prompt's tokens as the tokenizer's own encoding makes them: its prefix (BOS) first,
@@ -129,7 +126,7 @@ class Tokenizer(BaseTokenizer):
             raise DataError(f"{self.path}: {flag} {piece!r} is not a piece of this tokenizer")
         return i
 
-    def encode_text(self, text):
+    def encode(self, text):
         ids = []
         for part in self.split_at.split(text):  # special tokens written in the text are themselves
             ids += [self.sp.piece_to_id(part)] if part in (self.bos_token, self.eos_token, self.pad_token) \
@@ -176,7 +173,7 @@ class HFTokenizer(BaseTokenizer):
             raise DataError(f"{self.path}: no {what} token ({said}); name one with {flag}")
         return i
 
-    def encode_text(self, text):
+    def encode(self, text):
         return self.tk.encode(text, add_special_tokens=False).ids  # added tokens in the text: themselves
 
     def decode_ids(self, ids):

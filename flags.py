@@ -13,7 +13,7 @@ several configs share (--beta, --seed) is made once and read by each.
 import argparse
 import math
 import os
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, field, fields
 
 from data import BOS_MODES
 from model import pick_device
@@ -145,15 +145,6 @@ def config_from(cls, a, **given):
                 value = getattr(a, f.metadata["default_from"])
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
-
-
-def nested_configs(cls):
-    """cls and every config nested in it, depth first."""
-    out = [cls]
-    for f in fields(cls):
-        if is_dataclass(f.default):
-            out += [c for c in nested_configs(type(f.default)) if c not in out]
-    return out
 
 
 # ----------------------------------------------------------------------------- shared input flags
