@@ -24,7 +24,8 @@ policy pi against the frozen reference pi_ref (the model at the start of the sta
 Conventions: labels are pre-shifted (labels[b, t] is the token logits[b, t]
 predicts, -100 = not scored); per-token tensors are [B,T] and 0 outside the response; a mask is a
 dict parameter name -> bool tensor of the parameter's shape. "Fix:" marks a departure from the
-authors' release. The only model API used is model(input_ids, attention_mask=...) -> logits.
+authors' release. The only model API used is model(input_ids, attention_mask=..., keep=...) -> logits,
+keep (bool [B,T]) selecting the positions whose logits are computed ([N,V]).
 """
 
 import json
@@ -40,7 +41,7 @@ from safetensors.torch import save_file
 
 
 def token_logps(logits, labels, chunk_rows=4096):
-    """log pi(y_t | x, y_<t) of every label: logits [B,T,V], labels [B,T] -> [B,T].
+    """log pi(y_t | x, y_<t) of every label: logits [...,V], labels [...] -> [...] (e.g. [B,T]).
 
     Computed as logit[label] - logsumexp(logits), so no [B,T,V] log-softmax copy is made.
     Half-precision logits get a float32 logsumexp, chunk_rows rows at a time (without grad the
@@ -52,9 +53,18 @@ def token_logps(logits, labels, chunk_rows=4096):
     if logits.dtype in (torch.float32, torch.float64):
         lse = torch.logsumexp(logits, dim=-1)  # [B,T]
     else:
-        rows = logits.flatten(0, 1).split(chunk_rows)  # chunks of [rows, V]
+        rows = logits.reshape(-1, logits.shape[-1]).split(chunk_rows)  # chunks of [rows, V]
         lse = torch.cat([torch.logsumexp(r.float(), dim=-1) for r in rows]).view(labels.shape)
     return torch.where(scored, picked.to(lse.dtype) - lse, 0.0)
+
+
+def scored_token_logps(logits, labels):
+    """token_logps of the logits computed at the scored positions only (model(..., keep=labels !=
+    -100) -> [N,V], so a prompt's positions cost no [D,V] matmul), laid back onto labels' shape:
+    logits [N,V], labels [B,T] -> [B,T], 0 where labels == -100."""
+    scored = labels != -100
+    logps = token_logps(logits, labels[scored])  # [N]
+    return logps.new_zeros(labels.shape).masked_scatter(scored, logps)
 
 
 def sft_loss(logits, labels, weights=None, normalizer=None):
@@ -273,10 +283,11 @@ def rewriter_token_probs(rewriter, batch):
     """
     was_training = rewriter.training
     rewriter.eval()
-    logits = rewriter(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # [B,T,V]
+    labels = batch["labels"]
+    logits = rewriter(batch["input_ids"], attention_mask=batch.get("attention_mask"), keep=labels != -100)
     rewriter.train(was_training)
-    probs = token_logps(logits, batch["labels"]).exp()  # [B,T]
-    return torch.where(batch["labels"] != -100, probs, 0.0)
+    logps = scored_token_logps(logits, labels)
+    return torch.where(labels != -100, logps.exp(), 0.0)  # [B,T]
 
 
 def unaligned_token_weights(probs, labels, tau=0.5, mode="hard"):

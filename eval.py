@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from allo import token_logps
+from allo import scored_token_logps
 from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, TokenizerFile, collate, extract_answer,
                   is_correct, load_tokenizer, prompt_text, read_jsonl, read_template)
 from fileio import read_json, write_json
-from flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags, add_tokenizer_flags, count,
-                   nonempty, real, setting)
+from flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags, add_tokenizer_flags,
+                   config_from, count, nonempty, real, setting)
 from model import autocast, pick_device
 from runs import UsageError, batches, load_model, one_line
 
@@ -61,6 +61,9 @@ class PromptConfig:
                                  "is', then the last number", choices=ANSWER_FORMATS)
     stop: tuple = setting((), "a string that ends a generation, besides EOS (repeatable)", type=nonempty)
     max_new_tokens: int = setting(64, "max generated tokens", type=count(1))
+    gen_batch_size: int = setting(256, "prompts per generation batch (its KV cache: tools/memory_plan.py); a "
+                                  "sampling temperature draws per batch, so the samples depend on it",
+                                  type=count(1))
 
 
 # ----------------------------------------------------------------------------- generation and answers
@@ -111,11 +114,11 @@ def reference_answers(rows):
     return answers
 
 
-def accuracy(model, tok, questions, prompt=PromptConfig(), batch_size=256, label="accuracy"):
+def accuracy(model, tok, questions, prompt=PromptConfig(), label="accuracy"):
     """Greedy accuracy on questions rows ({"question", "answer"}) under the prompt settings."""
     prompts = [prompt_text(q["question"], prompt.template, tok, prompt.system) for q in questions]
-    responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop, batch_size=batch_size,
-                         label=label)
+    responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop,
+                         batch_size=prompt.gen_batch_size, label=label)
     answers = reference_answers(questions)
     right = sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers))
     return right / max(1, len(questions))
@@ -131,9 +134,10 @@ def response_logps(model, tok, prompts, responses, max_len, batch_size=64, label
     sums = []
     for i in batches(label, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
+        labels = b["labels"].to(device)
         with autocast(device):
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        sums += token_logps(logits.float(), b["labels"].to(device)).sum(-1).double().tolist()
+            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), keep=labels != -100)
+        sums += scored_token_logps(logits, labels).sum(-1).double().tolist()
     return sums
 
 
@@ -154,7 +158,7 @@ class Evaluator:
     and a reference model, pair accuracy and margin (the reference's log-probs computed once)."""
 
     def __init__(self, questions, tokenizer, pairs=None, ref=None, *, prompt=PromptConfig(), beta=0.1,
-                 max_len=256, device="auto", batch_size=64, gen_batch_size=256, n_questions=0, n_pairs=0):
+                 max_len=256, device="auto", batch_size=64, n_questions=0, n_pairs=0):
         """questions, pairs: JSONL paths; tokenizer: a path or a TokenizerFile; ref: a model directory;
         n_questions, n_pairs: score only the first N (0 = all)."""
         if pairs and not ref:
@@ -164,7 +168,7 @@ class Evaluator:
         except ValueError as e:
             raise DataError(f"--device: {e}") from None
         self.prompt, self.beta, self.max_len = prompt, beta, max_len
-        self.batch_size, self.gen_batch_size = batch_size, gen_batch_size
+        self.batch_size = batch_size
         self.tok = load_tokenizer(tokenizer)
         self.problems = read_jsonl(questions, "questions")[:n_questions or None]
         if not self.problems:
@@ -187,7 +191,7 @@ class Evaluator:
         is_ref = self.ref is not None and os.path.samefile(model_dir, self.ref)
         pair_acc, margin = (None, None) if is_ref or not self.pairs else pair_metrics(
             model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size)
-        acc = accuracy(model, self.tok, self.problems, self.prompt, self.gen_batch_size, f"eval {model_dir}")
+        acc = accuracy(model, self.tok, self.problems, self.prompt, f"eval {model_dir}")
         return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin,
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 
@@ -305,7 +309,6 @@ def parse_args(argv=None):
     p.add_argument("--ref", help="reference model directory of the implicit reward")
     p.add_argument("--beta", type=real(0, open_low=True), default=0.1, help="beta of the implicit reward")
     p.add_argument("--batch-size", type=count(1), default=64, help="rows per batch when scoring pairs")
-    p.add_argument("--gen-batch-size", type=count(1), default=256, help="prompts per batch when generating")
     p.add_argument("--max-len", type=count(2), help="max tokens of prompt + response (default: the run's, "
                    "else 256)")
     p.add_argument("--out", help="JSON output file (default <run>/eval_<split>.json, or none)")
@@ -324,12 +327,10 @@ def main(argv=None):
         if a.questions:
             if not a.tokenizer:
                 raise DataError("--questions needs --tokenizer")
-            prompt = PromptConfig(template=a.prompt_template, system=a.system, answer_format=a.answer_format,
-                                  stop=tuple(a.stop), max_new_tokens=a.max_new_tokens)
+            prompt = config_from(PromptConfig, a)
             tokenizer = TokenizerFile(a.tokenizer, a.bos_token, a.eos_token, a.pad_token, a.bos)
             evaluate = Evaluator(a.questions, tokenizer, a.pairs, a.ref, prompt=prompt, beta=a.beta,
-                                 device=a.device, max_len=a.max_len or 256, batch_size=a.batch_size,
-                                 gen_batch_size=a.gen_batch_size)
+                                 device=a.device, max_len=a.max_len or 256, batch_size=a.batch_size)
             rows = evaluate_models(evaluate, [(stage_label(d), d) for d in a.paths])
             split, out = "held-out", a.out
         else:

@@ -13,6 +13,7 @@ several configs share (--beta, --seed) is made once and read by each.
 import argparse
 import math
 import os
+import sys
 from dataclasses import MISSING, field, fields
 
 from data import BOS_MODES
@@ -180,7 +181,15 @@ PRESETS = {
     # (the same examples as the default's 32 over twice the steps), rates chosen on val
     "6m": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=704, lazy_rate=0.8, batch_size=16,
                sft_steps=2000, rewriter_steps=600, dpo_lr=2e-5, learn_lr=2e-5, forget_lr=3e-6),
+    # a ~100M-1B pretrained Llama (--model): rates for fine-tuning, not for training from scratch, and
+    # budgets that run SmolLM2-135M-Instruct through every stage in about an hour on 2 CPU cores (README)
+    "pretrained": dict(batch_size=8, max_len=256, gen_batch_size=64, ref_batch_size=16, max_new_tokens=64,
+                       sft_steps=40, sft_lr=2e-5, eval_n=60, k=4, n_sample=120, temperature=0.7, dpo_steps=12,
+                       dpo_lr=5e-6, learn_lr=5e-6, forget_steps=8, forget_lr=1e-6, rewriter_steps=12, rewriter_lr=1e-5,
+                       log_every=2, ckpt_every=4),
 }
+# the settings a preset for a pretrained model changes: left at the toy's defaults they over-train one
+TOY_DEFAULTS = ("sft_lr", "rewriter_lr", "dpo_lr", "learn_lr", "forget_lr", "k", "n_sample", "sft_steps")
 
 
 def parse_train_args(argv, stages, configs, description=None):
@@ -196,7 +205,8 @@ def parse_train_args(argv, stages, configs, description=None):
                    help="redo a finished stage, start an unfinished one over, rewrite the run's inputs")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="smoke: a tiny version of every stage, for tests; 6m: the 5.98M-parameter model and "
-                        "task variant of the study's second size (docs/study.md)")
+                        "task variant of the study's second size (docs/study.md); pretrained: rates and budgets "
+                        "for a ~100M-1B pretrained --model (a start: choose rates per model on val)")
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
                              "--eval-questions F...)")
@@ -229,7 +239,15 @@ def parse_train_args(argv, stages, configs, description=None):
         p.set_defaults(**PRESETS[pre.preset])
     a = p.parse_args(argv)
     check_flags(p, a)
+    toy = [name for name in TOY_DEFAULTS if getattr(a, name) == p.get_default(name)]
+    if a.model and a.questions and not a.preset and toy:  # your model, every stage
+        given = ", ".join(f"--{n.replace('_', '-')} {getattr(a, n):g}" for n in toy)
+        print(f"warning: {given}: the embedded 0.78M model's defaults, not rates or budgets for a pretrained "
+              "--model; start from --preset pretrained and choose the rates for your model on the validation "
+              "file", file=sys.stderr)
     return a
+
+
 
 
 def folder(text):

@@ -231,8 +231,10 @@ class Transformer(nn.Module):
     def head_weight(self):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        """input_ids [B,T] -> logits [B,T,V].
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, keep=None):
+        """input_ids [B,T] -> logits [B,T,V], or with keep (bool [B,T]) the logits [N,V] of its N
+        True positions in row-major order: the head, a [D,V] matmul per position, runs only where
+        logits are used (the scored targets in training, the last position in generation).
 
         attention_mask [B,S] (1 = real token, 0 = padding; S = cached + T) makes left- or
         right-padded rows give the same logits at their real positions as unpadded ones:
@@ -262,7 +264,9 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
-        return F.linear(self.norm(x), self.head_weight())  # [B,T,V]
+        if keep is not None:
+            x = x[keep]  # [N,D]
+        return F.linear(self.norm(x), self.head_weight())  # [B,T,V] or [N,V]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -298,7 +302,9 @@ class Transformer(nn.Module):
         step_ids = ids
         for t in range(max_new_tokens):
             with autocast(device):
-                logits = self(step_ids if use_cache else ids, attn, cache)[:, -1, :vocab_size]  # [B,V]
+                last = torch.zeros(step_ids.shape if use_cache else ids.shape, dtype=torch.bool, device=device)
+                last[:, -1] = True  # only the last position's logits are used
+                logits = self(step_ids if use_cache else ids, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
             nxt = sample_next(logits.float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for b, token in enumerate(nxt.tolist()):

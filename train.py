@@ -37,6 +37,7 @@ log-probs, sampling and rewriter scoring are split over the processes too; rank 
 files and prints. A checkpoint resumes under any number of processes with the same global batch.
 """
 
+import argparse
 import json
 import os
 import random
@@ -190,7 +191,7 @@ def stage_sample(config, inputs, out, device, force=False):
             prompts = [prompt_text(r["question"], prompt.template, tok, prompt.system) for r in rows]
             mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(c.k)]  # K per question
             ids = generate_ids(policy, tok, mine, prompt.max_new_tokens, c.temperature, c.top_p,
-                               c.seed + parallel.rank(), label=f"sample {split}", stop=prompt.stop)
+                               c.seed + parallel.rank(), prompt.gen_batch_size, f"sample {split}", prompt.stop)
             ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
             texts = [cut_at_stop(tok.decode(t), prompt.stop) for t in ids]  # K per question, in order
             pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, c, rng)
@@ -290,7 +291,7 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
         cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device,
-                                 label=f"{stage}: reference log-probs")
+                                 cfg.ref_batch_size, label=f"{stage}: reference log-probs")
         del reference
         fraction = trained_fraction(masks, policy)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
@@ -352,7 +353,7 @@ def stage_mask(config, inputs, out, device, force=False):
                 raise UsageError(f"{inputs['data']}: no preference pairs to score with")
             check_lengths("mask", tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % n))
             cached = reference_logps(start, tok, *pair_rows(pairs), cfg.max_len, device,
-                                     label="mask: reference log-probs")
+                                     cfg.ref_batch_size, label="mask: reference log-probs")
             batches = (pair_batch(tok, pairs, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
                        for i in range(0, n, cfg.batch_size))
 
@@ -532,7 +533,7 @@ def stage_forget(config, inputs, out, device, force=False):
         weights = None if config.all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"])))
                                                   for r in rows]
         cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device,
-                                 label="forget: reference log-probs")
+                                 cfg.ref_batch_size, label="forget: reference log-probs")
         del reference
         fraction = trained_fraction(masks, policy)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
@@ -735,6 +736,9 @@ def run_all(a, run, device):
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
     record = start_run(a, run)
+    # --model is the run's starting model (run.json), not an override of every stage's own: each
+    # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
+    a = argparse.Namespace(**{**vars(a), "model": None})
     t0 = time.time()
     for stage in STAGES:
         if not (stage == "sft" and record["inputs"]["skip_sft"]):

@@ -40,6 +40,8 @@ class TrainConfig:
     lr_warmup_frac: float = setting(0.1, "linear learning-rate warmup over this fraction of the steps, "
                                     "then cosine decay to 0", type=real(0, 1))
     max_len: int = setting(128, "max tokens of prompt + response", type=count(2))
+    ref_batch_size: int = setting(64, "rows per batch of the reference log-prob pass (no gradient), at the "
+                                  "start of warmup, forget and learn", type=count(1), result=False)
     log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
     ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
     grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
@@ -289,17 +291,19 @@ def forward_logps(model, batch, device):
     collate() pads on the right, so causal attention alone gives every real position exactly the
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
+    labels = batch["labels"].to(device)
     with autocast(device):
-        logits = model(batch["input_ids"].to(device))  # [B,T,V]
-    return allo.token_logps(logits, batch["labels"].to(device))
+        logits = model(batch["input_ids"].to(device), keep=labels != -100)  # [N,V]: the targets' only
+    return allo.scored_token_logps(logits, labels)
 
 
 def sft_batch_loss(model, b, norms, device):
     """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
     tokens, its share of the mean over the step's scored tokens."""
-    with autocast(device):
-        logits = model(b["input_ids"].to(device))  # [B,T,V], right-padded: see forward_logps
-    return allo.sft_loss(logits, b["labels"].to(device), normalizer=norms.scored_tokens)
+    labels = b["labels"].to(device)
+    with autocast(device):  # right-padded: see forward_logps; logits of the scored targets only, [N,V]
+        logits = model(b["input_ids"].to(device), keep=labels != -100)
+    return allo.sft_loss(logits, labels[labels != -100], normalizer=norms.scored_tokens)
 
 
 def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):

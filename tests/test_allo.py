@@ -249,10 +249,33 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, keep=None):
         h = self.emb(input_ids) * attention_mask[..., None]
         h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]
+        h = h if keep is None else h[keep]  # the model API: logits of the kept positions only
         return self.head(self.drop(torch.tanh(self.mix(self.norm(h)))))
+
+
+def test_scored_token_logps_equals_the_full_logits_and_their_gradients():
+    """scored_token_logps (the head only at labels != -100) = token_logps of the full logits, values
+    and gradients, float64."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(3)
+    m = Transformer(ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                hidden_dim=32)).double()
+    ids = torch.randint(0, 40, (3, 7))
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:6], labels[1, 4:7], labels[2, 0] = ids[0, 3:7], ids[1, 0:3], 5
+    got = allo.scored_token_logps(m(ids, keep=labels != -100), labels)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    want = allo.token_logps(m(ids), labels)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[labels == -100] == 0).all()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-12)
 
 
 def test_rewriter_token_probs_reference_no_grad_mode_restored():

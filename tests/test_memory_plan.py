@@ -1,10 +1,12 @@
 """memory_plan.py's formulas against measurements on tiny models (CPU, one thread), through
-train.py's own loss functions and passes.
+train.py's own loss functions and passes and model.generate, with torch.autocast("cpu", bfloat16)
+standing in for their CUDA autocast (memory_plan's StandIn and StandInTransformer: nothing patched).
 
-Exact: parameters, gradients, MaskedAdamW state at a real global mask, masks. Within 0.1%: the
-activations autograd saves (measured with saved_tensors_hooks; the formulas are exact up to a
-few bytes of [B]-sized loss tensors, 0.005% at most here). Within 5-10%: allocator peaks of the
-transients (glibc only; measured within 7.1%). The attention kernel: what torch picks here."""
+Exact: parameters, gradients, MaskedAdamW state at a real global mask, masks, generate's KV
+cache. Within 0.1%: the activations autograd saves (measured with saved_tensors_hooks; the
+formulas are exact up to a few bytes of scalar loss tensors, 0.07% at most here). Within 5-10%:
+allocator peaks of the transients, generation's included (glibc only; measured within 5%). The
+attention kernel: what torch picks here."""
 
 import os
 
@@ -37,6 +39,28 @@ def test_parameter_gradient_optimizer_and_mask_bytes_are_exact(cfg):
 
 
 @pytest.mark.parametrize("cfg", mp.CHECK_CONFIGS)
+def test_generate_kv_cache_bytes_are_exact(cfg):
+    for autocast, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
+        name, predicted, measured = mp.check_kv_cache(cfg, dtype, autocast)
+        assert predicted == measured, (name, autocast, dtype)
+
+
+def test_stand_ins_run_the_model_under_the_cpu_autocast():
+    """The seams: trainer.py's functions get StandIn(model); model.generate runs on a
+    StandInTransformer, whose forward (the call inside generate's own autocast region) casts."""
+    cfg = mp.CHECK_CONFIGS[0]
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    torch.manual_seed(0)
+    model = mp.StandInTransformer(cfg, autocast=True)
+    assert model(ids).dtype == torch.bfloat16
+    assert mp.StandIn(Transformer(cfg), autocast=True)(ids).dtype == torch.bfloat16
+    assert mp.StandIn(Transformer(cfg), autocast=False)(ids).dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")  # each region ends with the call
+    assert mp.run_generate(model, 3, 5, 2) == mp.generation_bytes(cfg, 3, 5, 2, autocast=True,
+                                                                   wbytes=4)["kv cache"]
+
+
+@pytest.mark.parametrize("cfg", mp.CHECK_CONFIGS)
 def test_saved_activations_match_within_a_tenth_of_a_percent(cfg):
     for autocast, wbytes in mp.MODES:
         for ckpt in (False, True):
@@ -62,9 +86,11 @@ def test_attention_kernel_is_what_torch_picks():
 
 @pytest.mark.skipif(mp.malloc_in_use() is None, reason="needs glibc's mallinfo2")
 def test_allocator_peaks():
-    """Logit gradients, train.reference_logps (one batch of logits), the rewriter's scoring (its
-    logits inside autocast, with the cached bf16 weight copies), MaskedAdamW.step,
-    importance_from_delta's scores (no autograd graph kept)."""
+    """Logit gradients (of the scored positions), train.reference_logps (one batch of logits, the
+    bf16 weight copies freed before token_logps; a batch where the forward's own peak is larger),
+    the rewriter's scoring (token_logps inside autocast, with the cached bf16 weight copies),
+    model.generate (KV cache and the prefill; float32, under autocast, bf16 weights),
+    MaskedAdamW.step, importance_from_delta's scores (no autograd graph kept)."""
     for name, predicted, measured, tolerance in mp.check_peaks():
         assert abs(predicted - measured) <= tolerance * measured, (name, predicted, measured)
 
@@ -72,8 +98,27 @@ def test_allocator_peaks():
 def test_plan_table_for_a_1b_config(capsys):
     assert mp.main([os.path.join(ROOT, "configs", "llama-3.2-1b.json")]) == 0
     out = capsys.readouterr().out
-    assert "attention kernel: flash (no pass has a mask)" in out
+    assert "attention kernel: flash (no training or scoring pass has a mask; generation's has)" in out
     learn = "| learn | 8 x 512 | 4.60 | 4.60 | 1.38 | 1.15 | - |"
-    assert f"{learn} 10.90 | 2.30 | 5.87 | 11.74 | **26.21** | logit grads | no |" in out
+    assert f"{learn} 9.39 | 2.30 | 2.94 | 7.83 | - | **21.77** | logit grads | yes |" in out
     assert "### with gradient checkpointing" in out
-    assert f"{learn} 4.01 | 2.30 | 5.87 | 11.74 | **17.50** | no-grad pass | yes |" in out
+    assert f"{learn} 2.50 | 2.30 | 2.94 | 7.83 | - | **14.50** | optimizer step | yes |" in out
+    # the reference pass's 7.83: 64 x 256 bf16 logits (3.91) and token_logps' float32 chunk and
+    # logsumexp's temporary (2 x 1.96), the bf16 weight copies (2.30) freed before token_logps
+    assert "| rewriter | 4 x 1536 |" in out and "| 1.47 | 3.52 | - |" in out  # with the copies
+
+
+def test_plan_generation_row(capsys):
+    """The sample / eval row: the KV cache of 256 prompts x (256 + 64) positions, 16 layers, 8 KV
+    heads of 64, float32 (the embedding's dtype), 5.00 GiB; and the flags that size it."""
+    path = os.path.join(ROOT, "configs", "llama-3.2-1b.json")
+    assert 2 * 16 * 256 * 8 * (256 + 64) * 64 * 4 / 2**30 == 5.0
+    assert mp.main([path, "--checkpointing", "off"]) == 0
+    row = "| sample / eval (generate) | 256 x 256+64 | 4.60 | - | - | - | - | - | 2.30 | - |"
+    assert f"{row} 6.36 | 5.00 | **15.96** | generate | yes |" in capsys.readouterr().out
+    assert mp.main([path, "--checkpointing", "off", "--gen-batch-size", "64", "--prompt-len", "128",
+                    "--new-tokens", "128", "--ref-batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "| sample / eval (generate) | 64 x 128+128 | 4.60 |" in out  # a fifth of the positions
+    assert "| 2.38 | 1.00 | **7.98** | generate | yes |" in out
+    assert "reference batch 16 rows" in out and "| 2.94 | 4.89 | - | **21.77** |" in out  # 16 x 256 logits

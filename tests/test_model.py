@@ -23,6 +23,39 @@ def test_logits_shape_and_causality():
     torch.testing.assert_close(m(y)[:, :5], logits[:, :5], rtol=0, atol=0)
 
 
+def test_keep_gives_the_full_logits_at_the_kept_positions():
+    """forward(keep=mask) -> the rows of the full [B,T,V] logits at the True positions, in row-major
+    order (float64: the head runs on fewer rows, nothing else changes); with a padded batch too."""
+    m = tiny().double()
+    x = torch.randint(0, 61, (3, 9))
+    attn = torch.ones(3, 9, dtype=torch.long)
+    attn[2, :4] = 0  # left padding
+    keep = torch.rand(3, 9, generator=torch.Generator().manual_seed(1)) < 0.4
+    for mask in (None, attn):
+        full = m(x, mask)
+        got = m(x, mask, keep=keep)
+        assert got.shape == (int(keep.sum()), 61)
+        torch.testing.assert_close(got, full[keep], rtol=0, atol=1e-12)
+    last = torch.zeros(3, 9, dtype=torch.bool)
+    last[:, -1] = True  # what generate's prefill keeps
+    torch.testing.assert_close(m(x, attn, keep=last), m(x, attn)[:, -1], rtol=0, atol=1e-12)
+
+
+def test_generation_computes_only_the_last_positions_logits():
+    """The prefill and every step hand the head one position per row ([B,V]), and the tokens are
+    those of the argmax of the full forward."""
+    m = tiny()
+    shapes = []
+    m.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    new = m.generate(prompts, 4, eos_id=-1, pad_id=0)
+    assert shapes == [(2, 61)] * 4
+    ids = [p + n for p, n in zip(prompts, new)]
+    for row, prompt in zip(ids, prompts):
+        full = m(torch.tensor([row[:-1]]))[0]
+        assert full[len(prompt) - 1:].argmax(-1).tolist() == row[len(prompt):]
+
+
 def test_rope_matches_complex_rotation_float64():
     """Rotate-half RoPE = multiplying (x_i, x_{i+hd/2}) by exp(i * pos * theta^(-2i/hd))."""
     hd, T = 8, 5

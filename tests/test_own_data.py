@@ -15,6 +15,7 @@ import sentencepiece as spm
 import torch
 
 import eval as evaluation
+import runs
 import train
 from data import DataError, extract_answer, is_correct, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
@@ -330,6 +331,12 @@ def test_one_command_runs_every_stage_resumes_and_eval_prints_the_same_table(tmp
             (tok.bos_id, tok.eos_id, tok.pad_id)
         assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == tok.eos_id
         assert tok.chat_template == CHATML and tok.prefix == []
+    starts = {stage: json.load(open(os.path.join(run, stage, "stage.json")))["fingerprint"]["inputs"]["model"]
+              for stage in train.STAGES}
+    # each stage starts from the model PIPELINE names, not from --model (the run's starting model)
+    for stage, made_by in (("sft", None), ("sample", "sft"), ("warmup", "sft"), ("mask", "sft"),
+                           ("rewriter", "sft"), ("forget", "sft"), ("learn", "forget")):
+        assert starts[stage] == runs.input_id(os.path.join(run, made_by) if made_by else args[1]), stage
     train.main(args)  # finished alike: every stage skipped
     again = capsys.readouterr().out
     assert all(f"{stage}: finished earlier with these settings, skipped" in again for stage in train.STAGES)

@@ -275,9 +275,10 @@ def test_long_phases_print_progress_lines(run, capsys, monkeypatch):
     (here at every batch), as plain lines."""
     import runs
     monkeypatch.setattr(runs, "PROGRESS_EVERY", 0.0)
-    train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--batch-size", "8"])
-    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force"])
+    train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--gen-batch-size", "64"])
+    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force", "--ref-batch-size", "100"])
     out = capsys.readouterr().out
-    assert "sample train 192/192 responses, " in out and "sample test 48/48 responses, " in out
-    assert "warmup: reference log-probs 384/384 rows, " in out and " eta 0s" in out
+    assert "sample train 64/192 responses, " in out and "sample train 192/192 responses, " in out
+    assert "sample test 48/48 responses, " in out
+    assert "warmup: reference log-probs 100/384 rows, " in out and " eta 0s" in out
     assert "\r" not in out

@@ -27,6 +27,20 @@ def test_preset_6m_resolves_to_the_documented_model_and_budget(tmp_path):
     assert (b.lazy_rate, b.dim, b.n_layers) == (0.6, 128, 8)
 
 
+def test_preset_pretrained_resolves_to_the_documented_values_and_toy_defaults_warn(capsys):
+    a = train.parse_args(["--preset", "pretrained", "--model", "m", "--questions", "q"])
+    assert (a.sft_lr, a.dpo_lr, a.learn_lr, a.forget_lr, a.rewriter_lr) == (2e-5, 5e-6, 5e-6, 1e-6, 1e-5)
+    assert (a.sft_steps, a.dpo_steps, a.forget_steps, a.rewriter_steps, a.k, a.n_sample) == (40, 12, 8, 12, 4, 120)
+    assert (a.batch_size, a.max_len, a.gen_batch_size, a.ref_batch_size, a.temperature) == (8, 256, 64, 16, 0.7)
+    assert "warning" not in capsys.readouterr().err
+    train.parse_args(["--model", "m", "--questions", "q", "--sft-lr", "1e-5"])  # a pretrained model on the toy's rates
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --rewriter-lr 0.001, --dpo-lr 1e-05, ") and "--sft-lr" not in err
+    assert "--preset pretrained" in err
+    train.parse_args([])  # the embedded default: its own model, no warning
+    assert capsys.readouterr().err == ""
+
+
 def test_default_flags_unchanged():
     a = train.parse_args([])
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim) == (128, 4, 4, 2, 352)

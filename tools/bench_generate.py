@@ -1,8 +1,15 @@
-"""Generation throughput with the KV cache against recomputing the whole prefix every step.
+"""Generation throughput: with the KV cache against recomputing the whole prefix every step, or
+on a real checkpoint against transformers' generate.
 
     python tools/bench_generate.py [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
+    python tools/bench_generate.py --model DIR --batch 16 --prompt 24 --new 32 --threads 2
 
-Both runs decode the same greedy tokens (checked); the table gives new tokens per second.
+A random model: both runs decode the same greedy tokens (checked); the table gives new tokens
+per second. --model DIR (a Hugging Face Llama checkpoint): model.generate against transformers'
+generate on the same random prompts of --prompt tokens, greedy, every row decoding --new tokens
+(no EOS), timed in turns in one process; prints both throughputs, how many rows decoded the same
+tokens, and the ratio (target: at least 1.1x transformers' tokens/s at batch 16). Needs
+transformers (tools/versus_hf.py).
 """
 
 import argparse
@@ -14,6 +21,38 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 from model import ModelConfig, Transformer, pick_device  # noqa: E402
+from tools.versus_hf import in_turns, load_hf  # noqa: E402
+
+
+def bench_checkpoint(a, device):
+    """--model: the project's generate against transformers' on one batch of random prompts."""
+    model = Transformer.from_pretrained(a.model).to(device).eval()
+    hf = load_hf(a.model, device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (a.batch, a.prompt), generator=g)
+    out = {}
+
+    def ours():
+        out["project"] = model.generate(ids.tolist(), a.new, eos_id=-1, pad_id=0)
+
+    def theirs():
+        with torch.no_grad():
+            new = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
+                              max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=None, pad_token_id=0)
+        out["transformers"] = new[:, a.prompt:].tolist()
+
+    runs = {"project": ours} if hf is None else {"project": ours, "transformers": theirs}
+    t = in_turns(runs, 1, a.repeats, device)
+    print(f"{a.model}: {model.num_params() / 1e6:.1f}M parameters; greedy, {a.batch} prompts of {a.prompt} "
+          f"tokens, {a.new} new tokens each; median of {a.repeats} in turns")
+    print("| implementation | new tokens/s | seconds |\n|---|---|---|")
+    for name, dt in t.items():
+        print(f"| {name} | {a.batch * a.new / dt:,.1f} | {dt:.2f} |")
+    if hf is not None:
+        same = sum(x == y for x, y in zip(out["project"], out["transformers"]))
+        print(f"project / transformers tokens/s: {t['transformers'] / t['project']:.2f}x (target >= 1.1x); "
+              f"{same} of {a.batch} rows decoded the same tokens")
+    return t
 
 
 def main():
@@ -25,8 +64,15 @@ def main():
     p.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     p.add_argument("--new", type=int, default=96, help="new tokens per sequence")
     p.add_argument("--device", default="auto")
+    p.add_argument("--model", help="a Hugging Face Llama checkpoint: time against transformers (see above)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per side with --model (median)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
+    if a.model:
+        return bench_checkpoint(a, device)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
                       n_kv_heads=max(1, a.dim // 64), hidden_dim=int(a.dim * 8 / 3) // 32 * 32,

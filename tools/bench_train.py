@@ -3,6 +3,7 @@
     python tools/bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
     python tools/bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda  # TinyLlama's
     python tools/bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
+    python tools/bench_train.py --model DIR --batch 4 --prompt 48 --response 48 --jitter 0 --threads 2
 
 Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
 the optimizer step of train.py on one batch of random token ids:
@@ -20,6 +21,12 @@ for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
 (oversubscribed threads made the default model's step 50-100x slower).
+
+--model DIR (a Hugging Face Llama checkpoint): a DPO step's forward and backward (the optimizer
+aside) on --batch pairs, the project's dpo_batch_loss against transformers' model computing the
+same loss as TRL does (every position's logits, log-softmax of the labels, the attention mask),
+timed in turns in one process; prints both, their losses (which must agree) and the time ratio
+(target: the project at most 0.95x transformers' time). Needs transformers (tools/versus_hf.py).
 """
 
 import argparse
@@ -36,9 +43,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import allo  # noqa: E402
 from data import collate  # noqa: E402
-from model import ModelConfig, Transformer, pick_device  # noqa: E402
+from model import ModelConfig, Transformer, autocast, pick_device  # noqa: E402
 from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps,  # noqa: E402
                      with_reference)
+from tools.versus_hf import in_turns, load_hf  # noqa: E402
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -148,6 +156,56 @@ def bench_size(spec, args, device):
             for name, shape, tok, dt in rows]
 
 
+def hf_dpo_loss(hf, batch, beta, device):
+    """Vanilla DPO against a zero reference as a transformers user computes it (TRL's way): the
+    logits of every position, log-softmax at the labels, summed over each response."""
+    labels = batch["labels"].to(device)
+    with autocast(device):
+        logits = hf(input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device)).logits  # [2B,T,V]
+    picked = logits.float().gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    logps = ((picked - logits.float().logsumexp(-1)) * (labels != -100)).sum(-1)  # [2B]
+    chosen, rejected = logps.chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def bench_checkpoint(args, device):
+    """--model: one DPO forward and backward of the project against transformers, on one batch."""
+    rng = random.Random(args.seed)
+    model = Transformer.from_pretrained(args.model).to(device).train()
+    hf = load_hf(args.model, device)
+    B, v = args.batch, model.cfg.vocab_size
+    prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
+    responses = [random_ids(rng, args.response, args.jitter, v) for _ in range(2 * B)]
+    batch = collate(TOK, prompts * 2, responses, round((args.prompt + args.response) * (1 + args.jitter)) + 2)
+    batch["ref"] = torch.zeros(batch["labels"].shape)  # a zero reference, on both sides
+    losses = {}
+
+    def step(name, net, loss_fn):
+        loss = loss_fn()
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+        losses[name] = loss.item()
+
+    runs = {"project": lambda: step("project", model, lambda: dpo_batch_loss(
+        model, batch, Norms(pairs=B), device, args.beta, 1.0))}
+    if hf is not None:
+        hf.train()
+        runs["transformers"] = lambda: step("transformers", hf, lambda: hf_dpo_loss(hf, batch, args.beta, device))
+    t = in_turns(runs, args.warmup, args.steps, device)
+    tokens = int(batch["attention_mask"].sum())
+    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters; a DPO step's forward + backward on "
+          f"{2 * B} rows x {batch['input_ids'].shape[1]} tokens ({tokens} real, half of them prompt), "
+          f"median of {args.steps} in turns")
+    print("| implementation | ms per forward + backward | tokens/s | loss |\n|---|---|---|---|")
+    for name, dt in t.items():
+        print(f"| {name} | {1e3 * dt:.0f} | {tokens / dt:,.0f} | {losses[name]:.6f} |")
+    if hf is not None:
+        print(f"project / transformers time: {t['project'] / t['transformers']:.2f}x (target <= 0.95x); "
+              f"losses differ by {abs(losses['project'] - losses['transformers']):.1e}")
+    return t
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -169,6 +227,7 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda ... (default auto)")
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
+    add("--model", help="a Hugging Face Llama checkpoint: time a DPO step against transformers (see above)")
     add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
         "--compile (the compile happens in the warmup steps, which must be >= 1)")
     return p.parse_args(argv)
@@ -179,6 +238,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.model:
+        return bench_checkpoint(args, device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens "

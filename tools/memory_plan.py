@@ -17,34 +17,55 @@ Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage fun
                 select_masks' int32 keys and bool lists
   activations   what autograd saves for one micro-batch of `rows` sequences of T tokens (DPO stages:
                 2 x --batch-size rows, chosen and rejected) in trainer.sft/dpo/npo_batch_loss, op by
-                op in activation_bytes; training passes no attention mask, so SDPA runs a fused
-                kernel (see attention_kernel); with --grad-checkpoint: each block's input, plus one
-                block recomputed during backward
+                op in activation_bytes. The blocks see every position; the final norm, the head, the
+                logits and token_logps only the scored ones, --response-len a row (model(..., keep=
+                labels != -100) -> [n, V]; allo.scored_token_logps scatters them back into [rows, T]).
+                Training passes no attention mask, so SDPA runs a fused kernel (see
+                attention_kernel); with --grad-checkpoint: each block's input, plus one block
+                recomputed during backward
   bf16 copies   autocast casts every float32 linear weight to bf16 once per forward and caches it
                 until the autocast region exits (saved for backward without checkpointing)
-  logit grads   backward of token_logps' logsumexp: three float32 [rows*T (<= 4096 chunked), V]
-                temporaries at once, while every activation is still saved. Every loss (SFT, the
-                rewriter's, DPO with --nll) is built on token_logps: no float32 logits copy
-  no-grad pass  trainer.reference_logps (64 rows a batch, one batch of logits at a time) or the
-                rewriter's scoring (--batch-size rows a batch), both unmasked as in training: the
-                logits and autocast's bf16 copies (cached without autograd too), with only weights
-                (and masks) resident; see no_grad_pass_bytes
+  logit grads   backward of token_logps' logsumexp: three float32 [n (<= 4096 chunked), V]
+                temporaries at once, n = rows x --response-len, while every activation is still
+                saved. Every loss (SFT, the rewriter's, DPO with --nll) is built on token_logps: no
+                float32 logits copy
+  no-grad pass  trainer.reference_logps (--ref-batch-size rows a batch, one batch at a time) or the
+                rewriter's scoring (--batch-size rows a batch), both unmasked as in training, with
+                only weights (and masks) resident: the largest of the forward's peak (one block's
+                tensors over rows x T), the head's, and the scored positions' logits with
+                token_logps' float32 chunk; autocast's bf16 copies (cached without autograd too)
+                live until the autocast region exits: before token_logps in trainer.forward_logps,
+                after it in the rewriter's scoring (train.score_tokens' region covers
+                allo.rewriter_token_probs); see no_grad_pass_bytes
+  KV cache      model.generate's keys and values, [n_layers, --gen-batch-size, n_kv_heads,
+                --prompt-len + --new-tokens, head_dim] each, in the weights' dtype (float32 under
+                autocast too); row "sample / eval (generate)": the sample stage, the SFT validation
+                and eval.py, with the prefill's peak (a masked forward over the prompts, the last
+                position's logits, sample_next) in column no-grad pass; see generation_bytes
 total = the largest of these moments (column "at"): end of forward, first backward op (logit
 grads), end of backward (all gradients + the first block), optimizer step, no-grad pass, mask
-selection. Gradients are freed after every step (zero_grad(set_to_none)), so with --grad-accum 1
-they never coexist with a forward's activations. The rewriter trains and scores 3 x --seq-len
-tokens (train.py's rewriter max_len). Not counted: the CUDA context and allocator slack
-(~0.5-1 GiB), the fused attention kernels' workspaces, generation (sample stage, evaluation).
+selection, generation. Gradients are freed after every step (zero_grad(set_to_none)), so with
+--grad-accum 1 they never coexist with a forward's activations. The rewriter trains and scores 3 x
+--seq-len tokens (train.py's rewriter max_len) with responses of --response-len. Not counted: the
+CUDA context and allocator slack (~0.5-1 GiB), the fused attention kernels' workspaces.
 
---check measures on tiny models (CPU), through trainer.py's own functions with torch.autocast("cpu",
-bfloat16) standing in for its CUDA autocast: the parameter, gradient, optimizer and mask bytes
-exactly (a real MaskedAdamW at a real global mask); what autograd saves in trainer.sft/dpo/
-npo_batch_loss with saved_tensors_hooks (distinct storages, by data_ptr), in float32, under the
-autocast stand-in and with bfloat16 weights, with and without checkpointing; and, where glibc's
-mallinfo2 is available, the allocator's peak in the logit gradients, trainer.reference_logps, the
-rewriter's scoring (allo.rewriter_token_probs as train.stage_rewriter calls it) and an optimizer
-step (sampled after every aten op: temporaries inside one op are not seen), and the memory
-importance_from_delta's scores hold.
+--check measures on tiny models (CPU), through trainer.py's, allo.py's and model.py's own
+functions, with torch.autocast("cpu", bfloat16) standing in for their CUDA autocast (a CUDA-only
+region that does nothing on a CPU): trainer.py's functions get the model wrapped in StandIn, whose
+forward runs under the stand-in, so the region covers the model's forward as trainer.py's own does;
+the rewriter's scoring runs under the stand-in as train.score_tokens runs it under autocast; and
+model.generate, whose own autocast region wraps its call of the model, runs on a
+StandInTransformer, a Transformer whose forward runs under the stand-in (nothing is patched). It
+measures the parameter, gradient, optimizer and mask bytes exactly (a real MaskedAdamW at a real
+global mask), and the KVCache model.generate allocates (float32 weights with and without the
+stand-in, bfloat16 weights); what autograd saves in trainer.sft/dpo/npo_batch_loss with
+saved_tensors_hooks (distinct storages, by data_ptr), in float32, under the autocast stand-in and
+with bfloat16 weights, with and without checkpointing; and, where glibc's mallinfo2 is available,
+the allocator's peak in the logit gradients, trainer.reference_logps (where the logits dominate,
+and where the forward does), the rewriter's scoring (allo.rewriter_token_probs as
+train.score_tokens calls it), model.generate (sampling; float32, under the stand-in, bfloat16
+weights) and an optimizer step (sampled after every aten op: temporaries inside one op are not
+seen), and the memory importance_from_delta's scores hold.
 """
 
 import argparse
@@ -65,7 +86,6 @@ from model import ModelConfig, Transformer  # noqa: E402
 from trainer import Norms  # noqa: E402
 
 GiB = 2**30
-REFERENCE_ROWS = 64  # trainer.reference_logps' batch_size
 CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
 
 
@@ -122,43 +142,51 @@ def attention_kernel(device):
     (sm80 and newer, bf16 under autocast, head_dim <= 256) the flash kernel takes it, GQA included:
     it reads the grouped k and v as they are (no repeat), so GQA and MHA models alike get "flash".
     It saves q, k, v, the output and a float32 logsumexp [rows, H, T], as do the CPU flash kernel
-    and cuDNN's, which recent torch tries first on sm90/sm100 with cuDNN > 9.15."""
+    and cuDNN's, which recent torch tries first on sm90/sm100 with cuDNN > 9.15. model.generate
+    alone passes a mask (its prompts are left-padded), which SDPA turns into a bias in q's dtype
+    for the kernel that takes it (CUDA: cuDNN or memory-efficient; CPU: flash); no autograd there."""
     return "flash-cpu" if device == "cpu" else "flash"
 
 
-def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"):
+def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo", scored=None):
     """Bytes autograd saves in one micro-batch: model.py op by op, allo.token_logps, the loss.
 
     autocast: bf16 autocast (CUDA path; with wbytes 4 it casts); wbytes: 4 float32, 2 bfloat16
     weights. loss: "sft" (trainer.sft_batch_loss, also the rewriter's), "dpo" (dpo_batch_loss;
-    --nll saves nothing more) or "npo" (npo_batch_loss). Returns "layer" (one block), "layers"
-    (what the blocks keep), "recompute", "other" (embedding, RoPE, final norm), "head" (logits,
-    token_logps, loss) and "cast_saved" (bf16 weight copies autograd saves).
+    --nll saves nothing more) or "npo" (npo_batch_loss). scored: the positions with a label (of
+    rows * T, the default), the only ones the final norm and the head see (model(..., keep=)).
+    Returns "layer" (one block), "layers" (what the blocks keep), "recompute", "other"
+    (embedding, RoPE, the keep index, final norm), "head" (logits, token_logps, loss) and
+    "cast_saved" (bf16 weight copies autograd saves).
     """
     N, D, H, hd, V = rows * T, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.vocab_size
+    n = N if scored is None else scored
     kv = cfg.n_kv_heads * hd
     c = 2 if autocast or wbytes == 2 else 4  # dtype of the linears' outputs and of the logits
     r = wbytes  # residual stream (embedding dtype; float32 + bf16 promotes to float32)
 
-    def rmsnorm(consumers):  # x in float32 (pow, mul), rsqrt [.,1], x * rsqrt in x's dtype
-        # (weight * .), and the linears' input: with autocast and a float32 residual every
+    def rmsnorm(positions, consumers):  # x in float32 (pow, mul), rsqrt [.,1], x * rsqrt in x's
+        # dtype (weight * .), and the linears' input: with autocast and a float32 residual every
         # consumer casts its own bf16 copy (autocast caches only leaf tensors), else one shared
-        return N * (4 * D + 4 + r * D + (consumers * 2 * D if autocast and r == 4 else r * D))
+        return positions * (4 * D + 4 + r * D + (consumers * 2 * D if autocast and r == 4 else r * D))
 
     # fused kernel without a mask (attention_kernel): rotated q, k, v, the output (o_proj reads
     # a view), float32 logsumexp [rows, H, T]
     attention = N * c * (2 * D + 2 * kv) + rows * H * T * 4
     mlp = N * 4 * c * cfg.hidden_dim  # gate, up, silu(gate), silu(gate) * up
-    layer = rmsnorm(3) + attention + rmsnorm(2) + mlp
-    other = N * (8 + 2 * 4 * hd) + rmsnorm(1)  # int64 ids (embedding), float32 cos and sin, final norm
+    layer = rmsnorm(N, 3) + attention + rmsnorm(N, 2) + mlp
+    # int64 ids (embedding), float32 cos and sin; x[keep]'s bool index [rows, T] (the same tensor
+    # as masked_scatter's mask in allo.scored_token_logps); the final norm of the n kept positions
+    other = N * (8 + 2 * 4 * hd) + N + rmsnorm(n, 1)
     # checkpoint() keeps only each block's input
     layers, recompute = (cfg.n_layers * N * r * D, layer) if ckpt else (cfg.n_layers * layer, 0)
-    # gather saves the logits, logsumexp its float32 input: the same tensor for float32 logits,
-    # bf16 logits + their float32 chunk copies
+    # gather saves the logits [n, V], logsumexp its float32 input: the same tensor for float32
+    # logits, bf16 logits + their float32 chunk copies
     logits = 4 * V if c == 4 else (2 + 4) * V
-    loss_bytes = {"sft": 4, "dpo": 0.5, "npo": 12}[loss]  # sft: weights; dpo: the rejected
-    # half's key-token mask; npo: weights, logsigmoid's input and buffer
-    head = int(N * (logits + 8 + 4 + 1 + loss_bytes))  # + int64 gather index, logsumexp, where's mask
+    # sft: the weights [n]; dpo: the rejected half's key-token mask [rows / 2, T]; npo: weights,
+    # logsigmoid's input and buffer [rows, T] (dpo and npo work on masked_scatter's [rows, T])
+    loss_bytes = {"sft": 4 * n, "dpo": N // 2, "npo": 12 * N}[loss]
+    head = n * (logits + 8 + 4 + 1) + loss_bytes  # + int64 gather index, logsumexp, where's mask
     n_cast = param_counts(cfg)["cast"] if not ckpt else V * D  # ckpt: only the head's
     cast_saved = 2 * n_cast if autocast and wbytes == 4 else 0
     return {"layer": layer, "layers": layers, "recompute": recompute, "other": other, "head": head,
@@ -167,22 +195,92 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
 
 def logit_grad_bytes(V, n, chunked):
     """allo.token_logps' backward: logsumexp_backward = grad * (x - lse).exp(), three float32
-    [n, V] tensors alive at once; n = rows of one chunk for half-precision logits."""
+    [n, V] tensors alive at once; n = the scored positions (the head's rows), one chunk of them
+    for half-precision logits."""
     return 3 * 4 * V * (min(n, CHUNK_ROWS) if chunked else n)
 
 
-def no_grad_pass_bytes(cfg, rows, T, half, copies=0, logps_in_autocast=False, inside_ops=True):
-    """Peak of a forward without autograd over rows x T tokens, weights and a block's own tensors
-    aside. Its logits: half precision: the [rows*T, V] logits, then token_logps' float32 chunk
-    copy and the (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one chunk;
-    float32: the logits, then that temporary. copies: autocast's bf16 weight copies (cached even
-    without autograd), alive until the autocast region exits: at the end of the forward
-    (trainer.forward_logps), or also through token_logps (logps_in_autocast: the rewriter's scoring).
-    inside_ops False: without logsumexp's temporary, what --check's sampler sees."""
-    V, n = cfg.vocab_size, rows * T
-    chunk = min(n, CHUNK_ROWS) if half else n
-    logits, after = (2 if half else 4) * V * n, 4 * V * chunk * (half + inside_ops)
-    return logits + (copies + after if logps_in_autocast else max(copies, after))
+def cast_copies(cfg, autocast, wbytes):
+    """autocast's bf16 copies of the float32 linear weights and the head (0 without a cast), and
+    those of the blocks only: the cache fills layer by layer, the head's last."""
+    if not autocast or wbytes != 4:
+        return 0, 0
+    return 2 * param_counts(cfg)["cast"], 2 * cfg.n_layers * param_counts(cfg)["layer_cast"]
+
+
+def forward_bytes(cfg, rows, T, *, autocast, wbytes, masked=False, cached=False):
+    """model.Transformer.forward's own tensors without autograd over rows x T tokens, weights,
+    autocast's copies and the logits aside: "base", the inputs and what lives through the forward
+    (int64 ids and labels or attention mask, float32 cos and sin [rows, 1, T, hd]; masked, as
+    model.generate calls it: the bool valid, int64 positions and the bool mask [rows, 1, T, T]),
+    and "peak", base plus the largest moment of one block, beside its input x (the forward still
+    holds it) and the normed x:
+      rope    q, k, v, then apply_rope(q): x * cos and rotated * sin in float32 (cos is), rotated,
+              their float32 sum
+      sdpa    q, k, v (cached: views of the cache, cast to bf16 under autocast when it is float32),
+              the output and a float32 logsumexp [rows, H, T]; masked: the mask as a bias in q's dtype
+      mlp     the residual after attention (the input is still held), silu(gate), up and their
+              product (gate is freed by then)
+    Temporaries inside one op (the attention kernel's own buffers) are not counted."""
+    N, D, H, hd, F = rows * T, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.hidden_dim
+    kv = cfg.n_kv_heads * hd
+    c = 2 if autocast or wbytes == 2 else 4  # the linears' outputs
+    r = wbytes  # the residual stream and the norms' outputs
+    base = N * (16 + 2 * 4 * hd) + (N * (1 + 8 + T) if masked else 0)
+    kv_sdpa = (4 * kv if autocast and wbytes == 4 else 0) if cached else 2 * c * kv
+    moments = {"rope": N * (c * D + 2 * c * kv + 4 * D + c * D + 4 * D + 4 * D),
+               "sdpa": N * (c * D + kv_sdpa + c * D + 4 * H) + (N * T * c if masked else 0),
+               "mlp": N * (r * D + 3 * c * F)}
+    return {"base": base, "peak": base + N * 2 * r * D + max(moments.values())}
+
+
+def no_grad_pass_bytes(cfg, rows, T, scored, *, autocast, wbytes, logps_in_autocast=False,
+                       inside_ops=True):
+    """Peak of trainer.reference_logps' or the rewriter's scoring's forward without autograd over
+    rows x T tokens (no mask) and token_logps over its `scored` positions (allo.scored_token_logps),
+    weights aside. The largest of: the forward's (forward_bytes, with the blocks' bf16 copies); the
+    head's matmul, the [scored, V] logits beside its input x[keep] and the normed x (and their
+    bf16 copy under autocast), with every bf16 copy; token_logps': half precision: the logits, their
+    float32 chunk copy and the (x - max) temporary inside logsumexp (ATen's logsumexp_out_impl), one
+    chunk; float32: the logits and that temporary. autocast's bf16 weight copies are cached even
+    without autograd and live until the autocast region exits: trainer.forward_logps' covers the
+    model only, so they are freed before token_logps; train.score_tokens' covers
+    allo.rewriter_token_probs, token_logps included (logps_in_autocast). inside_ops False: without
+    logsumexp's temporary, what --check's sampler sees."""
+    V, D, half = cfg.vocab_size, cfg.dim, autocast or wbytes == 2
+    copies, block_copies = cast_copies(cfg, autocast, wbytes)
+    fwd = forward_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes)
+    chunk = min(scored, CHUNK_ROWS) if half else scored
+    logits = (2 if half else 4) * V * scored
+    x_kept = scored * (2 * wbytes * D + (2 * D if autocast and wbytes == 4 else 0))  # x[keep], normed, bf16
+    head = logits + copies + fwd["base"] + x_kept
+    after = (logits + 16 * rows * T + 4 * V * chunk * (half + inside_ops)  # + the batch's ids and labels
+             + (copies if logps_in_autocast else 0))
+    return max(block_copies + fwd["peak"], head, after)
+
+
+def generation_bytes(cfg, prompts, P, new, *, autocast, wbytes):
+    """model.generate for `prompts` rows left-padded to P tokens and up to `new` new tokens, weights
+    aside: "kv cache", its KVCache (keys and values [n_layers, prompts, n_kv_heads, P + new, hd] in
+    the embedding's dtype: float32 under autocast too), exact; "peak", with the cache, the largest
+    moment of the prefill: its forward (forward_bytes with a mask, keys and values from the cache,
+    and the blocks' bf16 copies), its head inside autocast (keep = the last position: the [prompts,
+    V] logits, every bf16 copy), then sample_next outside it (the logits, their float32 copy,
+    logits / temperature and its softmax: sampling, as the sample stage; greedy holds less); or a
+    later step's, one position a row attending over up to P + new keys: every bf16 copy, the
+    int64 ids and attention mask so far, the bool mask and its bias, one layer's keys and values
+    cast to bf16 (under autocast, from a float32 cache), the logits (below the prefill's unless
+    new is far above P)."""
+    V, kv = cfg.vocab_size, cfg.n_kv_heads * cfg.head_dim
+    c = 2 if autocast or wbytes == 2 else 4
+    copies, block_copies = cast_copies(cfg, autocast, wbytes)
+    kv_cache = 2 * cfg.n_layers * prompts * kv * (P + new) * wbytes
+    fwd = forward_bytes(cfg, prompts, P, autocast=autocast, wbytes=wbytes, masked=True, cached=True)
+    head = copies + fwd["base"] + prompts * c * V
+    sample = prompts * (c * V + (4 * V if c == 2 else 0) + 2 * 4 * V)
+    kv_cast = 2 * 2 * kv if autocast and wbytes == 4 else 0
+    step = copies + prompts * ((P + new) * (16 + 1 + 1 + c + kv_cast) + c * V)
+    return {"kv cache": kv_cache, "peak": kv_cache + max(block_copies + fwd["peak"], head, sample, step)}
 
 
 def plan(cfg, a, ckpt):
@@ -190,20 +288,22 @@ def plan(cfg, a, ckpt):
     pc = param_counts(cfg)
     n, w, V, cuda = pc["total"], a.wbytes, cfg.vocab_size, a.device == "cuda"
     half = cuda or w == 2  # bf16 logits
-    copies = 2 * pc["cast"] if cuda and w == 4 else 0
-    B, T = a.batch_size, a.seq_len
-    no_grad = no_grad_pass_bytes(cfg, REFERENCE_ROWS, T, half, copies)  # trainer.reference_logps
+    copies = cast_copies(cfg, cuda, w)[0]
+    block_copies = 2 * pc["layer_cast"] if copies else 0  # the first block's, at the end of backward
+    B, T, resp = a.batch_size, a.seq_len, a.response_len  # resp: the scored targets of a row
+    R = a.ref_batch_size  # trainer.reference_logps' rows a batch
+    no_grad = no_grad_pass_bytes(cfg, R, T, R * resp, autocast=cuda, wbytes=w)
 
     def train(rows, T, loss, ratio, scorer=False):
-        act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, loss=loss)
+        act = activation_bytes(cfg, rows, T, autocast=cuda, wbytes=w, ckpt=ckpt, loss=loss,
+                               scored=rows * resp)
         saved = act["layers"] + act["other"] + act["head"]
         it = {"weights": w * n, "grads": w * n, "optimizer": 0 if scorer else optimizer_bytes(n, ratio, w),
               "masks": 0 if scorer else n, "scoring": 4 * n if scorer else 0,  # grad_importance's accumulator
               "activations": saved + act["recompute"], "bf16 copies": copies,
-              "logit grads": logit_grad_bytes(V, rows * T, chunked=half)}
+              "logit grads": logit_grad_bytes(V, rows * resp, chunked=half)}
         resident = it["weights"] + it["optimizer"] + it["masks"] + it["scoring"]
         kept = it["grads"] if a.grad_accum > 1 else 0  # gradients of the earlier micro-batches
-        block_copies = 2 * pc["layer_cast"] if copies else 0
         phases = {"forward": resident + kept + saved + copies,
                   "logit grads": resident + kept + saved + act["cast_saved"] + it["logit grads"],
                   "backward end": resident + it["grads"] + act["layer"] + act["other"] + block_copies}
@@ -225,6 +325,13 @@ def plan(cfg, a, ckpt):
     rows = f"{B} x {T}"
     dpo = f"{2 * B} x {T}"
     stages = [("sft", rows, *train(B, T, "sft", 1.0))]
+    # the sample stage, the SFT validation and eval.py: model.generate, --gen-batch-size prompts
+    # of --prompt-len tokens a batch, the policy's weights only
+    G, P, new = a.gen_batch_size, a.prompt_len, a.new_tokens
+    gen = generation_bytes(cfg, G, P, new, autocast=cuda, wbytes=w)
+    it = {"weights": w * n, "bf16 copies": copies, "KV cache": gen["kv cache"],
+          "no-grad pass": gen["peak"] - gen["kv cache"]}
+    stages.append(("sample / eval (generate)", f"{G} x {P}+{new}", it, {"generate": w * n + gen["peak"]}))
     stages.append(("warmup", dpo, *with_no_grad(*train(2 * B, T, "dpo", 1.0), no_grad, w * n + n)))
     # delta scorer: sft and warmup models, the float32 scores (importance_from_delta runs without
     # autograd; its one-tensor temporaries stay below select_masks')
@@ -232,8 +339,10 @@ def plan(cfg, a, ckpt):
     stages.append(("mask (delta)", "-", *select(it, {}, 2 * w * n + 4 * n)))
     it, phases = with_no_grad(*train(2 * B, T, "dpo", 1.0, scorer=True), no_grad, w * n)
     stages.append(("mask (grad)", dpo, *select(it, phases, w * n + 4 * n)))  # + the float32 scores
-    Tr = 3 * T  # train.py gives the rewriter 3 x --max-len; it scores --batch-size rows at a time
-    rw = no_grad_pass_bytes(cfg, B, Tr, half, copies, logps_in_autocast=True)
+    # train.py gives the rewriter 3 x --max-len (its prompt holds the response it rewrites), for
+    # responses as long as the others; it scores --batch-size rows at a time
+    Tr = 3 * T
+    rw = no_grad_pass_bytes(cfg, B, Tr, B * resp, autocast=cuda, wbytes=w, logps_in_autocast=True)
     stages.append(("rewriter", f"{B} x {Tr}", *with_no_grad(*train(B, Tr, "sft", 1.0), rw, w * n)))
     stages.append(("forget", rows, *with_no_grad(*train(B, T, "npo", a.forget_ratio), no_grad, w * n + n)))
     stages.append(("learn", dpo, *with_no_grad(*train(2 * B, T, "dpo", a.learn_ratio), no_grad, w * n + n)))
@@ -241,7 +350,7 @@ def plan(cfg, a, ckpt):
 
 
 COLUMNS = ["weights", "grads", "optimizer", "masks", "scoring", "activations", "bf16 copies", "logit grads",
-           "no-grad pass"]
+           "no-grad pass", "KV cache"]
 
 
 def print_plan(path, cfg, a):
@@ -250,8 +359,11 @@ def print_plan(path, cfg, a):
     if a.device == "cpu":
         how = "float32" if a.wbytes == 4 else "bfloat16 weights"
     print(f"## {os.path.basename(path)}: {pc['total'] / 1e9:.3f}B parameters, {a.device} ({how}), batch "
-          f"{a.batch_size} x {a.seq_len} tokens, ratios forget {a.forget_ratio} / learn {a.learn_ratio}, "
-          f"grad-accum {a.grad_accum}, attention kernel: {attention_kernel(a.device)} (no pass has a mask)\n")
+          f"{a.batch_size} x {a.seq_len} tokens ({a.response_len} scored a row), ratios forget "
+          f"{a.forget_ratio} / learn {a.learn_ratio}, grad-accum {a.grad_accum}, reference batch "
+          f"{a.ref_batch_size} rows, generation {a.gen_batch_size} prompts x {a.prompt_len} + "
+          f"{a.new_tokens} tokens, attention kernel: {attention_kernel(a.device)} (no training or scoring "
+          f"pass has a mask; generation's has)\n")
     for ckpt in {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]:
         print(f"### {'with' if ckpt else 'without'} gradient checkpointing (GiB)\n")
         print("| stage | rows x T | " + " | ".join(COLUMNS) + f" | total | at | fits {a.gpu_gib:g} GiB |")
@@ -263,7 +375,7 @@ def print_plan(path, cfg, a):
             print(f"| {stage} | {shape} | " + " | ".join(cells)
                   + f" | **{phases[at] / GiB:.2f}** | {at} | {fits} |")
         print()
-    resp = a.response_len or a.seq_len // 2
+    resp = a.response_len
     print(f"Host memory, the cached reference log-probs (float32 per response token, {resp} tokens per "
           f"response): {2 * a.examples * resp * 4 / GiB:.3f} GiB for {a.examples} pairs (warmup, learn, "
           f"mask grad), {a.examples * resp * 4 / GiB:.3f} GiB for {a.examples} wrong responses (forget).\n")
@@ -286,6 +398,11 @@ def tiny_batch(cfg, rows, T, seed=0):
             "weights": (labels != -100).float()}
 
 
+def n_scored(batch):
+    """Positions of a batch with a label (labels != -100): the head's rows."""
+    return int((batch["labels"] != -100).sum())
+
+
 def cuda_stand_in(autocast):
     """torch.autocast("cpu", bfloat16) standing in on the CPU for the CUDA autocast if autocast,
     else plain float32 (trainer.py's own autocast does nothing on a CPU)."""
@@ -293,8 +410,9 @@ def cuda_stand_in(autocast):
 
 
 class StandIn(torch.nn.Module):
-    """The seam of the measurements: the model whose forward runs under cuda_stand_in, handed to
-    trainer.py's own functions where they run the model under their (CUDA) autocast."""
+    """The seam of the training and reference measurements: the model whose forward runs under
+    cuda_stand_in, handed to trainer.py's own functions where they run the model under their (CUDA)
+    autocast; their regions hold the model's call only (token_logps and the losses run after)."""
 
     def __init__(self, model, autocast):
         super().__init__()
@@ -305,9 +423,27 @@ class StandIn(torch.nn.Module):
             return self.model(*args, **kwargs)
 
 
+class StandInTransformer(Transformer):
+    """The seam of the generation measurements: model.generate runs its own autocast(device) region
+    around its call of the model (plus a bool mask and a slice, which autocast does not touch), so
+    a Transformer whose forward runs under cuda_stand_in gets the same region, the bf16 copies freed
+    at its end as there (were generate's region to cover more, e.g. sample_next, this seam would no
+    longer match it). It records the bytes of the KVCache generate hands its first call."""
+
+    def __init__(self, cfg, autocast):
+        super().__init__(cfg)
+        self.autocast, self.kv_cache_bytes = autocast, None
+
+    def forward(self, input_ids, attention_mask=None, cache=None, keep=None):
+        if cache is not None and self.kv_cache_bytes is None:
+            self.kv_cache_bytes = cache.k.nbytes + cache.v.nbytes
+        with cuda_stand_in(self.autocast):
+            return super().forward(input_ids, attention_mask, cache, keep)
+
+
 def batch_loss(model, batch, loss, autocast=False):
     """One micro-batch's loss by trainer.py's own function (DPO: key tokens, eps 0.5, --nll 1)."""
-    cpu, scored, net = torch.device("cpu"), int((batch["labels"] != -100).sum()), StandIn(model, autocast)
+    cpu, scored, net = torch.device("cpu"), n_scored(batch), StandIn(model, autocast)
     if loss == "sft":
         return trainer.sft_batch_loss(net, batch, Norms(scored_tokens=scored), cpu)
     if loss == "npo":
@@ -384,6 +520,12 @@ def measure_logit_grads(model, batch, loss, autocast):
     return allocator_peak(lambda out: out.backward(), forward)
 
 
+def reference_scored(rows, T):
+    """Scored targets of one of measure_reference_pass' batches: each row a BOS, a prompt of T // 2
+    tokens, a response of T - T // 2 - 2 tokens and its EOS (the targets: response and EOS)."""
+    return rows * (T - T // 2 - 1)
+
+
 def measure_reference_pass(model, rows, T, autocast):
     """Peak of trainer.reference_logps over 3 batches of `rows` sequences of T tokens."""
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, prompt_ids=lambda ids: [1] + list(ids))
@@ -394,14 +536,34 @@ def measure_reference_pass(model, rows, T, autocast):
 
 
 def measure_scoring_pass(model, batch, autocast):
-    """Peak of allo.rewriter_token_probs as train.stage_rewriter's scoring loop calls it: under
-    autocast, given input_ids and labels only (no attention mask)."""
+    """Peak of allo.rewriter_token_probs as train.score_tokens calls it: under autocast (its
+    region covers token_logps), given input_ids and labels only (no attention mask)."""
     batch = {k: batch[k] for k in ("input_ids", "labels")}
     def score(_):
         with cuda_stand_in(autocast):
             allo.rewriter_token_probs(model, batch)
 
     return allocator_peak(score)
+
+
+def gen_prompts(prompts, P):
+    """`prompts` token lists of P, P - 1 and P - 2 tokens (model.generate left-pads them to P)."""
+    return [[5 + i % 7] * (P - i % 3) for i in range(prompts)]
+
+
+def run_generate(model, prompts, P, new):
+    """model.generate of a StandInTransformer (its autocast stand-in chosen there), sampling
+    (temperature 1, a seeded generator: greedy holds less), no row ending early (eos_id -1);
+    returns the bytes of the KVCache it allocated."""
+    model.kv_cache_bytes = None
+    model.generate(gen_prompts(prompts, P), new, eos_id=-1, pad_id=0, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    return model.kv_cache_bytes
+
+
+def measure_generation(model, prompts, P, new):
+    """Peak of run_generate over its start."""
+    return allocator_peak(lambda _: run_generate(model, prompts, P, new))
 
 
 def measure_delta_scores(cfg):
@@ -457,28 +619,63 @@ def check_activations(cfg, rows, T, autocast, wbytes, ckpt, loss):
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.float32 if wbytes == 4 else torch.bfloat16)
     model.grad_checkpointing = ckpt
-    p = activation_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes, ckpt=ckpt, loss=loss)
+    batch = tiny_batch(cfg, rows, T)
+    p = activation_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes, ckpt=ckpt, loss=loss,
+                         scored=n_scored(batch))
     predicted = p["layers"] + p["other"] + p["head"] + p["cast_saved"]
-    return predicted, measure_saved(model, tiny_batch(cfg, rows, T), loss, autocast)
+    return predicted, measure_saved(model, batch, loss, autocast)
+
+
+def check_kv_cache(cfg, wdtype=torch.float32, autocast=False):
+    """(name, predicted, measured) of the KVCache model.generate allocates (3 prompts of 5 tokens
+    or fewer, 2 new tokens)."""
+    torch.manual_seed(0)
+    model = StandInTransformer(cfg, autocast).to(wdtype)
+    predicted = generation_bytes(cfg, 3, 5, 2, autocast=autocast, wbytes=torch.finfo(wdtype).bits // 8)
+    return ("KV cache, 3 x 5+2", predicted["kv cache"], run_generate(model, 3, 5, 2))
+
+
+GEN_CHECK = (16, 48, 8)  # prompts, prompt tokens, new tokens of check_peaks' generate calls
+
+
+def check_generation(i, autocast, wdtype):
+    """(name, predicted, measured, tolerance) of model.generate's peak, config i."""
+    torch.manual_seed(0)
+    model = StandInTransformer(CHECK_CONFIGS[i], autocast).to(wdtype)
+    how = ("bf16 autocast" if autocast else "float32") if wdtype == torch.float32 else "bf16 weights"
+    wbytes = torch.finfo(wdtype).bits // 8
+    gen = generation_bytes(CHECK_CONFIGS[i], *GEN_CHECK, autocast=autocast, wbytes=wbytes)["peak"]
+    return (f"generate {GEN_CHECK[0]} x {GEN_CHECK[1]}+{GEN_CHECK[2]}, config {i}, {how}", gen,
+            measure_generation(model, *GEN_CHECK), 0.05)
 
 
 def check_peaks():
     """(name, predicted, measured, tolerance) of the allocator peaks (glibc's mallinfo2)."""
-    cfg, rows, T = CHECK_CONFIGS[2], 4, 32
+    cfg, rows, T = CHECK_CONFIGS[2], 8, 64  # large enough for the host's own allocations to matter little
     V, n = cfg.vocab_size, param_counts(cfg)["total"]
     model, out = Transformer(cfg), []
     for autocast in (False, True):
-        how, copies = ("bf16 autocast", 2 * param_counts(cfg)["cast"]) if autocast else ("float32", 0)
+        how = "bf16 autocast" if autocast else "float32"
         for loss in ("sft", "dpo"):
-            out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, rows * T, chunked=autocast),
-                        measure_logit_grads(model, tiny_batch(cfg, rows, T), loss, autocast), 0.05))
-        out.append((f"reference_logps, {how}",
-                    no_grad_pass_bytes(cfg, rows, T, autocast, copies, inside_ops=False),
-                    measure_reference_pass(model, rows, T, autocast), 0.1))
-        out.append((f"rewriter scoring, {how}",
-                    no_grad_pass_bytes(cfg, rows, 3 * T, autocast, copies, logps_in_autocast=True,
-                                       inside_ops=False),
-                    measure_scoring_pass(model, tiny_batch(cfg, rows, 3 * T), autocast), 0.1))
+            batch = tiny_batch(cfg, rows, T)
+            out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, n_scored(batch), chunked=autocast),
+                        measure_logit_grads(model, batch, loss, autocast), 0.05))
+        for i, r, t in ((2, rows, T), (0, 16, 64)):  # config 2: its logits dominate; 0: its forward
+            torch.manual_seed(0)
+            out.append((f"reference_logps {r} x {t}, config {i}, {how}",
+                        no_grad_pass_bytes(CHECK_CONFIGS[i], r, t, reference_scored(r, t), autocast=autocast,
+                                           wbytes=4, inside_ops=False),
+                        measure_reference_pass(Transformer(CHECK_CONFIGS[i]), r, t, autocast), 0.05))
+        # 16 x 16 (under autocast only): the bf16 copies as large as the logits' float32 chunk, so
+        # holding them through token_logps (train.score_tokens' region) shows, by about 20%
+        for r, t in ((rows, 3 * T),) + ((16, 16),) * autocast:
+            batch = tiny_batch(cfg, r, t)
+            out.append((f"rewriter scoring {r} x {t}, {how}",
+                        no_grad_pass_bytes(cfg, r, t, n_scored(batch), autocast=autocast, wbytes=4,
+                                           logps_in_autocast=True, inside_ops=False),
+                        measure_scoring_pass(model, batch, autocast), 0.05))
+        out += [check_generation(i, autocast, torch.float32) for i in (0, 2)]
+    out += [check_generation(i, False, torch.bfloat16) for i in (0, 2)]
     for ratio in (1.0, 0.5):
         out.append((f"MaskedAdamW.step at {ratio}", step_bytes(param_counts(cfg)["largest"], n, ratio, 4),
                     measure_step(cfg, ratio), 0.1))
@@ -496,6 +693,11 @@ def run_check(tolerance=0.001):
             for name, pred, got in check_exact(cfg, ratio, wdtype):
                 ok &= pred == got
                 print(f"| {name}, {str(wdtype)[6:]} weights | {i} | {pred} | {got} |")
+        for autocast, wdtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
+            name, pred, got = check_kv_cache(cfg, wdtype, autocast)
+            ok &= pred == got
+            how = ", bf16 autocast" if autocast else ""
+            print(f"| {name}, {str(wdtype)[6:]} weights{how} | {i} | {pred} | {got} |")
     print("\n| saved activations | ckpt | config | measured (dpo) | error sft | error dpo | error npo |")
     print("|---|---|---|---:|---:|---:|---:|")
     errors = []
@@ -544,7 +746,18 @@ def main(argv=None):
                    help="train.py's --grad-checkpoint: tables without, with, or both (default)")
     p.add_argument("--gpu-gib", type=float, default=24, help="accelerator memory to fit in (default 24)")
     p.add_argument("--examples", type=int, default=10000, help="pairs / wrong responses, for host memory")
-    p.add_argument("--response-len", type=int, default=0, help="response tokens (default seq-len / 2)")
+    p.add_argument("--response-len", type=int, default=0,
+                   help="response tokens of a sequence, the scored positions: the head's rows "
+                   "(default seq-len / 2)")
+    p.add_argument("--ref-batch-size", type=int, default=64,
+                   help="rows per batch of trainer.reference_logps, train.py's --ref-batch-size (default 64)")
+    p.add_argument("--gen-batch-size", type=int, default=256,
+                   help="prompts per generation batch, train.py's and eval.py's --gen-batch-size "
+                   "(default 256)")
+    p.add_argument("--prompt-len", type=int, default=0,
+                   help="prompt tokens of a generation (default seq-len / 2)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="generated tokens, train.py's and eval.py's --max-new-tokens (default 64)")
     a = p.parse_args(argv)
     if a.check:
         ok = run_check()
@@ -553,6 +766,13 @@ def main(argv=None):
     if not a.configs:
         p.error("give config.json paths, or --check")
     a.wbytes = 4 if a.weights_dtype == "float32" else 2
+    a.response_len, a.prompt_len = a.response_len or a.seq_len // 2, a.prompt_len or a.seq_len // 2
+    for flag in ("batch_size", "seq_len", "grad_accum", "ref_batch_size", "gen_batch_size", "prompt_len",
+                 "new_tokens", "examples"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 1 <= a.response_len <= a.seq_len:
+        p.error("--response-len must be between 1 and --seq-len")
     for path in a.configs:
         print_plan(path, load_config(path), a)
     return 0
