@@ -185,10 +185,10 @@ PRESETS = {
     # budgets that run SmolLM2-135M-Instruct through every stage in about an hour on 2 CPU cores (README)
     "pretrained": dict(batch_size=8, max_len=256, gen_batch_size=64, ref_batch_size=16, max_new_tokens=64,
                        sft_steps=40, sft_lr=2e-5, eval_n=60, k=4, n_sample=120, temperature=0.7, dpo_steps=12,
-                       dpo_lr=5e-6, learn_lr=5e-6, forget_steps=8, forget_lr=1e-6, rewriter_steps=12, rewriter_lr=1e-5,
-                       log_every=2, ckpt_every=4),
+                       dpo_lr=5e-6, learn_lr=5e-6, forget_steps=8, forget_lr=1e-6, rewriter_steps=12,
+                       rewriter_lr=1e-5, log_every=2, ckpt_every=4),
 }
-# the settings a preset for a pretrained model changes: left at the toy's defaults they over-train one
+# rates and budgets chosen for the 0.78M toy trained from scratch: a warning when a pretrained model gets them
 TOY_DEFAULTS = ("sft_lr", "rewriter_lr", "dpo_lr", "learn_lr", "forget_lr", "k", "n_sample", "sft_steps")
 
 
@@ -205,8 +205,8 @@ def parse_train_args(argv, stages, configs, description=None):
                    help="redo a finished stage, start an unfinished one over, rewrite the run's inputs")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="smoke: a tiny version of every stage, for tests; 6m: the 5.98M-parameter model and "
-                        "task variant of the study's second size (docs/study.md); pretrained: rates and budgets "
-                        "for a ~100M-1B pretrained --model (a start: choose rates per model on val)")
+                        "task variant of the study's second size (docs/study.md); pretrained: rates and "
+                        "budgets for a ~100M-1B pretrained --model (a start: choose rates per model on val)")
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
                              "--eval-questions F...)")
@@ -246,8 +246,6 @@ def parse_train_args(argv, stages, configs, description=None):
               "--model; start from --preset pretrained and choose the rates for your model on the validation "
               "file", file=sys.stderr)
     return a
-
-
 
 
 def folder(text):

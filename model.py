@@ -301,10 +301,11 @@ class Transformer(nn.Module):
         new, ends = [[] for _ in range(B)], [None] * B  # ends[b]: how many of row b's tokens it keeps
         step_ids = ids
         for t in range(max_new_tokens):
+            x = step_ids if use_cache else ids
+            last = torch.zeros_like(x, dtype=torch.bool)
+            last[:, -1] = True  # only the last position's logits are computed
             with autocast(device):
-                last = torch.zeros(step_ids.shape if use_cache else ids.shape, dtype=torch.bool, device=device)
-                last[:, -1] = True  # only the last position's logits are used
-                logits = self(step_ids if use_cache else ids, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
+                logits = self(x, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
             nxt = sample_next(logits.float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for b, token in enumerate(nxt.tolist()):

@@ -30,10 +30,11 @@ def test_preset_6m_resolves_to_the_documented_model_and_budget(tmp_path):
 def test_preset_pretrained_resolves_to_the_documented_values_and_toy_defaults_warn(capsys):
     a = train.parse_args(["--preset", "pretrained", "--model", "m", "--questions", "q"])
     assert (a.sft_lr, a.dpo_lr, a.learn_lr, a.forget_lr, a.rewriter_lr) == (2e-5, 5e-6, 5e-6, 1e-6, 1e-5)
-    assert (a.sft_steps, a.dpo_steps, a.forget_steps, a.rewriter_steps, a.k, a.n_sample) == (40, 12, 8, 12, 4, 120)
-    assert (a.batch_size, a.max_len, a.gen_batch_size, a.ref_batch_size, a.temperature) == (8, 256, 64, 16, 0.7)
+    assert (a.sft_steps, a.dpo_steps, a.forget_steps, a.rewriter_steps) == (40, 12, 8, 12)
+    assert (a.k, a.n_sample, a.temperature) == (4, 120, 0.7)
+    assert (a.batch_size, a.max_len, a.gen_batch_size, a.ref_batch_size) == (8, 256, 64, 16)
     assert "warning" not in capsys.readouterr().err
-    train.parse_args(["--model", "m", "--questions", "q", "--sft-lr", "1e-5"])  # a pretrained model on the toy's rates
+    train.parse_args(["--model", "m", "--questions", "q", "--sft-lr", "1e-5"])  # the toy's other rates
     err = capsys.readouterr().err
     assert err.startswith("warning: --rewriter-lr 0.001, --dpo-lr 1e-05, ") and "--sft-lr" not in err
     assert "--preset pretrained" in err

@@ -191,7 +191,8 @@ def bench_checkpoint(args, device):
         model, batch, Norms(pairs=B), device, args.beta, 1.0))}
     if hf is not None:
         hf.train()
-        runs["transformers"] = lambda: step("transformers", hf, lambda: hf_dpo_loss(hf, batch, args.beta, device))
+        runs["transformers"] = lambda: step("transformers", hf,
+                                            lambda: hf_dpo_loss(hf, batch, args.beta, device))
     t = in_turns(runs, args.warmup, args.steps, device)
     tokens = int(batch["attention_mask"].sum())
     print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters; a DPO step's forward + backward on "
