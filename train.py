@@ -629,9 +629,10 @@ def from_run(run, record, source, stage):
     optional, source = source.endswith("?"), source.rstrip("?")
     if record is None:
         return None if optional else no_run(run, stage)
+    if source == "run:rewrites" and record["inputs"]["embedded"]:
+        return embedded_rewrites(run)  # a path under the run directory already
     if source.startswith("run:"):
-        value = embedded_rewrites(run) if source == "run:rewrites" and record["inputs"]["embedded"] else \
-            record["inputs"].get(source[4:])
+        value = record["inputs"].get(source[4:])
         if value is None and not optional:
             raise UsageError(f"{run}/run.json: the run has no {source[4:]}; name it with its flag")
         return [in_run(run, v) for v in value] if isinstance(value, list) else in_run(run, value)

@@ -22,5 +22,10 @@ def run(smoke_run, tmp_path):
 def smoke_run(tmp_path_factory):
     """One smoke run of the whole pipeline (`python train.py --preset smoke`), shared by the tests."""
     d = str(tmp_path_factory.mktemp("run"))
-    train.main(["--preset", "smoke", "--run", d])
+    here = os.getcwd()
+    os.chdir(os.path.dirname(d))  # a relative run directory, as the default runs/default is
+    try:
+        train.main(["--preset", "smoke", "--run", os.path.basename(d)])
+    finally:
+        os.chdir(here)
     return d
