@@ -181,11 +181,12 @@ PRESETS = {
     # (the same examples as the default's 32 over twice the steps), rates chosen on val
     "6m": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=704, lazy_rate=0.8, batch_size=16,
                sft_steps=2000, rewriter_steps=600, dpo_lr=2e-5, learn_lr=2e-5, forget_lr=3e-6),
-    # a ~100M-1B pretrained Llama (--model): rates for fine-tuning, not for training from scratch, and
-    # budgets that run SmolLM2-135M-Instruct through every stage in about an hour on 2 CPU cores (README)
+    # a ~100M-1B pretrained Llama (--model): budgets that run SmolLM2-135M-Instruct through every stage
+    # in about half an hour on 2 CPU cores; the DPO, forget and learn rates the best of a sweep on its
+    # validation split (docs/own-model.md)
     "pretrained": dict(batch_size=8, max_len=256, gen_batch_size=64, ref_batch_size=16, max_new_tokens=64,
                        sft_steps=40, sft_lr=2e-5, eval_n=60, k=4, n_sample=120, temperature=0.7, dpo_steps=12,
-                       dpo_lr=5e-6, learn_lr=5e-6, forget_steps=8, forget_lr=1e-6, rewriter_steps=12,
+                       dpo_lr=1e-6, learn_lr=2e-6, forget_steps=8, forget_lr=1e-5, rewriter_steps=12,
                        rewriter_lr=1e-5, log_every=2, ckpt_every=4),
 }
 # rates and budgets chosen for the 0.78M toy trained from scratch: a warning when a pretrained model gets them

@@ -29,7 +29,7 @@ def test_preset_6m_resolves_to_the_documented_model_and_budget(tmp_path):
 
 def test_preset_pretrained_resolves_to_the_documented_values_and_toy_defaults_warn(capsys):
     a = train.parse_args(["--preset", "pretrained", "--model", "m", "--questions", "q"])
-    assert (a.sft_lr, a.dpo_lr, a.learn_lr, a.forget_lr, a.rewriter_lr) == (2e-5, 5e-6, 5e-6, 1e-6, 1e-5)
+    assert (a.sft_lr, a.dpo_lr, a.learn_lr, a.forget_lr, a.rewriter_lr) == (2e-5, 1e-6, 2e-6, 1e-5, 1e-5)
     assert (a.sft_steps, a.dpo_steps, a.forget_steps, a.rewriter_steps) == (40, 12, 8, 12)
     assert (a.k, a.n_sample, a.temperature) == (4, 120, 0.7)
     assert (a.batch_size, a.max_len, a.gen_batch_size, a.ref_batch_size) == (8, 256, 64, 16)
