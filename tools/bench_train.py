@@ -162,9 +162,10 @@ def hf_dpo_loss(hf, batch, beta, device):
     labels = batch["labels"].to(device)
     with autocast(device):
         logits = hf(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device)).logits  # [2B,T,V]
-    picked = logits.float().gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    logps = ((picked - logits.float().logsumexp(-1)) * (labels != -100)).sum(-1)  # [2B]
+                    attention_mask=batch["attention_mask"].to(device)).logits
+    logits = logits.float()  # [2B,T,V], one float32 copy (none on a CPU)
+    picked = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    logps = ((picked - logits.logsumexp(-1)) * (labels != -100)).sum(-1)  # [2B]
     chosen, rejected = logps.chunk(2)
     return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
 
