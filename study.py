@@ -154,9 +154,7 @@ def run_study(opts, a):
         for seed in range(a.seed, a.seed + opts.pipeline_seeds):
             a_seed = argparse.Namespace(**{**vars(a), "seed": seed})
             run = os.path.join(opts.run, f"seed{seed}")
-            train.start_run(a_seed, run)
-            for stage in prerequisites:  # each skips itself when finished alike
-                train.run_stage(stage, a_seed, run, device)
+            train.run_stages(a_seed, run, prerequisites, device)
             rows += study_run(opts, a_seed, run, [seed], arms, device, t0)
     else:
         for stage in prerequisites:

@@ -365,8 +365,8 @@ def stage_mask(config, inputs, out, device, force=False):
         if config.rank == "bottom":
             scores = {name: -s for name, s in scores.items()}
         elif config.rank == "random":
-            g = torch.Generator().manual_seed(cfg.seed)
-            scores = {name: torch.rand(s.shape, generator=g) for name, s in scores.items()}
+            g = torch.Generator(device).manual_seed(cfg.seed)  # drawn on the device, beside the other scores
+            scores = {name: torch.rand(s.shape, generator=g, device=device) for name, s in scores.items()}
         info = {}
         for name, ratio in (("forget", config.forget_ratio), ("learn", config.learn_ratio)):
             masks = allo.select_masks(scores, ratio, granularity=config.granularity,
@@ -581,8 +581,8 @@ PIPELINE = {
 }
 def in_pipeline(run, stage, key):
     """Where PIPELINE says stage's input `key` lies in the run directory (an earlier stage's file or
-    model), for study.py."""
-    return os.path.join(run, PIPELINE[stage][key].rstrip("/"))
+    model; the starting model where the run skipped SFT), for study.py."""
+    return from_run(run, read_json(os.path.join(run, "run.json")), PIPELINE[stage][key], stage)
 
 
 def stage_config(name, a, record):
@@ -730,6 +730,19 @@ def run_stage(name, a, run, device):
     return function(config, inputs, a.out or os.path.join(run, name), device, a.force)
 
 
+def run_stages(a, run, stages, device):
+    """The named stages in order on the run directory (each skips itself when finished alike; SFT
+    too where the run skips it); returns the run's record (run.json)."""
+    record = start_run(a, run)
+    # --model is the run's starting model (run.json), not an override of every stage's own: each
+    # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
+    a = argparse.Namespace(**{**vars(a), "model": None})
+    for stage in stages:
+        if not (stage == "sft" and record["inputs"]["skip_sft"]):
+            run_stage(stage, a, run, device)
+    return record
+
+
 def run_all(a, run, device):
     """Every stage in order (each skips itself when finished alike), then the table of the last
     evaluation file."""
@@ -737,14 +750,8 @@ def run_all(a, run, device):
                                                        "rewriter_init", "ref") if getattr(a, k)]
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
-    record = start_run(a, run)
-    # --model is the run's starting model (run.json), not an override of every stage's own: each
-    # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
-    a = argparse.Namespace(**{**vars(a), "model": None})
     t0 = time.time()
-    for stage in STAGES:
-        if not (stage == "sft" and record["inputs"]["skip_sft"]):
-            run_stage(stage, a, run, device)
+    record = run_stages(a, run, STAGES, device)
     if parallel.is_main():  # the table on rank 0 only
         rows, split = evaluate_run(run, None, a.device, a.beta)
         reference = "the starting model" if record["inputs"]["skip_sft"] else "the SFT model"
