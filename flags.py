@@ -177,8 +177,8 @@ PRESETS = {
     "smoke": dict(n_train=96, n_val=24, n_test=24, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64,
                   sft_steps=4, batch_size=8, k=2, dpo_steps=2, rewriter_steps=2, forget_steps=2, eval_n=8,
                   log_every=1, ckpt_every=2, max_new_tokens=40, gold_chosen=True),
-    # the second size of the study (docs/study.md): 5.98M parameters, a lazier SFT, batches of 16
-    # (the same examples as the default's 32 over twice the steps), rates chosen on val
+    # the second size of the study (docs/study.md): 5.98M parameters, a lazier SFT, batches of 16 over
+    # twice the default's SFT and rewriter steps, rates chosen on val
     "6m": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=704, lazy_rate=0.8, batch_size=16,
                sft_steps=2000, rewriter_steps=600, dpo_lr=2e-5, learn_lr=2e-5, forget_lr=3e-6),
     # a ~100M-1B pretrained Llama (--model): budgets that run SmolLM2-135M-Instruct through every stage

@@ -33,7 +33,7 @@ from runs import Interrupted, UsageError, batches, checkpoints, one_line, writin
 @dataclass(frozen=True)
 class TrainConfig:
     """optimization (every training stage)"""
-    batch_size: int = setting(32, "examples (or pairs) per micro-batch and process", type=count(1),
+    batch_size: int = setting(16, "examples (or pairs) per micro-batch and process", type=count(1),
                               per_process=True)
     grad_accum: int = setting(1, "micro-batches per optimizer step", type=count(1))
     weight_decay: float = setting(0.0, "AdamW weight decay, on parameters with >= 2 dims", type=real(0))

@@ -45,7 +45,7 @@ def test_preset_pretrained_resolves_to_the_documented_values_and_toy_defaults_wa
 def test_default_flags_unchanged():
     a = train.parse_args([])
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim) == (128, 4, 4, 2, 352)
-    assert (a.lazy_rate, a.batch_size, a.sft_steps, a.rewriter_steps) == (0.6, 32, 1000, 300)
+    assert (a.lazy_rate, a.batch_size, a.sft_steps, a.rewriter_steps) == (0.6, 16, 1000, 300)
     assert (a.dpo_lr, a.learn_lr, a.forget_lr) == (1e-5, 3e-5, 3e-5)
 
 
