@@ -16,6 +16,7 @@ import torch
 
 import eval as evaluation
 import runs
+import study
 import train
 from data import DataError, extract_answer, is_correct, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
@@ -372,8 +373,12 @@ def test_one_command_flags_are_checked(tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
 
 
+def started_from(out):
+    """The identity of the model a stage output started from (its stage.json fingerprint)."""
+    return json.load(open(os.path.join(out, "stage.json")))["fingerprint"]["inputs"]["model"]
+
+
 def test_study_pipeline_seeds_on_your_own_model_start_each_stage_where_the_pipeline_says(tmp_path, capsys):
-    import study
     run, args = one_command(tmp_path)
     i = args.index("--run-dir")
     args = args[:i] + args[i + 2:]
@@ -383,9 +388,8 @@ def test_study_pipeline_seeds_on_your_own_model_start_each_stage_where_the_pipel
                     *(["--skip-sft"] if skip else [])])
         seed = os.path.join(root, "seed0")
         start = args[1] if skip else os.path.join(seed, "sft")  # sample, rewriter and arms start here
-        started = lambda d: json.load(open(os.path.join(d, "stage.json")))["fingerprint"]["inputs"]["model"]  # noqa: E731
         arms = os.path.join(seed, "study", "main", "seed0")
         for d in ("sample", "rewriter", os.path.join(arms, "dpo-full"), os.path.join(arms, "forget-unaligned-top")):
-            assert started(os.path.join(seed, d)) == runs.input_id(start), d
+            assert started_from(os.path.join(seed, d)) == runs.input_id(start), d
         assert os.path.exists(os.path.join(seed, "sft")) != skip
     capsys.readouterr()
