@@ -312,6 +312,11 @@ def one_command(tmp_path, *extra):
     return run, args
 
 
+def started_from(out):
+    """The identity of the model a stage output started from (its stage.json fingerprint)."""
+    return json.load(open(os.path.join(out, "stage.json")))["fingerprint"]["inputs"]["model"]
+
+
 def table_of(out):
     return out[out.index("| model |"):out.index("held-out pairs")]
 
@@ -332,8 +337,7 @@ def test_one_command_runs_every_stage_resumes_and_eval_prints_the_same_table(tmp
             (tok.bos_id, tok.eos_id, tok.pad_id)
         assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == tok.eos_id
         assert tok.chat_template == CHATML and tok.prefix == []
-    starts = {stage: json.load(open(os.path.join(run, stage, "stage.json")))["fingerprint"]["inputs"]["model"]
-              for stage in train.STAGES}
+    starts = {stage: started_from(os.path.join(run, stage)) for stage in train.STAGES}
     # each stage starts from the model PIPELINE names, not from --model (the run's starting model)
     for stage, made_by in (("sft", None), ("sample", "sft"), ("warmup", "sft"), ("mask", "sft"),
                            ("rewriter", "sft"), ("forget", "sft"), ("learn", "forget")):
@@ -371,11 +375,6 @@ def test_one_command_flags_are_checked(tmp_path, capsys):
             train.main(argv + ["--run-dir", str(tmp_path / "r")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
-
-
-def started_from(out):
-    """The identity of the model a stage output started from (its stage.json fingerprint)."""
-    return json.load(open(os.path.join(out, "stage.json")))["fingerprint"]["inputs"]["model"]
 
 
 def test_study_pipeline_seeds_on_your_own_model_start_each_stage_where_the_pipeline_says(tmp_path, capsys):
