@@ -3,14 +3,17 @@
 import json
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` to write; when the block ends without an error, the
-    file is flushed to disk and renamed to `path` in one step. On an error it is removed."""
-    tmp = path + ".tmp"
+    file is flushed to disk and renamed to `path` in one step. On an error it is removed. The
+    temporary name is this write's own, so writers of the same file (study seeds run side by side)
+    never rename each other's half-written file: the last complete one wins."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         yield tmp
         fsync(tmp)

@@ -6,6 +6,8 @@ import math
 import os
 import statistics
 
+from fileio import atomic_path
+
 # the two-sided 95% quantile of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101,
@@ -145,7 +147,8 @@ def figures(root, rows, summary, masks):
     def save(fig, name):
         for ext in ("png", "svg"):
             path = os.path.join(root, f"{name}.{ext}")
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
             written.append(path)
         plt.close(fig)
 

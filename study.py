@@ -174,7 +174,7 @@ def study_run(opts, a, run, seeds, arms, device, t0):
     print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
           f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft = train.in_pipeline(run, "warmup", "model")
-    sft_metrics = evaluate(sft)
+    sft_metrics = cached_eval(sft, evaluate, os.path.join(root, f"sft_eval_{split}_{opts.n_eval}.json"))
     tokenizer = TokenizerFile(sft, a.bos_token, a.eos_token, a.pad_token, a.bos)
     inputs = {"forget": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "forget", "data")),
               "learn": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "learn", "data"))}
@@ -231,8 +231,8 @@ def write_results(root, opts, a, rows, names, device):
 def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     """An arm's held-out metrics, the wall time and trained fractions of its phases, its losses."""
     infos = [read_json(os.path.join(p, "stage.json")) for p in phases]
-    row = {**cached_eval(out, evaluate, split, n_eval), "wall_s": sum(i["wall_s"] for i in infos),
-           "learn_fraction": infos[-1]["trained_fraction"]}
+    row = {**cached_eval(out, evaluate, os.path.join(out, f"eval_{split}_{n_eval}.json")),
+           "wall_s": sum(i["wall_s"] for i in infos), "learn_fraction": infos[-1]["trained_fraction"]}
     if forget:
         row["forget_fraction"] = infos[0]["trained_fraction"]
     if name in CONVERGENCE:
@@ -240,13 +240,16 @@ def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     return row
 
 
-def cached_eval(out, evaluate, split, n_eval):
-    """The arm's held-out metrics, computed once and kept in its directory."""
-    path = os.path.join(out, f"eval_{split}_{n_eval}.json")
-    if not os.path.exists(path):
-        write_json(path, evaluate(out))
-    with open(path) as f:
-        return json.load(f)
+def cached_eval(model, evaluate, path):
+    """The held-out metrics of the model folder `model`, computed once and kept in path (JSON), for
+    as long as the model is the same finished stage (its stage.json id; a folder without one, a
+    model of your own, is taken as unchanged)."""
+    model_id = (read_json(os.path.join(model, "stage.json")) or {}).get("id")
+    kept = read_json(path)
+    if kept is None or kept.get("model_id") != model_id:
+        kept = {"model_id": model_id, "metrics": evaluate(model)}
+        write_json(path, kept)
+    return kept["metrics"]
 
 
 def write_csv(path, rows):

@@ -46,7 +46,7 @@ def test_tokenizer_training_is_deterministic_and_loads_from_file(tmp_path):
     a = task.train_task_tokenizer(str(tmp_path / "a.model"))
     b = task.train_task_tokenizer(str(tmp_path / "b.model"))
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
-    assert not (tmp_path / "a.model.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
     c = data.Tokenizer(str(tmp_path / "a.model"))
     text = data.prompt_text("Mia has 14 apples.") + " 14 + 7 = 21. The answer is 21."
     assert c.encode(text) == a.encode(text) == b.encode(text) and c.decode(c.encode(text)) == text
@@ -244,11 +244,23 @@ def test_jsonl_round_trip(tmp_path, tok):
             {"prompt": "Q", "response": " x", "extra": 1}]
     path = str(tmp_path / "f.jsonl")
     fileio.write_jsonl(path, rows)
-    assert not os.path.exists(path + ".tmp")
+    assert not list(tmp_path.glob("*.tmp"))
     assert data.read_jsonl(path, "forget", tok) == rows
     with open(path, "a") as f:
         f.write("\n   \n")  # blank lines are skipped
     assert data.read_jsonl(path, "forget") == rows
+
+
+def test_two_writers_of_one_file_each_leave_a_whole_file(tmp_path):
+    """Two writes of one path that overlap (as study seeds run side by side do): each renames its
+    own temporary file, the one that finishes last wins, nothing is left beside it."""
+    path = str(tmp_path / "results.json")
+    with fileio.atomic_path(path) as outer, open(outer, "w") as f:
+        f.write("outer, ")
+        fileio.write_json(path, {"writer": "inner"})
+        f.write("whole")
+    assert open(path).read() == "outer, whole"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_jsonl_errors(tmp_path, tok):

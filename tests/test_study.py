@@ -120,7 +120,8 @@ def test_pipeline_seeds_rerun_the_whole_pipeline_per_seed(tmp_path, capsys):
     run = str(tmp_path / "pipe")
     args = ["--run", run, "--pipeline-seeds", "2", "--tag", "p", "--arms", "DPO full", "DPO top", "ALLO",
             "--preset", "smoke", "--dpo-steps", "4", "--forget-steps", "2", "--n-eval", "8", "--threads", "1"]
-    study.main(args)
+    study.main(args[:3] + ["1", "--seed", "1"] + args[4:])  # seed 1 alone, as side by side on a GPU
+    study.main(args)  # seed 0, then the table over both
     sft = [weights(os.path.join(run, f"seed{s}", "sft")) for s in (0, 1)]
     assert any(not torch.equal(sft[0][n], sft[1][n]) for n in sft[0])  # another init and batch order
     samples = [open(os.path.join(run, f"seed{s}", "sample", "forget.jsonl")).read() for s in (0, 1)]
@@ -138,9 +139,32 @@ def test_pipeline_seeds_rerun_the_whole_pipeline_per_seed(tmp_path, capsys):
                                                            claim["difference"] + half))
     table = open(os.path.join(run, "study", "p", "table.md")).read()
     assert "2 pipeline seed(s)" in table and "| ALLO − DPO full |" in table
+    evals = sorted(os.path.join(d, f) for s in (0, 1) for d, _, fs in os.walk(os.path.join(run, f"seed{s}"))
+                   for f in fs if f.startswith(("eval_", "sft_eval_")))
+    assert len(evals) == 2 * 4  # per seed: the SFT model and the three arms
+    kept = [os.stat(p).st_mtime_ns for p in evals]
     capsys.readouterr()
-    study.main(args)  # resumable: nothing trains again
+    study.main(args)  # resumable: nothing trains again, nothing is scored again
     assert " loss " not in capsys.readouterr().out
+    assert [os.stat(p).st_mtime_ns for p in evals] == kept
+
+
+def test_a_kept_evaluation_is_that_of_the_same_finished_stage(tmp_path):
+    model, path, calls = tmp_path / "sft", str(tmp_path / "sft_eval.json"), []
+    model.mkdir()
+
+    def finish(stage_id):
+        (model / "stage.json").write_text(json.dumps({"id": stage_id}))
+
+    def evaluate(d):
+        calls.append(d)
+        return {"accuracy": len(calls) / 10}
+
+    finish("a")
+    assert study.cached_eval(str(model), evaluate, path) == {"accuracy": 0.1}
+    assert study.cached_eval(str(model), evaluate, path) == {"accuracy": 0.1} and len(calls) == 1
+    finish("b")  # the stage was run again: its model is another
+    assert study.cached_eval(str(model), evaluate, path) == {"accuracy": 0.2} and len(calls) == 2
 
 
 def test_figures_are_written_with_matplotlib_and_skipped_in_one_line_without(tmp_path, capsys, monkeypatch):
