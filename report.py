@@ -77,16 +77,17 @@ def quarter_means(losses):
 
 
 def summarize(rows, names):
-    """Per arm: mean, sample std and 95% interval over seeds of accuracy, means of the rest, and the
-    mean loss of each step and quarter over the seeds that kept them."""
+    """Per arm: mean, sample std and 95% interval over seeds of accuracy, means of the rest (pair
+    accuracy and margin over the seeds with held-out pairs), and the mean loss of each step and quarter over the seeds that kept them."""
     out = []
     for name in names:
         rs = [r for r in rows if r["arm"] == name]
         acc = [r["accuracy"] for r in rs]
         mean, low, high = mean_interval(acc)
 
-        def average(key):
-            return None if rs[0][key] is None else statistics.fmean(r[key] for r in rs)
+        def average(key):  # over the seeds that have it: a seed may have no held-out pairs
+            kept = [r[key] for r in rs if r[key] is not None]
+            return statistics.fmean(kept) if kept else None
 
         losses = [r["losses"] for r in rs if r.get("losses")]
         steps = [statistics.fmean(s) for s in zip(*losses)] if losses else None
@@ -100,7 +101,8 @@ def summarize(rows, names):
 
 
 def markdown(summary, found, split, seeds_line, settings_line, n_questions, n_pairs):
-    """The study's tables: arms, claims, and the loss quarters of the vanilla-DPO arms."""
+    """The study's tables: arms, claims, and the loss quarters of the vanilla-DPO arms. n_pairs: the
+    held-out pairs of each seed (pipeline seeds sample their own)."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -111,7 +113,8 @@ def markdown(summary, found, split, seeds_line, settings_line, n_questions, n_pa
         frac = "-" if s["wall_s"] == 0 else f"{s['forget_fraction']:.2f} / {s['learn_fraction']:.2f}"
         lines.append(f"| {s['arm']} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f}% | "
                      f"{pct(s['pair_accuracy'])} | {margin} | {frac} | {s['wall_s']:.0f} |")
-    lines.append(f"\n{seeds_line}; {n_questions} {split} questions, greedy; {n_pairs} held-out pairs, "
+    pairs = f"{n_pairs[0]}" if len(set(n_pairs)) == 1 else f"{', '.join(map(str, n_pairs))} (by seed)"
+    lines.append(f"\n{seeds_line}; {n_questions} {split} questions, greedy; {pairs} held-out pairs, "
                  f"margin = beta * (chosen - rejected) log-ratio against the SFT model. {settings_line}")
     if found:
         lines += ["", "| claim (accuracy, points) | paired difference | 95% t interval | seeds | verdict |",

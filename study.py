@@ -217,7 +217,8 @@ def write_results(root, opts, a, rows, names, device):
                 f"{a.forget_lr:g}, forget ratio {a.forget_ratio:g}, tau {a.tau:g}. Intervals: Student's t "
                 "over the per-seed paired differences.")
     table = report.markdown(summary, found, split, f"{len(seeds)} {kind}", settings,
-                            rows[0]["n_questions"], rows[0]["n_pairs"])
+                            rows[0]["n_questions"],
+                            [next(r["n_pairs"] for r in rows if r["seed"] == s) for s in seeds])
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)

@@ -116,6 +116,22 @@ def test_paired_interval_and_verdicts_by_hand():
     assert report.verdict(-3, -1, -1) == "holds" and report.verdict(None, None, +1) == "one seed: no interval"
 
 
+def test_a_seed_without_held_out_pairs_leaves_the_others_pair_means():
+    """A pipeline seed whose SFT model answered every held-out question samples no held-out pairs:
+    its rows have no pair metrics, the means are over the seeds that have them."""
+    row = {"arm": "ALLO", "forget_fraction": 0.1, "learn_fraction": 0.1, "wall_s": 5.0, "losses": None}
+    rows = [{**row, "seed": 0, "accuracy": 0.5, "pair_accuracy": 0.75, "margin": 0.25, "n_pairs": 4},
+            {**row, "seed": 1, "accuracy": 0.7, "pair_accuracy": None, "margin": None, "n_pairs": 0},
+            {**row, "seed": 2, "accuracy": 0.6, "pair_accuracy": 0.25, "margin": -0.05, "n_pairs": 8}]
+    (s,) = report.summarize(rows, ["ALLO"])
+    assert s["accuracy"] == pytest.approx(0.6) and s["pair_accuracy"] == pytest.approx(0.5)
+    assert s["margin"] == pytest.approx(0.1)
+    (s,) = report.summarize(rows[1:2], ["ALLO"])
+    assert s["pair_accuracy"] is None and s["margin"] is None
+    table = report.markdown(report.summarize(rows, ["ALLO"]), [], "test", "3 seeds", "", 6, [4, 0, 8])
+    assert "| ALLO | 60.0 ± 10.0% | 50.0% | +0.100 |" in table and "4, 0, 8 (by seed) held-out pairs" in table
+
+
 def test_pipeline_seeds_rerun_the_whole_pipeline_per_seed(tmp_path, capsys):
     run = str(tmp_path / "pipe")
     args = ["--run", run, "--pipeline-seeds", "2", "--tag", "p", "--arms", "DPO full", "DPO top", "ALLO",
