@@ -36,7 +36,8 @@ mask at --learn-lr, forgetting at --forget-lr: each choice made on the validatio
   ALLO forgetting every   every token, top forget mask      as ALLO
     token
 
-Writes <run>/study/<tag>/: one directory per seed and arm (resumable: finished arms are skipped),
+Writes <run>/study/<tag>/: one directory per seed and arm (resumable: finished arms are skipped,
+and a model's held-out scores, kept beside it, are not computed again),
 results.json (every seed's row, the means, the claims as paired differences with 95% t intervals, the
 machine), results.csv, table.md, and with matplotlib the figures convergence, accuracy and
 mask_density (PNG and SVG).
