@@ -78,7 +78,8 @@ def quarter_means(losses):
 
 def summarize(rows, names):
     """Per arm: mean, sample std and 95% interval over seeds of accuracy, means of the rest (pair
-    accuracy and margin over the seeds with held-out pairs), and the mean loss of each step and quarter over the seeds that kept them."""
+    accuracy and margin over the seeds with held-out pairs), and the mean loss of each step and
+    quarter over the seeds that kept them."""
     out = []
     for name in names:
         rs = [r for r in rows if r["arm"] == name]
