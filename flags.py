@@ -207,8 +207,8 @@ def parse_train_args(argv, stages, configs, description=None):
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="smoke: a tiny version of every stage, for tests; 6m: the 5.98M-parameter model and "
                         "task variant of the study's second size (docs/study.md); pretrained: rates and "
-                        "budgets for a ~100M-1B pretrained --model (a start, for these budgets: choose rates per "
-                        "model and budget on val)")
+                        "budgets for a ~100M-1B pretrained --model (a start, for these budgets: choose "
+                        "rates per model and budget on val)")
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
                              "--eval-questions F...)")

@@ -383,12 +383,13 @@ def test_study_pipeline_seeds_on_your_own_model_start_each_stage_where_the_pipel
     args = args[:i] + args[i + 2:]
     for skip in (False, True):
         root = run + ("-skip" if skip else "")
-        study.main(["--run", root, "--pipeline-seeds", "1", "--arms", "DPO full", "ALLO", "--n-eval", "4", *args,
-                    *(["--skip-sft"] if skip else [])])
+        study.main(["--run", root, "--pipeline-seeds", "1", "--arms", "DPO full", "ALLO", "--n-eval", "4",
+                    *args, *(["--skip-sft"] if skip else [])])
         seed = os.path.join(root, "seed0")
         start = args[1] if skip else os.path.join(seed, "sft")  # sample, rewriter and arms start here
         arms = os.path.join(seed, "study", "main", "seed0")
-        for d in ("sample", "rewriter", os.path.join(arms, "dpo-full"), os.path.join(arms, "forget-unaligned-top")):
+        for d in ("sample", "rewriter", os.path.join(arms, "dpo-full"),
+                  os.path.join(arms, "forget-unaligned-top")):
             assert started_from(os.path.join(seed, d)) == runs.input_id(start), d
         assert os.path.exists(os.path.join(seed, "sft")) != skip
     capsys.readouterr()
