@@ -1,5 +1,7 @@
 """bench_train.py on tiny settings: every step runs and the table counts the right tokens."""
 
+import pytest
+
 from tools import bench_train
 
 TINY = ["--warmup", "0", "--steps", "1", "--batch", "3", "--prompt", "6", "--response", "4",
@@ -31,6 +33,7 @@ def test_padding_is_not_counted():
         assert n_rows * (3 + 2 + 2) <= r["tokens/step"] < n_rows * length  # shortest rows: 3 + 2 tokens
 
 
+@pytest.mark.native_kernels  # see tests/conftest.py
 def test_compile_flag_times_the_compiled_model(capsys):
     rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--compile",
                                     "--warmup", "1"])

@@ -1,11 +1,14 @@
 """--compile: a torch.compile'd model gives the losses and gradients of the eager one (CPU,
 inductor), and a training stage runs with it."""
 
+import pytest
 import torch
 
 import train
 from model import ModelConfig, Transformer
 from trainer import Norms, dpo_batch_loss, npo_batch_loss
+
+pytestmark = pytest.mark.native_kernels  # see tests/conftest.py
 
 
 def test_compiled_and_eager_losses_and_gradients_agree(tmp_path):

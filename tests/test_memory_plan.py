@@ -18,6 +18,8 @@ from torch.nn.attention import SDPBackend
 from tools import memory_plan as mp
 from model import Transformer
 
+pytestmark = pytest.mark.native_kernels  # see tests/conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

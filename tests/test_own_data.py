@@ -210,7 +210,7 @@ def bpe_tokenizer(folder, bos_in_post_processor, config=None):
 def test_bos_follows_the_tokenizer_json_post_processor(tmp_path, adds_bos):
     """A BOS goes in where the tokenizer's own encoding puts one: training rows, reference and eval
     rows (collate) and generation prompts (generate_ids); --bos always/never override."""
-    from tokenizers import Tokenizer as Backend
+    Backend = pytest.importorskip("tokenizers").Tokenizer
 
     from data import TokenizerFile, collate
     path = bpe_tokenizer(tmp_path, adds_bos)
