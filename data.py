@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import sentencepiece as spm
 import torch
 
-from fileio import atomic_path
+from bookkeeping.fileio import atomic_path
 
 # -----------------------------------------------------------------------------
 # tokenizers

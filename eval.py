@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from allo import scored_token_logps
+from bookkeeping.fileio import read_json, write_json
+from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
+                               add_tokenizer_flags, config_from, count, nonempty, real, setting)
+from bookkeeping.runs import UsageError, batches, load_model, one_line
 from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, TokenizerFile, collate, extract_answer,
                   is_correct, load_tokenizer, prompt_text, read_jsonl, read_template)
-from fileio import read_json, write_json
-from flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags, add_tokenizer_flags,
-                   config_from, count, nonempty, real, setting)
 from model import autocast, pick_device
-from runs import UsageError, batches, load_model, one_line
-
 
 # the comparison table of a run, (label, stage), in the order of the method
 ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),

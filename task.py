@@ -25,9 +25,9 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 
+from bookkeeping.fileio import replace_dir, write_json, write_jsonl
+from bookkeeping.flags import count, real, setting
 from data import DataError, is_correct, prompt_text, train_tokenizer
-from fileio import replace_dir, write_json, write_jsonl
-from flags import count, real, setting
 
 MIN_STEPS, MAX_STEPS, MAX_OPERAND, MAX_VALUE, OPS = 2, 3, 9, 49, ("+", "-")
 LAZY_RATE = 0.6  # fraction of the SFT demonstrations of 3-step problems that stop a step early

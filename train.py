@@ -31,8 +31,8 @@ the batch order is a function of (seed, step), so a resumed run on CPU ends with
 an uninterrupted one. Every bad file or flag stops with one line and exit status 2, Ctrl-C with one
 line and 130; one process at a time works on an output. <run>/run.json records the run's own inputs.
 
-Under torchrun (parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per process, gloo
-on CPU) N processes at --batch-size b train exactly like one process at batch N*b. Reference
+Under torchrun (bookkeeping/parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per
+process, gloo on CPU) N processes at --batch-size b train exactly like one process at batch N*b. Reference
 log-probs, sampling and rewriter scoring are split over the processes too; rank 0 alone writes
 files and prints. A checkpoint resumes under any number of processes with the same global batch.
 """
@@ -49,22 +49,20 @@ import torch
 from safetensors import SafetensorError
 
 import allo
-import parallel
 import task
-import flags
+from bookkeeping import flags, parallel
+from bookkeeping.fileio import read_json, write_json, write_jsonl
+from bookkeeping.flags import count, rate, real, setting
+from bookkeeping.runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id,
+                              load_masks, load_model, need, one_line, writing)
 from data import (DataError, TokenizerFile, collate, find_tokenizer, is_correct, load_tokenizer, prompt_text,
                   read_jsonl, response_lead)
 from eval import (ROWS, PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, in_run,
                   markdown_table, reference_answers)
-from fileio import read_json, write_json, write_jsonl
-from flags import count, rate, real, setting
 from model import ModelConfig, Transformer, autocast, pick_device
-from runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id, load_masks,
-                  load_model, need, one_line, writing)
 from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss,
                      pair_batch, pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction,
                      with_reference)
-
 
 # ----------------------------------------------------------------------------- sft
 
@@ -581,7 +579,7 @@ PIPELINE = {
 }
 def in_pipeline(run, stage, key):
     """Where PIPELINE says stage's input `key` lies in the run directory (an earlier stage's file or
-    model; the starting model where the run skipped SFT), for study.py."""
+    model; the starting model where the run skipped SFT), for study/study.py."""
     return from_run(run, read_json(os.path.join(run, "run.json")), PIPELINE[stage][key], stage)
 
 

@@ -2,7 +2,7 @@
 reference log-probs. It knows no stage and no task: a stage hands fit() a model, its masks, a
 function that builds micro-batch i and a function that turns a micro-batch into its loss.
 
-Under torchrun (parallel.py) each of N processes takes its contiguous --batch-size share of a
+Under torchrun (bookkeeping/parallel.py) each of N processes takes its contiguous --batch-size share of a
 global micro-batch of N x --batch-size examples, and every loss is normalized over the whole
 optimizer step (Norms), so N processes at batch b train exactly like one process at batch N*b.
 """
@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
-import parallel
+from bookkeeping import parallel
+from bookkeeping.fileio import atomic_path, replace_dir
+from bookkeeping.flags import count, real, setting
+from bookkeeping.optim import masked_adamw
+from bookkeeping.runs import Interrupted, UsageError, batches, checkpoints, one_line, writing
 from data import collate
-from fileio import atomic_path, replace_dir
-from flags import count, real, setting
 from model import autocast
-from optim import masked_adamw
-from runs import Interrupted, UsageError, batches, checkpoints, one_line, writing
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import allo
+from bookkeeping.optim import MultiTensorMaskedAdamW
 from model import ModelConfig, Transformer
-from optim import MultiTensorMaskedAdamW
 from tools.bench_optim import OpCounter
 
 D = torch.float64
@@ -454,7 +454,7 @@ def grads_for(params, step, scale=1.0):
 
 
 def optimizer(multi_tensor):
-    """The per-tensor MaskedAdamW of allo.py, or the multi-tensor one of optim.py."""
+    """The per-tensor MaskedAdamW of allo.py, or the multi-tensor one of bookkeeping/optim.py."""
     return MultiTensorMaskedAdamW if multi_tensor else allo.MaskedAdamW
 
 

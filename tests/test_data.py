@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import fileio  # noqa: E402
 import task  # noqa: E402
+from bookkeeping import fileio  # noqa: E402
 from data import DataError  # noqa: E402
 from task import Problem  # noqa: E402
 

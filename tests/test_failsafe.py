@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import allo
-import runs
 import train
 import trainer
+from bookkeeping import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke"]
@@ -412,8 +412,8 @@ def test_one_process_per_output_directory(run, capsys):
 
 def test_a_second_process_stops_at_once(run):
     """Two processes: the one that comes second says who holds the output."""
-    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); import runs; runs.lock(sys.argv[2]); "
-            "print('held', flush=True); time.sleep(60)")
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); from bookkeeping import runs; "
+            "runs.lock(sys.argv[2]); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, ROOT, os.path.join(run, "learn.lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -464,7 +464,7 @@ def test_a_stage_stopped_between_its_last_two_renames_is_finished(run, capsys):
 
 def test_eval_and_study_errors_are_one_line(run, capsys, tmp_path):
     import eval as evaluation
-    import study
+    from study import study
     questions = os.path.join(run, "task", "test.jsonl")
     tok = os.path.join(run, "task", "tokenizer.model")
     for argv, expected in (([str(tmp_path / "nothing")], "no such directory"),

@@ -15,11 +15,11 @@ import sentencepiece as spm
 import torch
 
 import eval as evaluation
-import runs
-import study
 import train
+from bookkeeping import runs
 from data import DataError, extract_answer, is_correct, load_tokenizer, read_jsonl
 from model import ModelConfig, Transformer
+from study import study
 
 STAGES = ["sft", "warmup", "rewriter", "forget", "learn"]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from test_failsafe import SMOKE, fails, fails_cleanly, snapshot
 
 import eval as evaluation
 import train
-from test_failsafe import SMOKE, fails, fails_cleanly, snapshot
 
 # ---------------------------------------------------------------------------- an output folder is the stage's
 
@@ -260,7 +260,7 @@ def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(run, capsys, mo
 def test_a_data_file_is_read_once_the_copy_hashed_is_the_copy_parsed(tmp_path):
     """A stage hashes its data files for its fingerprint and parses those same bytes: a file changed
     in between (or a pipe that could be read only once) cannot slip another content in."""
-    import runs
+    from bookkeeping import runs
     from data import read_jsonl
     path = write(tmp_path / "pairs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     held = {}
@@ -273,7 +273,7 @@ def test_a_data_file_is_read_once_the_copy_hashed_is_the_copy_parsed(tmp_path):
 def test_long_phases_print_progress_lines(run, capsys, monkeypatch):
     """Sampling, reference log-probs and the rewriter's scoring print done/total, rate and ETA
     (here at every batch), as plain lines."""
-    import runs
+    from bookkeeping import runs
     monkeypatch.setattr(runs, "PROGRESS_EVERY", 0.0)
     train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--gen-batch-size", "64"])
     train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force", "--ref-batch-size", "100"])

@@ -1,4 +1,4 @@
-"""study.py on the smoke run: every arm trains, masks are what they claim, results are written,
+"""study/study.py on the smoke run: every arm trains, masks are what they claim, results are written,
 a second call resumes instead of retraining."""
 
 import json
@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import allo
-import report
-import study
 from model import Transformer
+from study import report, study
 
 ARGS = ["--quick", "--preset", "smoke", "--dpo-steps", "4", "--forget-steps", "2", "--n-eval", "8"]
 

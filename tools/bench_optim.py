@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import allo  # noqa: E402
+from bookkeeping.optim import MultiTensorMaskedAdamW  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from optim import MultiTensorMaskedAdamW  # noqa: E402
 
 RATIOS = [0.01, 0.05, 0.10, 0.30, 1.00]
 WARMUP, STEPS = 2, 7

@@ -1,9 +1,9 @@
 """The paper's claims in miniature: its empirical study and its ablations, over several seeds.
 
-    python study.py --pipeline-seeds 5 --run runs/pipe   # 5 whole pipelines: the claims' true spread
-    python study.py                          # 3 arm seeds on runs/default, scored on the test split
-    python study.py --quick                  # 1 seed, short budgets, 200 questions
-    python study.py --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
+    python -m study --pipeline-seeds 5 --run runs/pipe   # 5 whole pipelines: the claims' true spread
+    python -m study                          # 3 arm seeds on runs/default, scored on the test split
+    python -m study --quick                  # 1 seed, short budgets, 200 questions
+    python -m study --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
 
 Two kinds of seed. A pipeline seed (--pipeline-seeds N) re-runs everything the arms start from:
 the SFT model's init and batch order, the sampling of the pairs and wrong responses, the rewriter
@@ -54,14 +54,14 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
-import report
 import train
+from bookkeeping.fileio import atomic_path, read_json, write_json
+from bookkeeping.flags import HelpFormatter, Parser, config_from, count
+from bookkeeping.runs import UsageError, machine, one_line
 from data import DataError, TokenizerFile
 from eval import run_evaluator
-from fileio import atomic_path, read_json, write_json
-from flags import HelpFormatter, Parser, config_from, count
 from model import pick_device
-from runs import UsageError, machine, one_line
+from study import report
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
 ARMS = [

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import parallel
+from bookkeeping import parallel
+from bookkeeping.fileio import read_json, replace_dir, write_json
 from data import COMPANION_FILES, TOKENIZER_FILES, DataError, TokenizerFile, find_tokenizer, regular_file
-from fileio import read_json, replace_dir, write_json
 from model import Transformer
 
 

@@ -1,4 +1,4 @@
-"""The command line of train.py, eval.py and study.py: checked argparse types, and flags made from
+"""The command line of train.py, eval.py and `python -m study`: checked argparse types, and flags made from
 the settings of the stage configs.
 
 A stage's setting is written once, as a field of its frozen config dataclass:

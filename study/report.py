@@ -6,7 +6,7 @@ import math
 import os
 import statistics
 
-from fileio import atomic_path
+from bookkeeping.fileio import atomic_path
 
 # the two-sided 95% quantile of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
