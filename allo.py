@@ -3,21 +3,25 @@
 Chen, Zhou, Zhao, Wang, Wen: "Not Everything is All You Need: Toward Low-Redundant Optimization
 for Large Language Model Alignment", EMNLP 2024 (arXiv 2406.12606). The places where this code
 departs from the authors' release: the README's "Where this differs from the authors' release".
+Each method function's docstring names its source: the part of the paper it implements (the stages of
+Figure 2, the framework figure) or, where the formula or value is the release's (github RUCAIBox/ALLO),
+the release file.
 
 The file follows the method, top to bottom:
   0. Per-token log-probabilities, from which every loss is built: token_logps, sft_loss.
-  1. Stage 1, key neurons: score every parameter entry by how much a short vanilla-DPO run moves
-     it (importance_from_delta) or by its accumulated DPO gradient (grad_importance); keep ONE
-     global top-k% (select_masks); save_masks, mask_summary, mask_overlap, format_table.
-  2. Stage 2, forgetting unaligned knowledge (token-level NPO): a rewriter scores each token of a
-     wrong answer (rewriter_token_probs), the tokens it would edit get weight
-     (unaligned_token_weights), and their probability is pushed down (npo_token_loss;
-     NPO as published: npo_sequence_loss).
-  3. Stage 3, learning aligned knowledge (DPO with key tokens): the rejected response counts only
-     through its key tokens (key_token_mask, dpo_loss).
+  1. Stage 1, key neurons (Figure 2: key neurons locating): score every parameter entry by how much
+     a short vanilla-DPO run moves it (importance_from_delta) or by its accumulated DPO gradient
+     (grad_importance); keep ONE global top-k% (select_masks); save_masks, mask_summary,
+     mask_overlap, trained_fraction, format_table.
+  2. Stage 2, forgetting unaligned knowledge (Figure 2: unaligned knowledge forgetting; token-level
+     NPO): a rewriter scores each token of a wrong answer (rewriter_token_probs), the tokens it
+     would edit get weight (unaligned_token_weights), and their probability is pushed down
+     (npo_token_loss; NPO as published: npo_sequence_loss).
+  3. Stage 3, learning aligned knowledge (Figure 2: alignment improving; DPO with key tokens): the
+     rejected response counts only through its key tokens (key_token_mask, dpo_loss).
   4. The masked optimizer: AdamW that updates, and keeps state for, only the entries of a mask
      (MaskedAdamW, save_optimizer, load_optimizer, optimizer_state_bytes). Its multi-tensor step
-     for GPUs, the same bits: optim.py.
+     for GPUs, the same bits: bookkeeping/optim.py.
 
 Notation: r_t = log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), the token log-ratio of the
 policy pi against the frozen reference pi_ref (the model at the start of the stage).
@@ -92,16 +96,19 @@ def sft_loss(logits, labels, weights=None, normalizer=None):
 @torch.no_grad()
 def importance_from_delta(before, after):
     """Stage 1, the release's scorer: I_i = |theta'_i - theta_i|, theta' = theta after a short
-    vanilla-DPO warmup. The paper writes I_i = (theta'_i - theta_i) / lr; one lr for every entry,
-    so ranking by |I_i| is the same. {name: tensor} x 2 -> {name: float32 tensor}."""
+    vanilla-DPO warmup. Figure 2 writes I_i ~= (theta'_i - theta_i) / alpha (alpha: presumably the
+    learning rate); one alpha for every entry, so dividing by it leaves the ranking of |I_i| as it is.
+    {name: tensor} x 2 -> {name: float32 tensor}.
+    Source: ALLO Figure 2, stage 1 (key neurons locating); the absolute value is the release's
+    preprocess/gen_neuron_mask/gen_neuron_mask.py."""
     return {name: (after[name].float() - before[name].float()).abs() for name in before}
 
 
 def grad_importance(model, loss_fn, batches, mode="abs_sum"):
     """Stage 1 without a second model copy: the importance of entry i accumulated over N batches,
 
-        "abs_sum":  I_i = |sum_n g_n,i|   (SGD's weight change over the batches: the paper's
-                                           (theta' - theta) / lr)
+        "abs_sum":  I_i = |sum_n g_n,i|   (SGD's weight change over the batches, to first order:
+                                           Figure 2's (theta' - theta) / alpha)
         "sum_abs":  I_i = sum_n |g_n,i|
 
     g_n = gradient of loss_fn(model, batch_n) -> scalar (e.g. the DPO loss of a batch of pairs).
@@ -109,6 +116,8 @@ def grad_importance(model, loss_fn, batches, mode="abs_sum"):
     discarded), train/eval mode restored; scoring runs in eval mode (no dropout). Memory: one
     float32 accumulator per trainable parameter on top of one backward's gradients.
     Returns {name: float32 tensor} for every parameter with requires_grad.
+    Source: ALLO Figure 2, stage 1 (key neurons locating), read as a summed gradient; the release
+    scores a warmup run's weight change instead (importance_from_delta).
     """
     if mode not in ("abs_sum", "sum_abs"):
         raise ValueError(f"mode must be 'abs_sum' or 'sum_abs', not {mode!r}")
@@ -170,6 +179,9 @@ def _top_prefix(keys, sizes, budget):
 def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
     """Stage 1: the key neurons, the global top-`ratio` of all entries by importance.
 
+    Source: ALLO Figure 2, stage 1 (key neurons locating); the one global threshold, the ratio 5%
+    (R_PER) and exclude_top (L_PER) are the release's preprocess/gen_neuron_mask/gen_neuron_mask.py
+    and preprocess/gen_neuron_mask/scripts/run_gen.sh.
     ONE threshold across every tensor (not one per tensor). `exclude_top` first drops the very
     top band of that fraction (the release's l_per): the kept ranks are
     [round(exclude_top * N), round(exclude_top * N) + round(ratio * N)), N = total entries.
@@ -180,9 +192,24 @@ def select_masks(scores, ratio, granularity="entry", exclude_top=0.0):
     for embed_tokens one token's embedding) scored by the sum of its entries; a 1-D tensor
     (norm gains) has one neuron per entry. Whole neurons are kept in rank order while the entry
     count stays <= round(ratio * N), so the count can fall short by less than one row.
-    Scores are compared in float32. Exact and memory-sane at ~1e8 entries: one int32 copy of the
-    scores, 33 counting passes over it (about 1 s for 5e7 entries on 2 CPU cores).
-    scores {name: tensor} -> masks {name: bool tensor of the same shape}.
+    Scores are compared in float32. scores {name: tensor} -> masks {name: bool tensor of the same shape}.
+    The same as one torch.topk over all entries: with skip = round(exclude_top * N) and
+    n_keep = round(ratio * N), "entry" computes
+
+        flat = torch.cat([s.float().flatten() for s in scores.values()])
+        threshold = flat.topk(skip + n_keep).values[-1]
+
+    and keeps every entry above threshold and, of the entries equal to it, the first in flat order
+    until skip + n_keep are kept, less the first skip in that ranking: exactly the flat indices
+    flat.sort(descending=True, stable=True).indices[skip:skip + n_keep]. "neuron" ranks the units
+    (row sums, or entries of 1-D tensors) the same way and keeps the longest rank prefix of units
+    with <= skip + n_keep entries, less the one with <= skip entries.
+    Why a bisection instead: topk needs all N scores concatenated into one more float32 copy
+    (28 GB for 7e9 entries) plus its workspace (measured on CPU at 5e7 entries: about 21 bytes an
+    entry at peak, against about 9 here, masks included), and leaves the ties it returns unspecified.
+    The bisection is exact and memory-sane at ~1e8 entries: one int32 key per entry, kept tensor by
+    tensor, never concatenated, and 33 counting passes over them (about 1 s for 5e7 entries on 2
+    CPU cores).
     """
     if granularity not in ("entry", "neuron"):
         raise ValueError(f"granularity must be 'entry' or 'neuron', not {granularity!r}")
@@ -253,6 +280,13 @@ def mask_overlap(a, b):
             "jaccard": both / max(either, 1), "a_in_b": both / max(n_a, 1)}
 
 
+def trained_fraction(masks, model=None):
+    """The fraction of entries the masks train: of the model's parameters (a parameter without a
+    mask is frozen), or without a model of the entries the masks cover."""
+    total = sum(t.numel() for t in (model.parameters() if model is not None else masks.values()))
+    return sum(int(m.sum()) for m in masks.values()) / total
+
+
 def format_table(rows):
     """List of dicts with the same keys -> markdown table."""
     cols = list(rows[0])
@@ -280,6 +314,8 @@ def rewriter_token_probs(rewriter, batch):
     data.collate makes them) need no attention_mask, and without one the attention can run a fused
     kernel. Returns float32 [B,T], 0 where labels == -100. Runs in eval mode without gradient; the
     rewriter's mode is restored.
+    Source: ALLO Figure 2, stage 2 (unaligned knowledge forgetting), its small-LLM rewriter; p_t as
+    the release's preprocess/gen_forgetting_data/gen_tlr.py computes it.
     """
     was_training = rewriter.training
     rewriter.eval()
@@ -292,9 +328,11 @@ def rewriter_token_probs(rewriter, batch):
 
 def unaligned_token_weights(probs, labels, tau=0.5, mode="hard"):
     """Stage 2: forgetting weight w_t of each token of a wrong response from the rewriter's p_t,
-    hard w_t = 1[p_t < tau] (the paper: only the unaligned tokens are forgotten) or soft
+    hard w_t = 1[p_t < tau] (Figure 2: only the unaligned tokens are forgotten) or soft
     w_t = 1 - p_t; 0 where labels == -100. probs, labels [B,T] -> float32 [B,T].
-    Fix: the release passes p_t itself as the weight (its 1[p_t < 0.5] is commented out)."""
+    Fix: the release passes p_t itself as the weight (its 1[p_t < 0.5] is commented out).
+    Source: ALLO Figure 2, stage 2 (unaligned knowledge forgetting); tau = 0.5 and the release's
+    weights: preprocess/gen_forgetting_data/gen_tlr.py."""
     if mode == "hard":
         w = (probs < tau).float()
     elif mode == "soft":
@@ -315,6 +353,9 @@ def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1, normalizer=None):
     normalizer (a count) replaces the batch's own #{t : w_t != 0}, e.g. the weighted tokens of
     every micro-batch of an optimizer step on every process: the micro-batch losses then add up
     to the loss of the whole step. A normalizer below 1 counts as 1.
+    Source: ALLO Figure 2, stage 2 (unaligned knowledge forgetting, NPO); the token-level form, the
+    mean over the tokens with w_t != 0 and beta 0.1 are the release's train/train_forgetting.py.
+    NPO: Zhang et al. 2024 (arXiv 2404.05868).
     """
     r = policy_logps - ref_logps  # [B,T]
     losses = -weights * F.logsigmoid(-beta * r)  # [B,T]
@@ -323,7 +364,8 @@ def npo_token_loss(policy_logps, ref_logps, weights, beta=0.1, normalizer=None):
 
 
 def npo_sequence_loss(policy_logps, ref_logps, beta=0.1):
-    """NPO as published (Zhang et al. 2024), the sequence-level alternative to npo_token_loss:
+    """NPO as published (Zhang et al. 2024, arXiv 2404.05868), the sequence-level alternative to
+    npo_token_loss:
 
         L = mean_b -(2 / beta) * log sigmoid(-beta * sum_t r_t)
 
@@ -346,6 +388,8 @@ def key_token_mask(rejected_logratios, response_mask, eps):
     Fix: the release uses k = int(eps * T) with T the padded batch length, keeps every tie at
     the threshold and drops exact zeros.
     rejected_logratios [B,T], response_mask [B,T] bool -> bool [B,T] (no gradient).
+    Source: ALLO Figure 2, stage 3 (alignment improving: noisy tokens of the rejected response);
+    ranking by the policy's -r_t is the release's train/train_improving.py gen_mask.
     """
     r = rejected_logratios.detach()
     resp = response_mask.bool()
@@ -372,11 +416,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     Returns losses [B], chosen_rewards [B], rejected_rewards [B]; the rewards are DPO's implicit
     rewards beta * sum_t r_t over ALL response tokens (not masked, so reward margins compare
     with vanilla DPO), detached.
+    Source: DPO, Eq. 7 of arXiv 2305.18290; the key-token mask: ALLO Figure 2, stage 3 (alignment
+    improving), in the form of the release's train/train_improving.py dpo_loss.
     """
     chosen_r = policy_chosen - ref_chosen  # [B,T]
     rejected_r = policy_rejected - ref_rejected  # [B,T]
     kept_rejected_r = rejected_r if rejected_token_mask is None else torch.where(
         rejected_token_mask.bool(), rejected_r, 0.0)
+    # Eq. 7 of arXiv 2305.18290, the rejected sum over its key tokens only (all without a mask)
     losses = -F.logsigmoid(beta * (chosen_r.sum(-1) - kept_rejected_r.sum(-1)))  # [B]
     return losses, beta * chosen_r.sum(-1).detach(), beta * rejected_r.sum(-1).detach()
 
@@ -387,6 +434,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW (as torch.optim.AdamW) on the masked entries only: the optimizer of Stages 2 and 3.
+
+    Source: ALLO Figure 2 (stages 2 and 3 update only the located key neurons); the release's
+    MaskAdamW_HF in train/train_forgetting.py and train/train_improving.py; AdamW: arXiv 1711.05101.
 
     - Entries outside the mask are never written: they stay bit-identical after any number of
       steps, also with weight decay. Fix: the release keeps dense moments, masks only the first
@@ -438,7 +488,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def update(self, params, group):
         """One AdamW step of the selected entries of `params` (each has .grad and state), tensor by
-        tensor (optim.py's subclass runs it as multi-tensor ops)."""
+        tensor (bookkeeping/optim.py's subclass runs it as multi-tensor ops)."""
         for p in params:
             self._update_one(p, group)
 
