@@ -6,7 +6,7 @@ from tools import bench_train
 
 TINY = ["--warmup", "0", "--steps", "1", "--batch", "3", "--prompt", "6", "--response", "4",
         "--gen-batch", "2", "--new", "3", "--threads", "1", "--device", "cpu"]
-STEPS = ["DPO warmup (full)", "DPO learn (10% mask, eps 0.5)", "NPO forget (10% mask)",
+STEPS = ["DPO (full)", "DPO learn (10% mask, eps 0.5)", "NPO forget (10% mask)",
          "generate (KV cache, greedy)"]
 
 

@@ -1,18 +1,15 @@
 import io
-import os
 import re
-import sys
 
 import pytest
 import sentencepiece as spm
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import task  # noqa: E402
-from bookkeeping import fileio  # noqa: E402
-from data import DataError  # noqa: E402
-from task import Problem  # noqa: E402
+import data
+import task
+from bookkeeping import fileio
+from data import DataError
+from task import Problem
 
 
 @pytest.fixture(scope="module")

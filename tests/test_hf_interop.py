@@ -2,14 +2,12 @@
 untied, grouped-query checkpoint written by transformers' LlamaForCausalLM.save_pretrained,
 with the logits transformers computed for it, and tests/fixtures/hf_llama3_rope_tiny a tied
 grouped-query one with Llama 3 RoPE scaling (rope_type "llama3"), likewise (see their README.md;
-regenerate with tools/check_hf_interop.py --write-fixture, in a venv that has transformers)."""
-
-import math
+regenerate with `python -m tools.check_hf_interop --write-fixture`, in a venv that has transformers)."""
 
 import json
+import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer  # noqa: E402
+from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hf_llama_tiny"
 FIXTURE3 = Path(__file__).resolve().parent / "fixtures" / "hf_llama3_rope_tiny"

@@ -1,8 +1,8 @@
 """Generation throughput: with the KV cache against recomputing the whole prefix every step, or
 on a real checkpoint against transformers' generate.
 
-    python tools/bench_generate.py [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
-    python tools/bench_generate.py --model DIR --batch 16 --prompt 24 --new 32 --threads 2
+    python -m tools.bench_generate [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
+    python -m tools.bench_generate --model DIR --batch 16 --prompt 24 --new 32 --threads 2
 
 A random model: both runs decode the same greedy tokens (checked); the table gives new tokens
 per second. --model DIR (a Hugging Face Llama checkpoint): model.generate against transformers'
@@ -13,15 +13,12 @@ transformers (tools/versus_hf.py).
 """
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-from model import ModelConfig, Transformer, pick_device  # noqa: E402
-from tools.versus_hf import in_turns, load_hf  # noqa: E402
+from model import ModelConfig, Transformer, pick_device
+from tools.versus_hf import in_turns, load_hf
 
 
 def bench_checkpoint(a, device):

@@ -13,23 +13,20 @@ the step asks for (CPU-side; views count too, foreach ops once). "constant" and 
 the intercept and slope of ops against the number of parameter tensors, from the same optimizer
 built again over half of them (the first half of the layers, embedding, norm and head).
 
-    python tools/bench_optim.py                     # CUDA if there is one, else CPU
-    python tools/bench_optim.py --device cuda --config configs/tinyllama-1.1b.json
+    python -m tools.bench_optim                     # CUDA if there is one, else CPU
+    python -m tools.bench_optim --device cuda --config configs/tinyllama-1.1b.json
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-import allo  # noqa: E402
-from bookkeeping.optim import MultiTensorMaskedAdamW  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+import allo
+from bookkeeping.optim import MultiTensorMaskedAdamW
+from model import ModelConfig, Transformer
 
 RATIOS = [0.01, 0.05, 0.10, 0.30, 1.00]
 WARMUP, STEPS = 2, 7

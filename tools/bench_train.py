@@ -1,14 +1,14 @@
 """Throughput of ALLO's training steps and of generation, to estimate the time of a run.
 
-    python tools/bench_train.py                      # three model sizes, about 4 minutes on 2 CPU cores
-    python tools/bench_train.py --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda  # TinyLlama's
-    python tools/bench_train.py --prompt 200 --response 300 --batch 8 --threads 1
-    python tools/bench_train.py --model DIR --batch 4 --prompt 48 --response 48 --jitter 0 --threads 2
+    python -m tools.bench_train                      # three model sizes, about 4 minutes on 2 CPU cores
+    python -m tools.bench_train --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda  # TinyLlama's
+    python -m tools.bench_train --prompt 200 --response 300 --batch 8 --threads 1
+    python -m tools.bench_train --model DIR --batch 4 --prompt 48 --response 48 --jitter 0 --threads 2
 
 Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
 the optimizer step of train.py on one batch of random token ids:
-  DPO warmup  vanilla DPO, chosen and rejected rows in one [2B,T] batch, every parameter trained
-              (MaskedAdamW with all-True masks), as `--stage warmup`
+  DPO (full)  vanilla DPO, chosen and rejected rows in one [2B,T] batch, every parameter trained
+              (MaskedAdamW with all-True masks), as `--stage dpo`
   DPO learn   DPO with key tokens (--eps) on the rejected half, MaskedAdamW on a --mask-ratio
               mask (random scores), as `--stage learn`
   NPO forget  token-level NPO with token weights on a [B,T] batch, the same mask, as `--stage forget`
@@ -30,23 +30,19 @@ timed in turns in one process; prints both, their losses (which must agree) and 
 """
 
 import argparse
-import os
 import random
 import statistics
-import sys
 import time
 from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-import allo  # noqa: E402
-from data import collate  # noqa: E402
-from model import ModelConfig, Transformer, autocast, pick_device  # noqa: E402
-from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps,  # noqa: E402
-                     with_reference)
-from tools.versus_hf import in_turns, load_hf  # noqa: E402
+import allo
+from data import collate
+from model import ModelConfig, Transformer, autocast, pick_device
+from tools.versus_hf import in_turns, load_hf
+from trainer import Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -129,7 +125,7 @@ def bench_size(spec, args, device):
     chosen_tokens = int((pairs["labels"][:B] != -100).sum())
     pair_norms = Norms(pairs=B, chosen_tokens=chosen_tokens)  # as train.py's batches
     forget_norms = Norms(weighted_tokens=int((forget["weights"] != 0).sum()))
-    runs = [("DPO warmup (full)", full_masks(model), pairs,
+    runs = [("DPO (full)", full_masks(model), pairs,
              lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
             (f"DPO learn ({pct} mask, eps {args.eps})", masks, pairs,
              lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, args.eps)),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README's benchmark section in one go (a few minutes on an H100/H200):
+# Every GPU figure of docs/benchmarks.md in one go (a few minutes on an H100/H200):
 #     bash tools/gpu_bench.sh 2>&1 | tee gpu.txt
 # MaskedAdamW's two steps against fused AdamW on TinyLlama-1.1B's shape (201 tensors); the training
 # steps of that shape, eager and compiled; then the embedded default end to end.
@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python tools/bench_optim.py --device cuda --config configs/tinyllama-1.1b.json
-TINYLLAMA="--device cuda --sizes 2048:22:32:4:5632:32000:untied --batch 4 --prompt 256 --response 256 --jitter 0 --gen-batch 16 --new 64"
-python tools/bench_train.py $TINYLLAMA
-python tools/bench_train.py $TINYLLAMA --compile
+python -m tools.bench_optim --device cuda --config configs/tinyllama-1.1b.json
+TINYLLAMA="--device cuda --sizes 2048:22:32:4:5632:32000:untied --batch 4 --prompt 256 --response 256"
+TINYLLAMA="$TINYLLAMA --jitter 0 --gen-batch 16 --new 64"
+python -m tools.bench_train $TINYLLAMA
+python -m tools.bench_train $TINYLLAMA --compile
 rm -rf /tmp/gpu_default && time python train.py --device cuda --run /tmp/gpu_default

@@ -1,9 +1,9 @@
 """Accelerator memory of every ALLO stage of train.py, item by item, from a Llama config.json.
 
-    python tools/memory_plan.py configs/llama-3.2-1b.json     # batch 4 x 512 tokens, ratios 0.1, 24 GiB
-    python tools/memory_plan.py configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
-    python tools/memory_plan.py path/to/hf_model_dir --device cpu   # the float32 CPU path
-    python tools/memory_plan.py --check                             # the formulas against measurements
+    python -m tools.memory_plan configs/llama-3.2-1b.json     # batch 4 x 512 tokens, ratios 0.1, 24 GiB
+    python -m tools.memory_plan configs/llama-2-7b.json --batch-size 2 --gpu-gib 80 --checkpointing on
+    python -m tools.memory_plan path/to/hf_model_dir --device cpu   # the float32 CPU path
+    python -m tools.memory_plan --check                             # the formulas against measurements
 
 Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage functions):
   weights       float32 master weights as train.py loads them (--weights-dtype bfloat16: a what-if)
@@ -13,7 +13,7 @@ Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage fun
                 mask is one global top-k: per tensor the count varies, in total round(ratio * N)
   masks         bool, 1 B per entry: the stage's mask, and trainer.full_masks' all-True masks in the
                 full-parameter stages, alive for the whole fit()
-  scoring       Stage 1: the float32 scores (importance_from_delta keeps no autograd graph),
+  scoring       the mask stage: the float32 scores (importance_from_delta keeps no autograd graph),
                 select_masks' int32 keys and bool lists
   activations   what autograd saves for one micro-batch of `rows` sequences of T tokens (DPO stages:
                 2 x --batch-size rows, chosen and rejected) in trainer.sft/dpo/npo_batch_loss, op by
@@ -79,11 +79,10 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-import allo  # noqa: E402
-import trainer  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from trainer import Norms  # noqa: E402
+import allo
+import trainer
+from model import ModelConfig, Transformer
+from trainer import Norms
 
 GiB = 2**30
 CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
@@ -332,8 +331,8 @@ def plan(cfg, a, ckpt):
     it = {"weights": w * n, "bf16 copies": copies, "KV cache": gen["kv cache"],
           "no-grad pass": gen["peak"] - gen["kv cache"]}
     stages.append(("sample / eval (generate)", f"{G} x {P}+{new}", it, {"generate": w * n + gen["peak"]}))
-    stages.append(("warmup", dpo, *with_no_grad(*train(2 * B, T, "dpo", 1.0), no_grad, w * n + n)))
-    # delta scorer: sft and warmup models, the float32 scores (importance_from_delta runs without
+    stages.append(("dpo", dpo, *with_no_grad(*train(2 * B, T, "dpo", 1.0), no_grad, w * n + n)))
+    # delta scorer: sft and dpo models, the float32 scores (importance_from_delta runs without
     # autograd; its one-tensor temporaries stay below select_masks')
     it = {"weights": 2 * w * n, "scoring": 4 * n}
     stages.append(("mask (delta)", "-", *select(it, {}, 2 * w * n + 4 * n)))
@@ -377,7 +376,7 @@ def print_plan(path, cfg, a):
         print()
     resp = a.response_len
     print(f"Host memory, the cached reference log-probs (float32 per response token, {resp} tokens per "
-          f"response): {2 * a.examples * resp * 4 / GiB:.3f} GiB for {a.examples} pairs (warmup, learn, "
+          f"response): {2 * a.examples * resp * 4 / GiB:.3f} GiB for {a.examples} pairs (dpo, learn, "
           f"mask grad), {a.examples * resp * 4 / GiB:.3f} GiB for {a.examples} wrong responses (forget).\n")
 
 
