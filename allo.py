@@ -2,7 +2,7 @@
 
 Chen, Zhou, Zhao, Wang, Wen: "Not Everything is All You Need: Toward Low-Redundant Optimization
 for Large Language Model Alignment", EMNLP 2024 (arXiv 2406.12606). The places where this code
-departs from the authors' release: the README's "Where this differs from the authors' release".
+departs from the authors' release: the README's "How it differs from the paper and the release".
 Each method function's docstring names its source: the part of the paper it implements (the stages of
 Figure 2, the framework figure) or, where the formula or value is the release's (github RUCAIBox/ALLO),
 the release file.
@@ -96,8 +96,9 @@ def sft_loss(logits, labels, weights=None, normalizer=None):
 @torch.no_grad()
 def importance_from_delta(before, after):
     """Stage 1, the release's scorer: I_i = |theta'_i - theta_i|, theta' = theta after a short
-    vanilla-DPO warmup. Figure 2 writes I_i ~= (theta'_i - theta_i) / alpha (alpha: presumably the
-    learning rate); one alpha for every entry, so dividing by it leaves the ranking of |I_i| as it is.
+    vanilla-DPO run (the dpo stage). Figure 2 writes I_i ~= (theta'_i - theta_i) / alpha (alpha:
+    presumably the learning rate); one alpha for every entry, so dividing by it leaves the ranking
+    of |I_i| as it is.
     {name: tensor} x 2 -> {name: float32 tensor}.
     Source: ALLO Figure 2, stage 1 (key neurons locating); the absolute value is the release's
     preprocess/gen_neuron_mask/gen_neuron_mask.py."""
@@ -117,7 +118,7 @@ def grad_importance(model, loss_fn, batches, mode="abs_sum"):
     float32 accumulator per trainable parameter on top of one backward's gradients.
     Returns {name: float32 tensor} for every parameter with requires_grad.
     Source: ALLO Figure 2, stage 1 (key neurons locating), read as a summed gradient; the release
-    scores a warmup run's weight change instead (importance_from_delta).
+    scores a DPO run's weight change instead (importance_from_delta).
     """
     if mode not in ("abs_sum", "sum_abs"):
         raise ValueError(f"mode must be 'abs_sum' or 'sum_abs', not {mode!r}")

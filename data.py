@@ -10,6 +10,7 @@ Token sequences: the tokenizer's own prefix (its BOS, where its own encoding add
 response targets, else -100).
 """
 
+import argparse
 import io
 import json
 import math
@@ -17,12 +18,14 @@ import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 
 import sentencepiece as spm
 import torch
 
 from bookkeeping.fileio import atomic_path
+from bookkeeping.flags import count, nonempty, setting
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -573,3 +576,101 @@ def collate(tok, prompts, responses, max_len, weights=None):
         wts[b, n_lead - 1:L - 1] = torch.tensor(w, dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "weights": wts, "n_truncated": n_truncated}
+
+
+# -----------------------------------------------------------------------------
+# prompts and generation (the sample stage and eval.py)
+
+def template_flag(value):
+    """--prompt-template as an argparse type: a bad template is a bad flag."""
+    try:
+        return read_template(value)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+template_flag.__name__ = "template"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """prompts and generation (sampling, validation, evaluation)"""
+    template: str = setting(DEFAULT_TEMPLATE, "a question's prompt: chat (the model's own chat template, "
+                            "needs jinja2), a string with {question}, or @file", flag="--prompt-template",
+                            type=template_flag)
+    system: str | None = setting(None, "with --prompt-template chat: a system message before the question",
+                                 type=nonempty)
+    answer_format: str = setting("auto", "how a final answer is read: auto tries '####', then 'The answer "
+                                 "is', then the last number", choices=ANSWER_FORMATS)
+    stop: tuple = setting((), "a string that ends a generation, besides EOS (repeatable)", type=nonempty)
+    max_new_tokens: int = setting(64, "max generated tokens", type=count(1))
+    gen_batch_size: int = setting(256, "prompts per generation batch (its KV cache: tools/memory_plan.py); a "
+                                  "sampling temperature draws per batch, so the samples depend on it",
+                                  type=count(1))
+
+
+@torch.no_grad()
+def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256,
+                 label="generate", stop=()):
+    """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding,
+    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids). A row
+    ends at EOS or at the token whose decoded tail holds a stop string. A progress line, headed
+    `label`, every few seconds."""
+    model.eval()
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    tail = max((len(s) for s in stop), default=0) + 2  # tokens enough to hold any stop string
+
+    def finished(new):
+        text = tok.decode(new[-tail:])
+        return any(s in text for s in stop)
+
+    out = []
+    for i in batches(label, len(prompts), batch_size, "responses"):
+        ids = [tok.prompt_ids(p) for p in prompts[i:i + batch_size]]
+        out += model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen,
+                              vocab_size=tok.vocab_size, finished=finished if stop else None)
+    return out
+
+
+def cut_at_stop(text, stop):
+    """The text up to the first of the stop strings (all of it when none occurs)."""
+    return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
+
+
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256,
+             label="generate"):
+    """Generated response text for each prompt string, cut at the first stop string."""
+    ids = generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, label, stop)
+    return [cut_at_stop(tok.decode(t), stop) for t in ids]
+
+
+def reference_answers(rows):
+    """The final answer of each questions row's reference solution (its "answer" field)."""
+    answers = [extract_answer(r["answer"]) for r in rows]
+    for i, a in enumerate(answers):
+        if a is None:
+            where = rows.where(i) if hasattr(rows, "where") else f"row {i}"
+            raise DataError(f"{where}: field 'answer' states no final answer (no '####', 'The answer is' or "
+                            "number)")
+    return answers
+
+
+
+# -----------------------------------------------------------------------------
+# progress of a long phase that is not training
+
+PROGRESS_EVERY = 10.0  # seconds between the progress lines of a phase that is not training
+
+
+def batches(label, n, size, unit="rows"):
+    """The start of each batch of `size` of n rows, for a long phase that is not training (sampling,
+    reference log-probs, scoring, evaluation): a plain progress line (done/total, rate, ETA) at most
+    every PROGRESS_EVERY seconds, and a last one when the phase took longer than that."""
+    t0 = last = time.time()
+    for i in range(0, n, size):
+        yield i
+        done, now = min(n, i + size), time.time()
+        if now - last >= PROGRESS_EVERY or (done == n and now - t0 >= PROGRESS_EVERY):
+            rate = done / max(now - t0, 1e-9)
+            print(f"{label} {done}/{n} {unit}, {rate:,.1f}/s, eta {(n - done) / rate:.0f}s", flush=True)
+            last = now

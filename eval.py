@@ -4,7 +4,7 @@
     python eval.py runs/default/learn      # one checkpoint directory of a run
     python eval.py runs/default --split val
     python eval.py --questions test.jsonl --tokenizer my-llama/ --pairs out/sample/test_pairs.jsonl \\
-                   --ref my-llama/ my-llama/ out/warmup out/learn          # any checkpoints, your data
+                   --ref my-llama/ my-llama/ out/dpo out/learn          # any checkpoints, your data
 
 A run directory records its inputs (run.json: the questions files, the tokenizer's rules, the prompt
 template), so a run is scored as it was trained; --split names one of its evaluation files (default:
@@ -16,101 +16,24 @@ every checkpoint against the reference model (--ref; in a run, its starting mode
 is the fraction of pairs whose chosen reward is above the rejected one, margin the mean difference.
 """
 
-import argparse
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from allo import scored_token_logps
 from bookkeeping.fileio import read_json, write_json
 from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
-                               add_tokenizer_flags, config_from, count, nonempty, real, setting)
-from bookkeeping.runs import UsageError, batches, load_model, one_line
-from data import (ANSWER_FORMATS, DEFAULT_TEMPLATE, DataError, TokenizerFile, collate, extract_answer,
-                  is_correct, load_tokenizer, prompt_text, read_jsonl, read_template)
+                               add_tokenizer_flags, config_from, count, real)
+from bookkeeping.resolve import in_run, run_record
+from bookkeeping.runs import UsageError, load_model, one_line
+from data import (DataError, PromptConfig, TokenizerFile, batches, collate, complete, is_correct,
+                  load_tokenizer, prompt_text, read_jsonl, reference_answers)
 from model import autocast, pick_device
 
 # the comparison table of a run, (label, stage), in the order of the method
-ROWS = [("SFT", "sft"), ("DPO (full parameters)", "warmup"), ("NPO forgetting only", "forget"),
+ROWS = [("SFT", "sft"), ("DPO (full parameters)", "dpo"), ("NPO forgetting only", "forget"),
         ("ALLO (forget + learn)", "learn")]
-
-
-def template_flag(value):
-    """--prompt-template as an argparse type: a bad template is a bad flag."""
-    try:
-        return read_template(value)
-    except DataError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-template_flag.__name__ = "template"
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    """prompts and generation (sampling, validation, evaluation)"""
-    template: str = setting(DEFAULT_TEMPLATE, "a question's prompt: chat (the model's own chat template, "
-                            "needs jinja2), a string with {question}, or @file", flag="--prompt-template",
-                            type=template_flag)
-    system: str | None = setting(None, "with --prompt-template chat: a system message before the question",
-                                 type=nonempty)
-    answer_format: str = setting("auto", "how a final answer is read: auto tries '####', then 'The answer "
-                                 "is', then the last number", choices=ANSWER_FORMATS)
-    stop: tuple = setting((), "a string that ends a generation, besides EOS (repeatable)", type=nonempty)
-    max_new_tokens: int = setting(64, "max generated tokens", type=count(1))
-    gen_batch_size: int = setting(256, "prompts per generation batch (its KV cache: tools/memory_plan.py); a "
-                                  "sampling temperature draws per batch, so the samples depend on it",
-                                  type=count(1))
-
-
-# ----------------------------------------------------------------------------- generation and answers
-
-@torch.no_grad()
-def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256,
-                 label="generate", stop=()):
-    """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding,
-    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids). A row
-    ends at EOS or at the token whose decoded tail holds a stop string. A progress line, headed
-    `label`, every few seconds."""
-    model.eval()
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    tail = max((len(s) for s in stop), default=0) + 2  # tokens enough to hold any stop string
-
-    def finished(new):
-        text = tok.decode(new[-tail:])
-        return any(s in text for s in stop)
-
-    out = []
-    for i in batches(label, len(prompts), batch_size, "responses"):
-        ids = [tok.prompt_ids(p) for p in prompts[i:i + batch_size]]
-        out += model.generate(ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_p, gen,
-                              vocab_size=tok.vocab_size, finished=finished if stop else None)
-    return out
-
-
-def cut_at_stop(text, stop):
-    """The text up to the first of the stop strings (all of it when none occurs)."""
-    return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
-
-
-def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256,
-             label="generate"):
-    """Generated response text for each prompt string, cut at the first stop string."""
-    ids = generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, label, stop)
-    return [cut_at_stop(tok.decode(t), stop) for t in ids]
-
-
-def reference_answers(rows):
-    """The final answer of each questions row's reference solution (its "answer" field)."""
-    answers = [extract_answer(r["answer"]) for r in rows]
-    for i, a in enumerate(answers):
-        if a is None:
-            where = rows.where(i) if hasattr(rows, "where") else f"row {i}"
-            raise DataError(f"{where}: field 'answer' states no final answer (no '####', 'The answer is' or "
-                            "number)")
-    return answers
 
 
 def accuracy(model, tok, questions, prompt=PromptConfig(), label="accuracy"):
@@ -195,26 +118,6 @@ class Evaluator:
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 
 
-def flag_quality(tok, scored, errors_at, tau):
-    """How well the rewriter's unaligned tokens (p_t < tau) find a known first wrong step: (recall:
-    share of wrong responses whose first wrong token is flagged, precision: share of flagged tokens
-    at or after it, number of wrong responses judged). errors_at: the char index of each
-    response's first error, -1 when nothing is wrong or it is not known."""
-    hits, found, flagged, flagged_after = 0, 0, 0, 0
-    for s, error_at in zip(scored, errors_at, strict=True):
-        ids = tok.encode(s["response"])
-        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
-        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
-        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
-            continue
-        found += 1
-        hits += s["probs"][first] < tau
-        flag = [j for j, p in enumerate(s["probs"]) if p < tau]
-        flagged += len(flag)
-        flagged_after += sum(j >= first for j in flag)
-    return hits / max(1, found), flagged_after / max(1, flagged), found
-
-
 # ----------------------------------------------------------------------------- tables
 
 def stage_record(model_dir):
@@ -234,21 +137,6 @@ def evaluate_models(evaluate, models):
     """Rows of the table for (label, model directory) pairs."""
     return [{"model": label, "stage": os.path.basename(os.path.normpath(d)), **evaluate(d), **stage_record(d)}
             for label, d in models]
-
-
-def run_record(run):
-    """The record a run directory keeps of its inputs (run.json, written by train.py), with its
-    paths resolved; DataError when there is none."""
-    record = read_json(os.path.join(run, "run.json"))
-    if not isinstance(record, dict) or "eval" not in record:
-        raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft "
-                        "stage) first, or give --questions and --tokenizer")
-    return record
-
-
-def in_run(run, path):
-    """A path of a run's record: relative ones lie inside the run directory."""
-    return path if path is None or os.path.isabs(path) else os.path.join(run, path)
 
 
 def run_evaluator(run, split=None, device="auto", beta=0.1, n_questions=0, n_pairs=0):

@@ -3,7 +3,8 @@
 It enters the pipeline only as data, through the same path as a user's GSM8K-format files:
 write_task() writes its splits as {"question", "answer"} rows (answer = the reference solution),
 its SFT demonstrations as questions rows too and its tokenizer; write_rewrites() writes the
-minimal correction of each wrong response the sample stage found, for the rewriter.
+minimal correction of each wrong response the sample stage found, for the rewriter, with the place
+of its first error; flag_quality() judges the rewriter's flagged tokens against those places.
 
     question: Mia has 14 apples. She buys 7 more. Then she gives away 5.
               How many apples does Mia have now?
@@ -15,7 +16,7 @@ wrong response has a well-defined first wrong step (correct_response).
 
 The SFT demonstrations are imperfect on purpose (sft_examples): a lazy annotator stopped a
 fraction of the 3-step ones a step early, an unaligned habit the SFT model learns and the
-preference stages should unlearn. The README tells how these settings were chosen.
+preference stages should unlearn. docs/study.md tells how these settings were chosen.
 """
 
 import json
@@ -258,3 +259,23 @@ def steps_correct(problem, response):
     """Every step of the response states the reference's numbers and signs: correct_response finds
     no error to fix. Stricter than is_correct, which a wrong chain can pass by a lucky last step."""
     return correct_response(problem, response)[1] < 0
+
+
+def flag_quality(tok, scored, errors_at, tau):
+    """How well the rewriter's unaligned tokens (p_t < tau) find a known first wrong step: (recall:
+    share of wrong responses whose first wrong token is flagged, precision: share of flagged tokens
+    at or after it, number of wrong responses judged). errors_at: the char index of each
+    response's first error, -1 when nothing is wrong or it is not known."""
+    hits, found, flagged, flagged_after = 0, 0, 0, 0
+    for s, error_at in zip(scored, errors_at, strict=True):
+        ids = tok.encode(s["response"])
+        ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+        first = next((j for j, e in enumerate(ends) if e > error_at), None)  # token holding the first error
+        if error_at < 0 or first is None:  # nothing wrong, or only the end (a response cut short)
+            continue
+        found += 1
+        hits += s["probs"][first] < tau
+        flag = [j for j, p in enumerate(s["probs"]) if p < tau]
+        flagged += len(flag)
+        flagged_after += sum(j >= first for j in flag)
+    return hits / max(1, found), flagged_after / max(1, flagged), found

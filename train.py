@@ -10,16 +10,18 @@ Stages (each reads the run directory, default runs/default/, as PIPELINE says, o
   sft       the starting point: SFT of --model on the questions' reference solutions (or --sft-data;
             --skip-sft starts from --model as it is); on the embedded default, the task is written
             into <run>/task/ and a tiny Llama trained from scratch
-  sample    Stage 0: K self-sampled responses per question -> learning pairs (correct, wrong) and
-            the forgetting set (every wrong response)
-  warmup    Stage 1a: vanilla DPO from the SFT model; also the full-parameter DPO baseline
-  mask      Stage 1b: key neurons = global top-k% of |theta_warmup - theta_sft| (or accumulated
+  sample    the data: K self-sampled responses per question -> learning pairs (correct, wrong)
+            and the forgetting set (every wrong response)
+  dpo       key neurons locating, 1/2: vanilla DPO from the SFT model, every parameter; also the
+            full-parameter DPO baseline
+  mask      key neurons locating, 2/2: global top-k% of |theta_dpo - theta_sft| (or accumulated
             DPO gradients, --scorer grad): one mask for forgetting, one for learning
-  rewriter  Stage 2a: the token-level reward model (a rewriter that minimally corrects wrong
-            responses); flags unaligned tokens p_t < tau of every forgetting response
-  forget    Stage 2b: token-level NPO on the unaligned tokens, updating only the forgetting mask
-  learn     Stage 3: DPO with key tokens on the rejected side, updating only the learning mask:
-            the ALLO model
+  rewriter  unaligned knowledge forgetting, 1/2: the token-level reward model (a rewriter that
+            minimally corrects wrong responses); flags unaligned tokens p_t < tau
+  forget    unaligned knowledge forgetting, 2/2: token-level NPO on the unaligned tokens, updating
+            only the forgetting mask
+  learn     alignment improving: DPO with key tokens on the rejected side, updating only the
+            learning mask: the ALLO model
   all       every stage in order, skipping finished ones (--force redoes them), then eval.py's table
 
 A stage writes into <out>.tmp/ and swaps it into <out> (default <run>/<stage>/: a complete Hugging
@@ -32,18 +34,18 @@ an uninterrupted one. Every bad file or flag stops with one line and exit status
 line and 130; one process at a time works on an output. <run>/run.json records the run's own inputs.
 
 Under torchrun (bookkeeping/parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per
-process, gloo on CPU) N processes at --batch-size b train exactly like one process at batch N*b. Reference
-log-probs, sampling and rewriter scoring are split over the processes too; rank 0 alone writes
-files and prints. A checkpoint resumes under any number of processes with the same global batch.
+process, gloo on CPU) N processes at --batch-size b train exactly like one process at batch N*b.
+Reference log-probs, sampling and rewriter scoring are split over the processes too; rank 0 alone
+writes files and prints. A checkpoint resumes under any number of processes with the same global
+batch.
 """
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -53,16 +55,16 @@ import task
 from bookkeeping import flags, parallel
 from bookkeeping.fileio import read_json, write_json, write_jsonl
 from bookkeeping.flags import count, rate, real, setting
-from bookkeeping.runs import (Interrupted, StageOutput, UsageError, batches, check_lengths, input_id,
-                              load_masks, load_model, need, one_line, writing)
-from data import (DataError, TokenizerFile, collate, find_tokenizer, is_correct, load_tokenizer, prompt_text,
-                  read_jsonl, response_lead)
-from eval import (ROWS, PromptConfig, accuracy, cut_at_stop, evaluate_run, flag_quality, generate_ids, in_run,
-                  markdown_table, reference_answers)
+from bookkeeping.resolve import HELD_OUT, stage_inputs, start_run
+from bookkeeping.runs import (Interrupted, StageOutput, UsageError, check_lengths, load_masks, load_model,
+                              one_line, writing)
+from data import (DataError, PromptConfig, batches, collate, cut_at_stop, generate_ids, is_correct,
+                  load_tokenizer, prompt_text, read_jsonl, reference_answers, response_lead)
+from eval import ROWS, accuracy, evaluate_run, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device
-from trainer import (Norms, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored, npo_batch_loss,
-                     pair_batch, pair_rows, rank_batch, reference_logps, sft_batch_loss, trained_fraction,
-                     with_reference)
+from trainer import (Norms, PreferenceConfig, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored,
+                     npo_batch_loss, pair_batch, pair_rows, rank_batch, reference_logps, seed_setting,
+                     sft_batch_loss, with_reference)
 
 # ----------------------------------------------------------------------------- sft
 
@@ -133,14 +135,11 @@ def stage_sft(config, inputs, out, device, force=False):
         return so.finish(policy, tok, trained_fraction=1.0, val_accuracy=val_acc)
 
 
-# ----------------------------------------------------------------------------- Stage 0: sample
-
-HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
-
+# ----------------------------------------------------------------------------- sample: the data
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """sample: Stage 0, the model's own answers"""
+    """sample: the model's own answers"""
     k: int = setting(8, "samples per question", type=count(1))
     temperature: float = setting(1.0, "sampling temperature", type=real(0))
     top_p: float = setting(1.0, "nucleus sampling p", type=real(0, 1, open_low=True))
@@ -152,7 +151,7 @@ class SampleConfig:
                            choices=["steps", "answer"])
     gold_chosen: bool = setting(False, "questions with no correct sample pair the reference solution with "
                                 "the wrong ones", variant=True)
-    seed: int = setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
+    seed: int = seed_setting()
     prompt: PromptConfig = PromptConfig()
 
 
@@ -232,43 +231,39 @@ def sample_rows(rows, answers, prompts, texts, config, rng):
     return pairs, forget, stats
 
 
-# ----------------------------------------------------------------------------- DPO: Stage 1a and Stage 3
+# ----------------------------------------------------------------------------- dpo and learn: DPO
 
 @dataclass(frozen=True)
-class WarmupConfig:
-    """warmup: Stage 1a, vanilla DPO (also the full-parameter DPO baseline)"""
-    lr: float = setting(1e-5, "warmup (vanilla DPO, every parameter) learning rate", flag="--dpo-lr",
+class DPOConfig:
+    """dpo: vanilla DPO, every parameter (key neurons locating; the full-parameter DPO baseline)"""
+    lr: float = setting(1e-5, "dpo stage (vanilla DPO, every parameter) learning rate", flag="--dpo-lr",
                         type=rate)
-    steps: int = setting(100, "warmup DPO steps (and the learn stage's, unless --learn-steps)",
+    steps: int = setting(100, "dpo stage steps (and the learn stage's, unless --learn-steps)",
                          flag="--dpo-steps", type=count(1))
-    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
-    nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style)", type=real(0),
-                         variant=True)
+    pref: PreferenceConfig = PreferenceConfig()
     train: TrainConfig = TrainConfig()
 
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """learn: Stage 3, DPO with key tokens under the learning mask"""
+    """learn: DPO with key tokens under the learning mask (alignment improving)"""
     lr: float = setting(3e-5, "learning-stage learning rate, under the mask", flag="--learn-lr", type=rate)
     steps: int = setting(None, "learning-stage steps (default: --dpo-steps, so that budgets are equal)",
                          flag="--learn-steps", type=count(1), default_from="dpo_steps")
     eps: float = setting(0.5, "key tokens: the share of the rejected response kept",
                          type=real(0, 1, open_low=True))
-    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
-    nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style)", type=real(0),
-                         variant=True)
+    pref: PreferenceConfig = PreferenceConfig()
     train: TrainConfig = TrainConfig()
 
 
-def stage_warmup(config, inputs, out, device, force=False):
-    """Stage 1a: vanilla DPO on every parameter (the full-parameter DPO baseline); its weight change
-    ranks the neurons in the mask stage."""
-    return train_dpo("warmup", config, 1.0, inputs, out, device, force)
+def stage_dpo(config, inputs, out, device, force=False):
+    """Key neurons locating, 1/2: vanilla DPO on every parameter (the full-parameter DPO baseline);
+    its weight change ranks the neurons in the mask stage."""
+    return train_dpo("dpo", config, 1.0, inputs, out, device, force)
 
 
 def stage_learn(config, inputs, out, device, force=False):
-    """Stage 3: DPO whose rejected side counts through its key tokens (eps < 1), updating only the
+    """Alignment improving: DPO whose rejected side counts through its key tokens (eps < 1), updating only the
     learning mask's entries (inputs["mask"] None: every parameter). Its output is the ALLO model."""
     return train_dpo("learn", config, config.eps, inputs, out, device, force)
 
@@ -292,7 +287,7 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device,
                                  cfg.ref_batch_size, label=f"{stage}: reference log-probs")
         del reference
-        fraction = trained_fraction(masks, policy)
+        fraction = allo.trained_fraction(masks, policy)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
               f"{config.steps} steps")
 
@@ -300,18 +295,18 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
             return pair_batch(tok, pairs, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
 
         def loss(net, b, norms):
-            return dpo_batch_loss(net, b, norms, device, config.beta, eps, config.nll)
+            return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll)
 
         fit(stage, policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps, lr=config.lr, eps=eps)
 
 
-# ----------------------------------------------------------------------------- Stage 1b: key neurons
+# ----------------------------------------------------------------------------- mask: the key neurons
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """mask: Stage 1b, the key neurons"""
-    scorer: str = setting("delta", "key neurons from |theta_warmup - theta_sft| or accumulated DPO "
+    """mask: the key neurons (key neurons locating)"""
+    scorer: str = setting("delta", "key neurons from |theta_dpo - theta_sft| or accumulated DPO "
                           "gradients", choices=["delta", "grad"])
     forget_ratio: float = setting(0.1, "forgetting mask: top fraction; 1 = no mask", type=real(0, 1))
     learn_ratio: float = setting(0.1, "learning mask: top fraction; 1 = no mask", type=real(0, 1))
@@ -324,12 +319,12 @@ class MaskConfig:
     rank: str = setting("top", "which entries the masks keep: the top of the ranking (ALLO), its bottom, "
                         "or random ones (the study's controls)", flag="--mask-rank",
                         choices=["top", "bottom", "random"], variant=True)
-    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    pref: PreferenceConfig = PreferenceConfig()
     train: TrainConfig = TrainConfig()
 
 
 def stage_mask(config, inputs, out, device, force=False):
-    """Importance of every entry: |theta_warmup - theta_model| (scorer "delta") or the DPO gradient
+    """Importance of every entry: |theta_dpo - theta_model| (scorer "delta") or the DPO gradient
     accumulated over the pairs of inputs["data"] (scorer "grad", train.batch_size pairs at a time);
     then one global top-k% threshold for the forgetting mask and one for the learning mask (or the
     bottom-k%, or k% drawn at random with train.seed: the study's controls)."""
@@ -338,12 +333,12 @@ def stage_mask(config, inputs, out, device, force=False):
         if so.finished:
             return so.info
         tok = load_tokenizer(inputs["tokenizer"]) if config.scorer == "grad" else None
-        model, warmup = inputs["model"], inputs.get("warmup_model")
+        model, dpo = inputs["model"], inputs.get("dpo_model")
         start = load_model(model, device, tok)
         if config.scorer == "delta":
-            warm = load_model(warmup, device)
+            warm = load_model(dpo, device)
             if [p.shape for p in warm.parameters()] != [p.shape for p in start.parameters()]:
-                raise UsageError(f"{warmup}: the warmup model's parameters are not those of {model}")
+                raise UsageError(f"{dpo}: the DPO model's parameters are not those of {model}")
             scores = allo.importance_from_delta(dict(start.named_parameters()), dict(warm.named_parameters()))
         else:
             pairs = read_jsonl(inputs["data"], "pairs", held=so.held)
@@ -357,7 +352,7 @@ def stage_mask(config, inputs, out, device, force=False):
                        for i in range(0, n, cfg.batch_size))
 
             def loss(m, b):  # the vanilla-DPO loss, each batch's share of the mean over all n pairs
-                return dpo_batch_loss(m, b, Norms(pairs=n), device, config.beta, 1.0)
+                return dpo_batch_loss(m, b, Norms(pairs=n), device, config.pref.beta, 1.0)
 
             scores = allo.grad_importance(start, loss, batches, mode=config.grad_mode)
         if config.rank == "bottom":
@@ -365,33 +360,33 @@ def stage_mask(config, inputs, out, device, force=False):
         elif config.rank == "random":
             g = torch.Generator(device).manual_seed(cfg.seed)  # drawn on the device, beside the other scores
             scores = {name: torch.rand(s.shape, generator=g, device=device) for name, s in scores.items()}
-        info = {}
+        info, made = {}, {}
         for name, ratio in (("forget", config.forget_ratio), ("learn", config.learn_ratio)):
-            masks = allo.select_masks(scores, ratio, granularity=config.granularity,
-                                      exclude_top=config.exclude_top)
+            made[name] = allo.select_masks(scores, ratio, granularity=config.granularity,
+                                           exclude_top=config.exclude_top)
             if parallel.is_main():
                 with writing(os.path.join(so.work, f"{name}.safetensors")):
-                    allo.save_masks(os.path.join(so.work, f"{name}.safetensors"), masks)
-            info[f"{name}_fraction"] = trained_fraction(masks)
+                    allo.save_masks(os.path.join(so.work, f"{name}.safetensors"), made[name])
+            info[f"{name}_fraction"] = allo.trained_fraction(made[name])
             print(f"mask {name}: {100 * info[f'{name}_fraction']:.2f}% of entries; by module type:")
-            print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "type"]))
+            print(allo.format_table([r for r in allo.mask_summary(made[name]) if r["by"] == "type"]))
         print("mask by layer (learning mask):")
-        print(allo.format_table([r for r in allo.mask_summary(masks) if r["by"] == "layer"]))
+        print(allo.format_table([r for r in allo.mask_summary(made["learn"]) if r["by"] == "layer"]))
         return so.finish(scorer=config.scorer, granularity=config.granularity, **info)
 
 
-# ----------------------------------------------------------------------------- Stage 2a: the rewriter
+# --------------------------------------------------------------------- rewriter: the token-level reward model
 
 def rewriter_prompt(row):
     """What the rewriter sees: the question, the response to fix and a correct reference solution.
     The reference comes last, right before the rewrite, with a response's leading space, so that
-    its tokens are those the rewrite copies (the README tells why this order)."""
+    its tokens are those the rewrite copies (docs/stages.md tells why this order)."""
     return f"Question: {row['question']}\nDraft:{row['response']}\nReference: {row['reference']}\nRewrite:"
 
 
 @dataclass(frozen=True)
 class RewriterConfig:
-    """rewriter: Stage 2a, the token-level reward model"""
+    """rewriter: the token-level reward model (unaligned knowledge forgetting)"""
     steps: int = setting(300, "rewriter training steps", flag="--rewriter-steps", type=count(1))
     lr: float = setting(1e-3, "rewriter learning rate", flag="--rewriter-lr", type=rate)
     tau: float = setting(0.5, "unaligned token: rewriter p_t < tau", type=real(0, 1, open_low=True))
@@ -401,11 +396,11 @@ class RewriterConfig:
 
 
 def stage_rewriter(config, inputs, out, device, force=False):
-    """Stage 2a: train the rewriter, a copy of inputs["model"], to turn (question, wrong response,
-    reference solution) into the response minimally corrected, then score every wrong response of
-    inputs["data"] (forgetting rows with their "question" and "reference"): p_t of each of its
-    tokens, unaligned = p_t < tau. The target of a wrong response is its rewrite in
-    inputs["rewrites"] ({"prompt", "response", "rewrite"}, e.g. written by a stronger model) or
+    """Unaligned knowledge forgetting, 1/2: train the rewriter, a copy of inputs["model"], to turn
+    (question, wrong response, reference solution) into the response minimally corrected, then score
+    every wrong response of inputs["data"] (forgetting rows with their "question" and "reference"):
+    p_t of each of its tokens, unaligned = p_t < tau. The target of a wrong response is its rewrite
+    in inputs["rewrites"] ({"prompt", "response", "rewrite"}, e.g. written by a stronger model) or
     else, a weaker proxy, the reference solution; the correct responses (the chosen side of
     inputs["pairs"]) are rewrites of themselves, as in RLMEC. Writes out/forget_weighted.jsonl."""
     cfg, tau = config.train, config.tau
@@ -443,7 +438,7 @@ def stage_rewriter(config, inputs, out, device, force=False):
         line = f"rewriter: {info['unaligned_tokens']}/{info['tokens']} response tokens unaligned " \
                f"(p_t < {tau})"
         if any(at >= 0 for at in errors_at):  # the first wrong step is known (the embedded task's rewrites)
-            recall, precision, found = flag_quality(tok, scored, errors_at, tau)
+            recall, precision, found = task.flag_quality(tok, scored, errors_at, tau)
             info.update(first_error_recall=recall, flag_precision=precision)
             line += (f"; first wrong step found in {100 * recall:.1f}% of {found} wrong responses; "
                      f"{100 * precision:.1f}% of flagged tokens lie at or after it")
@@ -499,22 +494,23 @@ def score_tokens(rewriter, tok, forget, tau, weights_mode, batch_size, max_len, 
             for r, p, w in zip(forget, p_rows, w_rows, strict=True)]
 
 
-# ----------------------------------------------------------------------------- Stage 2b: forget
+# ----------------------------------------------------------------------------- forget: token-level NPO
 
 @dataclass(frozen=True)
 class ForgetConfig:
-    """forget: Stage 2b, token-level NPO under the forgetting mask"""
+    """forget: token-level NPO under the forgetting mask (unaligned knowledge forgetting)"""
     lr: float = setting(3e-5, "forgetting learning rate", flag="--forget-lr", type=rate)
     steps: int = setting(50, "forgetting steps", flag="--forget-steps", type=count(1))
-    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    pref: PreferenceConfig = PreferenceConfig()
     all_tokens: bool = setting(False, "forget every response token, not only the unaligned ones")
     train: TrainConfig = TrainConfig()
 
 
 def stage_forget(config, inputs, out, device, force=False):
-    """Stage 2b, token-level NPO: -w_t log sigmoid(-beta r_t) on the weighted (unaligned) tokens of
-    the wrong responses of inputs["data"] (all_tokens: every token); reference = inputs["ref"]
-    (default: the starting model); only the entries of inputs["mask"] move (None: every parameter)."""
+    """Unaligned knowledge forgetting, 2/2, token-level NPO: -w_t log sigmoid(-beta r_t) on the
+    weighted (unaligned) tokens of the wrong responses of inputs["data"] (all_tokens: every token);
+    reference = inputs["ref"] (default: the starting model); only the entries of inputs["mask"] move
+    (None: every parameter)."""
     cfg = config.train
     with StageOutput("forget", out, config, inputs, device, force) as so:
         if so.finished:
@@ -534,7 +530,7 @@ def stage_forget(config, inputs, out, device, force=False):
         cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device,
                                  cfg.ref_batch_size, label="forget: reference log-probs")
         del reference
-        fraction = trained_fraction(masks, policy)
+        fraction = allo.trained_fraction(masks, policy)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
               f"{'all tokens' if config.all_tokens else 'unaligned tokens'}")
 
@@ -548,7 +544,7 @@ def stage_forget(config, inputs, out, device, force=False):
             return with_reference(b, cached, idx)
 
         def loss(net, b, norms):
-            return npo_batch_loss(net, b, norms, device, config.beta)
+            return npo_batch_loss(net, b, norms, device, config.pref.beta)
 
         fit("forget", policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps)
@@ -557,7 +553,7 @@ def stage_forget(config, inputs, out, device, force=False):
 # ----------------------------------------------------------------------------- the pipeline
 
 STAGES = {"sft": (stage_sft, SFTConfig), "sample": (stage_sample, SampleConfig),
-          "warmup": (stage_warmup, WarmupConfig), "mask": (stage_mask, MaskConfig),
+          "dpo": (stage_dpo, DPOConfig), "mask": (stage_mask, MaskConfig),
           "rewriter": (stage_rewriter, RewriterConfig), "forget": (stage_forget, ForgetConfig),
           "learn": (stage_learn, LearnConfig)}  # in the order they run
 
@@ -569,20 +565,14 @@ STAGES = {"sft": (stage_sft, SFTConfig), "sample": (stage_sample, SampleConfig),
 PIPELINE = {
     "sft": dict(model="run:model?", data="run:sft_data", eval_questions="run:validation?"),
     "sample": dict(model="sft/", questions="run:questions", eval_questions="run:eval_questions"),
-    "warmup": dict(model="sft/", data="sample/pairs.jsonl", ref=None),
-    "mask": dict(model="sft/", warmup_model="warmup/", data="sample/pairs.jsonl"),
+    "dpo": dict(model="sft/", data="sample/pairs.jsonl", ref=None),
+    "mask": dict(model="sft/", dpo_model="dpo/", data="sample/pairs.jsonl"),
     "rewriter": dict(model="sft/", data="sample/forget.jsonl", pairs="sample/pairs.jsonl",
                      rewrites="run:rewrites?"),
     "forget": dict(model="sft/", data="rewriter/forget_weighted.jsonl", mask="mask/forget.safetensors",
                    ref=None),
     "learn": dict(model="forget/", data="sample/pairs.jsonl", mask="mask/learn.safetensors", ref=None),
 }
-def in_pipeline(run, stage, key):
-    """Where PIPELINE says stage's input `key` lies in the run directory (an earlier stage's file or
-    model; the starting model where the run skipped SFT), for study/study.py."""
-    return from_run(run, read_json(os.path.join(run, "run.json")), PIPELINE[stage][key], stage)
-
-
 def stage_config(name, a, record):
     """The config of stage `name` from the flags `a` (by field name)."""
     if name == "sample":
@@ -591,147 +581,22 @@ def stage_config(name, a, record):
     return flags.config_from(STAGES[name][1], a)
 
 
-def stage_inputs(name, a, run, config):
-    """The inputs of stage `name`: each its flag or, without one, its place in PIPELINE; the
-    tokenizer: --tokenizer, else the one in the model's folder, else the run's."""
-    record, inputs = read_json(os.path.join(run, "run.json")), {}
-    for key, source in PIPELINE[name].items():
-        given = getattr(a, key)
-        if (name, key) == ("rewriter", "model") and a.rewriter_init:
-            given = a.rewriter_init  # the rewriter's own starting weights
-        if name == "sft" and key == "eval_questions" and given:
-            given = given[0]  # sft validates on the first
-        unread = source is None or unused(name, key, a, config)
-        inputs[key] = given if given is not None or unread else from_run(run, record, source, name)
-    if name == "mask" and config.scorer == "delta":
-        return inputs  # no tokenizer: it tokenizes nothing
-    own = inputs["model"] and find_tokenizer(inputs["model"])
-    path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
-    if path is None:
-        path = in_run(run, (record or no_run(run, name))["tokenizer"]["path"])
-    inputs["tokenizer"] = TokenizerFile(path, a.bos_token, a.eos_token, a.pad_token, a.bos)
-    return inputs
-
-
-def unused(name, key, a, config):
-    """An input the stage does not read with these settings."""
-    if name == "mask":
-        return key == ("data" if config.scorer == "delta" else "warmup_model")
-    if key == "mask":
-        return (a.forget_ratio if name == "forget" else a.learn_ratio) >= 1
-    return False
-
-
-def from_run(run, record, source, stage):
-    """The path of a PIPELINE source in the run directory, whose record (run.json) is `record`."""
-    optional, source = source.endswith("?"), source.rstrip("?")
-    if record is None:
-        return None if optional else no_run(run, stage)
-    if source == "run:rewrites" and record["inputs"]["embedded"]:
-        return embedded_rewrites(run)  # a path under the run directory already
-    if source.startswith("run:"):
-        value = record["inputs"].get(source[4:])
-        if value is None and not optional:
-            raise UsageError(f"{run}/run.json: the run has no {source[4:]}; name it with its flag")
-        return [in_run(run, v) for v in value] if isinstance(value, list) else in_run(run, value)
-    if source == "sft/" and record["inputs"]["skip_sft"]:
-        return record["inputs"]["model"]
-    made_by = source.split("/")[0]
-    path = need(os.path.join(run, source.rstrip("/")), made_by)
-    if source.endswith("/"):
-        need(os.path.join(path, "config.json"), made_by)
-    return path
-
-
-def no_run(run, stage):
-    raise UsageError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py --stage sft` (or "
-                     f"`python train.py`) first, or give --stage {stage} its inputs as flags")
-
-
-def embedded_rewrites(run):
-    """The embedded task's minimal corrections of the sample stage's wrong responses, written once
-    per forgetting file (its content's hash in the name)."""
-    forget = need(os.path.join(run, "sample", "forget.jsonl"), "sample")
-    path = os.path.join(run, "task", f"rewrites-{input_id(forget)[-12:]}.jsonl")
-    if parallel.is_main() and not os.path.exists(path):
-        task.write_rewrites(read_jsonl(forget, "forget"), path)
-    parallel.barrier()
-    return path
-
-
-def start_run(a, run):
-    """The run's own inputs, recorded in <run>/run.json: your model and questions (--questions), or
-    the embedded task's files, written into <run>/task/. Also what eval.py needs to score the run as
-    it was trained. A run started with other inputs is refused unless --force."""
-    if a.questions:
-        if not a.model:
-            raise UsageError("--questions: your questions need your model too (--model DIR)")
-        absolute = os.path.abspath
-        evals = [absolute(p) for p in a.eval_questions or []]
-        inputs = dict(embedded=False, model=absolute(a.model), questions=absolute(a.questions),
-                      eval_questions=evals, validation=evals[0] if evals else None,
-                      sft_data=absolute(a.sft_data or a.questions),
-                      rewrites=a.rewrites and absolute(a.rewrites),
-                      skip_sft=a.skip_sft, correct="answer")
-        tokenizer = absolute(a.tokenizer or a.model)
-    else:
-        if a.model or a.skip_sft or a.eval_questions or a.sft_data:
-            raise UsageError("--model, --skip-sft, --eval-questions and --sft-data go with your --questions")
-        write_embedded_task(a, os.path.join(run, "task"))
-        inputs = dict(embedded=True, model=None, questions="task/train.jsonl",
-                      eval_questions=["task/val.jsonl", "task/test.jsonl"], validation="task/val.jsonl",
-                      sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps")
-        tokenizer = "task/tokenizer.model"
-    splits = {os.path.splitext(os.path.basename(p))[0]: p for p in inputs["eval_questions"]}
-    start = inputs["model"] if inputs["skip_sft"] else "sft"
-    rows = [("start (--skip-sft)", start)] + ROWS[1:] if inputs["skip_sft"] else ROWS
-    record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
-                                                    pad=a.pad_token, bos_mode=a.bos),
-              "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
-              "eval": {"splits": {n: {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(n))}
-                                  for n, p in splits.items()},
-                       "reference": start, "rows": rows}}
-    old = read_json(os.path.join(run, "run.json"))
-    if old is not None and json_form(old) != json_form(record) and not a.force:
-        key = next(k for k in record if json_form(old.get(k)) != json_form(record[k]))
-        raise UsageError(f"{run}: the run was started with other {key} ({json_form(old.get(key))}); another "
-                         "--run-dir, or --force (redo every stage)")
-    if parallel.is_main():
-        os.makedirs(run, exist_ok=True)
-        write_json(os.path.join(run, "run.json"), record)
-    parallel.barrier()
-    return record
-
-
-def json_form(x):
-    return json.loads(json.dumps(x))
-
-
-def write_embedded_task(a, folder):
-    """The embedded task's files in `folder`, unless they are there with these settings."""
-    config = flags.config_from(task.TaskConfig, a)
-    if not task.written_with(folder, config, a.force):  # every process checks, rank 0 writes
-        if parallel.is_main():
-            task.write_task(folder, config)
-        parallel.barrier()
-
-
 def run_stage(name, a, run, device):
     if device.type == "cuda":  # StageOutput.finish() records the stage's peak
         torch.cuda.reset_peak_memory_stats(device)
     record = read_json(os.path.join(run, "run.json"))
     if name == "sft" and not (a.model or a.data) and (record is None or record["inputs"]["embedded"]):
-        record = start_run(a, run)  # the embedded task, stage by stage: its files written or checked
+        record = start_run(a, run, ROWS)  # the embedded task, stage by stage: its files written or checked
     config = stage_config(name, a, record)
     function = STAGES[name][0]
-    inputs = stage_inputs(name, a, run, config)
+    inputs = stage_inputs(name, a, run, config, PIPELINE[name])
     return function(config, inputs, a.out or os.path.join(run, name), device, a.force)
 
 
 def run_stages(a, run, stages, device):
     """The named stages in order on the run directory (each skips itself when finished alike; SFT
     too where the run skips it); returns the run's record (run.json)."""
-    record = start_run(a, run)
+    record = start_run(a, run, ROWS)
     # --model is the run's starting model (run.json), not an override of every stage's own: each
     # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
     a = argparse.Namespace(**{**vars(a), "model": None})
@@ -744,7 +609,7 @@ def run_stages(a, run, stages, device):
 def run_all(a, run, device):
     """Every stage in order (each skips itself when finished alike), then the table of the last
     evaluation file."""
-    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "warmup_model", "pairs",
+    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "dpo_model", "pairs",
                                                        "rewriter_init", "ref") if getattr(a, k)]
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
@@ -762,8 +627,9 @@ def parse_args(argv=None):
     return flags.parse_train_args(argv, list(STAGES), CONFIGS, description=__doc__)
 
 
-CONFIGS = [task.TaskConfig, ArchConfig, TrainConfig, PromptConfig, SFTConfig, SampleConfig, WarmupConfig,
-           MaskConfig, RewriterConfig, ForgetConfig, LearnConfig]
+CONFIGS = [task.TaskConfig, ArchConfig, TrainConfig, PreferenceConfig, PromptConfig, SFTConfig, SampleConfig,
+           DPOConfig, MaskConfig, RewriterConfig, ForgetConfig, LearnConfig]
+flags.check_settings(CONFIGS)  # a flag declared twice, differently, stops at import
 
 
 def main(argv=None):

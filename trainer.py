@@ -2,32 +2,30 @@
 reference log-probs. It knows no stage and no task: a stage hands fit() a model, its masks, a
 function that builds micro-batch i and a function that turns a micro-batch into its loss.
 
-Under torchrun (bookkeeping/parallel.py) each of N processes takes its contiguous --batch-size share of a
-global micro-batch of N x --batch-size examples, and every loss is normalized over the whole
-optimizer step (Norms), so N processes at batch b train exactly like one process at batch N*b.
+Under torchrun (bookkeeping/parallel.py) each of N processes takes its contiguous --batch-size
+share of a global micro-batch of N x --batch-size examples, and every loss is normalized over the
+whole optimizer step (Norms), so N processes at batch b train exactly like one process at batch N*b.
 """
 
-import json
 import math
-import os
-import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import astuple, dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import allo
 from bookkeeping import parallel
-from bookkeeping.fileio import atomic_path, replace_dir
 from bookkeeping.flags import count, real, setting
 from bookkeeping.optim import masked_adamw
-from bookkeeping.runs import Interrupted, UsageError, batches, checkpoints, one_line, writing
-from data import collate
+from bookkeeping.runs import Interrupted, UsageError
+from bookkeeping.trainlog import TrainLog
+from data import batches, collate
 from model import autocast
+
+
+def seed_setting():
+    """The pipeline seed, declared once for every config that draws with it (training, sampling)."""
+    return setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class TrainConfig:
                                     "then cosine decay to 0", type=real(0, 1))
     max_len: int = setting(128, "max tokens of prompt + response", type=count(2))
     ref_batch_size: int = setting(64, "rows per batch of the reference log-prob pass (no gradient), at the "
-                                  "start of warmup, forget and learn", type=count(1), result=False)
+                                  "start of dpo, forget and learn", type=count(1), result=False)
     log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
     ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
     grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
@@ -49,21 +47,36 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
                             "after tens of seconds of compiling; agrees with eager within float rounding)",
                             result=False)
-    seed: int = setting(0, "seed of the init, the batch order and the sampling (a pipeline seed)", type=int)
+    seed: int = seed_setting()
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """the preference losses (dpo, mask, forget, learn)"""
+    beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
+    nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style; dpo and learn)",
+                         type=real(0), variant=True)
 
 
 @dataclass
 class Norms:
-    """The denominators of one optimizer step's loss. A micro-batch carries its own counts; fit()
-    sums them over the step's micro-batches on every process and hands the sums to the loss, so
-    the micro-batch losses add up to the loss of the whole step."""
+    """The denominators of one optimizer step's loss, and the step-mean protocol, written here once.
+    A micro-batch carries its own counts (Norms(pairs=...)); Norms.of_step sums them over the step's
+    micro-batches on every process; each per-batch loss is "sum over my rows / step total" with these
+    totals, so the micro-batch losses of every process add up to the mean over the whole step (and
+    N processes at batch b train as one process at batch N*b). DDP averages the processes' gradients:
+    backward() multiplies each share by the number of processes to undo that."""
     pairs: int = 0  # DPO: preference pairs
     chosen_tokens: int = 0  # DPO's optional NLL term: response targets of the chosen side
     scored_tokens: int = 0  # SFT: response targets
     weighted_tokens: int = 0  # NPO: targets with w_t != 0
 
+    @classmethod
+    def of_step(cls, norms, device):
+        """The Norms of a step: this process's micro-batches summed, then summed over processes."""
+        total = torch.tensor([astuple(n) for n in norms], device=device).sum(0)
+        return cls(*parallel.all_reduce_sum(total).tolist())
 
-# ----------------------------------------------------------------------------- a stage's output
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -74,88 +87,80 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     batch_at(i) -> micro-batch i of this process, a dict with "attention_mask" and "norms";
     loss_fn(net, batch, norms) -> that micro-batch's share of the loss of the step.
     Dense gradients are clipped to norm 1.0 before the masked update (as the release); the
-    learning rate warms up linearly, then decays on a cosine. A progress line (loss, lr, global
-    tokens/s, ETA) every cfg.log_every steps, appended to out/metrics.jsonl; a checkpoint every
-    cfg.ckpt_every steps into out/ckpt/, resumed from when the stage runs again. out/metrics.jsonl
-    holds every step's loss and learning rate (written at each progress line and checkpoint), and
-    the tokens/s of the steps with a progress line. A non-finite loss stops every process (the loss
-    is all-reduced) with a UsageError.
+    learning rate warms up linearly, then decays on a cosine. The metrics rows, progress lines and
+    checkpoints of the steps go through a TrainLog (bookkeeping/trainlog.py), which also resumes
+    from the last checkpoint when the stage runs again. A non-finite loss (all-reduced, so every
+    process sees it) or non-finite weights stop every process with a UsageError.
     """
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
     opt = masked_adamw(model.named_parameters(), masks, device, lr=lr, weight_decay=cfg.weight_decay)
-    ckpt_dir = os.path.join(out, "ckpt")
-    start = resume(ckpt_dir, model, opt)
-    if start:
-        print(f"{stage}: resumed from step {start}/{steps}")
-    if parallel.is_main():
-        trim_metrics(os.path.join(out, "metrics.jsonl"), start)  # rows after the checkpoint are logged again
-    # forward and backward through DDP (gradients all-reduced); optimizer and checkpoints use `model`
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if parallel.world() > 1 else None
-    net = ddp or model
+    log = TrainLog(stage, out, steps, cfg.log_every, cfg.ckpt_every)
+    start = log.resume(model, opt)
+    net = parallel.wrap(model)  # DDP under torchrun: gradients all-reduced; `opt` and `log` use `model`
     if cfg.compile:
         net = torch.compile(net)  # compiled on the first batch, again when a new shape needs it
-    t0, tokens, losses, rows = time.time(), 0, [], []  # rows: the metrics not yet written
     try:
         for step in range(start, steps):
             lr_now = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
             micro = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
-            step_loss, step_tokens = optimizer_step(stage, model, net, ddp, opt, micro, loss_fn, lr_now, step,
-                                                    ckpt_dir)
-            tokens += step_tokens
-            losses.append(step_loss)
-            rows.append({"stage": stage, "step": step + 1, "loss": step_loss, "lr": lr_now})
-            done = step + 1
-            checkpoint = done % cfg.ckpt_every == 0 and done < steps
-            if done % cfg.log_every == 0 or done == steps or checkpoint:
-                rows[-1]["tokens_per_s"] = tokens / (time.time() - t0)
-                rows = write_metrics(out, rows)
-            if done % cfg.log_every == 0 or done == steps:
-                log_progress(stage, done, steps, sum(losses) / len(losses), lr_now, tokens, time.time() - t0,
-                             done - start)
-                losses = []
-            if checkpoint and parallel.is_main():
-                save_checkpoint(ckpt_dir, done, model, opt)
+            loss, tokens = optimizer_step(model, net, opt, micro, loss_fn, lr_now)
+            log.step(step + 1, loss, lr_now, tokens, model, opt)
+    except NonFinite as e:
+        raise UsageError(f"{stage}: {e.worded(step + 1)}; stopped, {log.last_good()}{e.hint}") from None
     except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
-        found = checkpoints(ckpt_dir)
-        step = int(os.path.basename(found[-1]).split("-")[1]) if found else 0
         raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step "
-                          f"{step}") from None
+                          f"{log.last_step()}") from None
     return model
 
 
-def optimizer_step(stage, model, net, ddp, opt, micro_batches, loss_fn, lr, step, ckpt_dir):
-    """One optimizer step at learning rate lr: the gradients of the micro-batches, clipped to norm
-    1.0, the masked update; stops (UsageError) on a non-finite loss or weights. Returns the step's
-    loss and real tokens, summed over every process."""
+class NonFinite(ArithmeticError):
+    """A step's loss (what="loss") or its updated weights (what="weights", value: the first
+    parameter's name) are not finite."""
+
+    def __init__(self, what, value):
+        super().__init__(what, value)
+        self.what, self.value = what, value
+        self.hint = (" (too high a learning rate, or the data or starting weights out of range?)"
+                     if what == "loss" else "")
+
+    def worded(self, step):
+        if self.what == "loss":
+            return f"loss is {self.value} at step {step}"
+        return f"non-finite weights after step {step} (the first in {self.value}: the update overflowed)"
+
+
+def optimizer_step(model, net, opt, micro_batches, loss_fn, lr):
+    """One optimizer step at learning rate lr: the gradients of the micro-batches through `net`
+    (the model, or its DDP or compiled wrapper), clipped to norm 1.0, the masked update of
+    `model`; NonFinite on a non-finite loss or weights. Returns the step's loss and real tokens,
+    summed over every process."""
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr
-    device = next(model.parameters()).device
-    step_loss, step_tokens = backward(net, ddp, micro_batches, loss_fn, device)
+    step_loss, step_tokens = backward(net, micro_batches, loss_fn, next(model.parameters()).device)
     if not math.isfinite(step_loss):
-        raise UsageError(f"{stage}: loss is {step_loss} at step {step + 1}; stopped, {last_good(ckpt_dir)} "
-                         "(too high a learning rate, or the data or starting weights out of range?)")
+        raise NonFinite("loss", step_loss)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     trained = [p for p in model.parameters() if p in opt.state]
     if not all_finite(trained):  # before any checkpoint or final file holds them
-        first = next(n for n, p in model.named_parameters() if p in opt.state and not all_finite([p]))
-        raise UsageError(f"{stage}: non-finite weights after step {step + 1} (the first in {first}: the "
-                         f"update overflowed); stopped, {last_good(ckpt_dir)}")
+        raise NonFinite("weights", next(n for n, p in model.named_parameters()
+                                        if p in opt.state and not all_finite([p])))
     return step_loss, step_tokens
 
 
-def backward(net, ddp, batches, loss_fn, device):
+def backward(net, batches, loss_fn, device):
     """The gradients of one optimizer step, from this process's micro-batches; returns the step's
     loss and its real tokens, summed over every process."""
-    norms = step_norms([b["norms"] for b in batches], device)
+    norms = Norms.of_step([b["norms"] for b in batches], device)
     stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
                          dtype=torch.float64, device=device)  # [loss share, tokens] of this process
+    no_sync = getattr(net, "no_sync", None)  # DDP's (also through a compiled wrapper)
     for j, b in enumerate(batches):
         # DDP all-reduces the gradients once, after the step's last micro-batch
-        with nullcontext() if ddp is None or j == len(batches) - 1 else ddp.no_sync():
+        with nullcontext() if no_sync is None or j == len(batches) - 1 else no_sync():
             loss = loss_fn(net, b, norms)
             (loss * parallel.world()).backward()  # DDP averages over processes: the loss is a share
         stats[0] += loss.detach()
@@ -166,42 +171,6 @@ def backward(net, ddp, batches, loss_fn, device):
 def all_finite(tensors):
     """Every entry finite: the largest |x| of each tensor (one multi-tensor op) checked at once."""
     return not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
-
-
-def last_good(ckpt_dir):
-    """Where a rerun resumes from, in words: the newest checkpoint, or the start."""
-    found = checkpoints(ckpt_dir)
-    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint yet: a rerun starts over"
-
-
-def trim_metrics(path, step):
-    """Keep the metrics rows of steps <= step (those before the checkpoint resumed from)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(rows)
-
-
-def step_norms(norms, device):
-    """The Norms of a step: this process's micro-batches summed, then summed over processes."""
-    total = torch.tensor([astuple(n) for n in norms], device=device).sum(0)
-    return Norms(*parallel.all_reduce_sum(total).tolist())
-
-
-def write_metrics(out, rows):
-    """Append rows to out/metrics.jsonl (rank 0); returns an empty list for the rows to come."""
-    if parallel.is_main():
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return []
-
-
-def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
-    """The progress line: the mean loss since the last line, lr, tokens/s over the run, ETA."""
-    eta = (steps - done) * elapsed / steps_run
-    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {tokens / elapsed:,.0f} eta {eta:.0f}s",
-          flush=True)
 
 
 def lr_factor(step, n_steps, warmup_frac):
@@ -232,55 +201,11 @@ def rank_batch(n, i, cfg):
     return idx[parallel.shard(len(idx))]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(ckpt_dir, step, model, opt):
-    """<ckpt>/step-N/{model, optimizer}.safetensors, written into a temporary directory, flushed to
-    disk and renamed when complete; the two newest are kept (a torn one falls back to the other)."""
-    name = f"step-{step:07d}"
-    tmp = os.path.join(ckpt_dir, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with writing(tmp), atomic_path(os.path.join(tmp, "model.safetensors")) as path:
-        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, path)
-        allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
-    replace_dir(tmp, os.path.join(ckpt_dir, name))
-    for old in checkpoints(ckpt_dir)[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def resume(ckpt_dir, model, opt):
-    """Load the newest checkpoint that loads (a torn one, e.g. after a power loss, is skipped with a
-    warning for the one before); returns its step, 0 when there is none."""
-    params = dict(model.named_parameters())
-    for path in reversed(checkpoints(ckpt_dir)):
-        try:
-            weights = load_file(os.path.join(path, "model.safetensors"))  # read before anything is written
-            if {n: w.shape for n, w in weights.items()} != {n: p.shape for n, p in params.items()}:
-                raise ValueError("its weights are not the model's")
-            allo.load_optimizer(os.path.join(path, "optimizer.safetensors"), opt)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(weights[n])
-            return int(os.path.basename(path).split("-")[1])
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-            print(f"warning: {path}: cannot load ({one_line(e)}); trying the checkpoint before it",
-                  flush=True)
-    return 0
-
-
 # ----------------------------------------------------------------------------- masks
 
 def full_masks(model):
     """All-True masks: MaskedAdamW then trains every parameter, at AdamW's cost."""
     return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
-
-
-def trained_fraction(masks, model=None):
-    """The fraction of entries the masks train: of the model's parameters (a parameter without a
-    mask is frozen), or without a model of the entries the masks cover."""
-    total = sum(t.numel() for t in (model.parameters() if model is not None else masks.values()))
-    return sum(int(m.sum()) for m in masks.values()) / total
 
 
 # ----------------------------------------------------------------------------- per-batch losses
@@ -310,7 +235,7 @@ def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):
     """DPO with key tokens on a micro-batch of pairs, rows [chosen; rejected] [2B,T]: its share of
     the mean over the step's pairs, plus nll x the NLL of the chosen tokens over the step's chosen
     tokens (RPO-style, optional). eps < 1: the rejected side counts through its ceil(eps * T) key
-    tokens (Stage 3); eps 1 is vanilla DPO (the warmup)."""
+    tokens (the learn stage); eps 1 is vanilla DPO (the dpo stage)."""
     logps = forward_logps(model, b, device)  # [2B,T]
     (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
     keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
@@ -319,7 +244,7 @@ def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):
 
 
 def npo_batch_loss(model, b, norms, device, beta):
-    """Token-level NPO (Stage 2) on the micro-batch's weighted tokens, its share of the mean over
+    """Token-level NPO (the forget stage) on the micro-batch's weighted tokens, its share of the mean over
     the step's weighted tokens."""
     logps = forward_logps(model, b, device)  # [B,T]
     return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), beta,

@@ -16,7 +16,6 @@ import os
 import sys
 from dataclasses import MISSING, field, fields
 
-from data import BOS_MODES
 from model import pick_device
 
 # ----------------------------------------------------------------------------- checked types
@@ -104,10 +103,26 @@ def dest(f):
     return flag_name(f)[2:].replace("-", "_")
 
 
+def check_settings(configs):
+    """Every flag declared once: a setting met again (in another config, or in a config nested in
+    several) must carry the same default, help, type and choices, else a ValueError names it."""
+    seen = {}
+    for cls in configs:
+        for f in fields(cls):
+            if "help" not in f.metadata:  # a nested config: its own entry of `configs`
+                continue
+            spec = (f.default, f.metadata["help"], f.metadata["type"], f.metadata["choices"])
+            first = seen.setdefault(dest(f), (cls.__name__, spec))
+            if first[1] != spec:
+                raise ValueError(f"{flag_name(f)}: declared in {first[0]} and again, differently, in "
+                                 f"{cls.__name__}; declare it once (a nested config)")
+
+
 def add_config_flags(parser, configs):
     """The flags of every setting of `configs` (config dataclasses; nested configs are their own
     entries), each once, in the argument group of its config (its docstring's first line), and last
     the group "variants not in the paper"."""
+    check_settings(configs)
     made, placed = {action.dest for action in parser._actions}, {}
     for cls in configs:
         for f in fields(cls):
@@ -152,6 +167,7 @@ def config_from(cls, a, **given):
 
 def add_tokenizer_flags(g):
     """The tokenizer and its special tokens (train.py and eval.py)."""
+    from data import BOS_MODES  # imported here: data.py imports this module (its configs' settings)
     g.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one (default: "
                    "the model directory's, else the run's)")
     g.add_argument("--bos", default="auto", choices=BOS_MODES, help="BOS before every prompt: auto = as the "
@@ -225,11 +241,11 @@ def parse_train_args(argv, stages, configs, description=None):
                    "its reference solution, a weaker proxy)")
     g = p.add_argument_group("one stage's explicit inputs (with --stage; each overrides its place in the "
                              "run)")
-    g.add_argument("--data", help="JSONL: for sft {input, output} or questions rows; pairs for warmup, mask, "
+    g.add_argument("--data", help="JSONL: for sft {input, output} or questions rows; pairs for dpo, mask, "
                    "learn; forgetting rows for rewriter, forget")
-    g.add_argument("--ref", type=folder, help="reference model dir for warmup, forget, learn (default: the "
+    g.add_argument("--ref", type=folder, help="reference model dir for dpo, forget, learn (default: the "
                    "starting model)")
-    g.add_argument("--warmup-model", type=folder, help="mask: the warmup model of the delta scorer")
+    g.add_argument("--dpo-model", type=folder, help="mask: the dpo stage's model, for the delta scorer")
     g.add_argument("--mask", help="mask safetensors for forget, learn")
     g.add_argument("--pairs", help="rewriter: pairs whose chosen responses are trained as their own rewrites")
     g.add_argument("--rewriter-init", type=folder, help="rewriter: its starting weights (default: --model)")

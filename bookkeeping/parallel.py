@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def init(device):
@@ -52,6 +53,15 @@ def world():
 def is_main():
     """True on rank 0, the process that writes files and prints."""
     return rank() == 0
+
+
+def wrap(model):
+    """The model as training runs it: under a group, a DistributedDataParallel wrapper whose backward
+    all-reduces the gradients (averaged over processes); without one, the model itself."""
+    if not dist.is_initialized() or world() == 1:
+        return model
+    device = next(model.parameters()).device
+    return DDP(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def barrier():

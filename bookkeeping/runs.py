@@ -26,23 +26,6 @@ class UsageError(Exception):
     """A missing prerequisite or an input that does not fit: one line, exit status 2."""
 
 
-PROGRESS_EVERY = 10.0  # seconds between the progress lines of a phase that is not training
-
-
-def batches(label, n, size, unit="rows"):
-    """The start of each batch of `size` of n rows, for a long phase that is not training (sampling,
-    reference log-probs, scoring, evaluation): a plain progress line (done/total, rate, ETA) at most
-    every PROGRESS_EVERY seconds, and a last one when the phase took longer than that."""
-    t0 = last = time.time()
-    for i in range(0, n, size):
-        yield i
-        done, now = min(n, i + size), time.time()
-        if now - last >= PROGRESS_EVERY or (done == n and now - t0 >= PROGRESS_EVERY):
-            rate = done / max(now - t0, 1e-9)
-            print(f"{label} {done}/{n} {unit}, {rate:,.1f}/s, eta {(n - done) / rate:.0f}s", flush=True)
-            last = now
-
-
 class Interrupted(Exception):
     """Ctrl-C during training: one line saying where a rerun resumes, exit status 130."""
 

@@ -57,7 +57,8 @@ from safetensors.torch import load_file
 import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
 from bookkeeping.flags import HelpFormatter, Parser, config_from, count
-from bookkeeping.runs import UsageError, machine, one_line
+from bookkeeping.resolve import in_pipeline
+from bookkeeping.runs import UsageError, machine, need, one_line
 from data import DataError, TokenizerFile
 from eval import run_evaluator
 from model import pick_device
@@ -84,14 +85,14 @@ def slug(name):
     return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
 
 
-# ----------------------------------------------------------------------------- masks (Stage 1)
+# ----------------------------------------------------------------------------- masks (the mask stage)
 
 def study_masks(run, seed_dir, a, seed, device):
     """Masks of one seed from its full-parameter DPO run, through the mask stage: the top
     --forget-ratio (forgetting), and the top, bottom and a random --learn-ratio (learning) of
     |theta_DPO - theta_SFT|, one global threshold each. Returns {kind: mask file}."""
-    inputs = dict(model=train.in_pipeline(run, "mask", "model"), warmup_model=os.path.join(seed_dir,
-                                                                                      slug("DPO full")))
+    inputs = dict(model=in_pipeline(run, train.PIPELINE["mask"]["model"], "mask"),
+                  dpo_model=os.path.join(seed_dir, slug("DPO full")))
     paths = {}
     for rank in ("top", "bottom", "random"):
         config = config_from(train.MaskConfig, a, rank=rank, scorer="delta",
@@ -112,7 +113,8 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
     tokenizer and data files of each; lrs: (full-parameter, masked) learning rates of DPO; eps:
     ALLO's key-token fraction."""
-    model_dir, phases = train.in_pipeline(run, "forget", "model"), []  # each skips itself when finished alike
+    # each phase skips itself when finished alike
+    model_dir, phases = in_pipeline(run, train.PIPELINE["forget"]["model"], "forget"), []
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
@@ -159,7 +161,7 @@ def run_study(opts, a):
             rows += study_run(opts, a_seed, run, [seed], arms, device, t0)
     else:
         for stage in prerequisites:
-            train.need(os.path.join(opts.run, stage, "stage.json"), stage)
+            need(os.path.join(opts.run, stage, "stage.json"), stage)
         rows = study_run(opts, a, opts.run, range(a.seed, a.seed + opts.seeds), arms, device, t0)
     os.makedirs(root, exist_ok=True)
     write_results(root, opts, a, rows, [arm[0] for arm in arms], device)
@@ -174,11 +176,11 @@ def study_run(opts, a, run, seeds, arms, device, t0):
                                     n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
           f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
-    sft = train.in_pipeline(run, "warmup", "model")
+    sft = in_pipeline(run, train.PIPELINE["dpo"]["model"], "dpo")
     sft_metrics = cached_eval(sft, evaluate, os.path.join(root, f"sft_eval_{split}_{opts.n_eval}.json"))
     tokenizer = TokenizerFile(sft, a.bos_token, a.eos_token, a.pad_token, a.bos)
-    inputs = {"forget": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "forget", "data")),
-              "learn": dict(tokenizer=tokenizer, data=train.in_pipeline(run, "learn", "data"))}
+    files = {stage: in_pipeline(run, train.PIPELINE[stage]["data"], stage) for stage in ("forget", "learn")}
+    inputs = {stage: dict(tokenizer=tokenizer, data=files[stage]) for stage in ("forget", "learn")}
     rows = []
     for seed in seeds:
         cfg = replace(config_from(train.TrainConfig, a), seed=seed)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-import trainer
+from bookkeeping import trainlog
 from data import Tokenizer, prompt_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,21 +47,21 @@ def runs(tmp_path_factory):
     """two: `--stage all` under torchrun, its SFT resumed from a 1-process checkpoint at step 2;
     one: SFT in 1 process; ref: every later training stage in 1 process on two's inputs."""
     two, one, ref = (tmp_path_factory.mktemp(name) for name in ("two", "one", "ref"))
-    real_save = trainer.save_checkpoint
+    real_save = trainlog.save_checkpoint
 
     def save_then_die(ckpt_dir, step, model, opt):
         real_save(ckpt_dir, step, model, opt)
         raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):
-        mp.setattr(trainer, "save_checkpoint", save_then_die)
+        mp.setattr(trainlog, "save_checkpoint", save_then_die)
         train.main(ONE + ["--run", str(two), "--stage", "sft"])
     p = torchrun(*TWO, "--run-dir", str(two))
     assert p.returncode == 0, p.stderr
     train.main(ONE + ["--run", str(one), "--stage", "sft"])
     for f in ("run.json", "task", "sft", "sample", "mask"):
         (shutil.copytree if os.path.isdir(two / f) else shutil.copy)(two / f, ref / f)
-    train.main(ONE + ["--run", str(ref), "--stage", "warmup"])
+    train.main(ONE + ["--run", str(ref), "--stage", "dpo"])
     train.main(ONE + ["--run", str(ref), "--stage", "rewriter"])
     scored = str(two / "rewriter" / "forget_weighted.jsonl")
     train.main(ONE + ["--run", str(ref), "--stage", "forget", "--data", scored])
@@ -90,7 +90,7 @@ def prompts_of(run, split):
 # kernels in another order again), and Adam divides each entry by its own magnitude: where the
 # gradient nearly cancels (a prompt token's embedding under DPO, pushed up by the chosen row and
 # down by the rejected one), a rounding difference becomes a visible fraction of a step. Measured
-# on the warmup's embeddings: 0.6% of a step with AVX2 kernels, 1.2% and 2.0% on an Intel Xeon
+# on the dpo stage's embeddings: 0.6% of a step with AVX2 kernels, 1.2% and 2.0% on an Intel Xeon
 # (AVX-512; AVX2 forced), 1.5% with baseline x86-64 kernels (ATEN_CPU_CAPABILITY=default,
 # MKL_ENABLE_INSTRUCTIONS=SSE4_2). A wrongly weighted or sharded gradient moves entries by a
 # whole step, and by 2 steps where Adam's sign flips.
@@ -113,7 +113,7 @@ def test_two_processes_resume_a_checkpoint_and_match_one_process_sft(runs):
     assert len(losses(runs["two"] / "sft")) == 4  # steps 1-2 of the killed run, 3-4 under torchrun
 
 
-@pytest.mark.parametrize("stage", ["warmup", "rewriter", "forget", "learn"])
+@pytest.mark.parametrize("stage", ["dpo", "rewriter", "forget", "learn"])
 def test_two_processes_match_one_process(runs, stage):
     assert_same_training(runs["two"] / stage, runs["ref"] / stage)
     start, end = weights(runs["two"] / "sft"), weights(runs["two"] / stage)
@@ -125,7 +125,7 @@ def test_only_rank_0_writes_and_prints(runs):
     for stage in train.STAGES:
         assert out.count(f"{stage}: done in") == 1
     assert out.count("| SFT |") == 1
-    assert len(losses(runs["two"] / "warmup")) == 2  # one row per step, not one per process
+    assert len(losses(runs["two"] / "dpo")) == 2  # one row per step, not one per process
     assert not [f for _, _, fs in os.walk(runs["two"]) for f in fs if f.endswith(".tmp")]
     assert os.path.exists(runs["two"] / "eval_test.json")
 

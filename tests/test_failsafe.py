@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import allo
 import train
-import trainer
-from bookkeeping import runs
+from bookkeeping import runs, trainlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke"]
@@ -64,14 +63,14 @@ def fails_cleanly(capsys, run, args, *expected):
 # ----------------------------------------------------------------------------- resume checks what it resumes
 
 def kill_after_checkpoint(monkeypatch, at):
-    real = trainer.save_checkpoint
+    real = trainlog.save_checkpoint
 
     def save_then_die(ckpt_dir, step, model, opt):
         real(ckpt_dir, step, model, opt)
         if step == at:
             raise KeyboardInterrupt  # killed right after this checkpoint
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainlog, "save_checkpoint", save_then_die)
 
 
 @pytest.mark.parametrize("killed, rerun, difference", [
@@ -121,37 +120,37 @@ def test_a_forget_checkpoint_is_not_resumed_by_learn(run, capsys, monkeypatch, t
 
 
 def test_a_finished_stage_asked_for_with_other_settings(run, capsys):
-    args = SMOKE + ["--run", run, "--stage", "warmup"]
+    args = SMOKE + ["--run", run, "--stage", "dpo"]
     fails_cleanly(capsys, run, args + ["--dpo-lr", "3e-5"],
-                  f"{run}/warmup: finished earlier with lr 1e-05, not 3e-05", "--force redoes it")
+                  f"{run}/dpo: finished earlier with lr 1e-05, not 3e-05", "--force redoes it")
     capsys.readouterr()
     train.main(args)  # the same settings: skipped
-    assert "warmup: finished earlier with these settings, skipped" in capsys.readouterr().out
+    assert "dpo: finished earlier with these settings, skipped" in capsys.readouterr().out
     train.main(args + ["--dpo-lr", "3e-5", "--force"])
-    assert json.load(open(os.path.join(run, "warmup", "stage.json")))["lr"] == 3e-5
+    assert json.load(open(os.path.join(run, "dpo", "stage.json")))["lr"] == 3e-5
 
 
 def test_a_redone_stage_changes_the_inputs_of_the_next(run, capsys):
     """A stage's output stands in the fingerprints of the stages after it by its content: redone
     alike (the same weights) it changes nothing; redone otherwise, the next stage sees another input."""
-    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force"])
+    train.main(SMOKE + ["--run", run, "--stage", "dpo", "--force"])
     train.main(SMOKE + ["--run", run, "--stage", "mask"])
     assert "mask: finished earlier with these settings, skipped" in capsys.readouterr().out
-    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force", "--dpo-lr", "1e-3"])
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask"], "another warmup_model (input)")
+    train.main(SMOKE + ["--run", run, "--stage", "dpo", "--force", "--dpo-lr", "1e-3"])
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "mask"], "another dpo_model (input)")
 
 
 def test_metrics_start_fresh_when_a_stage_starts_over_and_resume_drops_the_rows_after_the_checkpoint(
         run, monkeypatch):
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2", "--force"]
-    real_log = trainer.log_progress
+    real_log = trainlog.log_progress
 
     def die_after_step_5(stage, done, *a):
         real_log(stage, done, *a)
         if done == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "log_progress", die_after_step_5)
+    monkeypatch.setattr(trainlog, "log_progress", die_after_step_5)
     with pytest.raises(SystemExit):
         train.main(args)
     monkeypatch.undo()
@@ -246,7 +245,7 @@ def truncate(path, keep=100):
 ])
 def test_a_bad_model_directory(run, capsys, tmp_path, damage, expected):
     model = damaged_model(run, tmp_path, damage)
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup", "--model", model, "--out",
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "dpo", "--model", model, "--out",
                                         str(tmp_path / "o")], model, expected)
     assert not os.path.exists(tmp_path / "o")
 
@@ -258,7 +257,7 @@ def test_a_bad_model_directory(run, capsys, tmp_path, damage, expected):
 def test_a_bad_tokenizer(run, capsys, tmp_path, content, expected):
     tok = tmp_path / "tokenizer.model"
     tok.write_bytes(content)
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup", "--tokenizer", str(tok), "--out",
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "dpo", "--tokenizer", str(tok), "--out",
                                         str(tmp_path / "o")], str(tok), expected)
 
 
@@ -271,7 +270,7 @@ def test_a_tokenizer_without_bos(run, capsys, tmp_path):
                                    vocab_size=12, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2,
                                    hard_vocab_limit=False)
     (tmp_path / "t.model").write_bytes(model.getvalue())
-    args = ["--run", run, "--stage", "warmup", "--tokenizer", str(tmp_path / "t.model"),
+    args = ["--run", run, "--stage", "dpo", "--tokenizer", str(tmp_path / "t.model"),
             "--out", str(tmp_path / "o")]
     fails_cleanly(capsys, run, SMOKE + args, "has no BOS piece", "--bos-token")
 
@@ -400,10 +399,10 @@ def test_a_torn_checkpoint_falls_back_to_the_one_before(run, capsys, monkeypatch
 
 
 def test_one_process_per_output_directory(run, capsys):
-    out = os.path.join(run, "warmup")
+    out = os.path.join(run, "dpo")
     held = runs.lock(out + ".lock")  # another process would hold it the same way
     try:
-        fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--force"],
+        fails(capsys, SMOKE + ["--run", run, "--stage", "dpo", "--force"],
               f"{out}: in use by process {os.getpid()}")
     finally:
         runs.unlock(*held)
@@ -441,14 +440,14 @@ def test_a_full_disk_is_one_line_and_leaves_the_output_as_it_was(run, capsys, mo
                   "error: No space left on device: ", "learn.tmp/model.safetensors")
 
 
-def test_a_warmup_model_of_another_shape(run, capsys, tmp_path):
+def test_a_dpo_model_of_another_shape(run, capsys, tmp_path):
     from model import ModelConfig, Transformer
     other = tmp_path / "other"
     cfg = json.load(open(os.path.join(run, "sft", "config.json")))
     Transformer(ModelConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=2, n_heads=2,
                             n_kv_heads=1, hidden_dim=64)).save_pretrained(str(other))
-    args = ["--run", run, "--stage", "mask", "--warmup", str(other), "--out", str(tmp_path / "o")]
-    fails_cleanly(capsys, run, SMOKE + args, f"{other}: the warmup model's parameters are not")
+    args = ["--run", run, "--stage", "mask", "--dpo-model", str(other), "--out", str(tmp_path / "o")]
+    fails_cleanly(capsys, run, SMOKE + args, f"{other}: the DPO model's parameters are not")
 
 
 def test_a_stage_stopped_between_its_last_two_renames_is_finished(run, capsys):

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import data
 import eval as evaluation
 import train
 from bookkeeping import runs
@@ -21,7 +22,7 @@ from data import DataError, extract_answer, is_correct, load_tokenizer, read_jso
 from model import ModelConfig, Transformer
 from study import study
 
-STAGES = ["sft", "warmup", "rewriter", "forget", "learn"]
+STAGES = ["sft", "dpo", "rewriter", "forget", "learn"]
 
 
 def questions(seed, n):
@@ -81,7 +82,7 @@ def tiny_llama(folder, vocab_size):
 
 
 def run_pipeline(tmp_path, tokenizer):
-    """sft -> sample -> warmup -> mask -> rewriter -> forget -> learn -> eval, all through flags."""
+    """sft -> sample -> dpo -> mask -> rewriter -> forget -> learn -> eval, all through flags."""
     tok = load_tokenizer(tokenizer)
     base = tiny_llama(tmp_path / "base", tok.vocab_size + 3)
     train_q = write_rows(tmp_path / "train.jsonl", questions(1, 36))
@@ -95,8 +96,8 @@ def run_pipeline(tmp_path, tokenizer):
     cli("--stage", "sample", "--model", o["sft"], "--questions", train_q, "--eval-questions", test_q,
         "--k", "4", "--max-new-tokens", "12", "--stop", "\n\n", "--gold-chosen", "--out", o["sample"])
     pairs, forget = f"{o['sample']}/pairs.jsonl", f"{o['sample']}/forget.jsonl"
-    cli("--stage", "warmup", "--model", o["sft"], "--data", pairs, "--dpo-steps", "3", "--out", o["warmup"])
-    cli("--stage", "mask", "--model", o["sft"], "--warmup-model", o["warmup"], "--out", o["mask"])
+    cli("--stage", "dpo", "--model", o["sft"], "--data", pairs, "--dpo-steps", "3", "--out", o["dpo"])
+    cli("--stage", "mask", "--model", o["sft"], "--dpo-model", o["dpo"], "--out", o["mask"])
     cli("--stage", "rewriter", "--model", o["sft"], "--data", forget, "--pairs", pairs,
         "--rewriter-steps", "3", "--out", o["rewriter"])
     cli("--stage", "forget", "--model", o["sft"], "--data", f"{o['rewriter']}/forget_weighted.jsonl",
@@ -179,7 +180,7 @@ def test_sft_data_may_be_questions_or_input_output_rows(tmp_path):
     with pytest.raises(DataError, match="a.jsonl:1: missing field 'answer'"):
         read_jsonl(write_rows(tmp_path / "a.jsonl", [{"question": "q"}]), "sft")
     with pytest.raises(DataError, match=r"b.jsonl:2: field 'answer' states no final answer"):
-        evaluation.reference_answers(read_jsonl(write_rows(tmp_path / "b.jsonl", questions(0, 1) + [
+        data.reference_answers(read_jsonl(write_rows(tmp_path / "b.jsonl", questions(0, 1) + [
             {"question": "q", "answer": "none"}]), "questions"))
 
 
@@ -234,7 +235,7 @@ def test_bos_follows_the_tokenizer_json_post_processor(tmp_path, adds_bos):
             return [[] for _ in ids]
 
     model = Recorder()
-    evaluation.generate_ids(model, tok, ["Question: Q?\nAnswer:"], 4)
+    data.generate_ids(model, tok, ["Question: Q?\nAnswer:"], 4)
     assert model.ids == [tok.prompt_ids("Question: Q?\nAnswer:")]
     assert (model.ids[0][0] == tok.bos_id) == adds_bos
     for mode, first in (("always", [tok.bos_id]), ("never", [])):
@@ -328,7 +329,7 @@ def test_one_command_runs_every_stage_resumes_and_eval_prints_the_same_table(tmp
     for stage in train.STAGES:
         assert f"{stage}: done in" in first
     assert "12 test questions" in first  # the table of the last evaluation file
-    for stage in ("sft", "warmup", "rewriter", "forget", "learn"):  # complete Hugging Face folders
+    for stage in ("sft", "dpo", "rewriter", "forget", "learn"):  # complete Hugging Face folders
         out = os.path.join(run, stage)
         Transformer.from_pretrained(out)
         tok = load_tokenizer(out)
@@ -339,7 +340,7 @@ def test_one_command_runs_every_stage_resumes_and_eval_prints_the_same_table(tmp
         assert tok.chat_template == CHATML and tok.prefix == []
     starts = {stage: started_from(os.path.join(run, stage)) for stage in train.STAGES}
     # each stage starts from the model PIPELINE names, not from --model (the run's starting model)
-    for stage, made_by in (("sft", None), ("sample", "sft"), ("warmup", "sft"), ("mask", "sft"),
+    for stage, made_by in (("sft", None), ("sample", "sft"), ("dpo", "sft"), ("mask", "sft"),
                            ("rewriter", "sft"), ("forget", "sft"), ("learn", "forget")):
         assert starts[stage] == runs.input_id(os.path.join(run, made_by) if made_by else args[1]), stage
     train.main(args)  # finished alike: every stage skipped

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import allo
 import train
-import trainer
+from bookkeeping import trainlog
 from data import Tokenizer
 from model import ModelConfig, Transformer
 
@@ -35,7 +35,7 @@ def test_all_stages_write_their_outputs(run):
     expected = {
         "sft": ["config.json", "model.safetensors", "metrics.jsonl", "stage.json"],
         "sample": ["pairs.jsonl", "forget.jsonl", "val_pairs.jsonl", "test_pairs.jsonl", "stage.json"],
-        "warmup": ["config.json", "model.safetensors", "stage.json"],
+        "dpo": ["config.json", "model.safetensors", "stage.json"],
         "mask": ["forget.safetensors", "learn.safetensors", "stage.json"],
         "rewriter": ["config.json", "model.safetensors", "forget_weighted.jsonl", "stage.json"],
         "forget": ["config.json", "model.safetensors", "stage.json"],
@@ -45,7 +45,7 @@ def test_all_stages_write_their_outputs(run):
         for f in files:
             assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
         assert not os.path.exists(os.path.join(run, stage, "ckpt")), "checkpoints go when a stage ends"
-    for stage in ("sft", "warmup", "rewriter", "forget", "learn"):  # complete Hugging Face folders
+    for stage in ("sft", "dpo", "rewriter", "forget", "learn"):  # complete Hugging Face folders
         for f in ("generation_config.json", "tokenizer.model", "tokenizer_config.json"):
             assert os.path.exists(os.path.join(run, stage, f)), f"{stage}/{f}"
     assert [f for f in os.listdir(os.path.join(run, "task")) if f.startswith("rewrites-")]
@@ -53,7 +53,7 @@ def test_all_stages_write_their_outputs(run):
     for f in [f"task/{name}" for name in task_files] + ["eval_test.json", "run.json"]:
         assert os.path.exists(os.path.join(run, f)), f
     rows = json.load(open(os.path.join(run, "eval_test.json")))["rows"]
-    assert [r["stage"] for r in rows] == ["sft", "warmup", "forget", "learn"]
+    assert [r["stage"] for r in rows] == ["sft", "dpo", "forget", "learn"]
     assert not [f for _, _, fs in os.walk(run) for f in fs if f.endswith(".tmp")]
 
 
@@ -102,19 +102,19 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     args = SMOKE + ["--stage", "sft", "--sft-steps", "6", "--ckpt-every", "2"]
     train.main(args + ["--run", str(tmp_path / "straight")])
 
-    real_save = trainer.save_checkpoint
+    real_save = trainlog.save_checkpoint
 
     def save_then_die(ckpt_dir, step, model, opt):
         real_save(ckpt_dir, step, model, opt)
         if step == 4:
             raise KeyboardInterrupt  # killed right after the step-4 checkpoint
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainlog, "save_checkpoint", save_then_die)
     with pytest.raises(SystemExit):
         train.main(args + ["--run", str(tmp_path / "killed")])
     assert sorted(os.listdir(tmp_path / "killed" / "sft.tmp" / "ckpt")) == ["step-0000002", "step-0000004"]
     assert not os.path.exists(tmp_path / "killed" / "sft")
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainlog, "save_checkpoint", real_save)
     train.main(args + ["--run", str(tmp_path / "killed")])
     a = load_file(str(tmp_path / "straight" / "sft" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "sft" / "model.safetensors"))

@@ -21,7 +21,7 @@ import train
 @pytest.mark.parametrize("force", [[], ["--force"]])
 @pytest.mark.parametrize("where, says", [("user", "holds files that no stage wrote (notes.txt)"),
                                          ("run", "is a run directory"), ("model", "is a model's folder"),
-                                         ("other stage", "holds a run of the warmup stage")])
+                                         ("other stage", "holds a run of the dpo stage")])
 def test_an_output_over_a_folder_that_is_not_the_stages_is_refused(run, capsys, tmp_path, where, says,
                                                                    force):
     user = tmp_path / "mine"
@@ -30,7 +30,7 @@ def test_an_output_over_a_folder_that_is_not_the_stages_is_refused(run, capsys, 
     model = shutil.copytree(os.path.join(run, "sft"), tmp_path / "model")
     os.remove(model / "stage.json")  # a model of yours: no stage wrote it here
     out = {"user": str(user), "run": run, "model": str(model),
-           "other stage": os.path.join(run, "warmup")}[where]
+           "other stage": os.path.join(run, "dpo")}[where]
     before = snapshot(str(tmp_path / "x"))  # every file under tmp_path
     fails(capsys, SMOKE + ["--run", run, "--stage", "learn", "--out", out, *force], f"{out}: {says}",
           "not a learn stage's output")
@@ -117,14 +117,14 @@ def test_an_earlier_stages_file_edited_in_place_is_another_input(run, capsys):
         rows = f.readlines()
     with open(pairs, "w") as f:
         f.writelines(rows[:10])  # cut in place: the stage id in sample/stage.json is unchanged
-    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "warmup"],
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "dpo"],
                   "finished earlier with another data (input)")
 
 
 def test_a_fifo_as_an_input_is_one_line_and_no_hang(run, capsys, tmp_path):
     fifo = str(tmp_path / "pairs.fifo")
     os.mkfifo(fifo)
-    fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--data", fifo, "--out", str(tmp_path / "o")],
+    fails(capsys, SMOKE + ["--run", run, "--stage", "dpo", "--data", fifo, "--out", str(tmp_path / "o")],
           f"{fifo}: not a regular file")
     with pytest.raises(SystemExit) as e:
         evaluation.main(["--questions", fifo, "--tokenizer", os.path.join(run, "sft"),
@@ -171,7 +171,7 @@ def model_with(run, tmp_path, **config):
 ])
 def test_config_fields_are_checked_before_a_model_is_built(run, capsys, tmp_path, config, expected):
     model = model_with(run, tmp_path, **config)
-    fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--model", model, "--out", str(tmp_path / "o")],
+    fails(capsys, SMOKE + ["--run", run, "--stage", "dpo", "--model", model, "--out", str(tmp_path / "o")],
           f"{model}: cannot load the model", expected)
 
 
@@ -184,7 +184,7 @@ def test_integer_weights_are_refused_and_half_precision_converts(run, capsys, tm
     assert Transformer.from_pretrained(model).norm.weight.dtype == torch.float32
     save_file({**weights, "model.norm.weight": weights["model.norm.weight"].long()},
               os.path.join(model, "model.safetensors"))
-    fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--model", model, "--out", str(tmp_path / "o")],
+    fails(capsys, SMOKE + ["--run", run, "--stage", "dpo", "--model", model, "--out", str(tmp_path / "o")],
           "norm.weight holds torch.int64 values, not floating-point weights")
 
 
@@ -197,7 +197,7 @@ def test_a_tokenizer_whose_largest_id_exceeds_the_embedding_is_refused(run, caps
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert tk.get_vocab_size() == 3  # counts tokens, not ids
-    fails(capsys, SMOKE + ["--run", run, "--stage", "warmup", "--tokenizer", str(folder), "--out",
+    fails(capsys, SMOKE + ["--run", run, "--stage", "dpo", "--tokenizer", str(folder), "--out",
                            str(tmp_path / "o")], "is smaller than the tokenizer's 5001")
 
 
@@ -222,7 +222,7 @@ def test_an_empty_stop_string_is_refused(run, capsys):
     fails(capsys, SMOKE + ["--run", run, "--stage", "sample", "--stop", ""], "--stop: must not be empty")
 
 
-@pytest.mark.parametrize("stage, flag", [("sample", "--questions"), ("warmup", "--data"),
+@pytest.mark.parametrize("stage, flag", [("sample", "--questions"), ("dpo", "--data"),
                                          ("forget", "--data")])
 def test_an_empty_input_file_is_refused(run, capsys, tmp_path, stage, flag):
     empty = write(tmp_path / "empty.jsonl", "\n")
@@ -237,18 +237,34 @@ def test_eval_over_zero_questions_is_refused(run, capsys, tmp_path):
     assert e.value.code == 2 and "no questions to score" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage, given, needs", [
+    ("sample", ["--questions", "q.jsonl"], "--eval-questions"),
+    ("rewriter", ["--data", "f.jsonl"], "--pairs"),
+    ("learn", [], "--model --data --mask --tokenizer"),
+    ("mask", [], "--model --dpo-model"),
+])
+def test_a_stage_alone_names_every_flag_it_still_needs(run, capsys, tmp_path, stage, given, needs):
+    """No run directory to take inputs from: one line naming the missing flags, nothing written."""
+    model = os.path.join(run, "sft")  # a model with its tokenizer: --tokenizer is not missing then
+    args = SMOKE + ["--run-dir", str(tmp_path / "none"), "--stage", stage, "--out", str(tmp_path / "o")]
+    args += ["--model", model] * (stage in ("sample", "rewriter")) + given
+    err = fails(capsys, args, f"{tmp_path / 'none'}/run.json: not found, so --stage {stage} needs {needs}, or a run")
+    assert "--tokenizer" not in err or "--tokenizer" in needs
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "none")
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(run, capsys, monkeypatch):
-    import trainer
-    real = trainer.save_checkpoint
+    from bookkeeping import trainlog
+    real = trainlog.save_checkpoint
 
     def save_then_ctrl_c(ckpt_dir, step, model, opt):
         real(ckpt_dir, step, model, opt)
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(trainlog, "save_checkpoint", save_then_ctrl_c)
     with pytest.raises(SystemExit) as e:
         train.main(SMOKE + ["--run", run, "--stage", "learn", "--force", "--dpo-steps", "4",
                             "--ckpt-every", "1"])
@@ -273,12 +289,12 @@ def test_a_data_file_is_read_once_the_copy_hashed_is_the_copy_parsed(tmp_path):
 def test_long_phases_print_progress_lines(run, capsys, monkeypatch):
     """Sampling, reference log-probs and the rewriter's scoring print done/total, rate and ETA
     (here at every batch), as plain lines."""
-    from bookkeeping import runs
-    monkeypatch.setattr(runs, "PROGRESS_EVERY", 0.0)
+    import data
+    monkeypatch.setattr(data, "PROGRESS_EVERY", 0.0)
     train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--gen-batch-size", "64"])
-    train.main(SMOKE + ["--run", run, "--stage", "warmup", "--force", "--ref-batch-size", "100"])
+    train.main(SMOKE + ["--run", run, "--stage", "dpo", "--force", "--ref-batch-size", "100"])
     out = capsys.readouterr().out
     assert "sample train 64/192 responses, " in out and "sample train 192/192 responses, " in out
     assert "sample test 48/48 responses, " in out
-    assert "warmup: reference log-probs 100/384 rows, " in out and " eta 0s" in out
+    assert "dpo: reference log-probs 100/384 rows, " in out and " eta 0s" in out
     assert "\r" not in out

@@ -1,12 +1,16 @@
 """The study's second size: `--preset 6m` resolves to the documented model and task variant, its task
-files are deterministic, and the default run's flags (no preset) are unchanged."""
+files are deterministic, and the default run's flags (no preset) are unchanged and declared once."""
 
 import filecmp
 import json
 import os
+from dataclasses import fields
+
+import pytest
 
 import task
 import train
+from bookkeeping import resolve
 from data import read_jsonl
 from model import ModelConfig, Transformer
 
@@ -49,13 +53,34 @@ def test_default_flags_unchanged():
     assert (a.dpo_lr, a.learn_lr, a.forget_lr) == (1e-5, 3e-5, 3e-5)
 
 
+def test_a_flag_declared_twice_differently_stops_at_import():
+    """beta, nll and seed are declared once (PreferenceConfig, seed_setting); a second declaration
+    with another help or default is an error, not a flag silently dropped."""
+    from dataclasses import dataclass
+
+    from bookkeeping.flags import check_settings, setting
+
+    @dataclass(frozen=True)
+    class Other:
+        """other"""
+        beta: float = setting(0.2, "beta of DPO and NPO")
+
+    check_settings(train.CONFIGS)  # the shared settings nested in several configs pass
+    with pytest.raises(ValueError, match="--beta: declared in PreferenceConfig and again, differently, in O"):
+        check_settings(train.CONFIGS + [Other])
+    dests = [f.name for c in train.CONFIGS for f in fields(c) if f.name in ("beta", "nll")]
+    assert sorted(dests) == ["beta", "nll"]  # the nested PreferenceConfig alone declares them
+    stages = (train.DPOConfig(), train.LearnConfig(), train.MaskConfig(), train.ForgetConfig())
+    assert {c.pref for c in stages} == {train.PreferenceConfig()}
+
+
 def test_preset_6m_task_is_deterministic_and_lazier(tmp_path):
     """The variant's files come out byte-identical twice; the problems are the default's (only the
     demonstrations differ), and about 80% of the 3-step demonstrations stop a step early, each
     one the solution's first steps with the answer they reach."""
     args = ["--n-train", "1500", "--n-val", "50", "--n-test", "50"]
     for name, preset in (("a", ["--preset", "6m"]), ("b", ["--preset", "6m"]), ("default", [])):
-        train.write_embedded_task(train.parse_args(preset + args), str(tmp_path / name))
+        resolve.write_embedded_task(train.parse_args(preset + args), str(tmp_path / name))
     names = ["train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "task.json"]
     assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)[0] == names
     assert json.load(open(tmp_path / "a" / "task.json"))["lazy_rate"] == 0.8

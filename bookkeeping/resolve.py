@@ -1,0 +1,179 @@
+"""The run directory: its record (run.json) and where a stage's inputs lie in it.
+
+train.py's PIPELINE says, for each stage, where each input comes from when no flag names it: a file an
+earlier stage wrote ("sample/pairs.jsonl"), an earlier stage's model ("sft/"), or one of the run's own
+inputs ("run:questions"), which start_run records in <run>/run.json (your files, or the embedded task's,
+written into <run>/task/). This module reads those sources against a run directory; stage_inputs also
+holds the few rules of which inputs a stage reads with its settings (unused).
+"""
+
+import json
+import os
+from dataclasses import asdict
+
+import task
+from bookkeeping import flags, parallel
+from bookkeeping.fileio import read_json, write_json
+from bookkeeping.runs import UsageError, input_id, need
+from data import DataError, PromptConfig, TokenizerFile, find_tokenizer, read_jsonl
+
+HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
+
+
+def run_record(run):
+    """The record a run directory keeps of its inputs (run.json, written by train.py), with its
+    paths resolved; DataError when there is none."""
+    record = read_json(os.path.join(run, "run.json"))
+    if not isinstance(record, dict) or "eval" not in record:
+        raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft "
+                        "stage) first, or give --questions and --tokenizer")
+    return record
+
+
+def in_run(run, path):
+    """A path of a run's record: relative ones lie inside the run directory."""
+    return path if path is None or os.path.isabs(path) else os.path.join(run, path)
+
+
+def in_pipeline(run, source, stage):
+    """Where a PIPELINE source of `stage` lies in the run directory (an earlier stage's file or
+    model; the starting model where the run skipped SFT), for study/study.py."""
+    return from_run(run, read_json(os.path.join(run, "run.json")), source, stage)
+
+
+def stage_inputs(name, a, run, config, sources):
+    """The inputs of stage `name` with config `config`: each its flag in `a` or, without one, its
+    place in the run directory, `sources` (the stage's row of train.PIPELINE); the tokenizer:
+    --tokenizer, else the one in the model's folder, else the run's. Without a run directory, a
+    UsageError names every flag the stage still needs."""
+    record, inputs, missing = read_json(os.path.join(run, "run.json")), {}, []
+    for key, source in sources.items():
+        given = getattr(a, key)
+        if (name, key) == ("rewriter", "model") and a.rewriter_init:
+            given = a.rewriter_init  # the rewriter's own starting weights
+        if name == "sft" and key == "eval_questions" and given:
+            given = given[0]  # sft validates on the first
+        unread = source is None or unused(name, key, a, config)
+        if given is None and not unread and record is None and not source.endswith("?"):
+            missing.append("--" + key.replace("_", "-"))  # named below, with every other one missing
+            continue
+        inputs[key] = given if given is not None or unread else from_run(run, record, source, name)
+    if name == "mask" and config.scorer == "delta":
+        path = "unused"  # no tokenizer: it tokenizes nothing
+    else:
+        own = inputs.get("model") and find_tokenizer(inputs["model"])
+        path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
+        if path is None and record is None:
+            missing.append("--tokenizer")
+    if missing:
+        raise UsageError(f"{os.path.join(run, 'run.json')}: not found, so --stage {name} needs "
+                         f"{' '.join(missing)}, or a run directory to take them from: run `python train.py "
+                         "--stage sft` (or `python train.py`) first")
+    if path != "unused":
+        path = path or in_run(run, record["tokenizer"]["path"])
+        inputs["tokenizer"] = TokenizerFile(path, a.bos_token, a.eos_token, a.pad_token, a.bos)
+    return inputs
+
+
+def unused(name, key, a, config):
+    """An input the stage does not read with these settings."""
+    if name == "mask":
+        return key == ("data" if config.scorer == "delta" else "dpo_model")
+    if key == "mask":
+        return (a.forget_ratio if name == "forget" else a.learn_ratio) >= 1
+    return False
+
+
+def from_run(run, record, source, stage):
+    """The path of a PIPELINE source in the run directory, whose record (run.json) is `record`."""
+    optional, source = source.endswith("?"), source.rstrip("?")
+    if record is None:
+        return None if optional else no_run(run, stage)
+    if source == "run:rewrites" and record["inputs"]["embedded"]:
+        return embedded_rewrites(run)  # a path under the run directory already
+    if source.startswith("run:"):
+        value = record["inputs"].get(source[4:])
+        if value is None and not optional:
+            raise UsageError(f"{run}/run.json: the run has no {source[4:]}; name it with its flag")
+        return [in_run(run, v) for v in value] if isinstance(value, list) else in_run(run, value)
+    if source == "sft/" and record["inputs"]["skip_sft"]:
+        return record["inputs"]["model"]
+    made_by = source.split("/")[0]
+    path = need(os.path.join(run, source.rstrip("/")), made_by)
+    if source.endswith("/"):
+        need(os.path.join(path, "config.json"), made_by)
+    return path
+
+
+def no_run(run, stage):
+    raise UsageError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py --stage sft` (or "
+                     f"`python train.py`) first, or give --stage {stage} its inputs as flags")
+
+
+def embedded_rewrites(run):
+    """The embedded task's minimal corrections of the sample stage's wrong responses, written once
+    per forgetting file (its content's hash in the name)."""
+    forget = need(os.path.join(run, "sample", "forget.jsonl"), "sample")
+    path = os.path.join(run, "task", f"rewrites-{input_id(forget)[-12:]}.jsonl")
+    if parallel.is_main() and not os.path.exists(path):
+        task.write_rewrites(read_jsonl(forget, "forget"), path)
+    parallel.barrier()
+    return path
+
+
+def start_run(a, run, rows):
+    """The run's own inputs, recorded in <run>/run.json: your model and questions (--questions), or
+    the embedded task's files, written into <run>/task/. Also what eval.py needs to score the run as
+    it was trained, with `rows`, the (label, stage) rows of its table. A run started with other
+    inputs is refused unless --force."""
+    if a.questions:
+        if not a.model:
+            raise UsageError("--questions: your questions need your model too (--model DIR)")
+        absolute = os.path.abspath
+        evals = [absolute(p) for p in a.eval_questions or []]
+        inputs = dict(embedded=False, model=absolute(a.model), questions=absolute(a.questions),
+                      eval_questions=evals, validation=evals[0] if evals else None,
+                      sft_data=absolute(a.sft_data or a.questions),
+                      rewrites=a.rewrites and absolute(a.rewrites),
+                      skip_sft=a.skip_sft, correct="answer")
+        tokenizer = absolute(a.tokenizer or a.model)
+    else:
+        if a.model or a.skip_sft or a.eval_questions or a.sft_data:
+            raise UsageError("--model, --skip-sft, --eval-questions and --sft-data go with your --questions")
+        write_embedded_task(a, os.path.join(run, "task"))
+        inputs = dict(embedded=True, model=None, questions="task/train.jsonl",
+                      eval_questions=["task/val.jsonl", "task/test.jsonl"], validation="task/val.jsonl",
+                      sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps")
+        tokenizer = "task/tokenizer.model"
+    splits = {os.path.splitext(os.path.basename(p))[0]: p for p in inputs["eval_questions"]}
+    start = inputs["model"] if inputs["skip_sft"] else "sft"
+    rows = [("start (--skip-sft)", start)] + rows[1:] if inputs["skip_sft"] else rows
+    record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
+                                                    pad=a.pad_token, bos_mode=a.bos),
+              "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
+              "eval": {"splits": {n: {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(n))}
+                                  for n, p in splits.items()},
+                       "reference": start, "rows": rows}}
+    old = read_json(os.path.join(run, "run.json"))
+    if old is not None and json_form(old) != json_form(record) and not a.force:
+        key = next(k for k in record if json_form(old.get(k)) != json_form(record[k]))
+        raise UsageError(f"{run}: the run was started with other {key} ({json_form(old.get(key))}); another "
+                         "--run-dir, or --force (redo every stage)")
+    if parallel.is_main():
+        os.makedirs(run, exist_ok=True)
+        write_json(os.path.join(run, "run.json"), record)
+    parallel.barrier()
+    return record
+
+
+def json_form(x):
+    return json.loads(json.dumps(x))
+
+
+def write_embedded_task(a, folder):
+    """The embedded task's files in `folder`, unless they are there with these settings."""
+    config = flags.config_from(task.TaskConfig, a)
+    if not task.written_with(folder, config, a.force):  # every process checks, rank 0 writes
+        if parallel.is_main():
+            task.write_task(folder, config)
+        parallel.barrier()

@@ -1,0 +1,131 @@
+"""What a training stage leaves behind as it goes: metrics rows, progress lines and checkpoints.
+
+trainer.fit hands each finished step to one TrainLog: every step's loss and learning rate go to
+<out>/metrics.jsonl (written at each progress line and checkpoint, with the tokens/s of that step),
+a progress line every log_every steps, and a checkpoint every ckpt_every steps into <out>/ckpt/, the
+two newest kept. When the stage runs again, TrainLog.resume loads the newest checkpoint that loads
+and drops the metrics rows logged after it. Rank 0 alone writes and prints.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import allo
+from bookkeeping import parallel
+from bookkeeping.fileio import atomic_path, replace_dir
+from bookkeeping.runs import checkpoints, one_line, writing
+
+
+class TrainLog:
+    """The metrics, progress lines and checkpoints of one stage's `steps` optimizer steps in `out`."""
+
+    def __init__(self, stage, out, steps, log_every, ckpt_every):
+        self.stage, self.out, self.steps = stage, out, steps
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.ckpt_dir = os.path.join(out, "ckpt")
+        self.start, self.tokens, self.losses, self.rows = 0, 0, [], []  # rows: the metrics not yet written
+        self.t0 = time.time()
+
+    def resume(self, model, opt):
+        """Load the newest checkpoint into model and opt; returns its step (0: none). The metrics
+        rows after it are dropped, as they will be logged again."""
+        self.start = resume(self.ckpt_dir, model, opt)
+        if self.start:
+            print(f"{self.stage}: resumed from step {self.start}/{self.steps}")
+        if parallel.is_main():
+            trim_metrics(os.path.join(self.out, "metrics.jsonl"), self.start)
+        self.t0 = time.time()
+        return self.start
+
+    def step(self, done, loss, lr, tokens, model, opt):
+        """Step `done` (1-based) finished with this loss, learning rate and global token count."""
+        self.tokens += tokens
+        self.losses.append(loss)
+        self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr})
+        checkpoint = done % self.ckpt_every == 0 and done < self.steps
+        line = done % self.log_every == 0 or done == self.steps
+        if line or checkpoint:
+            self.rows[-1]["tokens_per_s"] = self.tokens / (time.time() - self.t0)
+            self.rows = write_metrics(self.out, self.rows)
+        if line:
+            log_progress(self.stage, done, self.steps, sum(self.losses) / len(self.losses), lr, self.tokens,
+                         time.time() - self.t0, done - self.start)
+            self.losses = []
+        if checkpoint and parallel.is_main():
+            save_checkpoint(self.ckpt_dir, done, model, opt)
+
+    def last_good(self):
+        """Where a rerun resumes from, in words: the newest checkpoint, or the start."""
+        found = checkpoints(self.ckpt_dir)
+        return f"the last good checkpoint is {found[-1]}" if found else \
+            "no checkpoint yet: a rerun starts over"
+
+    def last_step(self):
+        """The step a rerun resumes from: the newest checkpoint's, or 0."""
+        found = checkpoints(self.ckpt_dir)
+        return int(os.path.basename(found[-1]).split("-")[1]) if found else 0
+
+
+def write_metrics(out, rows):
+    """Append rows to out/metrics.jsonl (rank 0); returns an empty list for the rows to come."""
+    if parallel.is_main():
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return []
+
+
+def trim_metrics(path, step):
+    """Keep the metrics rows of steps <= step (those before the checkpoint resumed from)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(rows)
+
+
+def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
+    """The progress line: the mean loss since the last line, lr, tokens/s over the run, ETA."""
+    eta = (steps - done) * elapsed / steps_run
+    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {tokens / elapsed:,.0f} eta {eta:.0f}s",
+          flush=True)
+
+
+def save_checkpoint(ckpt_dir, step, model, opt):
+    """<ckpt>/step-N/{model, optimizer}.safetensors, written into a temporary directory, flushed to
+    disk and renamed when complete; the two newest are kept (a torn one falls back to the other)."""
+    name = f"step-{step:07d}"
+    tmp = os.path.join(ckpt_dir, name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with writing(tmp), atomic_path(os.path.join(tmp, "model.safetensors")) as path:
+        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, path)
+        allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
+    replace_dir(tmp, os.path.join(ckpt_dir, name))
+    for old in checkpoints(ckpt_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(ckpt_dir, model, opt):
+    """Load the newest checkpoint that loads (a torn one, e.g. after a power loss, is skipped with a
+    warning for the one before); returns its step, 0 when there is none."""
+    params = dict(model.named_parameters())
+    for path in reversed(checkpoints(ckpt_dir)):
+        try:
+            weights = load_file(os.path.join(path, "model.safetensors"))  # read before anything is written
+            if {n: w.shape for n, w in weights.items()} != {n: p.shape for n, p in params.items()}:
+                raise ValueError("its weights are not the model's")
+            allo.load_optimizer(os.path.join(path, "optimizer.safetensors"), opt)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(weights[n])
+            return int(os.path.basename(path).split("-")[1])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            print(f"warning: {path}: cannot load ({one_line(e)}); trying the checkpoint before it",
+                  flush=True)
+    return 0
