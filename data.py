@@ -592,6 +592,9 @@ def template_flag(value):
 template_flag.__name__ = "template"
 
 
+DECODE_LOOPS = ("auto", "slots", "batches")
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """prompts and generation (sampling, validation, evaluation)"""
@@ -607,15 +610,29 @@ class PromptConfig:
     gen_batch_size: int = setting(256, "prompts per generation batch (its KV cache: tools/memory_plan.py); a "
                                   "sampling temperature draws per batch, so the samples depend on it",
                                   type=count(1))
+    decode: str = setting("auto", "generation loop: slots (fixed shapes, a finished row's slot takes the "
+                          "next prompt, the step replayed from a CUDA graph on CUDA) or batches (every "
+                          "batch decodes until its last row ends); auto: slots on CUDA, batches elsewhere",
+                          choices=DECODE_LOOPS)
+
+
+def decode_loop(decode, device):
+    """The generation loop --decode names on `device`: "auto" is slots on CUDA, batches elsewhere
+    (on a CPU a step costs little to launch, and the batches loop keeps the default run's samples)."""
+    if decode not in DECODE_LOOPS:
+        raise ValueError(f"decode must be one of {DECODE_LOOPS}, not {decode!r}")
+    return decode if decode != "auto" else "slots" if device.type == "cuda" else "batches"
 
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=256,
-                 label="generate", stop=()):
+                 label="generate", stop=(), decode="auto"):
     """Generated response token ids (EOS not included) for each prompt string (KV-cache decoding,
-    batched); each prompt begins as the tokenizer's own encoding begins it (tok.prompt_ids). A row
-    ends at EOS or at the token whose decoded tail holds a stop string. A progress line, headed
-    `label`, every few seconds."""
+    batch_size rows at a time); each prompt begins as the tokenizer's own encoding begins it
+    (tok.prompt_ids). A row ends at EOS or at the token whose decoded tail holds a stop string. The
+    loop (decode_loop): batches, Transformer.generate on one batch after another, or slots,
+    Transformer.generate_refill over every prompt. A progress line, headed `label`, every few
+    seconds."""
     model.eval()
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     tail = max((len(s) for s in stop), default=0) + 2  # tokens enough to hold any stop string
@@ -624,6 +641,12 @@ def generate_ids(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0
         text = tok.decode(new[-tail:])
         return any(s in text for s in stop)
 
+    if decode_loop(decode, model.embed_tokens.weight.device) == "slots":
+        progress = Progress(label, len(prompts), "responses")
+        return model.generate_refill([tok.prompt_ids(p) for p in prompts], max_new_tokens, tok.eos_id,
+                                     temperature, top_p, gen, vocab_size=tok.vocab_size,
+                                     finished=finished if stop else None, slots=batch_size,
+                                     progress=progress.update)
     out = []
     for i in batches(label, len(prompts), batch_size, "responses"):
         ids = [tok.prompt_ids(p) for p in prompts[i:i + batch_size]]
@@ -638,9 +661,10 @@ def cut_at_stop(text, stop):
 
 
 def complete(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), batch_size=256,
-             label="generate"):
+             label="generate", decode="auto"):
     """Generated response text for each prompt string, cut at the first stop string."""
-    ids = generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, label, stop)
+    ids = generate_ids(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, label, stop,
+                       decode)
     return [cut_at_stop(tok.decode(t), stop) for t in ids]
 
 
@@ -662,15 +686,27 @@ def reference_answers(rows):
 PROGRESS_EVERY = 10.0  # seconds between the progress lines of a phase that is not training
 
 
+class Progress:
+    """The progress of a long phase that is not training (sampling, reference log-probs, scoring,
+    evaluation) over n items: update(done) prints a plain line (done/total, rate, ETA) at most every
+    PROGRESS_EVERY seconds, and a last one when the phase took longer than that."""
+
+    def __init__(self, label, n, unit="rows"):
+        self.label, self.n, self.unit = label, n, unit
+        self.t0 = self.last = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY or (done == self.n and now - self.t0 >= PROGRESS_EVERY):
+            rate, left = done / max(now - self.t0, 1e-9), self.n - done
+            print(f"{self.label} {done}/{self.n} {self.unit}, {rate:,.1f}/s, eta {left / rate:.0f}s",
+                  flush=True)
+            self.last = now
+
+
 def batches(label, n, size, unit="rows"):
-    """The start of each batch of `size` of n rows, for a long phase that is not training (sampling,
-    reference log-probs, scoring, evaluation): a plain progress line (done/total, rate, ETA) at most
-    every PROGRESS_EVERY seconds, and a last one when the phase took longer than that."""
-    t0 = last = time.time()
+    """The start of each batch of `size` of n rows, with the phase's Progress lines."""
+    progress = Progress(label, n, unit)
     for i in range(0, n, size):
         yield i
-        done, now = min(n, i + size), time.time()
-        if now - last >= PROGRESS_EVERY or (done == n and now - t0 >= PROGRESS_EVERY):
-            rate = done / max(now - t0, 1e-9)
-            print(f"{label} {done}/{n} {unit}, {rate:,.1f}/s, eta {(n - done) / rate:.0f}s", flush=True)
-            last = now
+        progress.update(min(n, i + size))

@@ -40,7 +40,7 @@ def accuracy(model, tok, questions, prompt=PromptConfig(), label="accuracy"):
     """Greedy accuracy on questions rows ({"question", "answer"}) under the prompt settings."""
     prompts = [prompt_text(q["question"], prompt.template, tok, prompt.system) for q in questions]
     responses = complete(model, tok, prompts, prompt.max_new_tokens, stop=prompt.stop,
-                         batch_size=prompt.gen_batch_size, label=label)
+                         batch_size=prompt.gen_batch_size, label=label, decode=prompt.decode)
     answers = reference_answers(questions)
     right = sum(is_correct(r, a, prompt.answer_format) for r, a in zip(responses, answers))
     return right / max(1, len(questions))

@@ -159,6 +159,27 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SlotCache:
+    """Keys and values of `batch` slots, each holding one sequence at its own length:
+    [n_layers, batch, n_kv_heads, max_len, hd], lens [batch]. Transformer.prefill (re)fills slots,
+    Transformer.decode writes one position per slot at its length; every shape is fixed, so a
+    decode step can be captured once as a CUDA graph and replayed (gpt-fast's static cache)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)  # positions each slot holds
+        self.rows = torch.arange(batch, device=device)
+
+    def update(self, layer: int, k, v):
+        """Write each slot's one new key and value (k, v [B,Hkv,1,hd]) at the slot's own length;
+        return every position's [B,Hkv,max_len,hd] (the decode mask hides the unwritten ones)."""
+        self.k[layer, self.rows, :, self.lens] = k[:, :, 0]  # advanced indices: one position per row
+        self.v[layer, self.rows, :, self.lens] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -268,6 +289,39 @@ class Transformer(nn.Module):
             x = x[keep]  # [N,D]
         return F.linear(self.norm(x), self.head_weight())  # [B,T,V] or [N,V]
 
+    def prefill(self, prompts: list[list[int]], slots: list[int], cache: SlotCache):
+        """Fill cache slots `slots` with `prompts` (token lists, right-padded into one batch), each
+        at positions 0 .. len-1; returns the logits [n,V] at each prompt's last position."""
+        device = self.embed_tokens.weight.device
+        n, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        attn = (torch.arange(P, device=device) < lens[:, None]).long()  # right padding
+        last = torch.arange(P, device=device) == (lens - 1)[:, None]  # [n,P]: each prompt's last position
+        fresh = KVCache(self.cfg, n, P, device, cache.k.dtype)
+        logits = self(ids.to(device), attn, fresh, keep=last)  # [n,V]
+        rows = torch.tensor(slots, device=device)
+        cache.k[:, rows, :, :P] = fresh.k
+        cache.v[:, rows, :, :P] = fresh.v
+        cache.lens[rows] = lens
+        return logits
+
+    def decode(self, tokens, cache: SlotCache):
+        """One token per slot at fixed shapes: tokens [B] at each slot's own position cache.lens,
+        written into the cache; each slot attends to its positions 0 .. lens. Returns the logits
+        [B,V]. No host synchronisation and no shape that changes: a CUDA graph replays it. The
+        caller advances cache.lens."""
+        S = cache.k.shape[3]
+        mask = (torch.arange(S, device=tokens.device) <= cache.lens[:, None])[:, None, None, :]  # [B,1,1,S]
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(cache.lens[:, None], cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = self.embed_tokens(tokens[:, None])  # [B,1,D]
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        return F.linear(self.norm(x[:, 0]), self.head_weight())  # [B,V]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -323,6 +377,110 @@ class Transformer(nn.Module):
             attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
         return [row[:end] for row, end in zip(new, ends)]
 
+    @torch.no_grad()
+    def generate_refill(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                        temperature: float = 0.0, top_p: float = 1.0, generator=None,
+                        vocab_size: int | None = None, finished=None, slots: int = 64,
+                        check_every: int | None = None, graphs: bool | None = None, progress=None):
+        """generate()'s rows as a queue over `slots` fixed slots: a slot whose row ends takes the
+        next prompt (prefill), so no slot decodes for a straggler. Returns the new tokens of each
+        prompt, in order, its EOS not included; a row ends where generate() ends it (EOS, or the
+        token that makes `finished` true, or max_new_tokens).
+
+        Each step decodes every slot at fixed shapes (decode) and draws the next tokens on the device;
+        the host reads the new tokens every `check_every` steps (default: 8 on CUDA, 1 elsewhere) to
+        end rows at EOS or a stop string and refill their slots, so a row may decode a few tokens past
+        its end, which are dropped. graphs (default: on CUDA) replays the decode step from a CUDA
+        graph. Greedy rows equal a batch of one's (up to float rounding); sampled ones draw from
+        `generator` in the order the slots run, so a seed reproduces them on one device and slot
+        count. progress(n): called with the number of finished prompts."""
+        device = self.embed_tokens.weight.device
+        B, n = min(slots, len(prompts)), len(prompts)
+        check_every = check_every or (8 if device.type == "cuda" else 1)
+        cache = SlotCache(self.cfg, B, max(len(p) for p in prompts) + max_new_tokens, device,
+                          self.embed_tokens.weight.dtype)
+        tokens = torch.zeros(B, dtype=torch.long, device=device)  # each slot's latest token
+        new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # each slot's new tokens
+        count = torch.zeros(B, dtype=torch.long, device=device)  # how many of them
+        alive = torch.zeros(B, dtype=torch.bool, device=device)  # still decoding (no EOS, room left)
+        job, judged, out, queue = [None] * B, [0] * B, [None] * n, list(range(n))[::-1]
+
+        def draw(logits):
+            return sample_next(logits[:, :vocab_size].float(), temperature, top_p, generator)
+
+        def fill(free):  # the next prompts into the free slots: prefill and their first token
+            take = [(b, queue.pop()) for b in free[:len(queue)]]
+            if not take:
+                return
+            rows = torch.tensor([b for b, _ in take], device=device)
+            with autocast(device):
+                first = draw(self.prefill([prompts[j] for _, j in take], [b for b, _ in take], cache))
+            tokens[rows], new[rows], count[rows] = first, 0, 1
+            new[rows, 0] = first
+            alive[rows] = (first != eos_id) & (max_new_tokens > 1)
+            for b, j in take:
+                job[b], judged[b] = j, 0
+
+        fill(list(range(B)))
+        step = self._decode_step(tokens, cache, graphs)
+        last = cache.k.shape[3] - 1
+        while any(j is not None for j in job):
+            for _ in range(check_every):
+                nxt = draw(step())
+                at = count.clamp(max=max_new_tokens - 1)
+                new[cache.rows, at] = torch.where(alive, nxt, new[cache.rows, at])  # only live rows record
+                count += alive
+                alive &= (nxt != eos_id) & (count < max_new_tokens)
+                tokens.copy_(nxt)
+                cache.lens.add_(1).clamp_(max=last)  # an ended slot keeps stepping until refilled
+            free, live, counts = [], alive.tolist(), count.tolist()  # one transfer of the new tokens
+            for b, row in enumerate(new.tolist()):
+                if job[b] is None:
+                    continue
+                end = judge(row[:counts[b]], judged[b], eos_id, finished, live[b])
+                judged[b] = counts[b]
+                if end is not None:
+                    out[job[b]], job[b] = row[:end], None
+                    free.append(b)
+            if free:
+                alive[torch.tensor(free, device=device)] = False
+                if progress:
+                    progress(sum(o is not None for o in out))
+                fill(free)
+        return out
+
+    def _decode_step(self, tokens, cache: SlotCache, graphs: bool | None):
+        """decode(tokens, cache) as a function of no arguments: eager, or replayed from a CUDA graph
+        captured once (cuda_graphs says when); a capture that fails falls back to eager."""
+        device = tokens.device
+
+        def eager():
+            with autocast(device):
+                return self.decode(tokens, cache)
+
+        if not cuda_graphs(device, graphs):
+            return eager
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # casts inside the graph
+            with torch.cuda.stream(side), amp:
+                for _ in range(2):  # warm-up: keys written at the current lengths, rewritten by step 1
+                    self.decode(tokens, cache)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), amp:
+                logits = self.decode(tokens, cache)
+        except RuntimeError as e:
+            print(f"warning: decoding without CUDA graphs (the capture failed: {str(e).splitlines()[0]})")
+            return eager
+
+        def replay():
+            graph.replay()
+            return logits
+
+        return replay
+
     # ------------------------------------------------------------ Hugging Face I/O
 
     @classmethod
@@ -375,6 +533,24 @@ class Transformer(nn.Module):
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
+
+
+def cuda_graphs(device: torch.device, wanted: bool | None) -> bool:
+    """Whether generate_refill replays its decode step from a CUDA graph: on CUDA unless wanted is
+    False; never elsewhere (a CPU step costs little to launch, and graphs are CUDA's)."""
+    return device.type == "cuda" and wanted is not False
+
+
+def judge(row: list[int], start: int, eos_id: int, finished, live: bool) -> int | None:
+    """Where a slot's row ends, judged from token `start` on, as generate() ends a row: at its EOS
+    (not kept), at the token that makes finished(tokens so far) true (kept), or at its last token
+    once it no longer decodes (live False: max_new_tokens reached); None: it goes on."""
+    for t in range(start, len(row)):
+        if row[t] == eos_id:
+            return t
+        if finished is not None and finished(row[:t + 1]):
+            return t + 1
+    return None if live else len(row)
 
 
 def sample_next(logits, temperature: float, top_p: float, generator):

@@ -189,7 +189,7 @@ def stage_sample(config, inputs, out, device, force=False):
             mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(c.k)]  # K per question
             ids = generate_ids(policy, tok, mine, prompt.max_new_tokens, c.temperature, c.top_p,
                                c.seed + parallel.rank(), prompt.gen_batch_size, f"sample {split}",
-                               prompt.stop)
+                               prompt.stop, prompt.decode)
             ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
             texts = [cut_at_stop(tok.decode(t), prompt.stop) for t in ids]  # K per question, in order
             pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, c, rng)

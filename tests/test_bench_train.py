@@ -39,3 +39,18 @@ def test_compile_flag_times_the_compiled_model(capsys):
                                     "--warmup", "1"])
     assert "torch.compile" in capsys.readouterr().out
     assert [r["tokens/step"] for r in rows] == [72, 72, 36, 6]
+
+
+def test_bench_generate_times_both_loops_on_a_shape(capsys):
+    """--shapes: the project's batches and slots loops (and transformers' where it is importable) on
+    one shape; the bandwidth column counts the weights and the KV cache read per step."""
+    from tools import bench_generate
+    rows = bench_generate.main(["--shapes", "64:2:4:2:128:300", "--batches", "3,5", "--prompt", "4",
+                                "--new", "3", "--repeats", "1", "--threads", "1", "--device", "cpu"])
+    loops = {r["loop"] for r in rows}
+    assert {"project batches", "project slots"} <= loops and {r["batch"] for r in rows} == {3, 5}
+    assert "| 64:2:4:2:128:300 | 5 | project slots |" in capsys.readouterr().out
+    cfg = bench_generate.model_config("64:2:4:2:128:300", 7)
+    weights = 300 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # tied head; q, o, k, v; the MLP
+    kv = 5 * (2 * 2 * 2 * 16) * (4 + 5 + 6)  # 5 rows; K and V, 2 layers x 2 heads x 16; 4, 5, 6 positions
+    assert bench_generate.bytes_read(cfg, 5, 4, 3, 4) == (3 * weights + kv) * 4

@@ -280,3 +280,93 @@ def test_a_row_stops_at_its_stop_mid_batch_and_the_batch_ends_when_every_row_has
     assert m.generate(prompts, 20, eos_id=60, pad_id=0, finished=lambda new: len(new) == 3) == [
         row[:3] for row in m.generate(prompts, 3, eos_id=60, pad_id=0)]
     assert len(calls) == 3 + 3  # 3 steps each run: the first ended when every row had 3 tokens
+
+
+# ------------------------------------------------------------------------ the slots loop (generate_refill)
+
+def lively(scale=20.0):
+    """tiny() with its weights (not the norms' gains) scaled up: its greedy rows vary instead of
+    repeating one token, so rows end at EOS at many different steps."""
+    m = tiny()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.mul_(scale)
+    return m
+
+
+def ragged_prompts(n=17, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n,), generator=g).tolist()
+    return [torch.randint(1, 61, (k,), generator=g).tolist() for k in lengths]
+
+
+def test_decode_at_fixed_shapes_gives_the_forward_logits():
+    """prefill + decode (per-slot lengths, one fixed-shape step) against the full forward of each
+    sequence: the same logits up to float32 rounding (another summation order over the masked keys)."""
+    from model import SlotCache
+    m = tiny(rope_scaling=LLAMA3)
+    prompts = ragged_prompts(4)
+    cache = SlotCache(m.cfg, 4, 20, torch.device("cpu"), torch.float32)
+    first = m.prefill(prompts, [0, 1, 2, 3], cache)
+    for p, row in zip(prompts, first):
+        torch.testing.assert_close(row, m(torch.tensor([p]))[0, -1], rtol=1e-5, atol=1e-5)
+    tokens = torch.tensor([7, 8, 9, 10])
+    logits = m.decode(tokens, cache)
+    for p, t, row in zip(prompts, tokens.tolist(), logits):
+        torch.testing.assert_close(row, m(torch.tensor([p + [t]]))[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots, check_every", [(1, 1), (3, 1), (5, 4), (64, 1)])
+def test_refilled_slots_give_greedy_rows_as_today_and_as_a_batch_of_one(slots, check_every):
+    """Prompts of different lengths, EOS mid-batch and a stop condition: generate_refill's greedy
+    rows equal generate()'s (the batches loop) token for token, whatever the slot count and however
+    late the host checks."""
+    m = lively()
+    prompts = ragged_prompts()
+    free = m.generate(prompts, 14, eos_id=-1, pad_id=0)
+    ends = {t: {r.index(t) if t in r else 14 for r in free} for t in range(61)}
+    eos = max(ends, key=lambda t: len(ends[t]))  # the token that, as EOS, ends rows at the most steps
+    ref = m.generate(prompts, 14, eos_id=eos, pad_id=0)
+    assert len({len(r) for r in ref}) > 3 and {0, 14} & {len(r) for r in ref} != {len(r) for r in ref}
+    got = m.generate_refill(prompts, 14, eos, slots=slots, check_every=check_every)
+    assert got == ref == [m.generate([p], 14, eos_id=eos, pad_id=0)[0] for p in prompts]
+
+    def stop(new):  # a stop string's stand-in: the row ends at the token that makes it true
+        return new[-1] == free[1][3]
+
+    ref = m.generate(prompts, 14, eos_id=eos, pad_id=0, finished=stop)
+    assert ref != m.generate(prompts, 14, eos_id=eos, pad_id=0)
+    assert m.generate_refill(prompts, 14, eos, finished=stop, slots=slots, check_every=check_every) == ref
+
+
+def test_refilled_sampling_reproduces_itself_and_the_seed_matters():
+    m = tiny()
+    prompts = ragged_prompts()
+
+    def sample(seed, slots=4):
+        g = torch.Generator().manual_seed(seed)
+        return m.generate_refill(prompts, 10, eos_id=60, temperature=1.0, top_p=0.9, generator=g,
+                                 slots=slots)
+
+    assert sample(1) == sample(1) != sample(2)
+    assert all(0 <= t < 61 for row in sample(1) for t in row)
+
+
+def test_cuda_graphs_only_on_cuda_and_the_cpu_step_is_eager():
+    from model import cuda_graphs
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cuda_graphs(cuda, None) and cuda_graphs(cuda, True) and not cuda_graphs(cuda, False)
+    assert not cuda_graphs(cpu, None) and not cuda_graphs(cpu, True)
+    m = tiny()
+    out = m.generate_refill(ragged_prompts(5), 6, eos_id=60, slots=2, graphs=True)  # no CUDA call on a CPU
+    assert out == m.generate(ragged_prompts(5), 6, eos_id=60, pad_id=0)
+
+
+def test_decode_loop_auto_is_slots_on_cuda_batches_elsewhere():
+    from data import decode_loop
+    assert decode_loop("auto", torch.device("cuda")) == "slots"
+    assert decode_loop("auto", torch.device("cpu")) == "batches"
+    assert decode_loop("slots", torch.device("cpu")) == "slots"
+    with pytest.raises(ValueError, match="decode must be one of"):
+        decode_loop("fast", torch.device("cpu"))

@@ -171,3 +171,22 @@ def test_bad_inputs_fail_with_one_line_and_status_2(run, tmp_path):
                             hidden_dim=64)).save_pretrained(str(small))
     code, err = run_cli(*SMOKE, "--stage", "forget", "--run", run, "--model", str(small), "--out", out)
     assert code == 2 and "vocab_size 8" in err and err.count("\n") == 1
+
+
+def test_sample_stage_with_refilled_slots(run, capsys, tmp_path):
+    """--decode slots: the sample stage fills its slots from a queue of (question, sample) jobs and
+    writes the same kinds of rows; greedy answers equal the batches loop's."""
+    import eval as evaluation
+    from bookkeeping.runs import load_model
+    from data import load_tokenizer, read_jsonl
+    out = tmp_path / "sample"
+    train.main(SMOKE + ["--run", run, "--stage", "sample", "--decode", "slots", "--gen-batch-size", "5",
+                        "--out", str(out)])
+    assert read_jsonl(str(out / "pairs.jsonl"), "pairs") and read_jsonl(str(out / "forget.jsonl"), "forget")
+    assert json.load(open(out / "stage.json"))["fingerprint"]["prompt"]["decode"] == "slots"
+    tok = load_tokenizer(os.path.join(run, "sft"))
+    model = load_model(os.path.join(run, "sft"), torch.device("cpu"), tok)
+    questions = read_jsonl(os.path.join(run, "task", "val.jsonl"), "questions")
+    answers = [evaluation.complete(model, tok, [q["question"] for q in questions], 24, batch_size=3, decode=d)
+               for d in ("slots", "batches")]
+    assert answers[0] == answers[1]

@@ -1,8 +1,18 @@
-"""Generation throughput: with the KV cache against recomputing the whole prefix every step, or
-on a real checkpoint against transformers' generate.
+"""Generation throughput: with the KV cache against recomputing the whole prefix every step, on a
+real checkpoint against transformers' generate, or on model shapes against transformers' two loops.
 
     python -m tools.bench_generate [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
     python -m tools.bench_generate --model DIR --batch 16 --prompt 24 --new 32 --threads 2
+    python -m tools.bench_generate --shapes 135m,1.1b --batches 16,64,256 --new 128 --device cuda
+
+--shapes (random weights of SmolLM2-135M's and TinyLlama-1.1B's shapes, or dim:layers:heads:kv:
+hidden:vocab[:untied]; bf16 on CUDA, float32 elsewhere): for each shape and batch, greedy decoding
+of --new tokens per row (no EOS) by the project's two loops (batches: Transformer.generate; slots:
+generate_refill, its decode step replayed from a CUDA graph on CUDA) and, where transformers is
+importable, by its generate with the default dynamic cache and with a static cache + torch.compile
+(mode reduce-overhead); timed in turns; prints new tokens/s and the achieved bandwidth (the weights
+and the KV cache read once per step, over the time), as a fraction of the GPU's HBM bandwidth
+(known GPUs, or --hbm-gbs).
 
 A random model: both runs decode the same greedy tokens (checked); the table gives new tokens
 per second. --model DIR (a Hugging Face Llama checkpoint): model.generate against transformers'
@@ -13,12 +23,18 @@ transformers (tools/versus_hf.py).
 """
 
 import argparse
+import tempfile
 import time
 
 import torch
 
 from model import ModelConfig, Transformer, pick_device
+from tools.bench_train import model_config
 from tools.versus_hf import in_turns, load_hf
+
+SHAPES = {"135m": "576:30:9:3:1536:49152",  # SmolLM2-135M (tied embeddings)
+          "1.1b": "2048:22:32:4:5632:32000:untied"}  # TinyLlama-1.1B
+HBM_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}  # HBM bandwidth (GB/s) by a substring of the GPU's name
 
 
 def bench_checkpoint(a, device):
@@ -52,7 +68,68 @@ def bench_checkpoint(a, device):
     return t
 
 
-def main():
+def bytes_read(cfg, batch, prompt, new, elt):
+    """Bytes a greedy decode of `new` tokens reads at least: every weight once per step, and at step t
+    the KV cache of prompt + t positions of every row (the prefill's step included)."""
+    weights = sum(s for s in (cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2),
+                              cfg.n_layers * (2 * cfg.dim * cfg.n_heads * cfg.head_dim
+                                              + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
+                                              + 3 * cfg.dim * cfg.hidden_dim)))
+    kv_per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    kv = sum(batch * kv_per_position * (prompt + t) for t in range(new))
+    return (new * weights + kv) * elt
+
+
+def bench_shapes(a, device):
+    """--shapes: the project's two loops against transformers' two, per shape and batch."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    hbm = a.hbm_gbs or next((v for k, v in HBM_GBS.items() if gpu and k in gpu), None)
+    print(f"device {gpu or device}, {dtype}, greedy, prompts of {a.prompt} tokens, {a.new} new tokens per "
+          f"row; median of {a.repeats} in turns; HBM {hbm or 'unknown'} GB/s")
+    print("| shape | batch | loop | new tokens/s | seconds | GB/s | of HBM |\n|---|---|---|---|---|---|---|")
+    rows = []
+    for shape in a.shapes.split(","):
+        cfg = model_config(SHAPES.get(shape, shape), a.prompt + a.new)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = [load_hf(d, device)]  # dynamic cache; then static cache + compile
+            hf.append(hf[0] and load_hf(d, device))
+        model = model.to(device, dtype).eval()
+        if hf[0] is not None:
+            hf = [m.to(dtype).eval() for m in hf]
+            hf[1].generation_config.cache_implementation = "static"
+            hf[1].forward = torch.compile(hf[1].forward, mode="reduce-overhead", fullgraph=True)
+        for batch in map(int, a.batches.split(",")):
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(4, cfg.vocab_size, (batch, a.prompt), generator=g)
+            prompts = ids.tolist()
+            sides = {"project batches": lambda: model.generate(prompts, a.new, eos_id=-1, pad_id=0),
+                     "project slots": lambda: model.generate_refill(prompts, a.new, eos_id=-1, slots=batch)}
+            for name, m in zip(("transformers dynamic", "transformers static+compile"), hf):
+                if m is not None:
+                    sides[name] = lambda m=m: hf_generate(m, ids.to(device), a.new)
+            t = in_turns(sides, 1, a.repeats, device)
+            moved = bytes_read(cfg, batch, a.prompt, a.new, torch.finfo(dtype).bits // 8)
+            for name, dt in t.items():
+                gbs = moved / dt / 1e9
+                share = f"{100 * gbs / hbm:.1f}%" if hbm else "-"
+                print(f"| {shape} | {batch} | {name} | {batch * a.new / dt:,.0f} | {dt:.3f} | {gbs:,.1f} | "
+                      f"{share} |", flush=True)
+                rows.append({"shape": shape, "batch": batch, "loop": name, "seconds": dt})
+    return rows
+
+
+@torch.no_grad()
+def hf_generate(model, ids, new):
+    """transformers' greedy generate of exactly `new` tokens per row."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                          min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -64,10 +141,17 @@ def main():
     p.add_argument("--model", help="a Hugging Face Llama checkpoint: time against transformers (see above)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side with --model (median)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
-    a = p.parse_args()
+    p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} or dim:layers:heads:kv:hidden:vocab"
+                   "[:untied]: the loops side by side (see above)")
+    p.add_argument("--batches", default="16,64,256", help="with --shapes: comma list of batch sizes")
+    p.add_argument("--hbm-gbs", type=float, help="with --shapes: the GPU's HBM bandwidth in GB/s, when its "
+                   "name is not known")
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
+    if a.shapes:
+        return bench_shapes(a, device)
     if a.model:
         return bench_checkpoint(a, device)
     torch.manual_seed(0)

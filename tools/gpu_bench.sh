@@ -2,14 +2,20 @@
 # Every GPU figure of docs/benchmarks.md in one go (a few minutes on an H100/H200):
 #     bash tools/gpu_bench.sh 2>&1 | tee gpu.txt
 # MaskedAdamW's two steps against fused AdamW on TinyLlama-1.1B's shape (201 tensors); the training
-# steps of that shape, eager and compiled; then the embedded default end to end.
+# steps of that shape, eager and compiled; generation by the project's two loops against transformers'
+# two (where transformers is installed) on SmolLM2-135M's and TinyLlama-1.1B's shapes; then the
+# embedded default end to end. Each table also goes to $OUT (default gpu_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python -m tools.bench_optim --device cuda --config configs/tinyllama-1.1b.json
+python -m tools.bench_optim --device cuda --config configs/tinyllama-1.1b.json | tee "$OUT/optim.md"
 TINYLLAMA="--device cuda --sizes 2048:22:32:4:5632:32000:untied --batch 4 --prompt 256 --response 256"
 TINYLLAMA="$TINYLLAMA --jitter 0 --gen-batch 16 --new 64"
-python -m tools.bench_train $TINYLLAMA
-python -m tools.bench_train $TINYLLAMA --compile
-rm -rf /tmp/gpu_default && time python train.py --device cuda --run /tmp/gpu_default
+python -m tools.bench_train $TINYLLAMA | tee "$OUT/train.md"
+python -m tools.bench_train $TINYLLAMA --compile | tee "$OUT/train_compiled.md"
+python -m tools.bench_generate --device cuda --shapes 135m,1.1b --batches 16,64,256 --prompt 32 --new 128 \
+    --repeats 2 | tee "$OUT/generate.md"
+rm -rf /tmp/gpu_default && time python train.py --device cuda --run /tmp/gpu_default | tee "$OUT/default_run.txt"
