@@ -248,7 +248,8 @@ def test_a_stage_alone_names_every_flag_it_still_needs(run, capsys, tmp_path, st
     model = os.path.join(run, "sft")  # a model with its tokenizer: --tokenizer is not missing then
     args = SMOKE + ["--run-dir", str(tmp_path / "none"), "--stage", stage, "--out", str(tmp_path / "o")]
     args += ["--model", model] * (stage in ("sample", "rewriter")) + given
-    err = fails(capsys, args, f"{tmp_path / 'none'}/run.json: not found, so --stage {stage} needs {needs}, or a run")
+    where = tmp_path / "none" / "run.json"
+    err = fails(capsys, args, f"{where}: not found, so --stage {stage} needs {needs}, or a run")
     assert "--tokenizer" not in err or "--tokenizer" in needs
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "none")
 
