@@ -243,6 +243,8 @@ def evaluate_in_run(a):
         run, stages = path, None
     else:
         run, stage = os.path.dirname(path), os.path.basename(path)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise DataError(f"{path}: neither a run directory (run.json) nor a model in one (config.json)")
         labels = {os.path.basename(d): label for label, d in run_record(run)["eval"]["rows"]}
         stages = [(labels.get(stage, stage), stage)]
     rows, split = evaluate_run(run, a.split, a.device, a.beta, stages=stages)

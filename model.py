@@ -651,7 +651,13 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map each tensor name to its shard's file name")
+        if any(os.path.basename(v) != v for v in weight_map.values()):
+            raise ValueError(f"{index}: a shard's file name holds a directory; shards lie beside the index")
+        files = sorted(set(weight_map.values()))
     else:
         files = ["model.safetensors"]
     weights = {}

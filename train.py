@@ -53,9 +53,9 @@ from safetensors import SafetensorError
 import allo
 import task
 from bookkeeping import flags, parallel
-from bookkeeping.fileio import read_json, write_json, write_jsonl
+from bookkeeping.fileio import write_json, write_jsonl
 from bookkeeping.flags import count, rate, real, setting
-from bookkeeping.resolve import HELD_OUT, stage_inputs, start_run
+from bookkeeping.resolve import HELD_OUT, drop_unused_record, load_record, stage_inputs, start_run
 from bookkeeping.runs import (Interrupted, StageOutput, UsageError, check_lengths, load_masks, load_model,
                               one_line, writing)
 from data import (DataError, PromptConfig, batches, collate, cut_at_stop, generate_ids, is_correct,
@@ -584,7 +584,7 @@ def stage_config(name, a, record):
 def run_stage(name, a, run, device):
     if device.type == "cuda":  # StageOutput.finish() records the stage's peak
         torch.cuda.reset_peak_memory_stats(device)
-    record = read_json(os.path.join(run, "run.json"))
+    record = None if a.force and name == "sft" else load_record(run)  # sft --force writes it anew
     if name == "sft" and not (a.model or a.data) and (record is None or record["inputs"]["embedded"]):
         record = start_run(a, run, ROWS)  # the embedded task, stage by stage: its files written or checked
     config = stage_config(name, a, record)
@@ -596,13 +596,19 @@ def run_stage(name, a, run, device):
 def run_stages(a, run, stages, device):
     """The named stages in order on the run directory (each skips itself when finished alike; SFT
     too where the run skips it); returns the run's record (run.json)."""
+    fresh = not os.path.exists(os.path.join(run, "run.json"))
     record = start_run(a, run, ROWS)
     # --model is the run's starting model (run.json), not an override of every stage's own: each
     # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
     a = argparse.Namespace(**{**vars(a), "model": None})
-    for stage in stages:
-        if not (stage == "sft" and record["inputs"]["skip_sft"]):
-            run_stage(stage, a, run, device)
+    try:
+        for stage in stages:
+            if not (stage == "sft" and record["inputs"]["skip_sft"]):
+                run_stage(stage, a, run, device)
+    except BaseException:
+        if fresh:  # nothing of the run stays: its record goes, so a corrected command is not refused
+            drop_unused_record(run, STAGES)
+        raise
     return record
 
 

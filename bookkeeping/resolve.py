@@ -13,18 +13,58 @@ from dataclasses import asdict
 
 import task
 from bookkeeping import flags, parallel
-from bookkeeping.fileio import read_json, write_json
-from bookkeeping.runs import UsageError, input_id, need
+from bookkeeping.fileio import write_json
+from bookkeeping.runs import UsageError, input_id, need, one_line
 from data import DataError, PromptConfig, TokenizerFile, find_tokenizer, read_jsonl
 
 HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
 
 
+RECORD = {"inputs": dict, "tokenizer": dict, "prompt": dict, "max_len": int, "eval": dict}  # run.json
+RECORD_INPUTS = ("embedded", "model", "questions", "eval_questions", "validation", "sft_data", "rewrites",
+                 "skip_sft", "correct")
+
+
+def load_record(run):
+    """<run>/run.json as start_run writes it, or None when the run has none. A record that does not
+    parse (cut short) or has another shape (edited, or written by another version) is a UsageError
+    naming the file and what is wrong with it."""
+    path = os.path.join(run, "run.json")
+    try:
+        with open(path, "rb") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"{path}: not a whole run record ({one_line(e)}); rerun the run's command with "
+                         "--force to write it anew") from None
+    if problem := record_problem(record):
+        raise UsageError(f"{path}: {problem}: not a run record of this version; rerun the run's command with "
+                         "--force to write it anew")
+    return record
+
+
+def record_problem(record):
+    """What makes `record` other than a run.json of this version, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}"
+    if set(record) != set(RECORD):
+        return f"keys {sorted(record)}, not {sorted(RECORD)}"
+    wrong = next((k for k, kind in RECORD.items() if type(record[k]) is not kind), None)
+    if wrong:
+        return f"'{wrong}' is a {type(record[wrong]).__name__}, not a {RECORD[wrong].__name__}"
+    if set(record["inputs"]) != set(RECORD_INPUTS):
+        return f"'inputs' has keys {sorted(record['inputs'])}, not {sorted(RECORD_INPUTS)}"
+    if not {"splits", "reference", "rows"} <= set(record["eval"]):
+        return "'eval' lacks its splits, reference or rows"
+    return None
+
+
 def run_record(run):
-    """The record a run directory keeps of its inputs (run.json, written by train.py), with its
-    paths resolved; DataError when there is none."""
-    record = read_json(os.path.join(run, "run.json"))
-    if not isinstance(record, dict) or "eval" not in record:
+    """The record a run directory keeps of its inputs (run.json, written by train.py); DataError
+    when there is none, UsageError when it is not whole (load_record)."""
+    record = load_record(run)
+    if record is None:
         raise DataError(f"{os.path.join(run, 'run.json')}: not found; run `python train.py` (or its sft "
                         "stage) first, or give --questions and --tokenizer")
     return record
@@ -38,7 +78,7 @@ def in_run(run, path):
 def in_pipeline(run, source, stage):
     """Where a PIPELINE source of `stage` lies in the run directory (an earlier stage's file or
     model; the starting model where the run skipped SFT), for study/study.py."""
-    return from_run(run, read_json(os.path.join(run, "run.json")), source, stage)
+    return from_run(run, load_record(run), source, stage)
 
 
 def stage_inputs(name, a, run, config, sources):
@@ -46,7 +86,7 @@ def stage_inputs(name, a, run, config, sources):
     place in the run directory, `sources` (the stage's row of train.PIPELINE); the tokenizer:
     --tokenizer, else the one in the model's folder, else the run's. Without a run directory, a
     UsageError names every flag the stage still needs."""
-    record, inputs, missing = read_json(os.path.join(run, "run.json")), {}, []
+    record, inputs, missing = load_record(run), {}, []
     for key, source in sources.items():
         given = getattr(a, key)
         if (name, key) == ("rewriter", "model") and a.rewriter_init:
@@ -129,6 +169,9 @@ def start_run(a, run, rows):
     if a.questions:
         if not a.model:
             raise UsageError("--questions: your questions need your model too (--model DIR)")
+        if not a.eval_questions:  # before any training: the table scores the last file
+            raise UsageError("--eval-questions: the one command needs at least one evaluation file (the "
+                             "table scores the last)")
         absolute = os.path.abspath
         evals = [absolute(p) for p in a.eval_questions or []]
         inputs = dict(embedded=False, model=absolute(a.model), questions=absolute(a.questions),
@@ -154,8 +197,8 @@ def start_run(a, run, rows):
               "eval": {"splits": {n: {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(n))}
                                   for n, p in splits.items()},
                        "reference": start, "rows": rows}}
-    old = read_json(os.path.join(run, "run.json"))
-    if old is not None and json_form(old) != json_form(record) and not a.force:
+    old = None if a.force else load_record(run)  # --force writes a record anew, whatever is there
+    if old is not None and json_form(old) != json_form(record):
         key = next(k for k in record if json_form(old.get(k)) != json_form(record[k]))
         raise UsageError(f"{run}: the run was started with other {key} ({json_form(old.get(key))}); another "
                          "--run-dir, or --force (redo every stage)")
@@ -164,6 +207,17 @@ def start_run(a, run, rows):
         write_json(os.path.join(run, "run.json"), record)
     parallel.barrier()
     return record
+
+
+def drop_unused_record(run, stages):
+    """Remove <run>/run.json when no stage of `stages` left anything in the run (no output, no work
+    folder to resume): a run whose first stage was refused is not started."""
+    if parallel.is_main() and not any(os.path.exists(os.path.join(run, s + suffix))
+                                       for s in stages for suffix in ("", ".tmp")):
+        try:
+            os.remove(os.path.join(run, "run.json"))
+        except FileNotFoundError:
+            pass
 
 
 def json_form(x):

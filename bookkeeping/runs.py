@@ -171,11 +171,13 @@ class StageOutput:
 
     def cleanup(self, failed=True):
         """Rank 0: on a failure remove the work folder if it holds nothing to resume (no checkpoint)
-        and nothing finished (no stage.json); release the lock."""
-        if failed:
+        and nothing finished (no stage.json), and only while this process holds the lock (a process
+        refused by another's lock leaves that process's work alone); release the lock."""
+        if failed and self.lock is not None:
             finished = os.path.exists(os.path.join(self.work, "stage.json"))
             if not finished and not checkpoints(os.path.join(self.work, "ckpt")):
                 shutil.rmtree(self.work, ignore_errors=True)
+        if failed:
             for folder in self.created:
                 if os.path.isdir(folder) and not os.listdir(folder):
                     os.rmdir(folder)

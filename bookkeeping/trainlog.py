@@ -3,8 +3,9 @@
 trainer.fit hands each finished step to one TrainLog: every step's loss and learning rate go to
 <out>/metrics.jsonl (written at each progress line and checkpoint, with the tokens/s of that step),
 a progress line every log_every steps, and a checkpoint every ckpt_every steps into <out>/ckpt/, the
-two newest kept. When the stage runs again, TrainLog.resume loads the newest checkpoint that loads
-and drops the metrics rows logged after it. Rank 0 alone writes and prints.
+two newest kept; each checkpoint holds the metrics rows up to its step. When the stage runs again,
+TrainLog.resume loads the newest checkpoint that loads and puts its rows back as <out>/metrics.jsonl,
+so a log torn by a kill mid-append costs nothing. Rank 0 alone writes and prints.
 """
 
 import json
@@ -30,16 +31,19 @@ class TrainLog:
         self.log_every, self.ckpt_every = log_every, ckpt_every
         self.ckpt_dir = os.path.join(out, "ckpt")
         self.start, self.tokens, self.losses, self.rows = 0, 0, [], []  # rows: the metrics not yet written
+        self.history = []  # every step's row so far: each checkpoint keeps a copy
         self.t0 = time.time()
 
     def resume(self, model, opt):
-        """Load the newest checkpoint into model and opt; returns its step (0: none). The metrics
-        rows after it are dropped, as they will be logged again."""
+        """Load the newest checkpoint into model and opt; returns its step (0: none). metrics.jsonl
+        becomes the checkpoint's rows; the steps after it will be logged again."""
         self.start = resume(self.ckpt_dir, model, opt)
         if self.start:
             print(f"{self.stage}: resumed from step {self.start}/{self.steps}")
         if parallel.is_main():
-            trim_metrics(os.path.join(self.out, "metrics.jsonl"), self.start)
+            kept = os.path.join(self.ckpt_dir, f"step-{self.start:07d}", "metrics.jsonl")
+            self.history = trim_metrics(os.path.join(self.out, "metrics.jsonl"), self.start,
+                                        kept if self.start else None)
         self.t0 = time.time()
         return self.start
 
@@ -48,6 +52,7 @@ class TrainLog:
         self.tokens += tokens
         self.losses.append(loss)
         self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr})
+        self.history.append(self.rows[-1])
         checkpoint = done % self.ckpt_every == 0 and done < self.steps
         line = done % self.log_every == 0 or done == self.steps
         if line or checkpoint:
@@ -58,7 +63,7 @@ class TrainLog:
                          time.time() - self.t0, done - self.start)
             self.losses = []
         if checkpoint and parallel.is_main():
-            save_checkpoint(self.ckpt_dir, done, model, opt)
+            save_checkpoint(self.ckpt_dir, done, model, opt, self.history)
 
     def last_good(self):
         """Where a rerun resumes from, in words: the newest checkpoint, or the start."""
@@ -80,13 +85,40 @@ def write_metrics(out, rows):
     return []
 
 
-def trim_metrics(path, step):
-    """Keep the metrics rows of steps <= step (those before the checkpoint resumed from)."""
+def trim_metrics(path, step, kept=None):
+    """Rewrite out/metrics.jsonl as the rows of steps <= step (those before the checkpoint resumed
+    from): the checkpoint's own copy `kept` where it has one, else the log's rows. A line of the log
+    that is not a whole row (the tail of an append a kill cut short, or an edit) is dropped with one
+    warning: a log never costs the training it logs. Returns the rows kept."""
+    logged, torn = [], []
     if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(rows)
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                row = metrics_row(line)
+                if row is None:
+                    torn.append(n)
+                elif row["step"] <= step:
+                    logged.append(row)
+    if torn:
+        print(f"warning: {path}: line {torn[0]} is not a whole metrics row ({len(torn)} such line(s) "
+              "dropped); the rows up to the checkpoint are kept", flush=True)
+    if kept is not None and os.path.exists(kept):
+        with open(kept, "rb") as f:
+            rows = [metrics_row(line) for line in f]
+        if None not in rows:  # the checkpoint's copy, whole as the checkpoint is
+            logged = rows
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in logged)
+    return logged
+
+
+def metrics_row(line):
+    """A metrics.jsonl line as its row, or None when it is not a whole row with an integer step."""
+    try:
+        row = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return row if isinstance(row, dict) and type(row.get("step")) is int else None
 
 
 def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
@@ -96,9 +128,10 @@ def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
           flush=True)
 
 
-def save_checkpoint(ckpt_dir, step, model, opt):
-    """<ckpt>/step-N/{model, optimizer}.safetensors, written into a temporary directory, flushed to
-    disk and renamed when complete; the two newest are kept (a torn one falls back to the other)."""
+def save_checkpoint(ckpt_dir, step, model, opt, rows=()):
+    """<ckpt>/step-N/{model, optimizer}.safetensors and metrics.jsonl (`rows`: the metrics of steps
+    1..N), written into a temporary directory, flushed to disk and renamed when complete; the two
+    newest are kept (a torn one falls back to the other)."""
     name = f"step-{step:07d}"
     tmp = os.path.join(ckpt_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +139,8 @@ def save_checkpoint(ckpt_dir, step, model, opt):
     with writing(tmp), atomic_path(os.path.join(tmp, "model.safetensors")) as path:
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}, path)
         allo.save_optimizer(os.path.join(tmp, "optimizer.safetensors"), opt)
+        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     replace_dir(tmp, os.path.join(ckpt_dir, name))
     for old in checkpoints(ckpt_dir)[:-2]:
         shutil.rmtree(old, ignore_errors=True)

@@ -49,8 +49,8 @@ def runs(tmp_path_factory):
     two, one, ref = (tmp_path_factory.mktemp(name) for name in ("two", "one", "ref"))
     real_save = trainlog.save_checkpoint
 
-    def save_then_die(ckpt_dir, step, model, opt):
-        real_save(ckpt_dir, step, model, opt)
+    def save_then_die(ckpt_dir, step, *state):
+        real_save(ckpt_dir, step, *state)
         raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit):

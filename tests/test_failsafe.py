@@ -65,8 +65,8 @@ def fails_cleanly(capsys, run, args, *expected):
 def kill_after_checkpoint(monkeypatch, at):
     real = trainlog.save_checkpoint
 
-    def save_then_die(ckpt_dir, step, model, opt):
-        real(ckpt_dir, step, model, opt)
+    def save_then_die(ckpt_dir, step, *state):
+        real(ckpt_dir, step, *state)
         if step == at:
             raise KeyboardInterrupt  # killed right after this checkpoint
 
@@ -94,6 +94,38 @@ def test_resume_with_other_settings_is_refused(run, capsys, monkeypatch, killed,
     train.main(args + rerun + ["--force"])  # --force starts over
     assert not os.path.exists(out + ".tmp") and os.path.exists(os.path.join(out, "stage.json"))
     fails_cleanly(capsys, run, args + killed, f"{out}: finished earlier with", "--force redoes it")
+
+
+@pytest.mark.parametrize("cut", ["mid-row", "before-newline", "garbage", "empty-line", "not-a-row"])
+def test_a_torn_metrics_log_is_dropped_and_the_stage_resumes(run, capsys, monkeypatch, tmp_path, cut):
+    """Killed while appending to metrics.jsonl: the torn tail (or an edited line) is dropped with one
+    warning, the stage resumes from its checkpoint and ends with the weights and per-step losses of
+    an uninterrupted run."""
+    args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "2",
+                    "--log-every", "1"]
+    out = str(tmp_path / "killed")
+    kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(SystemExit):
+        train.main(args + ["--out", out])
+    monkeypatch.undo()
+    log = os.path.join(out + ".tmp", "metrics.jsonl")
+    text = open(log, "rb").read()
+    last = text.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    torn = {"mid-row": text[:-len(last) // 2], "before-newline": text[:-1], "empty-line": text + b"\n",
+            "garbage": text + b"\x00\xff{", "not-a-row": text.replace(last, b"[1, 2]")}[cut]
+    open(log, "wb").write(torn)
+    capsys.readouterr()
+    train.main(args + ["--out", out])
+    said = capsys.readouterr().out
+    assert "learn: resumed from step 4/6" in said
+    assert (f"warning: {log}: line" in said) == (cut != "before-newline")  # a row cut before "\n" is whole
+    train.main(args + ["--out", str(tmp_path / "whole")])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (out, tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_forced_redo_that_was_killed_resumes(run, capsys, monkeypatch):
@@ -410,11 +442,16 @@ def test_one_process_per_output_directory(run, capsys):
 
 
 def test_a_second_process_stops_at_once(run):
-    """Two processes: the one that comes second says who holds the output."""
+    """Two processes: the one that comes second says who holds the output, and leaves the holder's
+    unfinished work (<out>.tmp, no checkpoint yet) as it is."""
     hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); from bookkeeping import runs; "
             "runs.lock(sys.argv[2]); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, ROOT, os.path.join(run, "learn.lock")],
                               stdout=subprocess.PIPE, text=True)
+    work = os.path.join(run, "learn.tmp")
+    os.makedirs(work)
+    with open(os.path.join(work, "fingerprint.json"), "w") as f:
+        json.dump({"stage": "learn"}, f)  # the holder's stage, started, before its first checkpoint
     try:
         assert holder.stdout.readline().strip() == "held"
         p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMOKE, "--run", run, "--stage",
@@ -422,6 +459,7 @@ def test_a_second_process_stops_at_once(run):
         expected = (f"error: {run}/learn: in use by process {holder.pid} (lock {run}/learn.lock); "
                     "wait for it or stop it")
         assert p.returncode == 2 and p.stderr.strip().splitlines() == [expected]
+        assert os.listdir(work) == ["fingerprint.json"]
     finally:
         holder.kill()
         holder.wait()
@@ -470,7 +508,8 @@ def test_eval_and_study_errors_are_one_line(run, capsys, tmp_path):
                            (["--questions", questions, "--tokenizer", tok, str(tmp_path)],
                             "cannot load the model"),
                            (["--questions", questions, str(tmp_path)], "--questions needs --tokenizer"),
-                           (["--max-new-tokens", "0", run], "argument --max-new-tokens")):
+                           (["--max-new-tokens", "0", run], "argument --max-new-tokens"),
+                           ([os.path.join(run, "task")], "task: neither a run directory (run.json) nor")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             evaluation.main(argv)

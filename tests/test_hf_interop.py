@@ -246,3 +246,16 @@ def test_llama3_save_then_load_keeps_the_scaling(loaded3, tmp_path):
 def test_plain_rope_saves_no_scaling(loaded, tmp_path):
     loaded.save_pretrained(str(tmp_path))
     assert read_json(tmp_path / "config.json")["rope_scaling"] is None
+
+
+@pytest.mark.parametrize("index", [{"weight_map": ["model-00001-of-00002.safetensors"]}, {"metadata": {}},
+                                   ["weight_map"], {"weight_map": {"model.norm.weight": 3}},
+                                   {"weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}])
+def test_a_malformed_shard_index_is_one_clear_error(tmp_path, index):
+    """An index whose weight_map is not {tensor name: shard file beside it}: a ValueError naming the
+    index (load_model turns it into one line and exit status 2), never a traceback."""
+    d = copy_fixture(tmp_path)
+    with open(d / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .*shard"):
+        Transformer.from_pretrained(str(d))

@@ -366,12 +366,29 @@ def test_one_command_from_an_instruct_model_with_its_chat_template(tmp_path, cap
     assert "the run was started with other prompt" in capsys.readouterr().err
 
 
+def test_a_refused_one_command_leaves_no_run_record_behind(tmp_path, capsys):
+    """A bad questions file stops the first stage: nothing of the run stays (no run.json), so the
+    corrected command runs without --force."""
+    run, args = one_command(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 2 + 2?", "answer": "#### 4"}\n{"question": 3}\n')
+    i = args.index("--questions")
+    with pytest.raises(SystemExit) as e:
+        train.main(args[:i + 1] + [str(bad)] + args[i + 2:] + ["--sft-steps", "1"])
+    assert e.value.code == 2 and f"{bad}:2" in capsys.readouterr().err
+    assert os.listdir(run) == []
+    train.main(args + ["--sft-steps", "1"] + ["--dpo-steps", "1"])  # the corrected command, no --force
+    assert "| ALLO (forget + learn) |" in capsys.readouterr().out
+
+
 def test_one_command_flags_are_checked(tmp_path, capsys):
     for argv, expected in ((["--skip-sft"], "--skip-sft: starts from --model"),
                            (["--system", "x"], "--system: goes with --prompt-template chat"),
                            (["--bos-token", ""], "--bos-token: must not be empty"),
                            (["--model", str(tmp_path)], "--questions"),
-                           (["--questions", "q.jsonl"], "--model")):
+                           (["--questions", "q.jsonl"], "--model"),
+                           (["--preset", "pretrained", "--model", str(tmp_path), "--questions", "q.jsonl"],
+                            "--eval-questions: the one command needs")):
         with pytest.raises(SystemExit) as e:
             train.main(argv + ["--run-dir", str(tmp_path / "r")])
         err = capsys.readouterr().err

@@ -104,8 +104,8 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
 
     real_save = trainlog.save_checkpoint
 
-    def save_then_die(ckpt_dir, step, model, opt):
-        real_save(ckpt_dir, step, model, opt)
+    def save_then_die(ckpt_dir, step, *state):
+        real_save(ckpt_dir, step, *state)
         if step == 4:
             raise KeyboardInterrupt  # killed right after the step-4 checkpoint
 

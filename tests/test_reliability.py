@@ -254,14 +254,44 @@ def test_a_stage_alone_names_every_flag_it_still_needs(run, capsys, tmp_path, st
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "none")
 
 
+def record_edits(record, text):
+    """run.json made hostile: (name, new file bytes)."""
+    future = {**record, "written_by": "a later version"}
+    no_eval = {k: v for k, v in record.items() if k != "eval"}
+    return [("truncated", text[:len(text) // 2]), ("empty", b""), ("a list", b"[1, 2]"),
+            ("missing key", json.dumps(no_eval).encode()), ("extra key", json.dumps(future).encode()),
+            ("inputs a string", json.dumps({**record, "inputs": "task"}).encode()),
+            ("inputs short", json.dumps({**record, "inputs": {"embedded": True}}).encode())]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_a_hostile_run_record_is_one_line_for_every_reader(run, capsys, case):
+    """A run.json cut short, of another shape or from another version: train.py's stages, the one
+    command and eval.py each stop with one line naming the file, and nothing is written; --force
+    writes the record anew."""
+    path = os.path.join(run, "run.json")
+    text = open(path, "rb").read()
+    name, edited = record_edits(json.loads(text), text)[case]
+    with open(path, "wb") as f:
+        f.write(edited)
+    for args in (SMOKE + ["--run", run, "--stage", "dpo"], SMOKE + ["--run", run]):
+        fails_cleanly(capsys, run, args, f"{path}: ", "--force to write it anew")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main([run])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and path in err, (name, err)
+    train.main(SMOKE + ["--run", run, "--stage", "sft", "--force"])
+    assert json.load(open(path))["inputs"]["embedded"] is True
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(run, capsys, monkeypatch):
     from bookkeeping import trainlog
     real = trainlog.save_checkpoint
 
-    def save_then_ctrl_c(ckpt_dir, step, model, opt):
-        real(ckpt_dir, step, model, opt)
+    def save_then_ctrl_c(ckpt_dir, step, *state):
+        real(ckpt_dir, step, *state)
         if step == 2:
             raise KeyboardInterrupt
 
