@@ -17,8 +17,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import stat
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sentencepiece as spm
@@ -226,7 +229,8 @@ def read_chat_template(folder):
             return f.read()
     template = tokenizer_config(folder).get("chat_template")
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named = [t for t in template if isinstance(t, dict)]
+        template = next((t.get("template") for t in named if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
 
 
@@ -320,34 +324,85 @@ def render_chat(tok, question, system=None):
                         "(tokenizer_config.json's chat_template, or chat_template.jinja)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
                                                                                 "content": question}]
-    return chat_renderer(tok.chat_template).render(
-        messages=messages, add_generation_prompt=True, bos_token=tok.bos_token or "",
-        eos_token=tok.eos_token or "", pad_token=tok.pad_token or "")
+    if not tok.chat_template.strip():
+        raise DataError(f"{tok.path}: the chat template is empty")
+    template = chat_renderer(tok.chat_template, tok.path)
+    with time_limit(CHAT_RENDER_SECONDS):
+        try:
+            text = template.render(messages=messages, add_generation_prompt=True,
+                                   bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                                   pad_token=tok.pad_token or "")
+        except Exception as e:  # the template's own code may raise anything (a raise, a sandbox refusal)
+            raise DataError(f"{tok.path}: the chat template fails to render: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if len(text) > CHAT_MAX_CHARS:
+        raise DataError(f"{tok.path}: the chat template renders {len(text):,} characters for one question "
+                        f"(at most {CHAT_MAX_CHARS:,})")
+    return text
 
 
+CHAT_RENDER_SECONDS = 10  # a chat template that renders one prompt for longer loops without end
+CHAT_MAX_CHARS = 65536  # and one that renders more than this for one question is not a prompt
 _RENDERERS = {}
 
 
-def chat_renderer(source):
-    """The compiled jinja2 template of a chat template's source (compiled once)."""
+class TemplateTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds):
+    """Raise TemplateTimeout in the block after `seconds` (SIGALRM: the main thread on Unix; elsewhere
+    no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TemplateTimeout(f"it ran for over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def chat_renderer(source, where="the tokenizer"):
+    """The compiled jinja2 template of a chat template's source (compiled once; `where`: its
+    tokenizer, named by the error of one that does not parse), in a sandbox that also refuses to
+    multiply a string or list, or raise to a power, past the size of a prompt."""
     if source not in _RENDERERS:
         try:
             from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
         except ImportError:
             raise DataError("--prompt-template chat needs the `jinja2` package: pip install jinja2") from None
+
+        class Sandbox(ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset(["*", "**"])
+
+            def call_binop(self, context, operator, left, right):
+                sizes = [len(x) for x in (left, right) if isinstance(x, (str, list, tuple))]
+                numbers = [x for x in (left, right) if isinstance(x, int)]
+                if operator == "*" and sizes and any(abs(n) * max(sizes) > CHAT_MAX_CHARS for n in numbers):
+                    raise SecurityError("a sequence multiplied past the size of a prompt")
+                if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                    raise SecurityError("a power too large for a prompt")
+                return super().call_binop(context, operator, left, right)
 
         def raise_exception(message):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
         try:
             _RENDERERS[source] = env.from_string(source)
-        except TemplateError as e:
-            raise DataError(f"the chat template does not parse: {e}") from None
+        except (TemplateError, RecursionError) as e:
+            raise DataError(f"{where}: the chat template does not parse: {e}") from None
     return _RENDERERS[source]
 
 
