@@ -26,7 +26,7 @@ from bookkeeping.fileio import read_json, write_json
 from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
                                add_tokenizer_flags, config_from, count, real)
 from bookkeeping.resolve import in_run, run_record
-from bookkeeping.runs import UsageError, load_model, one_line
+from bookkeeping.runs import UsageError, input_id, load_model, one_line
 from data import (DataError, PromptConfig, TokenizerFile, batches, collate, complete, is_correct,
                   load_tokenizer, prompt_text, read_jsonl, reference_answers)
 from model import autocast, pick_device
@@ -149,8 +149,14 @@ def run_evaluator(run, split=None, device="auto", beta=0.1, n_questions=0, n_pai
     if split not in splits:
         raise DataError(f"--split {split}: the run has no such evaluation file (it has: {', '.join(splits)})")
     pairs = in_run(run, splits[split]["pairs"])
+    questions = in_run(run, splits[split]["questions"])
+    sampled = (read_json(os.path.join(run, "sample", "stage.json")) or {}).get("fingerprint", {})
+    drawn_from = sampled.get("inputs", {}).get("eval_questions") if isinstance(sampled, dict) else None
+    if os.path.exists(pairs) and isinstance(drawn_from, list) and input_id(questions) not in drawn_from:
+        print(f"warning: {questions} changed after the sample stage drew {pairs} from it: the pair metrics "
+              "are of the old file's questions (rerun --stage sample --force for new pairs)")
     tokenizer = TokenizerFile(**{**record["tokenizer"], "path": in_run(run, record["tokenizer"]["path"])})
-    evaluate = Evaluator(in_run(run, splits[split]["questions"]), tokenizer,
+    evaluate = Evaluator(questions, tokenizer,
                          pairs if os.path.exists(pairs) else None, in_run(run, record["eval"]["reference"]),
                          prompt=PromptConfig(**{**record["prompt"], "stop": tuple(record["prompt"]["stop"])}),
                          beta=beta, max_len=record["max_len"], device=device, n_questions=n_questions,
@@ -164,6 +170,9 @@ def evaluate_run(run, split=None, device="auto", beta=0.1, stages=None):
     evaluate, split = run_evaluator(run, split, device, beta)
     rows = [(label, in_run(run, d)) for label, d in stages or run_record(run)["eval"]["rows"]]
     finished = [(label, d) for label, d in rows if os.path.exists(os.path.join(d, "config.json"))]
+    for label, d in rows:
+        if (label, d) not in finished:
+            print(f"eval: {label} ({d}) is not finished: its row is left out")
     return evaluate_models(evaluate, finished), split
 
 

@@ -494,7 +494,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             weights.pop("lm_head.weight", None)  # some tied checkpoints still store the head
         layers = {k.split(".")[1] for k in weights if k.startswith("layers.")}
-        if layers != {str(i) for i in range(cfg.n_layers)}:  # before anything of that size is made
+        # before anything of that size is made (an absurd num_hidden_layers is not even enumerated)
+        if len(layers) != cfg.n_layers or layers != {str(i) for i in range(cfg.n_layers)}:
             raise ValueError(f"{path}: the checkpoint holds {len(layers)} layers, config.json's "
                              f"num_hidden_layers says {cfg.n_layers}")
         expected = parameter_shapes(cfg)

@@ -19,14 +19,14 @@ fraction of the 3-step ones a step early, an unaligned habit the SFT model learn
 preference stages should unlearn. docs/study.md tells how these settings were chosen.
 """
 
-import json
 import os
 import random
 import re
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 
-from bookkeeping.fileio import replace_dir, write_json, write_jsonl
+from bookkeeping.fileio import read_json, replace_dir, write_json, write_jsonl
 from bookkeeping.flags import count, real, setting
 from data import DataError, is_correct, prompt_text, train_tokenizer
 
@@ -129,7 +129,8 @@ def make_splits(seed, n_train, n_val, n_test, **difficulty):
 
 
 def write_task(folder, config):
-    """The task's files, written into a temporary folder renamed to `folder` when complete:
+    """The task's files, written into a temporary folder of this write's own, renamed to `folder`
+    when complete (unless another process, a study side by side, put the same task there first):
     train/val/test.jsonl ({"question", "answer"}, GSM8K's format with "The answer is N." endings),
     sft.jsonl (the training problems' demonstrations, questions rows whose answer is the
     demonstration, lazy_rate of the 3-step ones stopping early), tokenizer.model, and task.json
@@ -139,8 +140,7 @@ def write_task(folder, config):
                                                                          "lazy_rate"))
     difficulty = settings
     splits = make_splits(seed, n_train, n_val, n_test, **difficulty)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{folder}.{uuid.uuid4().hex[:12]}.tmp"  # its own: writers side by side never share one
     os.makedirs(tmp)
     for name, problems in splits.items():
         write_jsonl(os.path.join(tmp, f"{name}.jsonl"), [{"question": p.question, "answer": p.solution}
@@ -148,6 +148,12 @@ def write_task(folder, config):
     write_jsonl(os.path.join(tmp, "sft.jsonl"), sft_examples(splits["train"], lazy_rate, seed))
     train_task_tokenizer(os.path.join(tmp, "tokenizer.model"), **difficulty)
     write_json(os.path.join(tmp, "task.json"), asdict(config))
+    try:
+        if written_with(folder, config):  # another writer finished the same task meanwhile
+            shutil.rmtree(tmp)
+            return
+    except DataError:
+        pass  # other settings there: this write replaces them (the caller checked --force)
     replace_dir(tmp, folder)
 
 
@@ -155,11 +161,9 @@ def written_with(folder, config, force=False):
     """True when `folder` holds the task written with this config; False when it must be
     written (none there, or other settings and force); other settings without force: DataError."""
     settings = asdict(config)
-    path = os.path.join(folder, "task.json")
-    if not os.path.exists(path):
+    written = read_json(os.path.join(folder, "task.json"))
+    if written is None:  # none there, or not whole: written anew
         return False
-    with open(path) as f:
-        written = json.load(f)
     if written != settings and not force:
         key = next(k for k in settings if written.get(k) != settings[k])
         raise DataError(f"{folder}: the task was written with {key} {written.get(key)}, not {settings[key]}; "

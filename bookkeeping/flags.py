@@ -21,12 +21,14 @@ from model import pick_device
 # ----------------------------------------------------------------------------- checked types
 
 
-def count(low):
-    """An argparse type: an integer >= low."""
+def count(low, high=None):
+    """An argparse type: an integer >= low (and <= high)."""
     def parse(text):
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
     parse.__name__ = "integer"
     return parse

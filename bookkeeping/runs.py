@@ -105,7 +105,7 @@ class StageOutput:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UsageError(f"{self.out}: the stage's output is a file, not a directory")
         for folder in (self.out, self.work, self.out + ".old"):
-            refuse_foreign(folder, self.stage)
+            refuse_foreign(folder, self.stage, self.force)
         parent = os.path.dirname(os.path.abspath(self.out))
         while not os.path.exists(parent):  # remember what we make, to remove it if we fail
             self.created.append(parent)
@@ -186,9 +186,10 @@ class StageOutput:
             self.lock = None
 
 
-def refuse_foreign(folder, stage):
+def refuse_foreign(folder, stage, force=False):
     """UsageError unless `folder` is absent, empty, or this stage's own (its stage.json, or its work
-    folder's fingerprint.json, names the stage)."""
+    folder's fingerprint.json, names the stage). A stage record there that is not whole (cut short,
+    edited) names itself; --force then redoes the stage over it."""
     if not os.path.isdir(folder) or not os.listdir(folder):
         return
     mark = read_json(os.path.join(folder, "stage.json")) or \
@@ -196,6 +197,13 @@ def refuse_foreign(folder, stage):
     owner = mark.get("stage") if isinstance(mark, dict) else None
     if owner == stage:
         return
+    torn = [n for n in ("stage.json", "fingerprint.json") if os.path.exists(os.path.join(folder, n))
+            and not isinstance(read_json(os.path.join(folder, n)), dict)]
+    if torn and owner is None:
+        if force:
+            return
+        raise UsageError(f"{os.path.join(folder, torn[0])}: not a whole stage record (cut short or edited); "
+                         "--force redoes the stage")
     if owner:
         what = f"holds a run of the {owner} stage"
     elif os.path.exists(os.path.join(folder, "run.json")):

@@ -81,6 +81,12 @@ ARMS = [
 CONVERGENCE = ["DPO full", "DPO top", "DPO bottom", "DPO random"]  # vanilla DPO losses compare
 
 
+def forgets(arm):
+    """An arm that trains on the forgetting data (the rewriter's output): ALLO's, or NPO."""
+    _, forget, learn = arm
+    return forget is not None or (learn is not None and learn[0] == "npo")
+
+
 def slug(name):
     return name.lower().replace("/", "").replace(" ", "-").replace("--", "-")
 
@@ -150,8 +156,7 @@ def run_study(opts, a):
     device = pick_device(a.device)
     root = os.path.join(opts.run, "study", opts.tag)
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
-    forgets = any(forget or (learn and learn[0] == "npo") for _, forget, learn in arms)
-    prerequisites = ("sft", "sample") + (("rewriter",) if forgets else ())
+    prerequisites = ("sft", "sample") + (("rewriter",) if any(forgets(arm) for arm in arms) else ())
     t0, rows = time.time(), []
     if opts.pipeline_seeds:
         for seed in range(a.seed, a.seed + opts.pipeline_seeds):
@@ -179,8 +184,10 @@ def study_run(opts, a, run, seeds, arms, device, t0):
     sft = in_pipeline(run, train.PIPELINE["dpo"]["model"], "dpo")
     sft_metrics = cached_eval(sft, evaluate, os.path.join(root, f"sft_eval_{split}_{opts.n_eval}.json"))
     tokenizer = TokenizerFile(sft, a.bos_token, a.eos_token, a.pad_token, a.bos)
-    files = {stage: in_pipeline(run, train.PIPELINE[stage]["data"], stage) for stage in ("forget", "learn")}
-    inputs = {stage: dict(tokenizer=tokenizer, data=files[stage]) for stage in ("forget", "learn")}
+    # the forgetting data (the rewriter's output) only where an arm forgets (or is NPO)
+    stages = ("forget", "learn") if any(forgets(arm) for arm in arms) else ("learn",)
+    inputs = {stage: dict(tokenizer=tokenizer, data=in_pipeline(run, train.PIPELINE[stage]["data"], stage))
+              for stage in stages}
     rows = []
     for seed in seeds:
         cfg = replace(config_from(train.TrainConfig, a), seed=seed)
@@ -271,9 +278,11 @@ def parse(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
                epilog="Any other flag is a train.py flag (see python train.py --help).")
     p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
-    p.add_argument("--seeds", type=count(1), default=3, help="arm seeds on one run: --seed, --seed + 1, ...")
-    p.add_argument("--pipeline-seeds", type=count(0), default=0, help="whole pipelines, one run directory "
-                   "<run>/seed<s>/ each (SFT, sampling, rewriter, then the arms); 0: arm seeds on --run")
+    p.add_argument("--seeds", type=count(1, 100), default=3, help="arm seeds on one run: --seed, --seed + 1, "
+                   "... (at most 100)")
+    p.add_argument("--pipeline-seeds", type=count(0, 100), default=0, help="whole pipelines, one run "
+                   "directory <run>/seed<s>/ each (SFT, sampling, rewriter, then the arms); 0: arm seeds on "
+                   "--run (at most 100)")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="held-out split to score: choose settings on val, report test")
     p.add_argument("--tag", default="main", help="name of this study under <run>/study/")

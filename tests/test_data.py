@@ -1,4 +1,5 @@
 import io
+import os
 import re
 
 import pytest
@@ -372,3 +373,28 @@ def test_collate_with_task_tokenizer(tok):
         assert torch.equal(labels[i, :-1][on[:-1]], ids[i, 1:][on[:-1]])  # pre-shifted
         assert tok.decode(labels[i][on]) == r["output"]
         assert torch.equal(b["weights"][i] != 0, on)
+
+
+def test_two_writers_of_the_embedded_task_leave_it_whole(tmp_path, monkeypatch):
+    """A second process (a study side by side) writes the same task while the first is still
+    writing: each writes into a folder of its own, and the task ends whole, as one writer leaves it."""
+    config = task.TaskConfig(n_train=40, n_val=8, n_test=8)
+    folder = str(tmp_path / "task")
+    real = task.train_task_tokenizer
+    nested = []
+
+    def tokenizer_then_the_other_writer(path, **difficulty):
+        if not nested:
+            nested.append(True)
+            task.write_task(folder, config)  # the other writer, from start to finish
+        return real(path, **difficulty)
+
+    monkeypatch.setattr(task, "train_task_tokenizer", tokenizer_then_the_other_writer)
+    task.write_task(folder, config)
+    monkeypatch.undo()
+    alone = str(tmp_path / "alone")
+    task.write_task(alone, config)
+    assert sorted(os.listdir(tmp_path)) == ["alone", "task"]  # no temporary folder left
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "task.json", "tokenizer.model"):
+        assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(alone, name), "rb").read()
+    assert task.written_with(folder, config)

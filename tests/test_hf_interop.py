@@ -259,3 +259,11 @@ def test_a_malformed_shard_index_is_one_clear_error(tmp_path, index):
         json.dump(index, f)
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .*shard"):
         Transformer.from_pretrained(str(d))
+
+
+def test_an_absurd_layer_count_is_refused_before_anything_of_its_size(tmp_path):
+    """num_hidden_layers 10**9 against a 2-layer checkpoint: one error at once (the count is compared
+    before the layer names are enumerated, which would exhaust memory)."""
+    d = copy_fixture(tmp_path, num_hidden_layers=10**9)
+    with pytest.raises(ValueError, match=r"the checkpoint holds 2 layers, config\.json's num_hidden_layers"):
+        Transformer.from_pretrained(str(d))

@@ -67,10 +67,12 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
 
 
 def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path, capsys):
+    """(DPO arms alone need no rewriter: the run's is removed first.)"""
     import shutil
 
     import pytest
     run = str(shutil.copytree(smoke_run, tmp_path / "run"))
+    shutil.rmtree(os.path.join(run, "rewriter"))
     study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top"] + ARGS)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
