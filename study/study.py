@@ -275,7 +275,7 @@ def write_csv(path, rows):
 
 def parse(argv=None):
     # allow_abbrev False: train.py's --seed is not an abbreviation of --seeds
-    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
+    p = Parser(prog="python -m study", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
                epilog="Any other flag is a train.py flag (see python train.py --help).")
     p.add_argument("--run", default="runs/default", help="run directory with sft, sample, rewriter")
     p.add_argument("--seeds", type=count(1, 100), default=3, help="arm seeds on one run: --seed, --seed + 1, "
