@@ -394,6 +394,8 @@ class Transformer(nn.Module):
         graph. Greedy rows equal a batch of one's (up to float rounding); sampled ones draw from
         `generator` in the order the slots run, so a seed reproduces them on one device and slot
         count. progress(n): called with the number of finished prompts."""
+        if not prompts:
+            return []
         device = self.embed_tokens.weight.device
         B, n = min(slots, len(prompts)), len(prompts)
         check_every = check_every or (8 if device.type == "cuda" else 1)

@@ -340,6 +340,10 @@ def test_refilled_slots_give_greedy_rows_as_today_and_as_a_batch_of_one(slots, c
     assert m.generate_refill(prompts, 14, eos, finished=stop, slots=slots, check_every=check_every) == ref
 
 
+def test_refill_of_no_prompts_is_no_rows():
+    assert tiny().generate_refill([], 4, eos_id=60) == []
+
+
 def test_refilled_sampling_reproduces_itself_and_the_seed_matters():
     m = tiny()
     prompts = ragged_prompts()
