@@ -42,6 +42,9 @@ class TrainConfig:
                                   "start of dpo, forget and learn", type=count(1), result=False)
     log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
     ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
+    ckpt_minutes: float = setting(0.0, "and at most one checkpoint per this many minutes (0: no limit): a "
+                                  "crash loses at most this much, and fast steps are not slowed by writes",
+                                  type=real(0), result=False)
     grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
                                     "(less activation memory, one more forward pass)", result=False)
     compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
@@ -95,7 +98,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     device = next(model.parameters()).device
     model.grad_checkpointing = cfg.grad_checkpoint
     opt = masked_adamw(model.named_parameters(), masks, device, lr=lr, weight_decay=cfg.weight_decay)
-    log = TrainLog(stage, out, steps, cfg.log_every, cfg.ckpt_every)
+    log = TrainLog(stage, out, steps, cfg.log_every, cfg.ckpt_every, cfg.ckpt_minutes)
     start = log.resume(model, opt)
     net = parallel.wrap(model)  # DDP under torchrun: gradients all-reduced; `opt` and `log` use `model`
     if cfg.compile:

@@ -2,10 +2,11 @@
 
 trainer.fit hands each finished step to one TrainLog: every step's loss and learning rate go to
 <out>/metrics.jsonl (written at each progress line and checkpoint, with the tokens/s of that step),
-a progress line every log_every steps, and a checkpoint every ckpt_every steps into <out>/ckpt/, the
-two newest kept; each checkpoint holds the metrics rows up to its step. When the stage runs again,
-TrainLog.resume loads the newest checkpoint that loads and puts its rows back as <out>/metrics.jsonl,
-so a log torn by a kill mid-append costs nothing. Rank 0 alone writes and prints.
+a progress line every log_every steps, and a checkpoint every ckpt_every steps (at most one per
+ckpt_minutes, when that is set) into <out>/ckpt/, the two newest kept; each checkpoint holds the
+metrics rows up to its step. When the stage runs again, TrainLog.resume loads the newest checkpoint
+that loads and puts its rows back as <out>/metrics.jsonl, so a log torn by a kill mid-append costs
+nothing. Rank 0 alone writes and prints.
 """
 
 import json
@@ -26,9 +27,10 @@ from bookkeeping.runs import checkpoints, one_line, writing
 class TrainLog:
     """The metrics, progress lines and checkpoints of one stage's `steps` optimizer steps in `out`."""
 
-    def __init__(self, stage, out, steps, log_every, ckpt_every):
+    def __init__(self, stage, out, steps, log_every, ckpt_every, ckpt_minutes=0.0):
         self.stage, self.out, self.steps = stage, out, steps
-        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.log_every, self.ckpt_every, self.ckpt_seconds = log_every, ckpt_every, 60 * ckpt_minutes
+        self.last_ckpt = -float("inf")  # the time of the last checkpoint: the first one is not held back
         self.ckpt_dir = os.path.join(out, "ckpt")
         self.start, self.tokens, self.losses, self.rows = 0, 0, [], []  # rows: the metrics not yet written
         self.history = []  # every step's row so far: each checkpoint keeps a copy
@@ -53,7 +55,8 @@ class TrainLog:
         self.losses.append(loss)
         self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr})
         self.history.append(self.rows[-1])
-        checkpoint = done % self.ckpt_every == 0 and done < self.steps
+        checkpoint = (done % self.ckpt_every == 0 and done < self.steps
+                      and time.time() - self.last_ckpt >= self.ckpt_seconds)
         line = done % self.log_every == 0 or done == self.steps
         if line or checkpoint:
             self.rows[-1]["tokens_per_s"] = self.tokens / (time.time() - self.t0)
@@ -64,6 +67,7 @@ class TrainLog:
             self.losses = []
         if checkpoint and parallel.is_main():
             save_checkpoint(self.ckpt_dir, done, model, opt, self.history)
+            self.last_ckpt = time.time()
 
     def last_good(self):
         """Where a rerun resumes from, in words: the newest checkpoint, or the start."""

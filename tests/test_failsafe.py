@@ -19,6 +19,8 @@ import allo
 import train
 from bookkeeping import runs, trainlog
 
+real_save = trainlog.save_checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke"]
 
@@ -124,6 +126,40 @@ def test_a_torn_metrics_log_is_dropped_and_the_stage_resumes(run, capsys, monkey
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (out, tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_at_most_one_per_ckpt_minutes_and_resume_to_the_same_weights(run, capsys, monkeypatch,
+                                                                                  tmp_path):
+    """--ckpt-every 1 --ckpt-minutes 60: the first eligible step checkpoints, the next ones within the
+    hour do not; killed at step 5, the stage resumes from that one checkpoint (step 1) and ends with
+    the weights of an uninterrupted run."""
+    args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "1",
+                    "--ckpt-minutes", "60"]
+    out = str(tmp_path / "killed")
+    real = trainlog.log_progress
+    saved = []
+
+    def save(ckpt_dir, step, *state):
+        saved.append(step)
+        real_save(ckpt_dir, step, *state)
+
+    def die_at_step_5(stage, done, *rest):
+        real(stage, done, *rest)
+        if done == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainlog, "save_checkpoint", save)
+    monkeypatch.setattr(trainlog, "log_progress", die_at_step_5)
+    with pytest.raises(SystemExit):
+        train.main(args + ["--out", out])
+    assert saved == [1] and os.listdir(os.path.join(out + ".tmp", "ckpt")) == ["step-0000001"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.main(args + ["--out", out])
+    assert "learn: resumed from step 1/6" in capsys.readouterr().out
+    train.main(args + ["--out", str(tmp_path / "whole")])
     a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (out, tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
