@@ -76,7 +76,10 @@ class Norms:
 
     @classmethod
     def of_step(cls, norms, device):
-        """The Norms of a step: this process's micro-batches summed, then summed over processes."""
+        """The Norms of a step: this process's micro-batches summed, then summed over processes
+        (on the host when there is one process: the counts are the host's already)."""
+        if parallel.world() == 1:
+            return cls(*map(sum, zip(*map(astuple, norms))))
         total = torch.tensor([astuple(n) for n in norms], device=device).sum(0)
         return cls(*parallel.all_reduce_sum(total).tolist())
 
@@ -137,26 +140,32 @@ def optimizer_step(model, net, opt, micro_batches, loss_fn, lr):
     """One optimizer step at learning rate lr: the gradients of the micro-batches through `net`
     (the model, or its DDP or compiled wrapper), clipped to norm 1.0, the masked update of
     `model`; NonFinite on a non-finite loss or weights. Returns the step's loss and real tokens,
-    summed over every process."""
+    summed over every process.
+
+    The step's one host synchronisation reads the loss, the tokens and whether every trained
+    weight is finite together, after the update (on a GPU nothing before it waits for the device):
+    a non-finite loss has then made the weights in memory non-finite too, but the stage stops
+    before any checkpoint or output holds them, and the loss is named first."""
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr
-    step_loss, step_tokens = backward(net, micro_batches, loss_fn, next(model.parameters()).device)
-    if not math.isfinite(step_loss):
-        raise NonFinite("loss", step_loss)
+    stats = backward(net, micro_batches, loss_fn, next(model.parameters()).device)  # [loss, tokens]
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     trained = [p for p in model.parameters() if p in opt.state]
-    if not all_finite(trained):  # before any checkpoint or final file holds them
+    step_loss, step_tokens, finite = torch.cat([stats, finite_flag(trained).to(stats)]).tolist()
+    if not math.isfinite(step_loss):
+        raise NonFinite("loss", step_loss)
+    if not finite:  # the first non-finite parameter, named (only here: the step has failed)
         raise NonFinite("weights", next(n for n, p in model.named_parameters()
-                                        if p in opt.state and not all_finite([p])))
+                                        if p in opt.state and not finite_flag([p]).item()))
     return step_loss, step_tokens
 
 
 def backward(net, batches, loss_fn, device):
     """The gradients of one optimizer step, from this process's micro-batches; returns the step's
-    loss and its real tokens, summed over every process."""
+    [loss, real tokens] summed over every process, a float64 tensor on `device` (not read here)."""
     norms = Norms.of_step([b["norms"] for b in batches], device)
     stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
                          dtype=torch.float64, device=device)  # [loss share, tokens] of this process
@@ -167,13 +176,15 @@ def backward(net, batches, loss_fn, device):
             loss = loss_fn(net, b, norms)
             (loss * parallel.world()).backward()  # DDP averages over processes: the loss is a share
         stats[0] += loss.detach()
-    step_loss, step_tokens = parallel.all_reduce_sum(stats).tolist()
-    return step_loss, step_tokens
+    return parallel.all_reduce_sum(stats)
 
 
-def all_finite(tensors):
-    """Every entry finite: the largest |x| of each tensor (one multi-tensor op) checked at once."""
-    return not tensors or bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
+def finite_flag(tensors):
+    """1.0 when every entry of `tensors` is finite, else 0.0, as a 1-element tensor on their device
+    (the largest |x| of each tensor, one multi-tensor op; not read here)."""
+    if not tensors:
+        return torch.ones(1)
+    return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all().float()[None]
 
 
 def lr_factor(step, n_steps, warmup_frac):

@@ -190,3 +190,37 @@ def test_sample_stage_with_refilled_slots(run, capsys, tmp_path):
     answers = [evaluation.complete(model, tok, [q["question"] for q in questions], 24, batch_size=3, decode=d)
                for d in ("slots", "batches")]
     assert answers[0] == answers[1]
+
+
+def test_an_optimizer_step_reads_the_device_once(monkeypatch):
+    """trainer.optimizer_step reads the loss, the tokens and the weights' finiteness in one transfer
+    (tolist); nothing else in trainer.py waits on a tensor's value (the micro-batches' token counts
+    are host tensors). Counted at the Python level: the model's own gathers are not."""
+    import traceback
+
+    import trainer
+    from bookkeeping.optim import masked_adamw
+    from trainer import Norms, dpo_batch_loss
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    model = Transformer(config)
+    opt = masked_adamw(model.named_parameters(), trainer.full_masks(model), torch.device("cpu"), lr=1e-3)
+    ids = torch.randint(4, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = labels[:, -1] = -100
+    b = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+         "ref": torch.zeros(4, 12), "norms": Norms(pairs=2, chosen_tokens=10)}
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__float__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if any(f.filename.endswith("trainer.py") for f in traceback.extract_stack()[:-1]):
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def loss(net, batch, norms):
+        return dpo_batch_loss(net, batch, norms, torch.device("cpu"), 0.1, 0.5)
+
+    step_loss, tokens = trainer.optimizer_step(model, model, opt, [b, b], loss, 1e-3)
+    monkeypatch.undo()
+    assert reads == ["tolist"] and tokens == 2 * 48 and step_loss > 0
