@@ -113,7 +113,7 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
             loss, tokens = optimizer_step(model, net, opt, micro, loss_fn, lr_now)
             log.step(step + 1, loss, lr_now, tokens, model, opt)
     except NonFinite as e:
-        raise UsageError(f"{stage}: {e.worded(step + 1)}; stopped, {log.last_good()}{e.hint}") from None
+        raise UsageError(e.worded(stage, step + 1, log.last_good())) from None
     except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
         raise Interrupted(f"{stage}: interrupted; rerun the same command to resume from step "
                           f"{log.last_step()}") from None
@@ -127,13 +127,14 @@ class NonFinite(ArithmeticError):
     def __init__(self, what, value):
         super().__init__(what, value)
         self.what, self.value = what, value
-        self.hint = (" (too high a learning rate, or the data or starting weights out of range?)"
-                     if what == "loss" else "")
 
-    def worded(self, step):
+    def worded(self, stage, step, last_good):
+        """The one line a user reads: what, at which step, and where a rerun resumes."""
         if self.what == "loss":
-            return f"loss is {self.value} at step {step}"
-        return f"non-finite weights after step {step} (the first in {self.value}: the update overflowed)"
+            return (f"{stage}: loss is {self.value} at step {step}; stopped, {last_good} (too high a "
+                    "learning rate, or the data or starting weights out of range?)")
+        return (f"{stage}: non-finite weights after step {step} (the first in {self.value}: the update "
+                f"overflowed); stopped, {last_good}")
 
 
 def optimizer_step(model, net, opt, micro_batches, loss_fn, lr):

@@ -98,18 +98,16 @@ def stage_inputs(name, a, run, config, sources):
             missing.append("--" + key.replace("_", "-"))  # named below, with every other one missing
             continue
         inputs[key] = given if given is not None or unread else from_run(run, record, source, name)
-    if name == "mask" and config.scorer == "delta":
-        path = "unused"  # no tokenizer: it tokenizes nothing
-    else:
-        own = inputs.get("model") and find_tokenizer(inputs["model"])
-        path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
-        if path is None and record is None:
-            missing.append("--tokenizer")
+    tokenizes = not (name == "mask" and config.scorer == "delta")  # the delta scorer reads no text
+    own = tokenizes and inputs.get("model") and find_tokenizer(inputs["model"])
+    path = a.tokenizer or (inputs["model"] if own and os.path.exists(own) else None)
+    if tokenizes and path is None and record is None:
+        missing.append("--tokenizer")
     if missing:
         raise UsageError(f"{os.path.join(run, 'run.json')}: not found, so --stage {name} needs "
                          f"{' '.join(missing)}, or a run directory to take them from: run `python train.py "
                          "--stage sft` (or `python train.py`) first")
-    if path != "unused":
+    if tokenizes:
         path = path or in_run(run, record["tokenizer"]["path"])
         inputs["tokenizer"] = TokenizerFile(path, a.bos_token, a.eos_token, a.pad_token, a.bos)
     return inputs

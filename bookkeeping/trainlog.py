@@ -78,7 +78,12 @@ class TrainLog:
     def last_step(self):
         """The step a rerun resumes from: the newest checkpoint's, or 0."""
         found = checkpoints(self.ckpt_dir)
-        return int(os.path.basename(found[-1]).split("-")[1]) if found else 0
+        return step_of(found[-1]) if found else 0
+
+
+def step_of(checkpoint):
+    """The step of a checkpoint directory <ckpt>/step-N."""
+    return int(os.path.basename(checkpoint).split("-")[1])
 
 
 def write_metrics(out, rows):
@@ -163,7 +168,7 @@ def resume(ckpt_dir, model, opt):
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(weights[n])
-            return int(os.path.basename(path).split("-")[1])
+            return step_of(path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
             print(f"warning: {path}: cannot load ({one_line(e)}); trying the checkpoint before it",
                   flush=True)
