@@ -581,6 +581,13 @@ def check_weights(row, where, tok):
 # collation
 
 
+def encode_rows(tok, prompts, responses):
+    """The rows' text tokenized once, for a whole stage: each prompt as tok.prompt_ids makes it (BOS
+    first where the tokenizer's own encoding adds one), each response as tok.encode does. collate()
+    and check_lengths() take these id lists as they take the text, and give the same batches."""
+    return [tok.prompt_ids(p) for p in prompts], [tok.encode(r) for r in responses]
+
+
 def collate(tok, prompts, responses, max_len, weights=None):
     """Batch prompt + response + [EOS] rows, each prompt as tok.prompt_ids makes it (the tokenizer's
     BOS first where its own encoding adds one), right-padded with tok.pad_id.

@@ -58,8 +58,8 @@ from bookkeeping.flags import count, rate, real, setting
 from bookkeeping.resolve import HELD_OUT, drop_unused_record, load_record, stage_inputs, start_run
 from bookkeeping.runs import (Interrupted, StageOutput, UsageError, check_lengths, load_masks, load_model,
                               one_line, writing)
-from data import (DataError, PromptConfig, batches, collate, cut_at_stop, generate_ids, is_correct,
-                  load_tokenizer, prompt_text, read_jsonl, reference_answers, response_lead)
+from data import (DataError, PromptConfig, batches, collate, cut_at_stop, encode_rows, generate_ids,
+                  is_correct, load_tokenizer, prompt_text, read_jsonl, reference_answers, response_lead)
 from eval import ROWS, accuracy, evaluate_run, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device
 from trainer import (Norms, PreferenceConfig, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored,
@@ -106,7 +106,7 @@ def stage_sft(config, inputs, out, device, force=False):
         rows = [r if "input" in r else
                 {"input": prompt_text(r["question"], prompt.template, tok, prompt.system),
                  "output": lead + r["answer"]} for r in read]
-        prompts, targets = [r["input"] for r in rows], [r["output"] for r in rows]
+        prompts, targets = encode_rows(tok, [r["input"] for r in rows], [r["output"] for r in rows])
         check_lengths("sft", tok, prompts, targets, cfg.max_len, read.where)
         if inputs["model"]:
             policy = load_model(inputs["model"], device, tok)
@@ -280,19 +280,20 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         pairs = read_jsonl(data, "pairs", held=so.held)
         if not pairs:
             raise UsageError(f"{data}: no preference pairs to train on")
-        check_lengths(stage, tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % len(pairs)))
+        rows = encode_rows(tok, *pair_rows(pairs))  # chosen rows 0..n-1, rejected rows n..2n-1
+        check_lengths(stage, tok, *rows, cfg.max_len, lambda i: pairs.where(i % len(pairs)))
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
-        cached = reference_logps(reference, tok, *pair_rows(pairs), cfg.max_len, device,
-                                 cfg.ref_batch_size, label=f"{stage}: reference log-probs")
+        cached = reference_logps(reference, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
+                                 label=f"{stage}: reference log-probs")
         del reference
         fraction = allo.trained_fraction(masks, policy)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
               f"{config.steps} steps")
 
         def batch_at(i):
-            return pair_batch(tok, pairs, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
+            return pair_batch(tok, rows, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
 
         def loss(net, b, norms):
             return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll)
@@ -345,10 +346,11 @@ def stage_mask(config, inputs, out, device, force=False):
             n = len(pairs)
             if not n:
                 raise UsageError(f"{inputs['data']}: no preference pairs to score with")
-            check_lengths("mask", tok, *pair_rows(pairs), cfg.max_len, lambda i: pairs.where(i % n))
-            cached = reference_logps(start, tok, *pair_rows(pairs), cfg.max_len, device,
-                                     cfg.ref_batch_size, label="mask: reference log-probs")
-            batches = (pair_batch(tok, pairs, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
+            rows = encode_rows(tok, *pair_rows(pairs))
+            check_lengths("mask", tok, *rows, cfg.max_len, lambda i: pairs.where(i % n))
+            cached = reference_logps(start, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
+                                     label="mask: reference log-probs")
+            batches = (pair_batch(tok, rows, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
                        for i in range(0, n, cfg.batch_size))
 
             def loss(m, b):  # the vanilla-DPO loss, each batch's share of the mean over all n pairs
@@ -413,7 +415,8 @@ def stage_rewriter(config, inputs, out, device, force=False):
         examples, errors_at, n_given = rewrite_examples(forget, inputs.get("rewrites"), inputs.get("pairs"),
                                                         so.held)
         max_len = 3 * cfg.max_len
-        check_lengths("rewriter", tok, [e[0] for e in examples], [e[1] for e in examples], max_len,
+        prompts, targets = encode_rows(tok, [e[0] for e in examples], [e[1] for e in examples])
+        check_lengths("rewriter", tok, prompts, targets, max_len,
                       lambda i: f"{data} (rewrite example {i + 1})")
         rewriter = load_model(inputs["model"], device, tok)
         print(f"rewriter: {len(examples)} rewrite examples; of {len(forget)} wrong responses {n_given} with "
@@ -421,7 +424,7 @@ def stage_rewriter(config, inputs, out, device, force=False):
 
         def batch_at(i):
             idx = rank_batch(len(examples), i, cfg)
-            b = collate(tok, [examples[k][0] for k in idx], [examples[k][1] for k in idx], max_len)
+            b = collate(tok, [prompts[k] for k in idx], [targets[k] for k in idx], max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
         def loss(net, b, norms):
@@ -476,16 +479,16 @@ def score_tokens(rewriter, tok, forget, tau, weights_mode, batch_size, max_len, 
     """p_t and w_t of every token of every forgetting response, teacher-forced as the rewrite of
     itself; each process scores its contiguous share and every process gets them all, in order."""
     mine = forget[parallel.shard(len(forget))]
+    prompts, responses = encode_rows(tok, [rewriter_prompt(r) for r in mine], [r["response"] for r in mine])
     p_rows, w_rows = [], []  # p_t, w_t [n_tok] of each response of this process
     for i in batches("rewriter: scoring", len(mine), batch_size, "responses"):
-        rows = mine[i:i + batch_size]
-        b = collate(tok, [rewriter_prompt(r) for r in rows], [r["response"] for r in rows], max_len)
+        b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         b = {k: b[k].to(device) for k in ("input_ids", "labels")}  # right-padded: no attention mask needed
         with autocast(device):
             probs = allo.rewriter_token_probs(rewriter, b)  # [B,T], 0 off-target
         weights = allo.unaligned_token_weights(probs, b["labels"], tau, weights_mode)
-        for r, p_row, w_row, lab in zip(rows, probs, weights, b["labels"]):
-            n_tok = len(tok.encode(r["response"]))
+        for r, p_row, w_row, lab in zip(responses[i:i + batch_size], probs, weights, b["labels"]):
+            n_tok = len(r)
             p_rows.append(p_row[lab != -100][:n_tok])  # drop the EOS target
             w_rows.append(w_row[lab != -100][:n_tok])
     p_rows = parallel.gather_rows(p_rows, torch.float32, device)  # every response, in order
@@ -520,13 +523,13 @@ def stage_forget(config, inputs, out, device, force=False):
         rows = read_jsonl(data, "forget", tok, held=so.held)
         if not rows:
             raise UsageError(f"{data}: no forgetting examples")
-        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+        prompts, responses = encode_rows(tok, [r["prompt"] for r in rows], [r["response"] for r in rows])
         check_lengths("forget", tok, prompts, responses, cfg.max_len, rows.where)
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
         reference = policy if ref in (None, model) else load_model(ref, device, tok)
-        weights = None if config.all_tokens else [r.get("weights", [1.0] * len(tok.encode(r["response"])))
-                                                  for r in rows]
+        weights = None if config.all_tokens else [r.get("weights", [1.0] * len(ids))
+                                                  for r, ids in zip(rows, responses)]
         cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device,
                                  cfg.ref_batch_size, label="forget: reference log-probs")
         del reference

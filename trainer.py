@@ -303,10 +303,12 @@ def pair_rows(pairs):
     return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
 
 
-def pair_batch(tok, pairs, idx, cached, max_len):
+def pair_batch(tok, rows, idx, cached, max_len):
     """Pairs idx as one batch, rows [chosen; rejected] [2B,T], with their cached reference log-probs
-    and their Norms (pairs, chosen tokens)."""
-    prompts, responses = pair_rows([pairs[k] for k in idx])
-    b = collate(tok, prompts, responses, max_len)
+    and their Norms (pairs, chosen tokens). rows: (prompts, responses) as pair_rows lays them out,
+    text or data.encode_rows' ids."""
+    n = len(rows[0]) // 2
+    pick = idx + [n + k for k in idx]
+    b = collate(tok, [rows[0][k] for k in pick], [rows[1][k] for k in pick], max_len)
     b["norms"] = Norms(pairs=len(idx), chosen_tokens=n_scored(b["labels"][:len(idx)]))
-    return with_reference(b, cached, idx + [len(pairs) + k for k in idx])
+    return with_reference(b, cached, pick)

@@ -401,7 +401,8 @@ def check_lengths(stage, tok, prompts, responses, max_len, where):
         if n_prompt + 1 > max_len:  # prompt + at least one response target
             raise DataError(f"{where(i)}: the prompt has {n_prompt} tokens; --max-len {max_len} leaves no "
                             "room for its response")
-        if n_prompt + len(tok.encode(r)) + 1 > max_len:  # prompt + response + EOS
+        n_response = len(tok.encode(r) if isinstance(r, str) else r)  # text, or data.encode_rows' ids
+        if n_prompt + n_response + 1 > max_len:  # prompt + response + EOS
             cut, first = cut + 1, first or where(i)
     if cut:
         print(f"{stage}: warning: {cut} of {len(prompts)} rows longer than --max-len {max_len}, their "

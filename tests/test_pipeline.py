@@ -224,3 +224,25 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     step_loss, tokens = trainer.optimizer_step(model, model, opt, [b, b], loss, 1e-3)
     monkeypatch.undo()
     assert reads == ["tolist"] and tokens == 2 * 48 and step_loss > 0
+
+
+def test_each_training_stage_tokenizes_its_rows_once(run, tmp_path, monkeypatch):
+    """#34 item 1: a stage encodes its text once (data.encode_rows) and collate pads ids: over
+    every step of sft, dpo, rewriter and forget, no text is encoded inside collate()."""
+    import traceback
+    in_collate = []
+    real = Tokenizer.encode
+
+    def counted(self, text):
+        in_collate.append(any(f.name == "collate" for f in traceback.extract_stack()))
+        return real(self, text)
+
+    monkeypatch.setattr(Tokenizer, "encode", counted)
+    for stage in ("sft", "dpo", "rewriter", "forget"):
+        del in_collate[:]
+        train.main(SMOKE + ["--run", run, "--stage", stage, "--out", str(tmp_path / stage)])
+        assert in_collate and not any(in_collate), stage
+    n = len(open(os.path.join(run, "sample", "pairs.jsonl")).readlines())
+    del in_collate[:]
+    train.main(SMOKE + ["--run", run, "--stage", "mask", "--scorer", "grad", "--out", str(tmp_path / "mask")])
+    assert len(in_collate) == 4 * n and not any(in_collate)  # prompt and response of 2n rows, once each
