@@ -6,7 +6,8 @@ Exact: parameters, gradients, MaskedAdamW state at a real global mask, masks, ge
 cache. Within 0.1%: the activations autograd saves (measured with saved_tensors_hooks; the
 formulas are exact up to a few bytes of scalar loss tensors, 0.07% at most here). Within 5-10%:
 allocator peaks of the transients, generation's included (glibc only; measured within 5%;
-generation with bf16 weights within 5.2% after other tests ran). The attention kernel: what torch
+generation with bf16 weights within 5.2% after other tests ran, and the smallest reference pass
+within 5.3%). The attention kernel: what torch
 picks here."""
 
 import os
