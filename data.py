@@ -640,6 +640,41 @@ def collate(tok, prompts, responses, max_len, weights=None):
             "weights": wts, "n_truncated": n_truncated}
 
 
+def pack(batch, capacity):
+    """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows: first-fit
+    decreasing into rows of max(capacity, T) tokens. Returns the packed rows [R,C]: input_ids,
+    labels (-100 off-target and on padding), doc_ids (a row's sequences numbered 0, 1, ...; -1 on
+    padding) and source (the flat index b*T + t each token came from; -1 on padding).
+    Transformer.forward(..., doc_ids=) keeps the sequences apart; a loss lays the packed
+    log-probs back onto [B,T] through source (trainer.forward_logps), so every per-row loss of
+    the padded batch applies unchanged, and a pair's rows need not share a packed row.
+    The matrix products then run over R*C <= B*T positions: the padding they skip is the gain."""
+    B, T = batch["input_ids"].shape
+    lengths = batch["attention_mask"].sum(1).tolist()
+    capacity = max(capacity, T)
+    bins, room = [], []  # the rows of each packed row, and the tokens left in it
+    for b in sorted(range(B), key=lambda b: -lengths[b]):  # longest first (stable: ties keep their order)
+        j = next((j for j, left in enumerate(room) if left >= lengths[b]), len(bins))
+        if j == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[j].append(b)
+        room[j] -= lengths[b]
+    C = capacity - min(room)
+    source = torch.full((len(bins), C), -1, dtype=torch.long)
+    doc_ids = torch.full((len(bins), C), -1, dtype=torch.long)
+    for j, rows in enumerate(bins):
+        at = 0
+        for d, b in enumerate(rows):
+            source[j, at:at + lengths[b]] = b * T + torch.arange(lengths[b])
+            doc_ids[j, at:at + lengths[b]] = d
+            at += lengths[b]
+    real, flat = source >= 0, source.clamp(min=0)
+    return {"input_ids": batch["input_ids"].flatten()[flat],  # padding repeats token 0: never attended
+            "labels": torch.where(real, batch["labels"].flatten()[flat], -100),
+            "doc_ids": doc_ids, "source": source}
+
+
 # -----------------------------------------------------------------------------
 # prompts and generation (the sample stage and eval.py)
 

@@ -19,7 +19,7 @@ from bookkeeping.flags import count, real, setting
 from bookkeeping.optim import masked_adamw
 from bookkeeping.runs import Interrupted, UsageError
 from bookkeeping.trainlog import TrainLog
-from data import batches, collate
+from data import batches, collate, pack
 from model import autocast
 
 
@@ -45,6 +45,9 @@ class TrainConfig:
     ckpt_minutes: float = setting(0.0, "and at most one checkpoint per this many minutes (0: no limit): a "
                                   "crash loses at most this much, and fast steps are not slowed by writes",
                                   type=real(0), result=False)
+    pack: bool = setting(False, "pack several sequences into each row (block-diagonal attention): the "
+                         "padding of rows of unequal length is not computed; equal to padded rows up to "
+                         "float rounding")
     grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
                                     "(less activation memory, one more forward pass)", result=False)
     compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
@@ -110,6 +113,8 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
         for step in range(start, steps):
             lr_now = lr * lr_factor(step, steps, cfg.lr_warmup_frac)
             micro = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
+            if cfg.pack:  # several sequences a row: the matrix products skip the padding
+                micro = [{**b, "packed": pack(b, cfg.max_len)} for b in micro]
             loss, tokens = optimizer_step(model, net, opt, micro, loss_fn, lr_now)
             log.step(step + 1, loss, lr_now, tokens, model, opt)
     except NonFinite as e:
@@ -225,25 +230,38 @@ def full_masks(model):
 
 # ----------------------------------------------------------------------------- per-batch losses
 
-def forward_logps(model, batch, device):
-    """Per-token log-probs [B,T] of the batch's labels (0 off-target), the forward under amp(device).
+def scored_logits(model, batch, device):
+    """The logits [N,V] of the batch's N scored targets and those targets [N], the forward under
+    autocast(device), from its padded rows or, where it has them, its packed rows (batch["packed"],
+    data.pack; in their order).
 
     collate() pads on the right, so causal attention alone gives every real position exactly the
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
-    labels = batch["labels"].to(device)
+    rows = batch.get("packed", batch)
+    labels, docs = rows["labels"].to(device), rows.get("doc_ids")
     with autocast(device):
-        logits = model(batch["input_ids"].to(device), keep=labels != -100)  # [N,V]: the targets' only
-    return allo.scored_token_logps(logits, labels)
+        logits = model(rows["input_ids"].to(device), keep=labels != -100,
+                       doc_ids=None if docs is None else docs.to(device))
+    return logits, labels[labels != -100]
+
+
+def forward_logps(model, batch, device):
+    """Per-token log-probs [B,T] of the batch's labels (0 off-target), padded or packed alike."""
+    logits, targets = scored_logits(model, batch, device)
+    labels = batch["labels"].to(device)
+    if "packed" not in batch:
+        return allo.scored_token_logps(logits, labels)
+    logps, packed = allo.token_logps(logits, targets), batch["packed"]
+    at = packed["source"][packed["labels"] != -100].to(device)  # each target's place in [B,T]
+    return logps.new_zeros(labels.numel()).scatter(0, at, logps).view(labels.shape)
 
 
 def sft_batch_loss(model, b, norms, device):
     """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
     tokens, its share of the mean over the step's scored tokens."""
-    labels = b["labels"].to(device)
-    with autocast(device):  # right-padded: see forward_logps; logits of the scored targets only, [N,V]
-        logits = model(b["input_ids"].to(device), keep=labels != -100)
-    return allo.sft_loss(logits, labels[labels != -100], normalizer=norms.scored_tokens)
+    logits, targets = scored_logits(model, b, device)
+    return allo.sft_loss(logits, targets, normalizer=norms.scored_tokens)
 
 
 def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):

@@ -1,0 +1,106 @@
+"""Packed rows (data.pack, Transformer(..., doc_ids=), trainer.scored_logits): several sequences a
+row, each attending only to itself, give the losses and gradients of the padded batch.
+
+The model is float64, so "equal" means equal up to float64 rounding: the packed batch sums the
+same terms in another order (bound 1e-12, a million times float64's epsilon and far below any real
+difference: a sequence attending to its neighbour moves its logits by ~1e-2)."""
+
+import pytest
+import torch
+
+import trainer
+from data import pack
+from model import ModelConfig, Transformer
+from trainer import Norms
+
+CPU = torch.device("cpu")
+LENGTHS = [2, 61, 7, 33, 3, 40, 12, 5]  # very different lengths; the pair rows are [0..3] and [4..7]
+TOL = 1e-12  # float64 rounding, see the module docstring
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                      max_seq_len=128)
+    return Transformer(cfg).double()
+
+
+def padded_batch(lengths, prompt=1):
+    """Right-padded rows as data.collate makes them: the first `prompt` tokens unscored."""
+    g = torch.Generator().manual_seed(1)
+    B, T = len(lengths), max(lengths)
+    ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(4, 50, (n,), generator=g)
+        am[b, :n] = 1
+        labels[b, prompt - 1:n - 1] = ids[b, prompt:n]
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64).round() * (labels != -100)
+    ref = torch.randn(B, T, generator=g, dtype=torch.float64) * (labels != -100)
+    return {"input_ids": ids, "attention_mask": am, "labels": labels, "weights": weights, "ref": ref}
+
+
+def test_pack_places_every_real_token_once_within_capacity():
+    b = padded_batch(LENGTHS)
+    p = pack(b, 64)
+    B, T = b["input_ids"].shape
+    real = p["source"][p["source"] >= 0]
+    assert sorted(real.tolist()) == sorted(i * T + t for i, n in enumerate(LENGTHS) for t in range(n))
+    assert p["input_ids"].shape[1] <= 64 and p["input_ids"].shape[0] < len(LENGTHS)
+    assert torch.equal(p["input_ids"][p["source"] >= 0], b["input_ids"].flatten()[real])
+    assert torch.equal(p["labels"][p["source"] >= 0], b["labels"].flatten()[real])
+    assert (p["labels"][p["source"] < 0] == -100).all() and (p["doc_ids"][p["source"] < 0] == -1).all()
+    # a capacity below the longest row packs into rows of that row's length, first-fit decreasing:
+    # [61], [40, 12, 7, 2], [33, 5, 3]
+    assert pack(b, 8)["doc_ids"].max(1).values.tolist() == [0, 3, 2]
+
+
+def test_packed_logits_equal_each_sequence_alone():
+    m = model()
+    b = padded_batch(LENGTHS)
+    p = pack(b, 64)
+    packed = m(p["input_ids"], doc_ids=p["doc_ids"])  # [R,C,V]
+    B, T = b["input_ids"].shape
+    for i, n in enumerate(LENGTHS):
+        alone = m(b["input_ids"][i:i + 1, :n])[0]  # [n,V]
+        at = (p["source"] >= i * T) & (p["source"] < i * T + n)
+        assert (packed[at] - alone).abs().max() < TOL
+
+
+def losses(m, b):
+    n = len(LENGTHS) // 2
+    chosen_tokens = int((b["labels"][:n] != -100).sum())
+    return {
+        "sft": trainer.sft_batch_loss(m, b, Norms(scored_tokens=int((b["labels"] != -100).sum())), CPU),
+        "npo": trainer.npo_batch_loss(m, b, Norms(weighted_tokens=int((b["weights"] != 0).sum())), CPU, 0.1),
+        "dpo": trainer.dpo_batch_loss(m, b, Norms(pairs=n, chosen_tokens=chosen_tokens), CPU, 0.1, 0.5,
+                                      nll=0.3),
+    }
+
+
+@pytest.mark.parametrize("loss", ["sft", "npo", "dpo"])
+def test_packed_losses_and_gradients_equal_the_padded_batch(loss):
+    """SFT, NPO with token weights, DPO with key tokens (eps 0.5) and its NLL term: the pair's rows
+    land in different packed rows, and the loss is that of the padded batch."""
+    m = model()
+    b = padded_batch(LENGTHS, prompt=2)
+    results = []
+    for batch in (b, {**b, "packed": pack(b, 64)}):
+        m.zero_grad()
+        value = losses(m, batch)[loss]
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in m.parameters()]))
+    (a, ga), (c, gc) = results
+    assert abs(a - c) < TOL and a != 0
+    assert max((x - y).abs().max() for x, y in zip(ga, gc)) < TOL
+    assert max(x.abs().max() for x in ga) > 1e-3  # gradients that are there to compare
+
+
+def test_a_stage_trains_packed(smoke_run, tmp_path):
+    """--pack reaches the training loop and enters the stage's fingerprint."""
+    import json
+
+    import train
+    out = tmp_path / "sft"
+    train.main(["--preset", "smoke", "--run", smoke_run, "--stage", "sft", "--pack", "--out", str(out)])
+    assert json.load(open(out / "stage.json"))["fingerprint"]["train"]["pack"] is True
