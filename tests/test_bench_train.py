@@ -6,7 +6,7 @@ from tools import bench_train
 
 TINY = ["--warmup", "0", "--steps", "1", "--batch", "3", "--prompt", "6", "--response", "4",
         "--gen-batch", "2", "--new", "3", "--threads", "1", "--device", "cpu"]
-STEPS = ["DPO (full)", "DPO learn (10% mask, eps 0.5)", "NPO forget (10% mask)",
+STEPS = ["DPO (full)", "DPO learn (10% mask, eps 0.5)", "NPO forget (10% mask)", "SFT",
          "generate (KV cache, greedy)"]
 
 
@@ -21,14 +21,14 @@ def test_table_has_every_step_of_every_size_with_exact_token_counts(capsys):
     printed = table_rows(capsys.readouterr().out)
     assert [(r["model"], r["step"]) for r in printed] == [
         (m, s) for m in ("default (0.78M)", "32:1:2:1:64:64:untied (0.01M)") for s in STEPS]
-    assert [r["tokens/step"] for r in rows] == [72, 72, 36, 6] * 2  # [BOS] + 6 + 4 + [EOS] per row
-    assert [r["batch"] for r in rows] == ["6x12", "6x12", "3x12", "2x3"] * 2
+    assert [r["tokens/step"] for r in rows] == [72, 72, 36, 36, 6] * 2  # [BOS] + 6 + 4 + [EOS] per row
+    assert [r["batch"] for r in rows] == ["6x12", "6x12", "3x12", "3x12", "2x3"] * 2
     assert all(r["ms/step"] > 0 and r["tokens/s"] > 0 for r in rows)
 
 
 def test_padding_is_not_counted():
     rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0.5", "--batch", "8"])
-    for r in rows[:3]:
+    for r in rows[:4]:
         n_rows, length = map(int, r["batch"].split("x"))
         assert n_rows * (3 + 2 + 2) <= r["tokens/step"] < n_rows * length  # shortest rows: 3 + 2 tokens
 
@@ -38,7 +38,7 @@ def test_compile_flag_times_the_compiled_model(capsys):
     rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--compile",
                                     "--warmup", "1"])
     assert "torch.compile" in capsys.readouterr().out
-    assert [r["tokens/step"] for r in rows] == [72, 72, 36, 6]
+    assert [r["tokens/step"] for r in rows] == [72, 72, 36, 36, 6]
 
 
 def test_bench_generate_times_both_loops_on_a_shape(capsys):
@@ -54,3 +54,13 @@ def test_bench_generate_times_both_loops_on_a_shape(capsys):
     weights = 300 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # tied head; q, o, k, v; the MLP
     kv = 5 * (2 * 2 * 2 * 16) * (4 + 5 + 6)  # 5 rows; K and V, 2 layers x 2 heads x 16; 4, 5, 6 positions
     assert bench_generate.bytes_read(cfg, 5, 4, 3, 4) == (3 * weights + kv) * 4
+
+
+def test_pack_times_each_training_step_padded_and_packed(capsys):
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0.6", "--batch", "8", "--pack"])
+    names = [r["step"] for r in rows]
+    assert names == [s + p for s in STEPS[:4] for p in ("", ", packed")] + STEPS[4:]
+    for padded, packed in zip(rows[0:8:2], rows[1:8:2]):
+        assert padded["tokens/step"] == packed["tokens/step"]  # the same real tokens, fewer rows
+        assert int(packed["batch"].split("x")[0]) < int(padded["batch"].split("x")[0])
+    assert capsys.readouterr().out.count("the padded step's speed") == 4

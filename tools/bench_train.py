@@ -12,6 +12,7 @@ the optimizer step of train.py on one batch of random token ids:
   DPO learn   DPO with key tokens (--eps) on the rejected half, MaskedAdamW on a --mask-ratio
               mask (random scores), as `--stage learn`
   NPO forget  token-level NPO with token weights on a [B,T] batch, the same mask, as `--stage forget`
+  SFT         cross-entropy of the responses of a [B,T] batch, every parameter, as `--stage sft`
   generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
 A training step: trainer.py's per-batch loss (dpo_batch_loss, npo_batch_loss; bf16 autocast on
 CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as trainer.fit does on one
@@ -19,6 +20,8 @@ process; reference log-probs are cached before timing (trainer.reference_logps),
 does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
 for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
+--pack times each training step twice, padded and packed (data.pack into rows of twice the mean
+length, as train.py --pack packs into rows of --max-len), and prints how much faster packed is.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
 (oversubscribed threads made the default model's step 50-100x slower).
 
@@ -39,15 +42,17 @@ from types import SimpleNamespace
 import torch
 
 import allo
-from data import collate
+from data import collate, pack
 from model import ModelConfig, Transformer, autocast, pick_device
 from tools.versus_hf import in_turns, load_hf
-from trainer import Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, with_reference
+from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, sft_batch_loss,
+                     with_reference)
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
     "10m": "256:10:4:2:704:8000",  # 9.4M
     "34m": "512:8:8:8:1376:8000:untied",  # 33.5M, bench_optim.py's model
+    "135m": "576:30:9:3:1536:49152",  # SmolLM2-135M's shape
 }
 # what collate needs; the inputs are token ids
 TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0, prompt_ids=lambda ids: [2] + list(ids))
@@ -130,14 +135,20 @@ def bench_size(spec, args, device):
             (f"DPO learn ({pct} mask, eps {args.eps})", masks, pairs,
              lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, args.eps)),
             (f"NPO forget ({pct} mask)", masks, forget,
-             lambda m, b: npo_batch_loss(m, b, forget_norms, device, args.beta))]
+             lambda m, b: npo_batch_loss(m, b, forget_norms, device, args.beta)),
+            ("SFT", full_masks(model), forget,
+             lambda m, b: sft_batch_loss(m, b, Norms(scored_tokens=int((forget["labels"] != -100).sum())),
+                                         device))]
     rows = []
     for name, m, batch, loss_fn in runs:  # each optimizer lives for its own timing only
-        opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default step: multi-tensor on CUDA
-        step = partial(train_step, net, opt, loss_fn, batch)
-        dt, tok = median_time(step, args, device)
-        rows.append((name, batch["input_ids"].shape, tok, dt))
-        del step, opt
+        for packed in (False, True) if args.pack else (False,):
+            opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default step: multi-tensor on CUDA
+            b = {**batch, "packed": pack(batch, 2 * (args.prompt + args.response))} if packed else batch
+            step = partial(train_step, net, opt, loss_fn, b)
+            dt, tok = median_time(step, args, device)
+            shape = b["packed"]["input_ids"].shape if packed else batch["input_ids"].shape
+            rows.append((name + (", packed" if packed else ""), shape, tok, dt))
+            del step, opt
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
 
@@ -226,6 +237,7 @@ def parse_args(argv=None):
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
     add("--model", help="a Hugging Face Llama checkpoint: time a DPO step against transformers (see above)")
+    add("--pack", action="store_true", help="time each training step padded and packed (train.py --pack)")
     add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
         "--compile (the compile happens in the warmup steps, which must be >= 1)")
     return p.parse_args(argv)
@@ -250,6 +262,10 @@ def main(argv=None):
         rows += bench_size(spec, args, device)
         print(f"{rows[-1]['model']}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(allo.format_table(rows))
+    for i, r in enumerate(rows):
+        if r["step"].endswith(", packed"):
+            print(f"{r['model']} {r['step'][:-8]}: packed {rows[i - 1]['ms/step'] / r['ms/step']:.2f}x "
+                  "the padded step's speed")
     print("batch: rows x padded length (generate: prompts x new tokens); tokens/step: real tokens "
           "(generate: new tokens); ms/step: one optimizer step (generate: one call)")
     return rows
