@@ -104,3 +104,11 @@ def test_a_stage_trains_packed(smoke_run, tmp_path):
     out = tmp_path / "sft"
     train.main(["--preset", "smoke", "--run", smoke_run, "--stage", "sft", "--pack", "--out", str(out)])
     assert json.load(open(out / "stage.json"))["fingerprint"]["train"]["pack"] is True
+
+
+def test_packed_rows_are_used_only_where_they_save_a_tenth_of_the_positions():
+    assert "packed" in trainer.packed(padded_batch(LENGTHS), 64)  # 8 x 61 -> 3 x 64 positions
+    same = padded_batch([20] * 8)
+    assert "packed" not in trainer.packed(same, 40)  # 8 x 20 -> 4 x 40: nothing saved
+    assert "packed" not in trainer.packed(padded_batch([30, 25, 25, 10]), 40)  # 4 x 30 -> 3 x 40: 100%
+    assert "packed" in trainer.packed(padded_batch([30, 20, 20, 10]), 40)  # 4 x 30 -> 2 x 40: 67%

@@ -20,8 +20,9 @@ process; reference log-probs are cached before timing (trainer.reference_logps),
 does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
 for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
---pack times each training step twice, padded and packed (data.pack into rows of twice the mean
-length, as train.py --pack packs into rows of --max-len), and prints how much faster packed is.
+--pack times each training step twice, padded and packed (trainer.packed into rows of twice the mean
+length, as train.py --pack packs into rows of --max-len: packed only where that saves a tenth of the
+positions, else the padded batch again), and prints how much faster packed is.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
 (oversubscribed threads made the default model's step 50-100x slower).
 
@@ -42,11 +43,11 @@ from types import SimpleNamespace
 import torch
 
 import allo
-from data import collate, pack
+from data import collate
 from model import ModelConfig, Transformer, autocast, pick_device
 from tools.versus_hf import in_turns, load_hf
-from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, reference_logps, sft_batch_loss,
-                     with_reference)
+from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, packed, reference_logps,
+                     sft_batch_loss, with_reference)
 
 SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: tied embeddings, as train.py)
     "default": "128:4:4:2:352:320",  # train.py's embedded-task model: 0.78M
@@ -141,13 +142,13 @@ def bench_size(spec, args, device):
                                          device))]
     rows = []
     for name, m, batch, loss_fn in runs:  # each optimizer lives for its own timing only
-        for packed in (False, True) if args.pack else (False,):
+        for packing in (False, True) if args.pack else (False,):
             opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default step: multi-tensor on CUDA
-            b = {**batch, "packed": pack(batch, 2 * (args.prompt + args.response))} if packed else batch
+            b = packed(batch, 2 * (args.prompt + args.response)) if packing else batch
             step = partial(train_step, net, opt, loss_fn, b)
             dt, tok = median_time(step, args, device)
-            shape = b["packed"]["input_ids"].shape if packed else batch["input_ids"].shape
-            rows.append((name + (", packed" if packed else ""), shape, tok, dt))
+            shape = b["packed"]["input_ids"].shape if "packed" in b else batch["input_ids"].shape
+            rows.append((name + (", packed" if packing else ""), shape, tok, dt))
             del step, opt
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
