@@ -24,7 +24,7 @@ import torch
 from allo import scored_token_logps
 from bookkeeping.fileio import read_json, write_json
 from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
-                               add_tokenizer_flags, config_from, count, real)
+                               add_tokenizer_flags, apply_machine_flags, config_from, count, real)
 from bookkeeping.resolve import in_run, run_record
 from bookkeeping.runs import UsageError, input_id, load_model, one_line
 from data import (DataError, PromptConfig, TokenizerFile, batches, collate, complete, is_correct,
@@ -217,8 +217,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_machine_flags(a)
     try:
         if a.questions:
             if not a.tokenizer:

@@ -643,8 +643,7 @@ flags.check_settings(CONFIGS)  # a flag declared twice, differently, stops at im
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    flags.apply_machine_flags(a)
     device = parallel.init(pick_device(a.device))
     if not parallel.is_main():  # rank 0 prints the progress of all
         sys.stdout = open(os.devnull, "w")

@@ -16,7 +16,9 @@ import os
 import sys
 from dataclasses import MISSING, field, fields
 
-from model import pick_device
+import torch
+
+from model import pick_device, use_cpu_bf16
 
 # ----------------------------------------------------------------------------- checked types
 
@@ -187,6 +189,21 @@ def add_machine_flags(g):
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=count(0), default=0,
                    help="CPU threads for torch, 0 = torch's default (tiny models often run fastest on 1)")
+    g.add_argument("--cpu-bf16", action="store_true",
+                   help="on a CPU with AMX or AVX512-BF16: bf16 autocast, as on CUDA (float32 weights, "
+                        "optimizer state and losses); refused on other CPUs, where bf16 products are "
+                        "emulated")
+
+
+def apply_machine_flags(a):
+    """--threads and --cpu-bf16, process-wide; a CPU without bf16 products stops with one line."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        use_cpu_bf16(a.cpu_bf16)
+    except ValueError as e:
+        print(f"error: --cpu-bf16: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- train.py's flags

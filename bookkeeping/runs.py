@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bookkeeping import parallel
 from bookkeeping.fileio import read_json, replace_dir, write_json
 from data import COMPANION_FILES, TOKENIZER_FILES, DataError, TokenizerFile, find_tokenizer, regular_file
-from model import Transformer
+from model import Transformer, autocasts
 
 
 class UsageError(Exception):
@@ -339,7 +339,8 @@ def machine(device):
     """What the run ran on, for the record: the GPU's name, or torch's CPU capability; torch's version."""
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu {torch.backends.cpu.get_cpu_capability()}"
-    return {"device": kind, "torch": torch.__version__}
+    precision = "bf16 autocast" if autocasts(device) else "float32"
+    return {"device": kind, "torch": torch.__version__, "precision": precision}
 
 
 # ----------------------------------------------------------------------------- a stage's inputs

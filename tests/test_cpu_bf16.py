@@ -1,0 +1,66 @@
+"""--cpu-bf16: bf16 autocast on a CPU with bf16 products (AMX, AVX512-BF16), refused elsewhere.
+
+Where this machine lacks them the tests stand the probe in (model.cpu_multiplies_bf16): the
+autocast then runs on emulated bf16, slow but the same numbers, on models small enough for that."""
+
+import json
+
+import pytest
+import torch
+
+import model
+import train
+import trainer
+from model import ModelConfig, Transformer
+from trainer import Norms
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """A CPU that multiplies bf16 (stood in), with the autocast switched off again afterwards."""
+    monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: True)
+    yield
+    model.use_cpu_bf16(False)
+
+
+def test_refused_on_a_cpu_without_bf16_products(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "smoke", "--cpu-bf16", "--run", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "error: --cpu-bf16: this CPU has neither AMX nor AVX512-BF16: its bf16 matrix products are emulated, "
+        "about 100x slower than float32's"]
+    assert not (tmp_path / "run").exists() and not model.CPU_BF16
+
+
+def test_a_step_under_cpu_bf16_multiplies_in_bf16_and_keeps_float32_state(bf16_cpu):
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+    ids = torch.randint(4, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[:, :4] = labels[:, -1] = -100
+    b = {"input_ids": ids, "labels": labels}
+    norms = Norms(scored_tokens=int((labels != -100).sum()))
+    exact = trainer.sft_batch_loss(m, b, norms, CPU)
+    model.use_cpu_bf16(True)
+    products = []
+    m.layers[0].mlp.up_proj.register_forward_hook(lambda mod, i, out: products.append(out.dtype))
+    loss = trainer.sft_batch_loss(m, b, norms, CPU)
+    loss.backward()
+    assert products == [torch.bfloat16] and loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in m.parameters())
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per product): the loss within 1%
+    assert abs(loss.item() - exact.item()) < 0.01 * exact.item() and loss.item() != exact.item()
+
+
+def test_a_stage_under_cpu_bf16_records_its_precision(bf16_cpu, smoke_run, tmp_path):
+    out = tmp_path / "sft"
+    train.main(["--preset", "smoke", "--cpu-bf16", "--run", smoke_run, "--stage", "sft", "--out", str(out)])
+    assert json.load(open(out / "stage.json"))["precision"] == "bf16 autocast"
+    model.use_cpu_bf16(False)
+    plain = tmp_path / "plain"
+    train.main(["--preset", "smoke", "--run", smoke_run, "--stage", "sft", "--out", str(plain)])
+    assert json.load(open(plain / "stage.json"))["precision"] == "float32"
