@@ -64,3 +64,12 @@ def test_pack_times_each_training_step_padded_and_packed(capsys):
         assert padded["tokens/step"] == packed["tokens/step"]  # the same real tokens, fewer rows
         assert int(packed["batch"].split("x")[0]) < int(padded["batch"].split("x")[0])
     assert capsys.readouterr().out.count("the padded step's speed") == 4
+
+
+def test_peak_tflops_adds_the_mfu_of_the_training_steps(capsys):
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--peak-tflops", "1e-4"])
+    # tied embedding 64x32; q, o 32x32; k, v 32x16 (2 heads of 16, 1 kv head); MLP 3 x 32x64; 3 norms
+    n = 64 * 32 + 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 3 * 32
+    for r in rows[:4]:
+        assert r["MFU"] == f"{6 * n * r['tokens/s'] / 1e8:.1%}"
+    assert rows[4]["MFU"] == "-" and "/ 0.0001 TFLOP/s" in capsys.readouterr().out

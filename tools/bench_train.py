@@ -159,9 +159,26 @@ def bench_size(spec, args, device):
     dt, tok = median_time(generate, args, device)
     rows.append(("generate (KV cache, greedy)", (args.gen_batch, args.new), tok, dt))
     size = f"{spec} ({model.num_params() / 1e6:.2f}M)"
-    return [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
-             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
-            for name, shape, tok, dt in rows]
+    out = [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
+            "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
+           for name, shape, tok, dt in rows]
+    if args.peak_tflops:  # model FLOPs utilization of the training steps: 6 x parameters per token
+        for r in out:
+            r["MFU"] = "-" if r is out[-1] else \
+                f"{6 * model.num_params() * r['tokens/s'] / (1e12 * args.peak_tflops):.1%}"
+    return out
+
+
+# dense bf16 matrix rate (TFLOP/s, without sparsity) of the GPUs the project's figures come from
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(args, device):
+    """--peak-tflops, else the named GPU's dense bf16 rate from PEAK_TFLOPS, else None."""
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((rate for gpu, rate in PEAK_TFLOPS.items() if gpu in name), None)
 
 
 def hf_dpo_loss(hf, batch, beta, device):
@@ -238,6 +255,8 @@ def parse_args(argv=None):
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
     add("--model", help="a Hugging Face Llama checkpoint: time a DPO step against transformers (see above)")
+    add("--peak-tflops", type=float, help="the device's matrix rate for the MFU column (default on CUDA: "
+        "the dense bf16 rate of an H100, H200 or A100 by name; elsewhere no column)")
     add("--pack", action="store_true", help="time each training step padded and packed (train.py --pack)")
     add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
         "--compile (the compile happens in the warmup steps, which must be >= 1)")
@@ -252,6 +271,7 @@ def main(argv=None):
     if args.model:
         return bench_checkpoint(args, device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    args.peak_tflops = peak_tflops(args, device)
     print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens "
           f"(+-{args.jitter:.0%}), generate {args.gen_batch} x {args.new} new tokens; "
@@ -269,6 +289,9 @@ def main(argv=None):
                   "the padded step's speed")
     print("batch: rows x padded length (generate: prompts x new tokens); tokens/step: real tokens "
           "(generate: new tokens); ms/step: one optimizer step (generate: one call)")
+    if args.peak_tflops:
+        print(f"MFU: 6 x parameters x tokens/s / {args.peak_tflops:g} TFLOP/s{name} (the attention's FLOPs "
+              "not counted)")
     return rows
 
 

@@ -16,6 +16,10 @@ TINYLLAMA="--device cuda --sizes 2048:22:32:4:5632:32000:untied --batch 4 --prom
 TINYLLAMA="$TINYLLAMA --jitter 0 --gen-batch 16 --new 64"
 python -m tools.bench_train $TINYLLAMA | tee "$OUT/train.md"
 python -m tools.bench_train $TINYLLAMA --compile | tee "$OUT/train_compiled.md"
+# SmolLM2-135M's shape on rows of GSM8K-like lengths under a chat template, padded and packed (#34)
+SMOL="--device cuda --sizes 135m --batch 8 --prompt 100 --response 130 --jitter 0.6 --pack --gen-batch 64 --new 64"
+python -m tools.bench_train $SMOL | tee "$OUT/train_135m.md"
+python -m tools.bench_train $SMOL --compile | tee "$OUT/train_135m_compiled.md"
 python -m tools.bench_generate --device cuda --shapes 135m,1.1b --batches 16,64,256 --prompt 32 --new 128 \
     --repeats 2 | tee "$OUT/generate.md"
 rm -rf /tmp/gpu_default && time python train.py --device cuda --run /tmp/gpu_default | tee "$OUT/default_run.txt"
