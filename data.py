@@ -264,7 +264,33 @@ def load_tokenizer(spec):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such tokenizer file")
     kind = HFTokenizer if path.endswith(".json") else Tokenizer
-    return kind(path, spec.bos, spec.eos, spec.pad, spec.bos_mode)
+    tok = kind(path, spec.bos, spec.eos, spec.pad, spec.bos_mode)
+    if os.path.isdir(spec.path):
+        warn_if_other_disagrees(tok, os.path.join(spec.path, "tokenizer.json"), spec)
+    return tok
+
+
+PROBE = "Question: Tom has 12 apples and buys 7 more.\nAnswer: 12 + 7 = 19 apples. #### 19"
+
+
+def warn_if_other_disagrees(tok, other, spec):
+    """A folder with a tokenizer.model and a tokenizer.json uses the .model; where the .json (read
+    when `tokenizers` is installed) encodes PROBE otherwise, or names other BOS/EOS ids, one warning
+    says so: the two files are then two tokenizers, and the model was trained with one of them."""
+    if tok.path == other or not os.path.isfile(other):
+        return
+    try:
+        json_tok = HFTokenizer(other, spec.bos, spec.eos, spec.pad, spec.bos_mode)
+    except DataError:  # no `tokenizers`, or a .json it cannot read: nothing to compare with
+        return
+    if tok.prompt_ids(PROBE) != json_tok.prompt_ids(PROBE):
+        how = f"encode {PROBE[:19]!r}... into other ids"
+    elif tok.eos_id != json_tok.eos_id:
+        how = f"name other EOS ids ({tok.eos_id} and {json_tok.eos_id})"
+    else:
+        return
+    print(f"warning: {os.path.dirname(tok.path)}: tokenizer.model and tokenizer.json {how}: they are two "
+          "tokenizers; tokenizer.model is used (name the other with --tokenizer)", flush=True)
 
 
 def train_tokenizer(texts, path, vocab_size, max_number=None):

@@ -411,3 +411,28 @@ def test_study_pipeline_seeds_on_your_own_model_start_each_stage_where_the_pipel
             assert started_from(os.path.join(seed, d)) == runs.input_id(start), d
         assert os.path.exists(os.path.join(seed, "sft")) != skip
     capsys.readouterr()
+
+
+def test_a_tokenizer_model_and_json_that_disagree_are_named(tmp_path, capsys):
+    """#32: a folder holding a tokenizer.model and a tokenizer.json uses the .model; where the two
+    are different tokenizers, one warning says so (a consistent pair, as Llama 2 ships, is silent:
+    the same ids for the probe line and the same EOS)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    sentencepiece_tokenizer(tmp_path)
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts(), trainer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    load_tokenizer(str(tmp_path))
+    assert capsys.readouterr().out == ""  # the .model alone
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    assert tok.path.endswith("tokenizer.model") and len(out) == 1
+    assert out[0].startswith(f"warning: {tmp_path}: tokenizer.model and tokenizer.json encode "
+                             "'Question: Tom has 1'")
+    assert out[0].endswith("tokenizer.model is used (name the other with --tokenizer)")
+    load_tokenizer(str(tmp_path / "tokenizer.model"))  # named: no question which
+    assert capsys.readouterr().out == ""
