@@ -80,7 +80,11 @@ def sft_loss(logits, labels, weights=None, normalizer=None):
     weight of every micro-batch of an optimizer step on every process: the micro-batch losses
     then add up to the loss of the whole step. A normalizer <= 0 counts as 1.
     """
-    logps = token_logps(logits, labels)  # [B,T]
+    return nll_loss(token_logps(logits, labels), labels, weights, normalizer)
+
+
+def nll_loss(logps, labels, weights=None, normalizer=None):
+    """sft_loss from the token log-probs logps (token_logps' [B,T], or [N] of N scored labels)."""
     w = (labels != -100).to(logps.dtype)
     if weights is not None:
         w = w * weights.to(logps.dtype)

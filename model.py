@@ -168,6 +168,49 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+HEAD_CHUNK = 2**24  # logit entries one chunk of HeadLogps holds: 64 MB in float32
+
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(h W^T)[target] of N positions -> [N] float32 (float64 for float64 h), chunk_rows
+    rows at a time: the head's product and logsumexp run per chunk, and backward recomputes each
+    chunk's logits from h instead of keeping them, so neither pass ever holds more than one chunk's
+    [chunk_rows, V] (the fused linear cross-entropy of Liger Kernel, and of Cut Cross-Entropy,
+    Wijmans et al. 2024, here in plain PyTorch ops). One more head product than the unchunked path,
+    in backward. Under autocast the products are bf16 in both passes; logsumexp and the gradient
+    float32. h [N,D], weight [V,D], targets [N] int64."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        kind, acc = h.device.type, torch.promote_types(h.dtype, torch.float32)
+        ctx.amp = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        out, lse = (torch.empty(len(h), device=h.device, dtype=acc) for _ in range(2))
+        for s in range(0, len(h), chunk_rows):
+            rows = slice(s, s + chunk_rows)
+            logits = F.linear(h[rows], weight).to(acc)  # [chunk, V]
+            lse[rows] = logits.logsumexp(-1)
+            out[rows] = logits.gather(1, targets[rows, None])[:, 0] - lse[rows]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets, lse = ctx.saved_tensors
+        kind, enabled, dtype = ctx.amp
+        grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype)
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the products as in forward
+            for s in range(0, len(h), ctx.chunk_rows):
+                rows = slice(s, s + ctx.chunk_rows)
+                hs, g = h[rows], grad[rows]
+                d = F.linear(hs, weight).to(lse.dtype)  # the chunk's logits again, then in place:
+                d.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -softmax * g
+                d[torch.arange(len(hs), device=h.device), targets[rows]] += g  # + onehot(target) * g
+                grad_h[rows] = d @ weight
+                grad_w += d.T @ hs
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
 class KVCache:
     """Pre-allocated keys and values of every layer: [n_layers, B, n_kv_heads, max_len, hd]."""
 
@@ -278,7 +321,8 @@ class Transformer(nn.Module):
     def head_weight(self):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, keep=None, doc_ids=None):
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, keep=None, doc_ids=None,
+                targets=None):
         """input_ids [B,T] -> logits [B,T,V], or with keep (bool [B,T]) the logits [N,V] of its N
         True positions in row-major order: the head, a [D,V] matmul per position, runs only where
         logits are used (the scored targets in training, the last position in generation).
@@ -289,6 +333,8 @@ class Transformer(nn.Module):
         doc_ids [B,T] (packed rows, data.pack; no cache): several sequences laid end to end in a row,
         each token tagged with its sequence's number. Each sequence's positions start at 0 and it
         attends only to itself (a block-diagonal causal mask), so it gets the logits it has alone.
+        targets [N] (with keep): the log-probs [N] of these tokens at the kept positions instead of
+        logits, from HeadLogps: at most HEAD_CHUNK logit entries held at once.
         """
         B, T = input_ids.shape
         past = cache.len if cache is not None else 0
@@ -323,6 +369,9 @@ class Transformer(nn.Module):
             cache.len += T
         if keep is not None:
             x = x[keep]  # [N,D]
+        if targets is not None:
+            return HeadLogps.apply(self.norm(x), self.head_weight(), targets,
+                                   max(1, HEAD_CHUNK // self.cfg.vocab_size))
         return F.linear(self.norm(x), self.head_weight())  # [B,T,V] or [N,V]
 
     def prefill(self, prompts: list[list[int]], slots: list[int], cache: SlotCache):

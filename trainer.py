@@ -20,7 +20,7 @@ from bookkeeping.optim import masked_adamw
 from bookkeeping.runs import Interrupted, UsageError
 from bookkeeping.trainlog import TrainLog
 from data import batches, collate, pack
-from model import autocast
+from model import HEAD_CHUNK, autocast
 
 
 def seed_setting():
@@ -244,29 +244,42 @@ def full_masks(model):
 
 # ----------------------------------------------------------------------------- per-batch losses
 
-def scored_logits(model, batch, device):
-    """The logits [N,V] of the batch's N scored targets and those targets [N], the forward under
+def scored_logps(model, batch, device):
+    """The log-probs [N] of the batch's N scored targets and those targets [N], the forward under
     autocast(device), from its padded rows or, where it has them, its packed rows (batch["packed"],
-    data.pack; in their order).
+    data.pack; in their order). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made
+    whole and allo.token_logps reads them; beyond, the model computes the log-probs chunk by chunk
+    (model.HeadLogps), never holding the batch's logits.
 
     collate() pads on the right, so causal attention alone gives every real position exactly the
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
     rows = batch.get("packed", batch)
+    n = int((rows["labels"] != -100).sum())  # counted on the host: no wait for the device
+    chunked = n * unwrapped(model).cfg.vocab_size > HEAD_CHUNK
     labels, docs = rows["labels"].to(device), rows.get("doc_ids")
+    scored = labels != -100
     with autocast(device):
-        logits = model(rows["input_ids"].to(device), keep=labels != -100,
-                       doc_ids=None if docs is None else docs.to(device))
-    return logits, labels[labels != -100]
+        out = model(rows["input_ids"].to(device), keep=scored, targets=labels[scored] if chunked else None,
+                    doc_ids=None if docs is None else docs.to(device))
+    return (out if chunked else allo.token_logps(out, labels[scored])), labels[scored]
+
+
+def unwrapped(net):
+    """The Transformer inside a DDP (.module) or compiled (._orig_mod) wrapper, or a stand-in
+    (.model, tools/memory_plan.py)."""
+    while not hasattr(net, "cfg"):
+        net = next(getattr(net, a) for a in ("module", "_orig_mod", "model") if hasattr(net, a))
+    return net
 
 
 def forward_logps(model, batch, device):
     """Per-token log-probs [B,T] of the batch's labels (0 off-target), padded or packed alike."""
-    logits, targets = scored_logits(model, batch, device)
+    logps, _ = scored_logps(model, batch, device)
     labels = batch["labels"].to(device)
     if "packed" not in batch:
-        return allo.scored_token_logps(logits, labels)
-    logps, packed = allo.token_logps(logits, targets), batch["packed"]
+        return logps.new_zeros(labels.shape).masked_scatter(labels != -100, logps)
+    packed = batch["packed"]
     at = packed["source"][packed["labels"] != -100].to(device)  # each target's place in [B,T]
     return logps.new_zeros(labels.numel()).scatter(0, at, logps).view(labels.shape)
 
@@ -274,8 +287,8 @@ def forward_logps(model, batch, device):
 def sft_batch_loss(model, b, norms, device):
     """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
     tokens, its share of the mean over the step's scored tokens."""
-    logits, targets = scored_logits(model, b, device)
-    return allo.sft_loss(logits, targets, normalizer=norms.scored_tokens)
+    logps, targets = scored_logps(model, b, device)
+    return allo.nll_loss(logps, targets, normalizer=norms.scored_tokens)
 
 
 def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):

@@ -123,14 +123,14 @@ def test_killed_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_last_checkpoint_kept(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = allo.sft_loss
+    real = allo.nll_loss
 
     def nan_at_step_5(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(allo, "sft_loss", nan_at_step_5)
+    monkeypatch.setattr(allo, "nll_loss", nan_at_step_5)
     with pytest.raises(SystemExit) as e:
         train.main(SMOKE + ["--run", str(tmp_path), "--stage", "sft", "--sft-steps", "6",
                             "--ckpt-every", "2"])

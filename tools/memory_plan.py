@@ -28,7 +28,9 @@ Items of a stage (bytes on the accelerator; trainer.fit and train.py's stage fun
   logit grads   backward of token_logps' logsumexp: three float32 [n (<= 4096 chunked), V]
                 temporaries at once, n = rows x --response-len, while every activation is still
                 saved. Every loss (SFT, the rewriter's, DPO with --nll) is built on token_logps: no
-                float32 logits copy
+                float32 logits copy. Past model.HEAD_CHUNK (2^24) logit entries the head runs chunk
+                by chunk (model.HeadLogps): no logits saved, and its backward holds one chunk's
+                logit gradient and the head's [V, D] weight gradient (logit_grad_bytes)
   no-grad pass  trainer.reference_logps (--ref-batch-size rows a batch, one batch at a time) or the
                 rewriter's scoring (--batch-size rows a batch), both unmasked as in training, with
                 only weights (and masks) resident: the largest of the forward's peak (one block's
@@ -80,8 +82,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import allo
+import model as modelpy  # its HEAD_CHUNK, set by head_chunked (functions here name their models `model`)
 import trainer
-from model import ModelConfig, Transformer
+from model import HEAD_CHUNK, ModelConfig, Transformer
 from trainer import Norms
 
 GiB = 2**30
@@ -147,7 +150,8 @@ def attention_kernel(device):
     return "flash-cpu" if device == "cpu" else "flash"
 
 
-def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo", scored=None):
+def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo", scored=None,
+                     head_chunk=None):
     """Bytes autograd saves in one micro-batch: model.py op by op, allo.token_logps, the loss.
 
     autocast: bf16 autocast (CUDA path; with wbytes 4 it casts); wbytes: 4 float32, 2 bfloat16
@@ -156,10 +160,13 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     rows * T, the default), the only ones the final norm and the head see (model(..., keep=)).
     Returns "layer" (one block), "layers" (what the blocks keep), "recompute", "other"
     (embedding, RoPE, the keep index, final norm), "head" (logits, token_logps, loss) and
-    "cast_saved" (bf16 weight copies autograd saves).
+    "cast_saved" (bf16 weight copies autograd saves). Past head_chunk (model.HEAD_CHUNK) logit
+    entries the head runs chunk by chunk (model.HeadLogps): it saves the final norm's output, the
+    targets and their logsumexp, and no logits, and no bf16 copy of the head's weight.
     """
     N, D, H, hd, V = rows * T, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.vocab_size
     n = N if scored is None else scored
+    chunked = n * V > (HEAD_CHUNK if head_chunk is None else head_chunk)  # trainer.scored_logps' rule
     kv = cfg.n_kv_heads * hd
     c = 2 if autocast or wbytes == 2 else 4  # dtype of the linears' outputs and of the logits
     r = wbytes  # residual stream (embedding dtype; float32 + bf16 promotes to float32)
@@ -176,7 +183,8 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     layer = rmsnorm(N, 3) + attention + rmsnorm(N, 2) + mlp
     # int64 ids (embedding), float32 cos and sin; x[keep]'s bool index [rows, T] (the same tensor
     # as masked_scatter's mask in allo.scored_token_logps); the final norm of the n kept positions
-    other = N * (8 + 2 * 4 * hd) + N + rmsnorm(n, 1)
+    # (chunked: HeadLogps saves the norm's output itself, in the residual's dtype, and casts inside)
+    other = N * (8 + 2 * 4 * hd) + N + (n * (4 * D + 4 + 2 * r * D) if chunked else rmsnorm(n, 1))
     # checkpoint() keeps only each block's input
     layers, recompute = (cfg.n_layers * N * r * D, layer) if ckpt else (cfg.n_layers * layer, 0)
     # gather saves the logits [n, V], logsumexp its float32 input: the same tensor for float32
@@ -186,16 +194,25 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     # logsigmoid's input and buffer [rows, T] (dpo and npo work on masked_scatter's [rows, T])
     loss_bytes = {"sft": 4 * n, "dpo": N // 2, "npo": 12 * N}[loss]
     head = n * (logits + 8 + 4 + 1) + loss_bytes  # + int64 gather index, logsumexp, where's mask
+    if chunked:  # HeadLogps: int64 targets, float32 logsumexp
+        head = n * (8 + 4) + loss_bytes
     n_cast = param_counts(cfg)["cast"] if not ckpt else V * D  # ckpt: only the head's
+    n_cast -= V * D if chunked else 0  # HeadLogps saves the float32 weight itself
     cast_saved = 2 * n_cast if autocast and wbytes == 4 else 0
     return {"layer": layer, "layers": layers, "recompute": recompute, "other": other, "head": head,
             "cast_saved": cast_saved}
 
 
-def logit_grad_bytes(V, n, chunked):
+def logit_grad_bytes(V, n, chunked, D=0, head_chunk=HEAD_CHUNK):
     """allo.token_logps' backward: logsumexp_backward = grad * (x - lse).exp(), three float32
     [n, V] tensors alive at once; n = the scored positions (the head's rows), one chunk of them
-    for half-precision logits."""
+    for half-precision logits. Past head_chunk logit entries (model.HeadLogps' backward; D: the
+    model's width): one chunk's logit gradient, float32 [c, V] with c = head_chunk // V rows, made
+    in place from its recomputed logits (and under autocast the bf16 copies of it and of its
+    transpose that the two products cast), beside the weight gradient it accumulates, float32
+    [V, D], and one product's [V, D] (under autocast bf16, with the weight's bf16 copy)."""
+    if n * V > head_chunk:
+        return 4 * V * min(n, max(1, head_chunk // V)) * (2 if chunked else 1) + 8 * V * D
     return 3 * 4 * V * (min(n, CHUNK_ROWS) if chunked else n)
 
 
@@ -234,7 +251,7 @@ def forward_bytes(cfg, rows, T, *, autocast, wbytes, masked=False, cached=False)
 
 
 def no_grad_pass_bytes(cfg, rows, T, scored, *, autocast, wbytes, logps_in_autocast=False,
-                       inside_ops=True):
+                       inside_ops=True, head_chunk=HEAD_CHUNK):
     """Peak of trainer.reference_logps' or the rewriter's scoring's forward without autograd over
     rows x T tokens (no mask) and token_logps over its `scored` positions (allo.scored_token_logps),
     weights aside. The largest of: the forward's (forward_bytes, with the blocks' bf16 copies); the
@@ -245,7 +262,9 @@ def no_grad_pass_bytes(cfg, rows, T, scored, *, autocast, wbytes, logps_in_autoc
     without autograd and live until the autocast region exits: trainer.forward_logps' covers the
     model only, so they are freed before token_logps; train.score_tokens' covers
     allo.rewriter_token_probs, token_logps included (logps_in_autocast). inside_ops False: without
-    logsumexp's temporary, what --check's sampler sees."""
+    logsumexp's temporary, what --check's sampler sees. Past head_chunk logit entries the reference
+    pass runs the head chunk by chunk (model.HeadLogps), inside the model's autocast region: one
+    chunk's logits instead of the batch's (the rewriter's scoring keeps the whole logits)."""
     V, D, half = cfg.vocab_size, cfg.dim, autocast or wbytes == 2
     copies, block_copies = cast_copies(cfg, autocast, wbytes)
     fwd = forward_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes)
@@ -255,6 +274,10 @@ def no_grad_pass_bytes(cfg, rows, T, scored, *, autocast, wbytes, logps_in_autoc
     head = logits + copies + fwd["base"] + x_kept
     after = (logits + 16 * rows * T + 4 * V * chunk * (half + inside_ops)  # + the batch's ids and labels
              + (copies if logps_in_autocast else 0))
+    if scored * V > head_chunk and not logps_in_autocast:  # trainer.forward_logps' chunked head:
+        c = min(scored, max(1, head_chunk // V))  # one chunk's float32 logits, their bf16 original, and
+        head = copies + fwd["base"] + x_kept + V * c * (4 + 4 + 2 * half)  # logsumexp's (x - max), seen
+        return max(block_copies + fwd["peak"], head)
     return max(block_copies + fwd["peak"], head, after)
 
 
@@ -300,7 +323,7 @@ def plan(cfg, a, ckpt):
         it = {"weights": w * n, "grads": w * n, "optimizer": 0 if scorer else optimizer_bytes(n, ratio, w),
               "masks": 0 if scorer else n, "scoring": 4 * n if scorer else 0,  # grad_importance's accumulator
               "activations": saved + act["recompute"], "bf16 copies": copies,
-              "logit grads": logit_grad_bytes(V, rows * resp, chunked=half)}
+              "logit grads": logit_grad_bytes(V, rows * resp, chunked=half, D=cfg.dim)}
         resident = it["weights"] + it["optimizer"] + it["masks"] + it["scoring"]
         kept = it["grads"] if a.grad_accum > 1 else 0  # gradients of the earlier micro-batches
         phases = {"forward": resident + kept + saved + copies,
@@ -519,6 +542,17 @@ def measure_logit_grads(model, batch, loss, autocast):
     return allocator_peak(lambda out: out.backward(), forward)
 
 
+def head_chunked(chunk, measure):
+    """measure() with the head chunked past `chunk` logit entries, `chunk` entries a chunk
+    (trainer.HEAD_CHUNK and model.HEAD_CHUNK set to it meanwhile)."""
+    kept = trainer.HEAD_CHUNK, modelpy.HEAD_CHUNK
+    trainer.HEAD_CHUNK = modelpy.HEAD_CHUNK = chunk
+    try:
+        return measure()
+    finally:
+        trainer.HEAD_CHUNK, modelpy.HEAD_CHUNK = kept
+
+
 def reference_scored(rows, T):
     """Scored targets of one of measure_reference_pass' batches: each row a BOS, a prompt of T // 2
     tokens, a response of T - T // 2 - 2 tokens and its EOS (the targets: response and EOS)."""
@@ -613,16 +647,17 @@ def check_exact(cfg, ratio, wdtype=torch.float32):
             ("masks", n, sum(m.nbytes for m in masks.values()))]
 
 
-def check_activations(cfg, rows, T, autocast, wbytes, ckpt, loss):
-    """(predicted, measured) saved bytes of one micro-batch."""
+def check_activations(cfg, rows, T, autocast, wbytes, ckpt, loss, head_chunk=HEAD_CHUNK):
+    """(predicted, measured) saved bytes of one micro-batch; a head_chunk below the batch's logit
+    entries measures the chunked head (trainer.HEAD_CHUNK set to it for the measurement)."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.float32 if wbytes == 4 else torch.bfloat16)
     model.grad_checkpointing = ckpt
     batch = tiny_batch(cfg, rows, T)
     p = activation_bytes(cfg, rows, T, autocast=autocast, wbytes=wbytes, ckpt=ckpt, loss=loss,
-                         scored=n_scored(batch))
+                         scored=n_scored(batch), head_chunk=head_chunk)
     predicted = p["layers"] + p["other"] + p["head"] + p["cast_saved"]
-    return predicted, measure_saved(model, batch, loss, autocast)
+    return predicted, head_chunked(head_chunk, lambda: measure_saved(model, batch, loss, autocast))
 
 
 def check_kv_cache(cfg, wdtype=torch.float32, autocast=False):
@@ -659,6 +694,11 @@ def check_peaks():
             batch = tiny_batch(cfg, rows, T)
             out.append((f"logit grads, {loss}, {how}", logit_grad_bytes(V, n_scored(batch), chunked=autocast),
                         measure_logit_grads(model, batch, loss, autocast), 0.05))
+        for rows_a_chunk in (16, 64):  # the chunked head (model.HeadLogps), its chunk set small
+            batch, chunk = tiny_batch(cfg, rows, T), rows_a_chunk * V
+            out.append((f"logit grads, sft, {how}, chunks of {rows_a_chunk} rows",
+                        logit_grad_bytes(V, n_scored(batch), chunked=autocast, D=cfg.dim, head_chunk=chunk),
+                        head_chunked(chunk, lambda: measure_logit_grads(model, batch, "sft", autocast)), 0.1))
         for i, r, t in ((2, rows, T), (0, 16, 64)):  # config 2: its logits dominate; 0: its forward
             torch.manual_seed(0)
             out.append((f"reference_logps {r} x {t}, config {i}, {how}",
@@ -667,6 +707,12 @@ def check_peaks():
                         measure_reference_pass(Transformer(CHECK_CONFIGS[i]), r, t, autocast),
                         0.05 if i == 2 else 0.08))  # config 0's 3 MB peak: the heap that earlier tests
         # left moves it by ~1% (2-core AMD EPYC: 4.1-4.9% off alone, 5.3% after tests/test_bench_train.py)
+        chunk = 16 * V  # the chunked head in the reference pass, 16 rows a chunk
+        out.append((f"reference_logps {rows} x {T}, config 2, {how}, chunks of 16 rows",
+                    no_grad_pass_bytes(cfg, rows, T, reference_scored(rows, T), autocast=autocast, wbytes=4,
+                                       inside_ops=False, head_chunk=chunk),
+                    head_chunked(chunk, lambda: measure_reference_pass(Transformer(cfg), rows, T, autocast)),
+                    0.1))
         # 16 x 16 (under autocast only): the bf16 copies as large as the logits' float32 chunk, so
         # holding them through token_logps (train.score_tokens' region) shows, by about 20%
         for r, t in ((rows, 3 * T),) + ((16, 16),) * autocast:
