@@ -1,9 +1,14 @@
-"""A Llama-style decoder in plain PyTorch, compatible with Hugging Face Llama checkpoints.
+"""A Llama-style decoder in plain PyTorch, compatible with Hugging Face Llama, Qwen2 and Qwen3
+checkpoints.
 
 Architecture (Touvron et al. 2023): token embedding, n_layers x [RMSNorm -> grouped-query
 causal self-attention with rotary position embeddings -> residual, RMSNorm -> SwiGLU MLP ->
 residual], final RMSNorm, linear head. Parameter names mirror Hugging Face's LlamaForCausalLM
 (without its "model." prefix), so a checkpoint directory loads and saves without renaming.
+Qwen2 (Qwen Team 2024) is this with biases on the q, k and v projections; Qwen3 (2025) with an
+RMSNorm over each head's queries and keys before RoPE, and a head size of its own (head_dim): two
+options of the one config (ModelConfig.qkv_bias, qk_norm, head_size), written back under their
+model_type. Sliding-window attention and mixture-of-experts variants are refused when loading.
 
 Rotary layout: Hugging Face checkpoints store q/k projections permuted so that rotary pairs are
 (i, i + head_dim/2) ("rotate half"), not Meta's interleaved (2i, 2i+1). This model uses the
@@ -42,17 +47,28 @@ class ModelConfig:
     tie_embeddings: bool = True
     # None: plain RoPE. Llama 3 RoPE scaling: a dict with exactly the keys of LLAMA3_ROPE_KEYS
     rope_scaling: dict | None = None
+    # the family's options (Hugging Face model_type): llama; qwen2 (biases on q, k, v); qwen3
+    # (an RMSNorm on each head's queries and keys, and its own head size)
+    arch: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    head_size: int | None = None  # None: dim // n_heads
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     def __post_init__(self):
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (self.head_size is None and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
                              "dim must divide by n_heads and n_heads by n_kv_heads")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch {self.arch!r}: one of {', '.join(ARCHITECTURES)}")
         if self.rope_scaling is not None and (why := llama3_rope_problem(self.rope_scaling)):
             raise ValueError(f"rope_scaling {self.rope_scaling}: {why}")
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -254,15 +270,21 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head's queries and keys RMS-normalized before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B,H,T,hd], [B,Hkv,T,hd]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -317,6 +339,8 @@ class Transformer(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def head_weight(self):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
@@ -607,15 +631,17 @@ class Transformer(nn.Module):
         place: write into a new folder and rename it when complete (runs.StageOutput does)."""
         os.makedirs(path, exist_ok=True)
         c = self.cfg
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        hf = {"architectures": [ARCHITECTURES[c.arch]], "model_type": c.arch, "vocab_size": c.vocab_size,
               "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
-              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
               "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
               "max_position_embeddings": c.max_seq_len,
               "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
               "mlp_bias": False, "torch_dtype": str(self.embed_tokens.weight.dtype)[6:], **config}
         # the transformers 4 layout (as Meta's Llama 3.x checkpoints ship); transformers 5 reads it too
         hf["rope_scaling"] = None if c.rope_scaling is None else {"rope_type": "llama3", **c.rope_scaling}
+        if c.arch != "llama":
+            hf["use_sliding_window"] = False
         tensors = {("" if n == "lm_head.weight" else "model.") + n: p.detach().contiguous().cpu()
                    for n, p in self.named_parameters()}
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -693,9 +719,11 @@ def config_from_hf(path: str) -> ModelConfig:
               if hf.get(k) is not None and not isinstance(hf[k], dict)]
     if wrong:
         raise ValueError(f"{file}: {'; '.join(wrong)}")
-    refuse = []
-    if hf.get("model_type") != "llama":
-        refuse.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
+    refuse, arch = [], hf.get("model_type")
+    if arch not in ARCHITECTURES:
+        refuse.append(f"model_type {arch!r} (only {', '.join(map(repr, ARCHITECTURES))})")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+        refuse.append("sliding-window attention (use_sliding_window true)")
     theta, scaling = hf.get("rope_theta", 10000.0), None
     # transformers < 5: rope_theta at the top level, scaling in rope_scaling; transformers >= 5
     # writes both under rope_parameters
@@ -708,14 +736,15 @@ def config_from_hf(path: str) -> ModelConfig:
             scaling = rope
         elif kind != "default" or rope:
             refuse.append(f"{field} {hf[field]} ({why})")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias"):  # Llama's and Qwen3's also bias o_proj (mlp: the MLP)
         if hf.get(key):
             refuse.append(f"{key} true")
     if hf.get("hidden_act", "silu") != "silu":
         refuse.append(f"hidden_act {hf['hidden_act']!r}")
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
-        refuse.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    head_size = hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // heads else None
+    if head_size is None and hf["hidden_size"] % heads:
+        refuse.append(f"hidden_size {hf['hidden_size']} does not divide by num_attention_heads {heads}")
     if refuse:
         raise ValueError(f"{file}: unsupported config: " + "; ".join(refuse))
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -723,7 +752,8 @@ def config_from_hf(path: str) -> ModelConfig:
                        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=theta, rope_scaling=scaling,
                        max_seq_len=hf.get("max_position_embeddings", 2048),
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+                       tie_embeddings=hf.get("tie_word_embeddings", False), arch=arch,
+                       qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", head_size=head_size)
 
 
 def positive_int(x) -> bool:

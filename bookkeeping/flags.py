@@ -250,8 +250,8 @@ def parse_train_args(argv, stages, configs, description=None):
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
                              "--eval-questions F...)")
-    g.add_argument("--model", type=folder, help="your model directory (Hugging Face Llama layout); with "
-                   "--stage: the stage's starting model")
+    g.add_argument("--model", type=folder, help="your model directory (Hugging Face Llama, Qwen2 or Qwen3); "
+                   "with --stage: the stage's starting model")
     g.add_argument("--questions", help="your training questions, JSONL in GSM8K's format {question, answer}")
     g.add_argument("--eval-questions", nargs="+", help="questions files for validation (the first) and "
                    "held-out pairs and the table (the last)")

@@ -267,3 +267,66 @@ def test_an_absurd_layer_count_is_refused_before_anything_of_its_size(tmp_path):
     d = copy_fixture(tmp_path, num_hidden_layers=10**9)
     with pytest.raises(ValueError, match=r"the checkpoint holds 2 layers, config\.json's num_hidden_layers"):
         Transformer.from_pretrained(str(d))
+
+
+# ----------------------------------------------------------------------------- Qwen2 and Qwen3 (#30)
+
+QWEN = {arch: Path(__file__).resolve().parent / "fixtures" / f"hf_{arch}_tiny" for arch in ("qwen2", "qwen3")}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_logits_match_transformers(arch):
+    """Random Qwen2 (biases on q, k, v) and Qwen3 (q/k RMSNorm per head, head_dim 16 where
+    hidden / heads is 8) checkpoints made by transformers: the same logits, padded or not."""
+    model = Transformer.from_pretrained(str(QWEN[arch])).eval()
+    assert (model.cfg.arch, model.cfg.qkv_bias, model.cfg.qk_norm) == (arch, arch == "qwen2", arch == "qwen3")
+    hf = read_json(QWEN[arch] / "config.json")
+    assert model.cfg.head_dim == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    ids, mask, want = expected(QWEN[arch])
+    real = mask.bool()
+    with torch.no_grad():
+        assert (model(ids, attention_mask=mask)[real] - want[real]).abs().max() < TOL
+        assert (model(ids[:1]) - want[:1]).abs().max() < TOL
+        for layer in model.layers:  # what each option does: without it the logits are others
+            attn = layer.self_attn
+            if arch == "qwen2":
+                attn.q_proj.bias.zero_()
+            else:
+                attn.q_norm.weight.fill_(1.0)
+        assert (model(ids[:1]) - want[:1]).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_save_then_load_writes_its_own_model_type(arch, tmp_path):
+    model = Transformer.from_pretrained(str(QWEN[arch])).eval()
+    model.save_pretrained(str(tmp_path))
+    src, out = read_json(QWEN[arch] / "config.json"), read_json(tmp_path / "config.json")
+    for key in ("model_type", "architectures", "num_key_value_heads", "tie_word_embeddings",
+                "use_sliding_window"):
+        assert out[key] == src[key], key
+    assert out["head_dim"] == src.get("head_dim", src["hidden_size"] // src["num_attention_heads"])
+    assert rope_theta(out) == rope_theta(src)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        with safe_open(str(QWEN[arch] / "model.safetensors"), framework="pt") as g:
+            assert set(f.keys()) == set(g.keys()) - {"lm_head.weight"}  # tied: the head is the embedding
+    again = Transformer.from_pretrained(str(tmp_path)).eval()
+    assert again.cfg == model.cfg
+    ids, mask, _ = expected(QWEN[arch])
+    assert torch.equal(again(ids, attention_mask=mask), model(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("qwen2", "use_sliding_window", True),
+    ("qwen3", "layer_types", ["full_attention", "sliding_attention"]),
+    ("qwen3", "attention_bias", True),  # Qwen3's bias covers o_proj too
+    ("qwen2", "model_type", "qwen2_moe"),
+    ("qwen3", "model_type", "qwen3_moe"),
+    ("qwen2", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                  "original_max_position_embeddings": 32}),
+])
+def test_what_qwen_has_and_this_model_lacks_is_refused(tmp_path, arch, field, value):
+    d = copy_fixture(tmp_path, QWEN[arch], **{field: value})
+    with pytest.raises(ValueError) as err:
+        Transformer.from_pretrained(str(d))
+    msg = str(err.value)
+    assert "config.json: unsupported config" in msg and (field in msg or "sliding" in msg), msg

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from tools import memory_plan as mp
-from model import Transformer
+from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.native_kernels  # see tests/conftest.py
 
@@ -135,3 +135,21 @@ def test_plan_generation_row(capsys):
     assert "| sample / eval (generate) | 64 x 128+128 | 4.60 |" in out  # a fifth of the positions
     assert "| 2.38 | 1.00 | **7.98** | generate | yes |" in out
     assert "reference batch 16 rows" in out and "| 2.08 | 2.54 | - | **18.96** |" in out  # 16 x 512 tokens
+
+
+QWEN_CONFIGS = [  # #30: Qwen2's q/k/v biases; Qwen3's q/k norms and a head size of its own, tied and untied
+    ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, arch="qwen2",
+                qkv_bias=True),
+    ModelConfig(vocab_size=300, dim=48, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=96, arch="qwen3",
+                qk_norm=True, head_size=16, tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("cfg", QWEN_CONFIGS)
+def test_qwen_parameters_and_saved_activations(cfg):
+    assert mp.param_counts(cfg)["total"] == Transformer(cfg).num_params()
+    for autocast, wbytes in mp.MODES:
+        for ckpt in (False, True):
+            for loss in ("sft", "dpo"):
+                predicted, measured = mp.check_activations(cfg, 4, 24, autocast, wbytes, ckpt, loss)
+                assert abs(predicted - measured) <= 0.001 * measured, (autocast, wbytes, ckpt, loss)

@@ -13,6 +13,7 @@ import random
 import pytest
 import sentencepiece as spm
 import torch
+from safetensors import safe_open
 
 import data
 import eval as evaluation
@@ -74,17 +75,21 @@ def hf_tokenizer(folder):
     return str(folder / "tokenizer.json")
 
 
-def tiny_llama(folder, vocab_size):
+ARCH = {"llama": {}, "qwen2": dict(arch="qwen2", qkv_bias=True),  # the family's options (model.py)
+        "qwen3": dict(arch="qwen3", qk_norm=True, head_size=16)}
+
+
+def tiny_llama(folder, vocab_size, arch="llama"):
     torch.manual_seed(0)
     Transformer(ModelConfig(vocab_size=vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
-                            max_seq_len=128)).save_pretrained(str(folder))
+                            max_seq_len=128, **ARCH[arch])).save_pretrained(str(folder))
     return str(folder)
 
 
-def run_pipeline(tmp_path, tokenizer):
+def run_pipeline(tmp_path, tokenizer, arch="llama"):
     """sft -> sample -> dpo -> mask -> rewriter -> forget -> learn -> eval, all through flags."""
     tok = load_tokenizer(tokenizer)
-    base = tiny_llama(tmp_path / "base", tok.vocab_size + 3)
+    base = tiny_llama(tmp_path / "base", tok.vocab_size + 3, arch)
     train_q = write_rows(tmp_path / "train.jsonl", questions(1, 36))
     test_q = write_rows(tmp_path / "test.jsonl", questions(2, 12))
     o = {s: str(tmp_path / s) for s in STAGES + ["sample", "mask"]}
@@ -108,8 +113,8 @@ def run_pipeline(tmp_path, tokenizer):
     return tok, o, test_q
 
 
-def check_pipeline(tmp_path, capsys, tokenizer):
-    tok, o, test_q = run_pipeline(tmp_path, tokenizer)
+def check_pipeline(tmp_path, capsys, tokenizer, arch="llama"):
+    tok, o, test_q = run_pipeline(tmp_path, tokenizer, arch)
     answer = {q["question"]: extract_answer(q["answer"]) for q in questions(1, 36)}
     question = lambda prompt: prompt[len("Question: "):-len("\nAnswer:")]  # noqa: E731
     pairs = read_jsonl(f"{o['sample']}/pairs.jsonl", "pairs")
@@ -122,8 +127,8 @@ def check_pipeline(tmp_path, capsys, tokenizer):
                                                 + r["answer"] for r in forget)
     for r in read_jsonl(f"{o['rewriter']}/forget_weighted.jsonl", "forget"):
         assert len(r["weights"]) == len(r["probs"]) == len(tok.encode(r["response"]))
-    for s in STAGES:
-        Transformer.from_pretrained(o[s])  # every checkpoint loads back
+    for s in STAGES:  # every checkpoint loads back, of its family
+        assert Transformer.from_pretrained(o[s]).cfg.arch == arch
     capsys.readouterr()
     evaluation.main(["--questions", test_q, "--tokenizer", tokenizer, "--pairs",
                      f"{o['sample']}/test_pairs.jsonl", "--ref", o["sft"]] + [o[s] for s in STAGES])
@@ -139,6 +144,16 @@ def test_every_stage_on_your_own_model_and_gsm8k_file(tmp_path, capsys):
 
 def test_every_stage_with_a_tokenizer_json(tmp_path, capsys):
     check_pipeline(tmp_path, capsys, hf_tokenizer(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_every_stage_on_a_qwen_model(tmp_path, capsys, arch):
+    """#30: a Qwen2 (q/k/v biases) or Qwen3 (q/k RMSNorm, its own head size) model through every
+    stage, with a tokenizer.json as Qwen ships; the masks cover the biases and norms too."""
+    check_pipeline(tmp_path, capsys, hf_tokenizer(tmp_path), arch)
+    with safe_open(str(tmp_path / "mask" / "learn.safetensors"), framework="pt") as f:
+        extra = "q_proj.bias" if arch == "qwen2" else "q_norm.weight"
+        assert any(name.endswith(extra) for name in f.keys())
 
 
 def test_tokenizer_json_round_trips_and_takes_its_special_tokens(tmp_path):

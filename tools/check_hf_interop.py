@@ -293,7 +293,30 @@ FIXTURES = {  # --write-fixture DIR: DIR's last component -> what to write
     "hf_llama3_rope_tiny": dict(cfg=dict(vocab=16, hidden=32, layers=1, heads=4, kv_heads=2, inter=16,
                                          theta=100.0, tie=True, max_pos=128, llama3=LLAMA3),
                                 max_shard_size="100GB", T=40, pads=[0, 6]),
+    # Qwen2: biases on q, k, v; tied embeddings and rope_theta 1e6, as Qwen2/2.5-0.5B
+    "hf_qwen2_tiny": dict(arch="qwen2", cfg=dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, inter=64,
+                                                 theta=1000000.0, tie=True, max_pos=64),
+                          max_shard_size="100GB", T=10, pads=[0, 4]),
+    # Qwen3: RMSNorm on each head's queries and keys, head_dim 16 though hidden / heads is 8
+    "hf_qwen3_tiny": dict(arch="qwen3", cfg=dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, inter=64,
+                                                 theta=1000000.0, tie=True, max_pos=64, head_dim=16),
+                          max_shard_size="100GB", T=10, pads=[0, 4]),
 }
+
+
+def hf_model(arch, c):
+    """A random-init transformers model of family `arch` (llama, qwen2, qwen3) from FIXTURES' cfg c."""
+    if arch == "llama":
+        return LlamaForCausalLM(hf_config(**c))
+    import transformers as t
+    config, model = {"qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+                     "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM)}[arch]
+    extra = {"head_dim": c["head_dim"]} if "head_dim" in c else {}
+    return model(config(vocab_size=c["vocab"], hidden_size=c["hidden"], num_hidden_layers=c["layers"],
+                        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+                        intermediate_size=c["inter"], rope_theta=c["theta"], rms_norm_eps=1e-6,
+                        tie_word_embeddings=c["tie"], max_position_embeddings=c["max_pos"],
+                        use_sliding_window=False, **extra))
 
 
 def fixture_readme(name, spec, seed, files):
@@ -306,6 +329,15 @@ def fixture_readme(name, spec, seed, files):
             f"`attention_mask` [{B},{T}], and `logits` [{B},{T},{c['vocab']}] from transformers, given the "
             "attention_mask and position_ids = cumsum(mask) - 1 (as its generate() does); logits at padding "
             "slots are zeroed (compare real positions only).\n")
+    if "arch" in spec:
+        what = {"qwen2": "biases on q, k and v",
+                "qwen3": f"an RMSNorm on each head's queries and keys, head_dim {c.get('head_dim')} "
+                         f"(hidden / heads is {c['hidden'] // c['heads']})"}[spec["arch"]]
+        return head + (
+            f"A random {spec['arch'].capitalize()}ForCausalLM: vocab {c['vocab']}, hidden {c['hidden']}, "
+            f"{c['layers']} layers, {c['heads']} heads, {c['kv_heads']} kv heads (GQA), intermediate "
+            f"{c['inter']}, rope_theta {c['theta']}, tied embeddings, {what}; weights drawn so logits are "
+            "O(1); saved by `save_pretrained()` into a single model.safetensors.\n\n") + tail
     if name == "hf_llama_tiny":
         shards = [f for f in files if f.startswith("model-")]
         return head + (
@@ -342,7 +374,7 @@ def write_fixture(out: str, seed: int = 0):
     c = spec["cfg"]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(hf_config(**c)).float().eval()
+    hf = hf_model(spec.get("arch", "llama"), c).float().eval()
     randomize_(hf, gen)
     if os.path.exists(out):
         shutil.rmtree(out)

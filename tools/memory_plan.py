@@ -92,18 +92,20 @@ CHUNK_ROWS = 4096  # allo.token_logps' chunk_rows for half-precision logits
 
 
 def load_config(path):
-    """Hugging Face Llama config.json (the file or its directory) -> ModelConfig. RoPE scaling
-    does not change memory, so unlike model.config_from_hf this takes any and ignores it."""
+    """Hugging Face Llama, Qwen2 or Qwen3 config.json (the file or its directory) -> ModelConfig.
+    RoPE scaling does not change memory, so unlike model.config_from_hf this takes any and ignores
+    it."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     with open(file) as f:
         hf = json.load(f)
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
-        raise ValueError(f"{file}: head_dim * num_attention_heads != hidden_size (model.py needs it)")
+    heads, arch = hf["num_attention_heads"], hf.get("model_type", "llama")
+    head_size = hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // heads else None
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                        hidden_dim=hf["intermediate_size"],
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+                       tie_embeddings=hf.get("tie_word_embeddings", False),
+                       arch=arch if arch in ("qwen2", "qwen3") else "llama", qkv_bias=arch == "qwen2",
+                       qk_norm=arch == "qwen3", head_size=head_size)
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -112,11 +114,14 @@ def load_config(path):
 def param_counts(cfg):
     """Entries of model.Transformer: all, the ones autocast casts (every linear weight and the
     head; embedding lookup and norm gains stay float32), per block, the largest tensor."""
-    D, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
-    layer = 2 * D * D + 2 * D * kv + 3 * D * cfg.hidden_dim  # q, o; k, v; gate, up, down
+    D, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = 2 * D * q + 2 * D * kv + 3 * D * cfg.hidden_dim  # q, o; k, v; gate, up, down
+    layer += (q + 2 * kv) * cfg.qkv_bias  # Qwen2's q, k, v biases (autocast casts them too)
     head = cfg.vocab_size * D
-    total = head * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * (layer + 2 * D) + D
+    norms = 2 * D + 2 * cfg.head_dim * cfg.qk_norm  # Qwen3's q and k norms
+    total = head * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * (layer + norms) + D
     return {"total": total, "cast": cfg.n_layers * layer + head, "layer_cast": layer,
+            "bias": cfg.n_layers * (q + 2 * kv) * cfg.qkv_bias,  # cast, but saved by no product
             "largest": max(head, D * max(D, cfg.hidden_dim))}
 
 
@@ -178,9 +183,14 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
 
     # fused kernel without a mask (attention_kernel): rotated q, k, v, the output (o_proj reads
     # a view), float32 logsumexp [rows, H, T]
-    attention = N * c * (2 * D + 2 * kv) + rows * H * T * 4
+    q = H * hd  # D, but for a head size of its own (Qwen3)
+    attention = N * c * (2 * q + 2 * kv) + rows * H * T * 4
     mlp = N * 4 * c * cfg.hidden_dim  # gate, up, silu(gate), silu(gate) * up
-    layer = rmsnorm(N, 3) + attention + rmsnorm(N, 2) + mlp
+    # Qwen3's RMSNorm of each head's queries and keys: per entry its float32 input and normed
+    # values (and its output in the linears' dtype under a cast), per head row the rsqrt (measured
+    # with --check's saved_tensors_hooks, exact)
+    qk_norm = N * ((q + kv) * (6 if c == 2 else 8) + (H + cfg.n_kv_heads) * 4) if cfg.qk_norm else 0
+    layer = rmsnorm(N, 3) + attention + qk_norm + rmsnorm(N, 2) + mlp
     # int64 ids (embedding), float32 cos and sin; x[keep]'s bool index [rows, T] (the same tensor
     # as masked_scatter's mask in allo.scored_token_logps); the final norm of the n kept positions
     # (chunked: HeadLogps saves the norm's output itself, in the residual's dtype, and casts inside)
@@ -196,7 +206,7 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     head = n * (logits + 8 + 4 + 1) + loss_bytes  # + int64 gather index, logsumexp, where's mask
     if chunked:  # HeadLogps: int64 targets, float32 logsumexp
         head = n * (8 + 4) + loss_bytes
-    n_cast = param_counts(cfg)["cast"] if not ckpt else V * D  # ckpt: only the head's
+    n_cast = param_counts(cfg)["cast"] - param_counts(cfg)["bias"] if not ckpt else V * D  # ckpt: the head's
     n_cast -= V * D if chunked else 0  # HeadLogps saves the float32 weight itself
     cast_saved = 2 * n_cast if autocast and wbytes == 4 else 0
     return {"layer": layer, "layers": layers, "recompute": recompute, "other": other, "head": head,
