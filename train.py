@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 
 import allo
 import task
-from bookkeeping import flags, parallel
+from bookkeeping import flags, gguf_io, parallel
 from bookkeeping.fileio import write_json, write_jsonl
 from bookkeeping.flags import count, rate, real, setting
 from bookkeeping.resolve import HELD_OUT, drop_unused_record, load_record, stage_inputs, start_run
@@ -632,6 +632,19 @@ def run_all(a, run, device):
     print(f"pipeline: {time.time() - t0:.0f}s")
 
 
+def gguf_models(a):
+    """--model, --ref and --rewriter-init given as llama.cpp GGUF files: each converted once into a
+    model folder of the run (bookkeeping/gguf_io.py; rank 0 converts, the others wait), which every
+    stage then reads."""
+    for key in ("model", "ref", "rewriter_init"):
+        path = getattr(a, key)
+        if path and path.endswith(".gguf"):
+            if parallel.is_main():
+                gguf_io.model_folder(path, a.run)
+            parallel.barrier()
+            setattr(a, key, gguf_io.model_folder(path, a.run))
+
+
 def parse_args(argv=None):
     return flags.parse_train_args(argv, list(STAGES), CONFIGS, description=__doc__)
 
@@ -652,6 +665,7 @@ def main(argv=None):
               f"examples per micro-batch, {a.grad_accum} micro-batches per step")
     status = 0
     try:
+        gguf_models(a)
         if a.stage == "all":
             run_all(a, a.run, device)
         else:
