@@ -22,6 +22,7 @@ import sys
 import torch
 
 from allo import scored_token_logps
+from bookkeeping import gguf_io
 from bookkeeping.fileio import read_json, write_json
 from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
                                add_tokenizer_flags, apply_machine_flags, config_from, count, real)
@@ -196,7 +197,8 @@ def markdown_table(rows, split, reference="the starting model"):
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="a run directory, a checkpoint inside one, or (with --questions) "
-                   "the checkpoint directories to compare")
+                   "the checkpoint directories (or llama.cpp GGUF files, converted once into runs/gguf/) to "
+                   "compare")
     p.add_argument("--split", help="a run's evaluation file to score, by name (val, test, ...; default: the "
                    "last); choose settings on val, report test")
     p.add_argument("--questions", help="questions JSONL ({\"question\", \"answer\"}, GSM8K's format)")
@@ -215,6 +217,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+GGUF_RUN = "runs"  # with --questions, a FILE.gguf is converted once into runs/gguf/<name>-<hash>/
+
+
 def main(argv=None):
     a = parse_args(argv)
     apply_machine_flags(a)
@@ -223,10 +228,12 @@ def main(argv=None):
             if not a.tokenizer:
                 raise DataError("--questions needs --tokenizer")
             prompt = config_from(PromptConfig, a)
-            tokenizer = TokenizerFile(a.tokenizer, a.bos_token, a.eos_token, a.pad_token, a.bos)
+            tokenizer = TokenizerFile(gguf_io.model_folder(a.tokenizer, GGUF_RUN), a.bos_token, a.eos_token,
+                                      a.pad_token, a.bos)
             evaluate = Evaluator(a.questions, tokenizer, a.pairs, a.ref, prompt=prompt, beta=a.beta,
                                  device=a.device, max_len=a.max_len or 256, batch_size=a.batch_size)
-            rows = evaluate_models(evaluate, [(stage_label(d), d) for d in a.paths])
+            models = [gguf_io.model_folder(d, GGUF_RUN) for d in a.paths]  # a .gguf file: its conversion
+            rows = evaluate_models(evaluate, [(stage_label(d), m) for d, m in zip(a.paths, models)])
             split, out = "held-out", a.out
         else:
             rows, split, out = evaluate_in_run(a)

@@ -15,14 +15,15 @@ reads that folder as it reads any other model.
 - Hyperparameters from the metadata ({arch}.block_count, .embedding_length, ...); the families of
   model.py: llama, qwen2, qwen3. RoPE scaling and other architectures are refused in one line.
 - The tokenizer from the metadata: byte-level BPE vocabularies ("gpt2": SmolLM2, Qwen, Llama 3),
-  with the pre-tokenizer the file names (tokenizer.ggml.pre), rebuilt through `tokenizers`; its
-  BOS, EOS, PAD ids, whether it adds BOS, and its chat template. SentencePiece ("llama")
-  vocabularies are refused in one line for now.
+  with the pre-tokenizer the file names (tokenizer.ggml.pre), rebuilt through `tokenizers`, or
+  SentencePiece ones ("llama": Llama 2, TinyLlama, the embedded task's), rebuilt as a BPE
+  tokenizer.model from the pieces, scores and types (sentencepiece_proto); its BOS, EOS, PAD ids,
+  whether it adds BOS, and its chat template.
 
 Out (folder_to_gguf; `python -m tools.export_gguf`): the same mapping backwards, q/k rows permuted
 for a Llama-family model, tensors in f32, f16 or q8_0 (norms and biases always f32, as llama.cpp's
 converter writes them), with the tokenizer (a byte-level BPE tokenizer.json), its special ids and
-chat template.
+chat template; a SentencePiece tokenizer.model as its pieces, scores, types and dummy prefix.
 """
 
 import hashlib
@@ -133,7 +134,8 @@ def gguf_to_folder(path, folder):
 
 SCALAR_TOKENIZER_FIELDS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
                            "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
-                           "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix")
+                           "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
+                           "tokenizer.ggml.unknown_token_id")
 
 
 def config_of(path, meta, vocab):
@@ -197,9 +199,11 @@ def write_tokenizer(path, reader, meta, folder):
     """tokenizer.json and tokenizer_config.json in `folder` from the GGUF metadata; returns the
     special ids for config.json."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return write_sentencepiece(path, reader, meta, folder)
     if kind != "gpt2":
-        raise DataError(f"{path}: tokenizer.ggml.model {kind!r}: only byte-level BPE vocabularies ('gpt2': "
-                        "SmolLM2, Qwen, Llama 3) are read from GGUF files yet")
+        raise DataError(f"{path}: tokenizer.ggml.model {kind!r}: byte-level BPE ('gpt2') and SentencePiece "
+                        "('llama') vocabularies are read from GGUF files")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise DataError(f"{path}: tokenizer.ggml.pre {pre!r}: its pre-tokenizer is not known here (known: "
@@ -227,9 +231,7 @@ def write_tokenizer(path, reader, meta, folder):
     tk.decoder = decoders.ByteLevel()
     special = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # llama.cpp's CONTROL, USER_DEFINED
     tk.add_special_tokens(special)
-    ids = {k: meta.get(f"tokenizer.ggml.{g}_token_id") for k, g in (("bos_token_id", "bos"),
-                                                                   ("eos_token_id", "eos"),
-                                                                   ("pad_token_id", "padding"))}
+    ids = special_ids(meta)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and ids["bos_token_id"] is not None
     bos = tokens[ids["bos_token_id"]] if ids["bos_token_id"] is not None else None
     if add_bos:  # BOS in front of a text where the file says its tokenizer adds one
@@ -245,71 +247,178 @@ def write_tokenizer(path, reader, meta, folder):
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def special_ids(meta):
+    """config.json's special ids from the GGUF metadata (None where the file names none)."""
+    return {k: meta.get(f"tokenizer.ggml.{g}_token_id") for k, g in (("bos_token_id", "bos"),
+                                                                     ("eos_token_id", "eos"),
+                                                                     ("pad_token_id", "padding"))}
+
+
+def write_sentencepiece(path, reader, meta, folder):
+    """A "llama" (SentencePiece) vocabulary as tokenizer.model + tokenizer_config.json."""
+    fields = reader.fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = (fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields
+              else [0.0] * len(tokens))
+    types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else \
+        [1] * len(tokens)
+    ids = special_ids(meta)
+    unk = meta.get("tokenizer.ggml.unknown_token_id", next((i for i, t in enumerate(types) if t == 2), 0))
+    proto = sentencepiece_proto(tokens, scores, types, unk=unk, bos=ids["bos_token_id"],
+                                eos=ids["eos_token_id"], pad=ids["pad_token_id"],
+                                dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(proto)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False,
+              **{k[:-3]: tokens[i] for k, i in ids.items() if i is not None}}
+    if "tokenizer.chat_template" in fields:
+        config["chat_template"] = fields["tokenizer.chat_template"].contents()
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def sentencepiece_proto(pieces, scores, types, *, unk, bos, eos, pad, dummy_prefix):
+    """A SentencePiece ModelProto (sentencepiece_model.proto, wire format written out here: no
+    protobuf package) of a BPE model: the pieces with their scores and types (1 normal, 2 unknown,
+    3 control, 4 user-defined, 6 byte), the special ids (None: -1), byte fallback where byte
+    pieces exist, the identity normalizer with or without a dummy prefix."""
+    def varint(n):
+        n &= (1 << 64) - 1  # negative int32s as ten bytes, as protobuf writes them
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    def field(number, value):  # int -> varint (wire type 0), float -> fixed32 (5), bytes/str (2)
+        if isinstance(value, float):
+            return varint(number << 3 | 5) + np.float32(value).tobytes()
+        if isinstance(value, int):
+            return varint(number << 3) + varint(value)
+        value = value.encode() if isinstance(value, str) else value
+        return varint(number << 3 | 2) + varint(len(value)) + value
+
+    out = b"".join(field(1, field(1, p) + field(2, float(s)) + field(3, int(t)))
+                   for p, s, t in zip(pieces, scores, types))
+    spec = [(3, 2), (4, len(pieces)), (35, int(any(int(t) == 6 for t in types))), (40, unk),  # 3: BPE
+            *((n, -1 if i is None else i) for n, i in ((41, bos), (42, eos), (43, pad)))]
+    out += field(2, b"".join(field(n, v) for n, v in spec))
+    return out + field(3, field(1, "identity") + field(3, int(dummy_prefix)) + field(4, 0) + field(5, 1))
+    # (NormalizerSpec: 1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces)
+
+
 # ----------------------------------------------------------------------------- out
 
 TYPES = ("f32", "f16", "q8_0")
 
 
 def folder_to_gguf(folder, out, qtype="f16"):
-    """Write the model folder `folder` (a stage's output: config.json, model.safetensors, a byte-level
-    BPE tokenizer.json) as the GGUF file `out`: 2-D weights as qtype (f32, f16 or q8_0), 1-D ones
-    (norms, biases) as f32. Written to <out>.tmp and renamed when complete."""
+    """Write the model folder `folder` (a stage's output: config.json, model.safetensors, a
+    byte-level BPE tokenizer.json or a SentencePiece tokenizer.model) as the GGUF file `out`: 2-D
+    weights as qtype (f32, f16 or q8_0), 1-D ones (norms, biases) as f32. Written to <out>.tmp and
+    renamed when complete."""
     gguf = gguf_module(out)
     if qtype not in TYPES:
         raise DataError(f"--type {qtype!r}: one of {', '.join(TYPES)}")
     model = Transformer.from_pretrained(folder)
     cfg, arch = model.cfg, model.cfg.arch
     tmp = out + ".tmp"
-    w = gguf.GGUFWriter(tmp, arch)
-    w.add_name(os.path.basename(os.path.normpath(folder)))
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    if cfg.rope_scaling is not None:
-        raise DataError(f"{folder}: Llama 3 RoPE scaling is not written to GGUF files yet")
-    kinds = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
-    write_tokenizer_fields(w, folder, cfg.vocab_size)
-    names = {v: k for k, v in TOP_NAMES.items()}
-    for name, p in model.named_parameters():
-        x = p.detach().float()
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            x = permute(x, cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads)
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            target = f"blk.{i}." + next(k for k, v in BLOCK_NAMES.items() if v == rest)
-        else:
-            target = names[name]
-        kind = kinds[qtype] if x.ndim == 2 else kinds["f32"]
-        if kind == kinds["q8_0"] and x.shape[-1] % 32:  # q8_0 blocks of 32 along a row
-            kind = kinds["f16"]
-        data = (x.numpy() if kind == kinds["f32"] else x.numpy().astype(np.float16) if kind == kinds["f16"]
-                else gguf.quants.quantize(x.numpy(), kind))
-        w.add_tensor(target, data, raw_dtype=kind)  # the writer infers a quantized tensor's shape
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(os.path.basename(os.path.normpath(folder)))
+        w.add_block_count(cfg.n_layers)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_feed_forward_length(cfg.hidden_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        if cfg.rope_scaling is not None:
+            raise DataError(f"{folder}: Llama 3 RoPE scaling is not written to GGUF files yet")
+        kinds = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                 "q8_0": gguf.GGMLQuantizationType.Q8_0}
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+        write_tokenizer_fields(w, folder, cfg.vocab_size)
+        names = {v: k for k, v in TOP_NAMES.items()}
+        for name, p in model.named_parameters():
+            x = p.detach().float()
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                x = permute(x, cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads)
+            if name.startswith("layers."):
+                _, i, rest = name.split(".", 2)
+                target = f"blk.{i}." + next(k for k, v in BLOCK_NAMES.items() if v == rest)
+            else:
+                target = names[name]
+            kind = kinds[qtype] if x.ndim == 2 else kinds["f32"]
+            if kind == kinds["q8_0"] and x.shape[-1] % 32:  # q8_0 blocks of 32 along a row
+                kind = kinds["f16"]
+            data = x.numpy()
+            if kind != kinds["f32"]:
+                data = data.astype(np.float16) if kind == kinds["f16"] else gguf.quants.quantize(data, kind)
+            w.add_tensor(target, data, raw_dtype=kind)  # the writer infers a quantized tensor's shape
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException:  # no half-written file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, out)
 
 
 def write_tokenizer_fields(w, folder, vocab_size):
-    """The tokenizer of `folder` (tokenizer.json, byte-level BPE) as GGUF metadata."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{folder}: only a tokenizer.json (byte-level BPE) is written to GGUF files yet; a "
-                        "SentencePiece tokenizer.model is not")
+    """The tokenizer of `folder` (a byte-level BPE tokenizer.json or a SentencePiece
+    tokenizer.model) as GGUF metadata."""
+    tok = load_tokenizer(folder)
+    if tok.path.endswith("tokenizer.model"):
+        write_sentencepiece_fields(w, tok, vocab_size)
+    else:
+        write_bpe_fields(w, tok.path, vocab_size)
+    for add, i in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
+                   (w.add_pad_token_id, tok.pad_id)):
+        if i is not None:
+            add(i)
+    w.add_add_bos_token(bool(tok.prefix))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def write_sentencepiece_fields(w, tok, vocab_size):
+    """A SentencePiece model's pieces, scores and types (llama.cpp's "llama" vocabulary)."""
+    sp, n = tok.sp, tok.sp.vocab_size()
+    with open(tok.path, "rb") as f:
+        spec = [v for k, v in proto_fields(f.read()) if k == 3]
+    norm = dict(proto_fields(spec[0])) if spec else {}  # NormalizerSpec: 1 name, 4 remove_extra_whitespaces
+    if norm.get(1, b"identity") != b"identity" or norm.get(4, 1):  # llama.cpp normalizes nothing
+        raise DataError(f"{tok.path}: its normalizer ({norm.get(1, b'').decode()}, removing extra "
+                        f"whitespace: {bool(norm.get(4, 1))}) cannot be written to a GGUF file, which "
+                        "normalizes nothing (Llama 2's: identity, keeping whitespace)")
+    if n != vocab_size:
+        raise DataError(f"{tok.path}: {n} pieces for an embedding of {vocab_size}: a SentencePiece "
+                        "vocabulary is written to GGUF only as large as the model's")
+    mine = user_defined(tok.path)
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             4 if sp.id_to_piece(i) in mine else 1 for i in range(n)]  # llama.cpp's token types
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(kinds)
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_space_prefix(normalizer_flag(tok.path, 3, default=True))
+
+
+def write_bpe_fields(w, path, vocab_size):
+    """A byte-level BPE tokenizer.json's vocabulary, merges and pre-tokenizer (llama.cpp's "gpt2")."""
     with open(path) as f:
         spec = json.load(f)
     bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
@@ -339,11 +448,43 @@ def write_tokenizer_fields(w, folder, vocab_size):
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])])
-    tok = load_tokenizer(folder)
-    for add, i in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
-                   (w.add_pad_token_id, tok.pad_id)):
-        if i is not None:
-            add(i)
-    w.add_add_bos_token(bool(tok.prefix))
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
+
+
+def proto_fields(data):
+    """The (field number, value) pairs of a protobuf message: varints as ints, the rest as bytes."""
+    out, i = [], 0
+    while i < len(data):
+        key, i = read_varint(data, i)
+        if key & 7 == 0:
+            value, i = read_varint(data, i)
+        elif key & 7 == 2:
+            n, i = read_varint(data, i)
+            value, i = data[i:i + n], i + n
+        else:  # fixed32 (5) or fixed64 (1)
+            value, i = data[i:i + (4 if key & 7 == 5 else 8)], i + (4 if key & 7 == 5 else 8)
+        out.append((key >> 3, value))
+    return out
+
+
+def read_varint(data, i):
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+        if byte < 0x80:
+            return value, i
+
+
+def normalizer_flag(path, number, default):
+    """A boolean of a tokenizer.model's NormalizerSpec (3: add_dummy_prefix)."""
+    with open(path, "rb") as f:
+        spec = [v for n, v in proto_fields(f.read()) if n == 3]
+    flags = [v for n, v in proto_fields(spec[0]) if n == number] if spec else []
+    return bool(flags[0]) if flags else default
+
+
+def user_defined(path):
+    """The pieces a tokenizer.model declares user-defined (its TrainerSpec's user_defined_symbols)."""
+    with open(path, "rb") as f:
+        spec = [v for n, v in proto_fields(f.read()) if n == 2]
+    return {v.decode() for n, v in (proto_fields(spec[0]) if spec else []) if n == 31}

@@ -122,11 +122,58 @@ def test_bad_gguf_input_is_one_line(tmp_path):
         gguf_io.gguf_to_folder(str(tmp_path / "bert.gguf"), str(tmp_path))
 
 
-def test_export_of_a_sentencepiece_folder_is_refused_in_one_line(smoke_run, tmp_path):
+def test_the_default_runs_model_exports_with_its_sentencepiece_tokenizer(smoke_run, tmp_path):
+    """The embedded task's model (a SentencePiece BPE tokenizer.model, no dummy prefix, its numbers
+    user-defined pieces) through the CLI and back: the same weights and token ids."""
     p = subprocess.run([sys.executable, "-m", "tools.export_gguf", os.path.join(smoke_run, "learn"),
-                        str(tmp_path / "x.gguf")], capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "SentencePiece" in p.stderr
-    assert not os.path.exists(tmp_path / "x.gguf") and not os.path.exists(tmp_path / "x.gguf.tmp")
+                        str(tmp_path / "x.gguf"), "--type", "f32"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    os.makedirs(tmp_path / "back")
+    gguf_io.gguf_to_folder(str(tmp_path / "x.gguf"), str(tmp_path / "back"))
+    a, b = Transformer.from_pretrained(os.path.join(smoke_run, "learn")), Transformer.from_pretrained(
+        str(tmp_path / "back"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ta, tb = load_tokenizer(os.path.join(smoke_run, "learn")), load_tokenizer(str(tmp_path / "back"))
+    with open(os.path.join(smoke_run, "task", "test.jsonl")) as f:
+        texts = [json.loads(line)["question"] + " " + json.loads(line)["answer"] for line in f]
+    assert all(ta.encode(t) == tb.encode(t) for t in texts)
+    assert (ta.bos_id, ta.eos_id, ta.pad_id, ta.prefix) == (tb.bos_id, tb.eos_id, tb.pad_id, tb.prefix)
+
+
+def test_a_llama2_style_sentencepiece_vocabulary_round_trips(tmp_path):
+    """Llama 2's kind of tokenizer.model: a dummy prefix, byte fallback pieces for unseen characters,
+    <unk> <s> </s>; written as GGUF "llama" metadata and rebuilt, it encodes alike."""
+    import io
+
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT, "the quick brown fox"] * 50),
+                                   model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    folder = tmp_path / "llama2"
+    os.makedirs(folder)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64)
+                ).save_pretrained(str(folder))
+    gguf_io.folder_to_gguf(str(folder), str(tmp_path / "l.gguf"), "f16")
+    os.makedirs(tmp_path / "back")
+    gguf_io.gguf_to_folder(str(tmp_path / "l.gguf"), str(tmp_path / "back"))
+    ta, tb = load_tokenizer(str(folder)), load_tokenizer(str(tmp_path / "back"))
+    for text in (TEXT, "  Ünïcödé ∑ 漢字 and the fox", "x"):
+        assert ta.encode(text) == tb.encode(text) and ta.decode(tb.encode(text)) == ta.decode(ta.encode(text))
+    assert any(ta.sp.is_byte(i) for i in ta.encode("漢字"))  # the byte pieces were exercised
+    assert (tb.bos_id, tb.eos_id, tb.prefix) == (1, 2, [1])
+    model = io.BytesIO()  # sentencepiece's default normalizer (NFKC, whitespace collapsed): no GGUF has it
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([TEXT] * 50), model_writer=model, vocab_size=100,
+                                   model_type="bpe", minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    Transformer(ModelConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64)
+                ).save_pretrained(str(folder))
+    with pytest.raises(DataError, match=r"normalizer \(nmt_nfkc, removing extra whitespace: True\) cannot"):
+        gguf_io.folder_to_gguf(str(folder), str(tmp_path / "n.gguf"), "f16")
+    assert not os.path.exists(tmp_path / "n.gguf") and not os.path.exists(tmp_path / "n.gguf.tmp")
 
 
 @pytest.mark.skipif(not os.path.isfile(SMOLLM2), reason="set SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -152,3 +199,18 @@ def test_without_the_gguf_package_a_gguf_model_is_one_line(tmp_path, monkeypatch
     assert e.value.code == 2 and err == [f"error: {tmp_path}/m.gguf: a GGUF file needs the `gguf` package: "
                                          "pip install gguf"]
     assert not os.listdir(tmp_path / "run" / "gguf")  # no half-converted folder
+
+
+def test_eval_py_compares_gguf_files(tmp_path, monkeypatch, capsys):
+    """eval.py --questions takes GGUF files as models (and as --tokenizer), converted into runs/gguf/."""
+    import eval as evaluation
+    src, _ = round_trip(tmp_path, "qwen2", "f16")
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(3)]
+    with open(tmp_path / "q.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(["--questions", "q.jsonl", "--tokenizer", "m.gguf", "m.gguf", src,
+                     "--max-new-tokens", "4"])
+    table = capsys.readouterr().out
+    assert "| m.gguf |" in table and f"| {src} |" in table and "3 held-out questions" in table
+    assert len(os.listdir(tmp_path / "runs" / "gguf")) == 1

@@ -1,10 +1,11 @@
 """A model stage's output as a llama.cpp GGUF file, for llama.cpp, Ollama and LM Studio.
 
     python -m tools.export_gguf runs/smol/learn allo.gguf                 # f16
-    python -m tools.export_gguf runs/smol/learn allo-q8.gguf --type q8_0
+    python -m tools.export_gguf runs/default/learn allo-q8.gguf --type q8_0
 
-The folder's model (Llama, Qwen2 or Qwen3) with its tokenizer (a byte-level BPE tokenizer.json),
-special ids and chat template; bookkeeping/gguf_io.py says what is written how. Needs the `gguf`
+The folder's model (Llama, Qwen2 or Qwen3) with its tokenizer (a byte-level BPE tokenizer.json or a
+SentencePiece tokenizer.model with the identity normalizer, as Llama 2's), special ids and chat
+template; bookkeeping/gguf_io.py says what is written how. Needs the `gguf`
 package (pip install gguf), llama.cpp's own writer. Bad input: one line, exit status 2.
 """
 
