@@ -58,7 +58,7 @@ import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
 from bookkeeping.flags import HelpFormatter, Parser, config_from, count
 from bookkeeping.resolve import in_pipeline
-from bookkeeping.runs import UsageError, machine, need, one_line
+from bookkeeping.runs import UsageError, lock, machine, need, one_line, unlock
 from data import DataError, TokenizerFile
 from eval import run_evaluator
 from model import pick_device
@@ -155,6 +155,16 @@ def run_study(opts, a):
     run directory each), or for opts.seeds arm seeds on the run opts.run."""
     device = pick_device(a.device)
     root = os.path.join(opts.run, "study", opts.tag)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    held = lock(root + ".lock")  # one study per run and tag: a second is refused, naming the first
+    try:
+        study(opts, a, root, device)
+    finally:
+        unlock(*held)
+
+
+def study(opts, a, root, device):
+    """run_study's work, under its lock."""
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     prerequisites = ("sft", "sample") + (("rewriter",) if any(forgets(arm) for arm in arms) else ())
     t0, rows = time.time(), []
