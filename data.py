@@ -159,6 +159,12 @@ class HFTokenizer(BaseTokenizer):
             self.tk = Backend.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception for every bad file
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0][:80]})") from None
+        with open(path, encoding="utf-8") as f:  # the library silently renumbers clashing added tokens
+            for t in json.load(f).get("added_tokens") or []:
+                got = self.tk.token_to_id(t.get("content", "")) if isinstance(t, dict) else None
+                if got is None or got != t.get("id"):
+                    raise DataError(f"{path}: added token {t!r:.60} is declared with id {t.get('id')!r} but "
+                                    f"gets {got}: two added tokens share an id or a text")
         # ids may have gaps: the vocabulary the model needs runs to the largest id
         self.path = path
         self.vocab_size = max(self.tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1

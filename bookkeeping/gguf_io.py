@@ -313,6 +313,11 @@ def sentencepiece_proto(pieces, scores, types, *, unk, bos, eos, pad, dummy_pref
 # ----------------------------------------------------------------------------- out
 
 TYPES = ("f32", "f16", "q8_0")
+HYPERPARAMETERS = (  # GGUF's {arch}.<key> (GGUFWriter.add_<key>) <- the ModelConfig field
+    ("block_count", "n_layers"), ("context_length", "max_seq_len"), ("embedding_length", "dim"),
+    ("feed_forward_length", "hidden_dim"), ("head_count", "n_heads"), ("head_count_kv", "n_kv_heads"),
+    ("key_length", "head_dim"), ("value_length", "head_dim"), ("rope_dimension_count", "head_dim"),
+    ("rope_freq_base", "rope_theta"), ("layer_norm_rms_eps", "norm_eps"), ("vocab_size", "vocab_size"))
 
 
 def folder_to_gguf(folder, out, qtype="f16"):
@@ -325,24 +330,14 @@ def folder_to_gguf(folder, out, qtype="f16"):
         raise DataError(f"--type {qtype!r}: one of {', '.join(TYPES)}")
     model = Transformer.from_pretrained(folder)
     cfg, arch = model.cfg, model.cfg.arch
+    if cfg.rope_scaling is not None:
+        raise DataError(f"{folder}: Llama 3 RoPE scaling is not written to GGUF files yet")
     tmp = out + ".tmp"
     try:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(os.path.basename(os.path.normpath(folder)))
-        w.add_block_count(cfg.n_layers)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_feed_forward_length(cfg.hidden_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        if cfg.rope_scaling is not None:
-            raise DataError(f"{folder}: Llama 3 RoPE scaling is not written to GGUF files yet")
+        for key, field in HYPERPARAMETERS:  # {arch}.<key> = the config's field
+            getattr(w, f"add_{key}")(getattr(cfg, field))
         kinds = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                  "q8_0": gguf.GGMLQuantizationType.Q8_0}
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
