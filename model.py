@@ -745,6 +745,9 @@ def config_from_hf(path: str) -> ModelConfig:
     head_size = hf.get("head_dim") if hf.get("head_dim") != hf["hidden_size"] // heads else None
     if head_size is None and hf["hidden_size"] % heads:
         refuse.append(f"hidden_size {hf['hidden_size']} does not divide by num_attention_heads {heads}")
+    if heads % (hf.get("num_key_value_heads") or heads):
+        refuse.append(f"num_attention_heads {heads} does not divide by num_key_value_heads "
+                      f"{hf['num_key_value_heads']}")
     if refuse:
         raise ValueError(f"{file}: unsupported config: " + "; ".join(refuse))
     return ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
