@@ -66,51 +66,6 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
     assert json.load(open(os.path.join(root, "results.json")))["rows"] == res["rows"]
 
 
-def test_study_with_other_settings_under_one_tag_is_refused(smoke_run, tmp_path, capsys):
-    """(DPO arms alone need no rewriter: the run's is removed first.)"""
-    import shutil
-
-    import pytest
-    run = str(shutil.copytree(smoke_run, tmp_path / "run"))
-    shutil.rmtree(os.path.join(run, "rewriter"))
-    study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top"] + ARGS)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "DPO top", "--learn-lr", "1e-4"] + ARGS)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1
-    assert "dpo-top: finished earlier with lr 3e-05, not 0.0001" in err
-    with pytest.raises(SystemExit):
-        study.main(["--run", run, "--tag", "u", "--arms", "DPO top", "--learn-ratio", "0.2"] + ARGS)
-    assert "masks-top: finished earlier with learn_ratio 0.1, not 0.2" in capsys.readouterr().err
-
-
-def test_a_second_study_on_one_run_and_tag_is_refused_at_once(smoke_run, tmp_path, capsys):
-    """#32: two studies on one --run and --tag (the same or other seeds) would each write the
-    tag's results.json, the last one winning: the second is refused in one line naming the first,
-    and writes nothing."""
-    import shutil
-
-    import pytest
-
-    from bookkeeping import runs
-    run = str(shutil.copytree(smoke_run, tmp_path / "run"))
-    os.makedirs(os.path.join(run, "study"))
-    held = runs.lock(os.path.join(run, "study", "u.lock"))  # as the first study holds it
-    try:
-        with pytest.raises(SystemExit) as e:
-            study.main(["--run", run, "--tag", "u", "--arms", "DPO full", "--seeds", "2"] + ARGS)
-    finally:
-        runs.unlock(*held)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err == (f"error: {run}/study/u: in use by process {os.getpid()} (lock "
-                                         f"{run}/study/u.lock); wait for it or stop it\n")
-    assert os.listdir(os.path.join(run, "study")) == []  # nothing written, the lock gone with its holder
-    study.main(["--run", run, "--tag", "u", "--arms", "DPO full"] + ARGS)  # once free, it runs
-    assert os.path.isfile(os.path.join(run, "study", "u", "results.json"))
-    assert not os.path.exists(os.path.join(run, "study", "u.lock"))
-
-
 def test_train_flags_are_not_taken_for_abbreviations_of_study_flags():
     """--seed is train.py's flag (the first seed), not an abbreviation of study's --seeds."""
     opts, a = study.parse(["--seed", "2", "--seeds", "3", "--split", "val"])
