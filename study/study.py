@@ -319,6 +319,9 @@ def main(argv=None):
     except (UsageError, DataError, OSError) as e:
         print(f"error: {one_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line; the finished arms and stages are kept
+        print("interrupted; rerun the same command to go on (finished arms are kept)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,36 @@ def test_study_seed_counts_are_bounded(capsys):
             study.main([flag, "1000000", "--preset", "smoke"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"argument {flag}: must be <= 100, got 1000000" in err
+
+
+def test_a_study_stopped_while_writing_its_results_leaves_whole_files(smoke_run, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Ctrl-C between results.json and results.csv: one line, exit status 130, and every file there
+    whole (each is written to a temporary name and renamed), none half-written; the rerun writes
+    them all again."""
+    import json
+    import shutil
+    run = str(shutil.copytree(smoke_run, tmp_path / "run"))
+    args = ["--run", run, "--tag", "k", "--arms", "DPO full"] + ARGS
+    study.main(args)
+    root = os.path.join(run, "study", "k")
+    before = {f: open(os.path.join(root, f), "rb").read() for f in ("results.json", "results.csv")}
+
+    def killed(path, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "write_csv", killed)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        study.main(args)
+    monkeypatch.undo()
+    assert e.value.code == 130 and capsys.readouterr().err == ("interrupted; rerun the same command to go on "
+                                                             "(finished arms are kept)\n")
+    assert not [f for f in os.listdir(root) if ".tmp" in f]
+    json.load(open(os.path.join(root, "results.json")))  # whole: the new one
+    assert open(os.path.join(root, "results.csv"), "rb").read() == before["results.csv"]  # the old one
+    capsys.readouterr()
+    study.main(args)
+    assert "study: seed 0 DPO full: accuracy" in capsys.readouterr().out
+    assert open(os.path.join(root, "results.csv"), "rb").read() == before["results.csv"]
+    assert not os.path.exists(os.path.join(run, "study", "k.lock"))
