@@ -122,7 +122,7 @@ def stage_sft(config, inputs, out, device, force=False):
             b = collate(tok, [prompts[k] for k in idx], [targets[k] for k in idx], cfg.max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
-        def loss(net, b, norms):
+        def loss(net, b, norms, stats):
             return sft_batch_loss(net, b, norms, device)
 
         fit("sft", policy, full_masks(policy), batch_at, loss, so.work, steps=config.steps, lr=config.lr,
@@ -295,8 +295,8 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         def batch_at(i):
             return pair_batch(tok, rows, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
 
-        def loss(net, b, norms):
-            return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll)
+        def loss(net, b, norms, stats):
+            return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll, stats)
 
         fit(stage, policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps, lr=config.lr, eps=eps)
@@ -427,7 +427,7 @@ def stage_rewriter(config, inputs, out, device, force=False):
             b = collate(tok, [prompts[k] for k in idx], [targets[k] for k in idx], max_len)
             return {**b, "norms": Norms(scored_tokens=n_scored(b["labels"]))}
 
-        def loss(net, b, norms):
+        def loss(net, b, norms, stats):
             return sft_batch_loss(net, b, norms, device)
 
         fit("rewriter", rewriter, full_masks(rewriter), batch_at, loss, so.work, steps=config.steps,
@@ -543,11 +543,12 @@ def stage_forget(config, inputs, out, device, force=False):
                         None if weights is None else [weights[k] for k in idx])
             if weights is None:  # NPO on every response token: the EOS target too
                 b["weights"] = (b["labels"] != -100).float()
-            b["norms"] = Norms(weighted_tokens=int((b["weights"] != 0).sum()))
+            b["norms"] = Norms(weighted_tokens=int((b["weights"] != 0).sum()),
+                               scored_tokens=n_scored(b["labels"]))  # the weighted share's denominator
             return with_reference(b, cached, idx)
 
-        def loss(net, b, norms):
-            return npo_batch_loss(net, b, norms, device, config.pref.beta)
+        def loss(net, b, norms, stats):
+            return npo_batch_loss(net, b, norms, device, config.pref.beta, stats)
 
         fit("forget", policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps)

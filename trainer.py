@@ -74,6 +74,7 @@ class Norms:
     backward() multiplies each share by the number of processes to undo that."""
     pairs: int = 0  # DPO: preference pairs
     chosen_tokens: int = 0  # DPO's optional NLL term: response targets of the chosen side
+    rejected_tokens: int = 0  # DPO: response targets of the rejected side (the kept share's denominator)
     scored_tokens: int = 0  # SFT: response targets
     weighted_tokens: int = 0  # NPO: targets with w_t != 0
 
@@ -94,7 +95,9 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
     every parameter) and return it.
 
     batch_at(i) -> micro-batch i of this process, a dict with "attention_mask" and "norms";
-    loss_fn(net, batch, norms) -> that micro-batch's share of the loss of the step.
+    loss_fn(net, batch, norms, stats) -> that micro-batch's share of the loss of the step; it may
+    put into the dict `stats` its shares of the step's statistics (DPO's rewards, NPO's log-ratio),
+    which add up over micro-batches and processes as the loss does and go to metrics.jsonl with it.
     Dense gradients are clipped to norm 1.0 before the masked update (as the release); the
     learning rate warms up linearly, then decays on a cosine. The metrics rows, progress lines and
     checkpoints of the steps go through a TrainLog (bookkeeping/trainlog.py), which also resumes
@@ -115,8 +118,8 @@ def fit(stage, model, masks, batch_at, loss_fn, out, *, steps, lr, cfg):
             micro = [batch_at(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]  # this process's
             if cfg.pack:  # several sequences a row: the matrix products skip the padding
                 micro = [packed(b, cfg.max_len) for b in micro]
-            loss, tokens = optimizer_step(model, net, opt, micro, loss_fn, lr_now)
-            log.step(step + 1, loss, lr_now, tokens, model, opt)
+            loss, tokens, stats = optimizer_step(model, net, opt, micro, loss_fn, lr_now)
+            log.step(step + 1, loss, lr_now, tokens, model, opt, stats)
     except NonFinite as e:
         raise UsageError(e.worded(stage, step + 1, log.last_good())) from None
     except KeyboardInterrupt:  # Ctrl-C: one line, and where a rerun resumes
@@ -145,44 +148,52 @@ class NonFinite(ArithmeticError):
 def optimizer_step(model, net, opt, micro_batches, loss_fn, lr):
     """One optimizer step at learning rate lr: the gradients of the micro-batches through `net`
     (the model, or its DDP or compiled wrapper), clipped to norm 1.0, the masked update of
-    `model`; NonFinite on a non-finite loss or weights. Returns the step's loss and real tokens,
-    summed over every process.
+    `model`; NonFinite on a non-finite loss or weights. Returns the step's loss, its real tokens
+    and its statistics (a dict), summed over every process.
 
-    The step's one host synchronisation reads the loss, the tokens and whether every trained
-    weight is finite together, after the update (on a GPU nothing before it waits for the device):
-    a non-finite loss has then made the weights in memory non-finite too, but the stage stops
-    before any checkpoint or output holds them, and the loss is named first."""
+    The step's one host synchronisation reads the loss, the tokens, the statistics and whether
+    every trained weight is finite together, after the update (on a GPU nothing before it waits
+    for the device): a non-finite loss has then made the weights in memory non-finite too, but the
+    stage stops before any checkpoint or output holds them, and the loss is named first."""
     model.train()
     for g in opt.param_groups:
         g["lr"] = lr
-    stats = backward(net, micro_batches, loss_fn, next(model.parameters()).device)  # [loss, tokens]
+    sums, names = backward(net, micro_batches, loss_fn, next(model.parameters()).device)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     trained = [p for p in model.parameters() if p in opt.state]
-    step_loss, step_tokens, finite = torch.cat([stats, finite_flag(trained).to(stats)]).tolist()
+    step_loss, step_tokens, *values, finite = torch.cat([sums, finite_flag(trained).to(sums)]).tolist()
+    # (values: the statistics, in `names` order)
     if not math.isfinite(step_loss):
         raise NonFinite("loss", step_loss)
     if not finite:  # the first non-finite parameter, named (only here: the step has failed)
         raise NonFinite("weights", next(n for n, p in model.named_parameters()
                                         if p in opt.state and not finite_flag([p]).item()))
-    return step_loss, step_tokens
+    return step_loss, step_tokens, dict(zip(names, values))
 
 
 def backward(net, batches, loss_fn, device):
     """The gradients of one optimizer step, from this process's micro-batches; returns the step's
-    [loss, real tokens] summed over every process, a float64 tensor on `device` (not read here)."""
+    [loss, real tokens, statistics...] summed over every process, a float64 tensor on `device`
+    (not read here), and the statistics' names."""
     norms = Norms.of_step([b["norms"] for b in batches], device)
-    stats = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
-                         dtype=torch.float64, device=device)  # [loss share, tokens] of this process
+    sums = torch.tensor([0.0, sum(int(b["attention_mask"].sum()) for b in batches)],
+                        dtype=torch.float64, device=device)  # [loss share, tokens] of this process
+    stats = {}  # each statistic's share, summed over the micro-batches
     no_sync = getattr(net, "no_sync", None)  # DDP's (also through a compiled wrapper)
     for j, b in enumerate(batches):
         # DDP all-reduces the gradients once, after the step's last micro-batch
         with nullcontext() if no_sync is None or j == len(batches) - 1 else no_sync():
-            loss = loss_fn(net, b, norms)
+            mine = {}
+            loss = loss_fn(net, b, norms, mine)
             (loss * parallel.world()).backward()  # DDP averages over processes: the loss is a share
-        stats[0] += loss.detach()
-    return parallel.all_reduce_sum(stats)
+        sums[0] += loss.detach()
+        for name, value in mine.items():
+            stats[name] = stats.get(name, 0.0) + value
+    names = sorted(stats)
+    sums = torch.cat([sums, torch.stack([stats[n] for n in names]).to(sums)]) if names else sums
+    return parallel.all_reduce_sum(sums), names
 
 
 def finite_flag(tensors):
@@ -291,24 +302,42 @@ def sft_batch_loss(model, b, norms, device):
     return allo.nll_loss(logps, targets, normalizer=norms.scored_tokens)
 
 
-def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0):
+def dpo_batch_loss(model, b, norms, device, beta, eps, nll=0.0, stats=None):
     """DPO with key tokens on a micro-batch of pairs, rows [chosen; rejected] [2B,T]: its share of
     the mean over the step's pairs, plus nll x the NLL of the chosen tokens over the step's chosen
     tokens (RPO-style, optional). eps < 1: the rejected side counts through its ceil(eps * T) key
-    tokens (the learn stage); eps 1 is vanilla DPO (the dpo stage)."""
+    tokens (the learn stage); eps 1 is vanilla DPO (the dpo stage).
+    stats (a dict): receives the batch's shares of the step's DPO numbers, as the DPO authors'
+    trainer and TRL log them: the mean chosen and rejected rewards beta * sum_t r_t, the reward
+    accuracy (share of pairs with chosen > rejected) and margin, and the share of the rejected
+    side's tokens kept as key tokens."""
     logps = forward_logps(model, b, device)  # [2B,T]
     (pc, pr), (rc, rr) = logps.chunk(2), b["ref"].to(device).chunk(2)
-    keep = allo.key_token_mask((pr - rr).detach(), b["labels"].chunk(2)[1].to(device) != -100, eps)
-    loss = allo.dpo_loss(pc, pr, rc, rr, beta, keep)[0].sum() / norms.pairs
+    rejected = b["labels"].chunk(2)[1].to(device) != -100
+    keep = allo.key_token_mask((pr - rr).detach(), rejected, eps)
+    losses, chosen_reward, rejected_reward = allo.dpo_loss(pc, pr, rc, rr, beta, keep)
+    if stats is not None:  # shares of the step's means, as the loss is
+        stats.update(reward_chosen=chosen_reward.sum() / norms.pairs,
+                     reward_rejected=rejected_reward.sum() / norms.pairs,
+                     reward_accuracy=(chosen_reward > rejected_reward).sum() / norms.pairs,
+                     reward_margin=(chosen_reward - rejected_reward).sum() / norms.pairs,
+                     kept_share=(keep & rejected).sum() / max(norms.rejected_tokens, 1))
+    loss = losses.sum() / norms.pairs
     return loss - nll * pc.sum() / norms.chosen_tokens if nll else loss
 
 
-def npo_batch_loss(model, b, norms, device, beta):
+def npo_batch_loss(model, b, norms, device, beta, stats=None):
     """Token-level NPO (the forget stage) on the micro-batch's weighted tokens, its share of the mean over
-    the step's weighted tokens."""
+    the step's weighted tokens. stats (a dict): receives the batch's shares of the weighted tokens'
+    mean log-ratio r_t and of their share of the response tokens."""
     logps = forward_logps(model, b, device)  # [B,T]
-    return allo.npo_token_loss(logps, b["ref"].to(device), b["weights"].to(device), beta,
-                               normalizer=norms.weighted_tokens)
+    ref, weights = b["ref"].to(device), b["weights"].to(device)
+    if stats is not None:
+        weighted = weights != 0
+        logratio = ((logps - ref).detach() * weighted).sum()
+        stats.update(weighted_logratio=logratio / max(norms.weighted_tokens, 1),
+                     weighted_share=weighted.sum() / max(norms.scored_tokens, 1))
+    return allo.npo_token_loss(logps, ref, weights, beta, normalizer=norms.weighted_tokens)
 
 
 def n_scored(labels):
@@ -355,5 +384,6 @@ def pair_batch(tok, rows, idx, cached, max_len):
     n = len(rows[0]) // 2
     pick = idx + [n + k for k in idx]
     b = collate(tok, [rows[0][k] for k in pick], [rows[1][k] for k in pick], max_len)
-    b["norms"] = Norms(pairs=len(idx), chosen_tokens=n_scored(b["labels"][:len(idx)]))
+    b["norms"] = Norms(pairs=len(idx), chosen_tokens=n_scored(b["labels"][:len(idx)]),
+                       rejected_tokens=n_scored(b["labels"][len(idx):]))
     return with_reference(b, cached, pick)

@@ -33,6 +33,7 @@ class TrainLog:
         self.last_ckpt = -float("inf")  # the time of the last checkpoint: the first one is not held back
         self.ckpt_dir = os.path.join(out, "ckpt")
         self.start, self.tokens, self.losses, self.rows = 0, 0, [], []  # rows: the metrics not yet written
+        self.stats = []  # each step's statistics since the last progress line
         self.history = []  # every step's row so far: each checkpoint keeps a copy
         self.t0 = time.time()
 
@@ -49,11 +50,13 @@ class TrainLog:
         self.t0 = time.time()
         return self.start
 
-    def step(self, done, loss, lr, tokens, model, opt):
-        """Step `done` (1-based) finished with this loss, learning rate and global token count."""
+    def step(self, done, loss, lr, tokens, model, opt, stats=None):
+        """Step `done` (1-based) finished with this loss, learning rate, global token count and
+        statistics (trainer.fit's: DPO's rewards, NPO's log-ratio; written with the loss)."""
         self.tokens += tokens
         self.losses.append(loss)
-        self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr})
+        self.stats.append(stats or {})
+        self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr, **(stats or {})})
         self.history.append(self.rows[-1])
         checkpoint = (done % self.ckpt_every == 0 and done < self.steps
                       and time.time() - self.last_ckpt >= self.ckpt_seconds)
@@ -63,8 +66,8 @@ class TrainLog:
             self.rows = write_metrics(self.out, self.rows)
         if line:
             log_progress(self.stage, done, self.steps, sum(self.losses) / len(self.losses), lr, self.tokens,
-                         time.time() - self.t0, done - self.start)
-            self.losses = []
+                         time.time() - self.t0, done - self.start, self.stats)
+            self.losses, self.stats = [], []
         if checkpoint and parallel.is_main():
             save_checkpoint(self.ckpt_dir, done, model, opt, self.history)
             self.last_ckpt = time.time()
@@ -130,11 +133,19 @@ def metrics_row(line):
     return row if isinstance(row, dict) and type(row.get("step")) is int else None
 
 
-def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run):
-    """The progress line: the mean loss since the last line, lr, tokens/s over the run, ETA."""
+SHOWN = (("reward_accuracy", "acc", "{:.2f}"), ("reward_margin", "margin", "{:+.3f}"),
+         ("kept_share", "kept", "{:.2f}"), ("weighted_logratio", "logratio", "{:+.3f}"),
+         ("weighted_share", "weighted", "{:.2f}"))  # statistics on the progress line: name, label, format
+
+
+def log_progress(stage, done, steps, loss, lr, tokens, elapsed, steps_run, stats=()):
+    """The progress line: the mean loss since the last line, lr, tokens/s over the run, ETA, and the
+    means since the last line of the statistics in SHOWN that the steps have."""
     eta = (steps - done) * elapsed / steps_run
-    print(f"{stage} {done}/{steps} loss {loss:.4f} lr {lr:.2e} tok/s {tokens / elapsed:,.0f} eta {eta:.0f}s",
-          flush=True)
+    shown = "".join(f" {label} " + fmt.format(sum(s[name] for s in stats) / len(stats))
+                    for name, label, fmt in SHOWN if stats and all(name in s for s in stats))
+    print(f"{stage} {done}/{steps} loss {loss:.4f}{shown} lr {lr:.2e} tok/s {tokens / elapsed:,.0f} "
+          f"eta {eta:.0f}s", flush=True)
 
 
 def save_checkpoint(ckpt_dir, step, model, opt, rows=()):

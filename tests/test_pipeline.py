@@ -1,6 +1,7 @@
 """End-to-end: every stage of train.py on the smoke preset, resume, and the error paths."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -218,10 +219,10 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    def loss(net, batch, norms):
-        return dpo_batch_loss(net, batch, norms, torch.device("cpu"), 0.1, 0.5)
+    def loss(net, batch, norms, stats):
+        return dpo_batch_loss(net, batch, norms, torch.device("cpu"), 0.1, 0.5, stats=stats)
 
-    step_loss, tokens = trainer.optimizer_step(model, model, opt, [b, b], loss, 1e-3)
+    step_loss, tokens, _ = trainer.optimizer_step(model, model, opt, [b, b], loss, 1e-3)
     monkeypatch.undo()
     assert reads == ["tolist"] and tokens == 2 * 48 and step_loss > 0
 
@@ -246,3 +247,61 @@ def test_each_training_stage_tokenizes_its_rows_once(run, tmp_path, monkeypatch)
     del in_collate[:]
     train.main(SMOKE + ["--run", run, "--stage", "mask", "--scorer", "grad", "--out", str(tmp_path / "mask")])
     assert len(in_collate) == 4 * n and not any(in_collate)  # prompt and response of 2n rows, once each
+
+
+def test_every_step_logs_dpos_and_npos_numbers(run):
+    """#31 item 2: metrics.jsonl of the smoke run holds, at every step, the DPO stages' rewards,
+    reward accuracy, margin and kept share, and NPO's weighted log-ratio and share."""
+    dpo_keys = {"reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin", "kept_share"}
+    npo_keys = {"weighted_logratio", "weighted_share"}
+    for stage, keys in (("dpo", dpo_keys), ("learn", dpo_keys), ("forget", npo_keys)):
+        rows = [json.loads(line) for line in open(os.path.join(run, stage, "metrics.jsonl"))]
+        assert rows and all(keys <= set(r) for r in rows), stage
+        assert all(0 <= r[k] <= 1 for r in rows for k in keys if k.endswith(("accuracy", "share")))
+    learn = [json.loads(line) for line in open(os.path.join(run, "learn", "metrics.jsonl"))]
+    assert learn[0]["kept_share"] == 1.0 and learn[-1]["kept_share"] < 1.0  # step 1: every log-ratio is 0
+
+
+def test_dpo_and_npo_statistics_by_hand():
+    """The statistics of one batch against their formulas written out (float64): rewards
+    beta * sum_t (log pi - log pi_ref) per response, accuracy and margin over the pairs, the kept
+    share of the rejected side's tokens; NPO's mean log-ratio of the weighted tokens and their
+    share of the response tokens. Split into two micro-batches, the shares add up to the same."""
+    from trainer import Norms, dpo_batch_loss, forward_logps, npo_batch_loss
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=64)).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 64, (8, 12), generator=g)
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = labels[:, -1] = -100
+    labels[5, 8:] = -100  # a shorter rejected response
+    ref = torch.randn(8, 12, generator=g, dtype=torch.float64) * (labels != -100) * 0.1
+    weights = (torch.rand(8, 12, generator=g) < 0.5).double() * (labels != -100)
+    b = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "ref": ref,
+         "weights": weights}
+    cpu, beta = torch.device("cpu"), 0.1
+    with torch.no_grad():
+        logps = forward_logps(model, b, cpu)
+    r = (logps - ref) * (labels != -100)
+    chosen, rejected = beta * r[:4].sum(-1), beta * r[4:].sum(-1)
+    stats = {}
+    norms = Norms(pairs=4, rejected_tokens=int((labels[4:] != -100).sum()))
+    dpo_batch_loss(model, b, norms, cpu, beta, 0.5, stats=stats)
+    assert torch.allclose(stats["reward_chosen"], chosen.mean())
+    assert torch.allclose(stats["reward_rejected"], rejected.mean())
+    assert stats["reward_accuracy"] == (chosen > rejected).double().mean()
+    assert torch.allclose(stats["reward_margin"], (chosen - rejected).mean())
+    # eps 0.5: ceil(eps * T) of each rejected response's T tokens are kept
+    kept = sum(math.ceil(0.5 * int((labels[i] != -100).sum())) for i in range(4, 8))
+    assert stats["kept_share"] == kept / int((labels[4:] != -100).sum())
+    npo = {}
+    norms = Norms(weighted_tokens=int((weights != 0).sum()), scored_tokens=int((labels != -100).sum()))
+    npo_batch_loss(model, b, norms, cpu, beta, stats=npo)
+    assert torch.allclose(npo["weighted_logratio"], (r * weights).sum() / (weights != 0).sum())
+    assert npo["weighted_share"] == (weights != 0).sum() / (labels != -100).sum()
+    halves = [{}, {}]  # two micro-batches of the same step: their shares add up
+    for half, rows in zip(halves, (slice(0, 4), slice(4, 8))):
+        npo_batch_loss(model, {k: v[rows] for k, v in b.items()}, norms, cpu, beta, stats=half)
+    assert torch.allclose(halves[0]["weighted_logratio"] + halves[1]["weighted_logratio"],
+                          npo["weighted_logratio"])
