@@ -23,6 +23,7 @@ import torch
 
 from allo import scored_token_logps
 from bookkeeping import gguf_io
+from study.report import run_figures
 from bookkeeping.fileio import read_json, write_json
 from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_machine_flags,
                                add_tokenizer_flags, apply_machine_flags, config_from, count, real)
@@ -210,6 +211,9 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=count(2), help="max tokens of prompt + response (default: the run's, "
                    "else 256)")
     p.add_argument("--out", help="JSON output file (default <run>/eval_<split>.json, or none)")
+    p.add_argument("--plot", action="store_true", help="draw a run's curves per stage (loss, DPO's and NPO's "
+                   "numbers) and its masks by layer as PNG under R/plots/, instead of the table (needs "
+                   "matplotlib)")
     add_machine_flags(p)
     g = p.add_argument_group("tokenizer (with --questions; a run uses its own)")
     add_tokenizer_flags(g)
@@ -235,6 +239,13 @@ def main(argv=None):
             models = [gguf_io.model_folder(d, GGUF_RUN) for d in a.paths]  # a .gguf file: its conversion
             rows = evaluate_models(evaluate, [(stage_label(d), m) for d, m in zip(a.paths, models)])
             split, out = "held-out", a.out
+        elif a.plot:  # the run's pictures instead of its table
+            if not os.path.isfile(os.path.join(a.paths[0], "run.json")):
+                raise DataError(f"{a.paths[0]}: --plot draws a run directory's curves; this is none")
+            written = run_figures(a.paths[0])  # None without matplotlib, which it has said
+            if written is not None:
+                print("eval: plots " + ", ".join(written) if written else "eval: nothing to plot yet")
+            return
         else:
             rows, split, out = evaluate_in_run(a)
         print(markdown_table(rows, split, f"the reference model {a.ref}" if a.questions else

@@ -190,3 +190,61 @@ def figures(root, rows, summary, masks):
             ax.tick_params(axis="x", rotation=60)
         save(fig, "mask_density")
     return written
+
+
+RUN_STAGES = ("sft", "dpo", "rewriter", "forget", "learn")
+PANELS = (("reward_accuracy", "reward accuracy"), ("kept_share", "kept share of the rejected tokens"),
+          ("reward_margin", "reward margin"), ("weighted_share", "weighted share of the tokens"),
+          ("weighted_logratio", "weighted tokens' mean log-ratio"))  # trainer's statistics, as drawn
+
+
+def run_figures(run):
+    """One run's pictures (eval.py R --plot) as PNG under R/plots/: each finished training stage's
+    curves from its metrics.jsonl (the loss, and the DPO or NPO numbers it logged) and the masks'
+    density by layer. Returns the files written, or None with one line printed without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval: no plots (they need matplotlib: pip install matplotlib)")
+        return None
+    import json
+
+    from safetensors.torch import load_file
+
+    from allo import mask_summary
+    out, written = os.path.join(run, "plots"), []
+    os.makedirs(out, exist_ok=True)
+
+    def save(fig, name):
+        path = os.path.join(out, f"{name}.png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    for stage in RUN_STAGES:
+        log = os.path.join(run, stage, "metrics.jsonl")
+        if not os.path.exists(os.path.join(run, stage, "stage.json")) or not os.path.exists(log):
+            continue
+        with open(log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        panels = [("loss", "loss")] + [p for p in PANELS if rows and p[0] in rows[0]]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels):
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+            ax.set(xlabel="step", title=label)
+        fig.suptitle(f"{stage} ({run})", y=1.06)
+        save(fig, stage)
+    masks = {name: os.path.join(run, "mask", f"{name}.safetensors") for name in ("forget", "learn")}
+    if all(os.path.exists(p) for p in masks.values()):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, path in masks.items():
+            by_layer = [r for r in mask_summary(load_file(path)) if r["by"] == "layer"]
+            ax.plot([r["group"] for r in by_layer], [100 * r["density"] for r in by_layer], "o-", label=name)
+        ax.set(ylabel="entries in the mask (%)", title="the masks by layer")
+        ax.tick_params(axis="x", rotation=60)
+        ax.legend()
+        save(fig, "masks")
+    return written

@@ -184,3 +184,29 @@ def test_figures_are_written_with_matplotlib_and_skipped_in_one_line_without(tmp
     assert report.figures(str(tmp_path / "none"), rows, summary, masks) == []
     assert capsys.readouterr().out == "study: no figures (they need matplotlib: pip install matplotlib); " \
         "the tables are written\n"
+
+
+def test_eval_plot_draws_a_runs_curves(smoke_run, tmp_path, capsys, monkeypatch):
+    """#31 item 4: eval.py R --plot writes each finished training stage's curves and the masks by
+    layer as PNG under R/plots/ and says where; without matplotlib, one line; not a run, one line
+    and exit status 2."""
+    import shutil
+
+    import pytest
+
+    import eval as evaluation
+    pytest.importorskip("matplotlib")
+    run = str(shutil.copytree(smoke_run, tmp_path / "run"))
+    evaluation.main([run, "--plot"])
+    out = capsys.readouterr().out
+    names = ["sft", "dpo", "rewriter", "forget", "learn", "masks"]
+    assert out == "eval: plots " + ", ".join(os.path.join(run, "plots", f"{n}.png") for n in names) + "\n"
+    assert all(open(os.path.join(run, "plots", f"{n}.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+               for n in names)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    evaluation.main([run, "--plot"])
+    assert capsys.readouterr().out == "eval: no plots (they need matplotlib: pip install matplotlib)\n"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        evaluation.main([os.path.join(run, "learn"), "--plot"])
+    assert e.value.code == 2 and "--plot draws a run directory's curves" in capsys.readouterr().err
