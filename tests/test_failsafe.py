@@ -62,6 +62,21 @@ def fails_cleanly(capsys, run, args, *expected):
     return err
 
 
+def dpo_stage(run, tmp_path, capsys, *flags):
+    """The dpo stage of the smoke run `run` with these flags, into tmp_path/out: (exit status, stderr
+    lines, stdout); a failure has written nothing there."""
+    out = tmp_path / "out"
+    try:
+        train.main(SMOKE + ["--run", run, "--stage", "dpo", "--out", str(out), "--dpo-steps", "1", *flags])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    if code:
+        assert not out.exists() and not (tmp_path / "out.tmp").exists()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
 # ----------------------------------------------------------------------------- resume checks what it resumes
 
 def kill_after_checkpoint(monkeypatch, at):

@@ -8,10 +8,7 @@ import os
 import shutil
 
 import pytest
-
-import train
-
-SMOKE = ["--preset", "smoke"]
+from test_failsafe import dpo_stage
 
 
 def edited(run, tmp_path, **changes):
@@ -27,17 +24,8 @@ def edited(run, tmp_path, **changes):
 
 
 def dpo(run, tmp_path, model, capsys):
-    out = tmp_path / "out"
-    try:
-        train.main(SMOKE + ["--run", run, "--stage", "dpo", "--model", model, "--out", str(out),
-                            "--dpo-steps", "1"])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    if code:
-        assert not out.exists() and not (tmp_path / "out.tmp").exists()
-    return code, err
+    """The dpo stage from this model: (exit status, stderr lines)."""
+    return dpo_stage(run, tmp_path, capsys, "--model", model)[:2]
 
 
 @pytest.mark.parametrize("changes, says", [
