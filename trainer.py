@@ -256,10 +256,11 @@ def full_masks(model):
 # ----------------------------------------------------------------------------- per-batch losses
 
 def scored_logps(model, batch, device):
-    """The log-probs [N] of the batch's N scored targets and those targets [N], the forward under
-    autocast(device), from its padded rows or, where it has them, its packed rows (batch["packed"],
-    data.pack; in their order). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made
-    whole and allo.token_logps reads them; beyond, the model computes the log-probs chunk by chunk
+    """The log-probs [N] of the batch's N scored targets, those targets [N] and where they are (the
+    bool mask of the rows run, on `device`); the forward under autocast(device), from the batch's
+    padded rows or, where it has them, its packed rows (batch["packed"], data.pack; in their
+    order). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made whole and
+    allo.token_logps reads them; beyond, the model computes the log-probs chunk by chunk
     (model.HeadLogps), never holding the batch's logits.
 
     collate() pads on the right, so causal attention alone gives every real position exactly the
@@ -270,10 +271,11 @@ def scored_logps(model, batch, device):
     chunked = n * unwrapped(model).cfg.vocab_size > HEAD_CHUNK
     labels, docs = rows["labels"].to(device), rows.get("doc_ids")
     scored = labels != -100
+    targets = labels[scored]
     with autocast(device):
-        out = model(rows["input_ids"].to(device), keep=scored, targets=labels[scored] if chunked else None,
+        out = model(rows["input_ids"].to(device), keep=scored, targets=targets if chunked else None,
                     doc_ids=None if docs is None else docs.to(device))
-    return (out if chunked else allo.token_logps(out, labels[scored])), labels[scored]
+    return (out if chunked else allo.token_logps(out, targets)), targets, scored
 
 
 def unwrapped(net):
@@ -286,19 +288,18 @@ def unwrapped(net):
 
 def forward_logps(model, batch, device):
     """Per-token log-probs [B,T] of the batch's labels (0 off-target), padded or packed alike."""
-    logps, _ = scored_logps(model, batch, device)
-    labels = batch["labels"].to(device)
-    if "packed" not in batch:
-        return logps.new_zeros(labels.shape).masked_scatter(labels != -100, logps)
-    packed = batch["packed"]
-    at = packed["source"][packed["labels"] != -100].to(device)  # each target's place in [B,T]
-    return logps.new_zeros(labels.numel()).scatter(0, at, logps).view(labels.shape)
+    logps, _, scored = scored_logps(model, batch, device)
+    if "packed" not in batch:  # scored: the padded rows' own mask
+        return logps.new_zeros(scored.shape).masked_scatter(scored, logps)
+    shape = batch["labels"].shape
+    at = batch["packed"]["source"].to(device)[scored]  # each target's place in [B,T]
+    return logps.new_zeros(shape.numel()).scatter(0, at, logps).view(shape)
 
 
 def sft_batch_loss(model, b, norms, device):
     """SFT (the starting point, and the rewriter): cross-entropy of the micro-batch's response
     tokens, its share of the mean over the step's scored tokens."""
-    logps, targets = scored_logps(model, b, device)
+    logps, targets, _ = scored_logps(model, b, device)
     return allo.nll_loss(logps, targets, normalizer=norms.scored_tokens)
 
 

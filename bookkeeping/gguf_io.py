@@ -48,7 +48,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"default": None, "gpt2": None, "smollm": None, "llama-bpe": LLAMA3_SPLIT,
-                  "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+                  "qwen2": QWEN2_SPLIT}  # one name per regex: the writer names a split by it
 
 # GGUF tensor name (after "blk.N.") -> the model's parameter name (after "layers.N.")
 BLOCK_NAMES = {"attn_norm.weight": "input_layernorm.weight",

@@ -158,13 +158,13 @@ def run_study(opts, a):
     os.makedirs(os.path.dirname(root), exist_ok=True)
     held = lock(root + ".lock")  # one study per run and tag: a second is refused, naming the first
     try:
-        study(opts, a, root, device)
+        run_arms(opts, a, root, device)
     finally:
         unlock(*held)
 
 
-def study(opts, a, root, device):
-    """run_study's work, under its lock."""
+def run_arms(opts, a, root, device):
+    """run_study's work, under its lock: the prerequisite stages, every arm, the results."""
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     prerequisites = ("sft", "sample") + (("rewriter",) if any(forgets(arm) for arm in arms) else ())
     t0, rows = time.time(), []

@@ -214,3 +214,24 @@ def test_eval_py_compares_gguf_files(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "| m.gguf |" in table and f"| {src} |" in table and "3 held-out questions" in table
     assert len(os.listdir(tmp_path / "runs" / "gguf")) == 1
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_a_split_pre_tokenizer_round_trips(tmp_path, pre):
+    """Qwen's and Llama 3's tokenizers split the text with a regex before byte-level BPE: written as
+    GGUF, the name llama.cpp gives that regex (tokenizer.ggml.pre) brings the same split back."""
+    src = model_folder(tmp_path / "src", "qwen2" if pre == "qwen2" else "llama")
+    spec = json.loads(open(os.path.join(src, "tokenizer.json")).read())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_io.PRE_TOKENIZERS[pre]}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    gguf_io.folder_to_gguf(src, str(tmp_path / "s.gguf"), "f16")
+    assert gguf.GGUFReader(str(tmp_path / "s.gguf")).fields["tokenizer.ggml.pre"].contents() == pre
+    os.makedirs(tmp_path / "back")
+    gguf_io.gguf_to_folder(str(tmp_path / "s.gguf"), str(tmp_path / "back"))
+    ta, tb = load_tokenizer(src), load_tokenizer(str(tmp_path / "back"))
+    for text in (TEXT, "I'm 12345 apples\n\n  and   don't", "the quick brown fox 0123456789"):
+        assert ta.encode(text) == tb.encode(text)
