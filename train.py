@@ -26,11 +26,12 @@ Stages (each reads the run directory, default runs/default/, as PIPELINE says, o
 
 A stage writes into <out>.tmp/ and swaps it into <out> (default <run>/<stage>/: a complete Hugging
 Face folder with the tokenizer's files, metrics.jsonl, stage.json) when it finishes; it writes only
-into a folder of its own. Its fingerprint (its config and its inputs' content) decides what happens
-when it runs again: finished alike, it is skipped; with other settings, an error (--force redoes
-it). Training stages checkpoint every --ckpt-every steps and resume from there when run again alike;
-the batch order is a function of (seed, step), so a resumed run on CPU ends with the same weights as
-an uninterrupted one. Every bad file or flag stops with one line and exit status 2, Ctrl-C with one
+into a folder of its own, and its reference log-probs into <run>/cache/ (--ref-cache), where a later
+stage, rerun or study arm with the same reference model, rows and settings reads them back. Its
+fingerprint (its config and its inputs' content) decides what happens when it runs again: finished
+alike, it is skipped; with other settings, an error (--force redoes it). Training stages checkpoint
+every --ckpt-every steps and resume from there when run again alike; the batch order is a function
+of (seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one. Every bad file or flag stops with one line and exit status 2, Ctrl-C with one
 line and 130; one process at a time works on an output. <run>/run.json records the run's own inputs.
 
 Under torchrun (bookkeeping/parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per
@@ -55,6 +56,7 @@ import task
 from bookkeeping import flags, gguf_io, parallel
 from bookkeeping.fileio import write_json, write_jsonl
 from bookkeeping.flags import count, rate, real, setting
+from bookkeeping.refcache import RefCache
 from bookkeeping.resolve import HELD_OUT, drop_unused_record, load_record, stage_inputs, start_run
 from bookkeeping.runs import (Interrupted, StageOutput, UsageError, check_lengths, load_masks, load_model,
                               one_line, writing)
@@ -284,10 +286,7 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         check_lengths(stage, tok, *rows, cfg.max_len, lambda i: pairs.where(i % len(pairs)))
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
-        reference = policy if ref in (None, model) else load_model(ref, device, tok)
-        cached = reference_logps(reference, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
-                                 label=f"{stage}: reference log-probs")
-        del reference
+        cached = reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device)
         fraction = allo.trained_fraction(masks, policy)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
               f"{config.steps} steps")
@@ -300,6 +299,25 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
 
         fit(stage, policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
         return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps, lr=config.lr, eps=eps)
+
+
+def reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device):
+    """The reference's per-token log-probs of rows (prompt and response ids), computed once for the
+    stage. The reference is the model at `ref`, or the policy as loaded from `model` where ref is None
+    or that same path. They come from the cache folder cfg.ref_cache where an earlier pass of the same
+    model, rows and settings left them (bookkeeping/refcache.py); else they are computed and kept there."""
+    own = ref in (None, model)
+    cache = RefCache(cfg.ref_cache, so.fingerprint["inputs"]["model" if own else "ref"], *rows, cfg.max_len,
+                     cfg.ref_batch_size, device)
+    cached = cache.load()
+    if cached is not None:
+        print(f"{stage}: reference log-probs read from the cache, {cache.path}")
+        return cached
+    reference = policy if own else load_model(ref, device, tok)
+    cached = reference_logps(reference, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
+                             label=f"{stage}: reference log-probs")
+    cache.save(cached)
+    return cached
 
 
 # ----------------------------------------------------------------------------- mask: the key neurons
@@ -348,8 +366,7 @@ def stage_mask(config, inputs, out, device, force=False):
                 raise UsageError(f"{inputs['data']}: no preference pairs to score with")
             rows = encode_rows(tok, *pair_rows(pairs))
             check_lengths("mask", tok, *rows, cfg.max_len, lambda i: pairs.where(i % n))
-            cached = reference_logps(start, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
-                                     label="mask: reference log-probs")
+            cached = reference_pass("mask", so, start, None, model, tok, rows, cfg, device)
             batches = (pair_batch(tok, rows, list(range(i, min(n, i + cfg.batch_size))), cached, cfg.max_len)
                        for i in range(0, n, cfg.batch_size))
 
@@ -527,12 +544,9 @@ def stage_forget(config, inputs, out, device, force=False):
         check_lengths("forget", tok, prompts, responses, cfg.max_len, rows.where)
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
-        reference = policy if ref in (None, model) else load_model(ref, device, tok)
         weights = None if config.all_tokens else [r.get("weights", [1.0] * len(ids))
                                                   for r, ids in zip(rows, responses)]
-        cached = reference_logps(reference, tok, prompts, responses, cfg.max_len, device,
-                                 cfg.ref_batch_size, label="forget: reference log-probs")
-        del reference
+        cached = reference_pass("forget", so, policy, ref, model, tok, (prompts, responses), cfg, device)
         fraction = allo.trained_fraction(masks, policy)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
               f"{'all tokens' if config.all_tokens else 'unaligned tokens'}")
@@ -591,10 +605,18 @@ def run_stage(name, a, run, device):
     record = None if a.force and name == "sft" else load_record(run)  # sft --force writes it anew
     if name == "sft" and not (a.model or a.data) and (record is None or record["inputs"]["embedded"]):
         record = start_run(a, run, ROWS)  # the embedded task, stage by stage: its files written or checked
-    config = stage_config(name, a, record)
+    config = stage_config(name, argparse.Namespace(**{**vars(a), "ref_cache": ref_cache(a, run)}), record)
     function = STAGES[name][0]
     inputs = stage_inputs(name, a, run, config, PIPELINE[name])
     return function(config, inputs, a.out or os.path.join(run, name), device, a.force)
+
+
+def ref_cache(a, run):
+    """--ref-cache: the folder named; 'off': None; by default <run>/cache/ for a stage of the run, none for
+    a stage whose --out puts it outside."""
+    if a.ref_cache is None:
+        return None if a.out else os.path.join(run, "cache")
+    return None if a.ref_cache == "off" else a.ref_cache
 
 
 def run_stages(a, run, stages, device):

@@ -40,6 +40,9 @@ class TrainConfig:
     max_len: int = setting(128, "max tokens of prompt + response", type=count(2))
     ref_batch_size: int = setting(64, "rows per batch of the reference log-prob pass (no gradient), at the "
                                   "start of dpo, forget and learn", type=count(1), result=False)
+    ref_cache: str = setting(None, "folder where reference log-prob passes are kept by content and reused by "
+                             "later stages, reruns and study arms (train.py's default: <run>/cache; 'off': "
+                             "none)", result=False)
     log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
     ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
     ckpt_minutes: float = setting(0.0, "and at most one checkpoint per this many minutes (0: no limit): a "

@@ -200,7 +200,7 @@ def study_run(opts, a, run, seeds, arms, device, t0):
               for stage in stages}
     rows = []
     for seed in seeds:
-        cfg = replace(config_from(train.TrainConfig, a), seed=seed)
+        cfg = replace(config_from(train.TrainConfig, a), seed=seed, ref_cache=train.ref_cache(a, run))
         seed_dir = os.path.join(root, f"seed{seed}")
         arm_args = dict(run=run, seed_dir=seed_dir, inputs=inputs,
                         forget_config=config_from(train.ForgetConfig, a, train=cfg),

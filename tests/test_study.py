@@ -20,7 +20,12 @@ def weights(path):
 
 
 def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
+    capsys.readouterr()
     study.main(["--run", smoke_run, "--tag", "t"] + ARGS)
+    # the arms that share a reference model and data read one reference pass from the run's cache: the
+    # masked DPO arms that of the dpo stage (the SFT model on the pairs): #31 item 3
+    out = capsys.readouterr().out
+    assert out.count("learn: reference log-probs read from the cache") >= 3, out
     root = os.path.join(smoke_run, "study", "t")
     res = json.load(open(os.path.join(root, "results.json")))
     assert [r["arm"] for r in res["rows"]] == [a[0] for a in study.ARMS]  # one seed with --quick
