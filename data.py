@@ -347,29 +347,35 @@ def response_lead(template):
 
 
 def render_chat(tok, question, system=None):
-    """The tokenizer's chat template (tok.chat_template) rendered as transformers renders it (jinja2,
-    sandboxed, trim_blocks and lstrip_blocks): the question as the user message, after an optional
-    system message, with the generation prompt. jinja2 is imported only here."""
+    """The tokenizer's chat template rendered (render_messages) with the question as the user message,
+    after an optional system message, and the generation prompt."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                "content": question}]
+    return render_messages(tok, messages, generation_prompt=True)
+
+
+def render_messages(tok, messages, generation_prompt):
+    """The tokenizer's chat template (tok.chat_template) rendered over messages ([{"role", "content"}])
+    as transformers renders it (jinja2, sandboxed, trim_blocks and lstrip_blocks), with or without the
+    generation prompt. jinja2 is imported only here."""
     if tok is None or tok.chat_template is None:
         where = tok.path if tok is not None else "the tokenizer"
         raise DataError(f"{where}: --prompt-template chat, but its folder has no chat template "
                         "(tokenizer_config.json's chat_template, or chat_template.jinja)")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                                "content": question}]
     if not tok.chat_template.strip():
         raise DataError(f"{tok.path}: the chat template is empty")
     template = chat_renderer(tok.chat_template, tok.path)
     with time_limit(CHAT_RENDER_SECONDS):
         try:
-            text = template.render(messages=messages, add_generation_prompt=True,
+            text = template.render(messages=messages, add_generation_prompt=generation_prompt,
                                    bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
                                    pad_token=tok.pad_token or "")
         except Exception as e:  # the template's own code may raise anything (a raise, a sandbox refusal)
             raise DataError(f"{tok.path}: the chat template fails to render: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if len(text) > CHAT_MAX_CHARS:
-        raise DataError(f"{tok.path}: the chat template renders {len(text):,} characters for one question "
-                        f"(at most {CHAT_MAX_CHARS:,})")
+        raise DataError(f"{tok.path}: the chat template renders {len(text):,} characters for one "
+                        f"conversation (at most {CHAT_MAX_CHARS:,})")
     return text
 
 
@@ -499,7 +505,8 @@ def is_correct(response, answer, fmt="auto"):
 
 FIELDS = {"sft": ("input", "output"), "pairs": ("prompt", "chosen", "rejected"),
           "forget": ("prompt", "response"), "questions": ("question", "answer"),
-          "rewrites": ("prompt", "response", "rewrite")}
+          "rewrites": ("prompt", "response", "rewrite"),
+          "preferences": ()}  # strings or lists of messages: checked by preference_pairs
 
 
 def regular_file(path):
@@ -531,6 +538,7 @@ def read_jsonl(path, kind, tok=None, held=None):
                  solution, ending in "#### <final answer>" or "The answer is <final answer>.")
       sft:       {"input": str, "output": str}, or questions rows
       pairs:     {"prompt": str, "chosen": str, "rejected": str}   (TRL / ALLO release format)
+      preferences: TRL's string or conversational rows, checked by preference_pairs
       forget:    {"prompt": str, "response": str, "weights": [number >= 0, ...] (optional)}
       rewrites:  {"prompt": str, "response": str, "rewrite": str, "first_error": int (optional)}
     With tok, forget weights must have one entry per token of tok.encode(response).
@@ -806,6 +814,93 @@ def reference_answers(rows):
             raise DataError(f"{where}: field 'answer' states no final answer (no '####', 'The answer is' or "
                             "number)")
     return answers
+
+
+# -----------------------------------------------------------------------------
+# preference datasets (train.py --pairs)
+
+def preference_pairs(rows, tok, template, system, max_len):
+    """A preference dataset in either of TRL's formats, as the pipeline's pairs: returns (pairs,
+    dropped). rows: read_jsonl(path, "preferences"). A row is
+      strings:         {"prompt": str, "chosen": str, "rejected": str}; the prompt goes through the
+                       prompt template as a question does (prompt_text; '{question}' keeps it as it is)
+                       and each response starts with the template's lead (response_lead);
+      conversational:  "chosen" and "rejected" lists of {"role", "content"} messages and "prompt" one
+                       too, or no prompt (TRL's implicit prompt: the turns chosen and rejected share,
+                       all but their last); rendered with the chat template (--prompt-template chat),
+                       the prompt's own turns (system, earlier turns) kept and --system put first where
+                       it has no system turn; a response is the conversation's text after the prompt's
+                       (with its generation prompt), its closing EOS left to collate, which adds one.
+    Each pair is {"prompt", "chosen", "rejected", "question"} (question: the last user turn, what the
+    rewriter reads). Rows with an empty side, chosen equal to rejected, a pair seen before, or a side
+    longer than max_len with its prompt and EOS are dropped and counted in `dropped`. A malformed row
+    is a DataError naming its line and field."""
+    pairs, seen = [], set()
+    dropped = {"empty": 0, "chosen = rejected": 0, "duplicates": 0, f"over --max-len {max_len}": 0}
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected, question = preference_texts(row, rows.where(i), tok, template, system)
+        if not (prompt.strip() and chosen.strip() and rejected.strip()):
+            dropped["empty"] += 1
+        elif chosen == rejected:
+            dropped["chosen = rejected"] += 1
+        elif (prompt, chosen, rejected) in seen:
+            dropped["duplicates"] += 1
+        elif len(tok.prompt_ids(prompt)) + max(len(tok.encode(chosen)), len(tok.encode(rejected))) + 1 > max_len:
+            dropped[f"over --max-len {max_len}"] += 1
+        else:
+            seen.add((prompt, chosen, rejected))
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "question": question})
+    return pairs, dropped
+
+
+def preference_texts(row, where, tok, template, system):
+    """(prompt, chosen, rejected, question) text of one preference row (preference_pairs)."""
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise DataError(f"{where}: missing field {field!r}")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: field 'prompt' must be a string where 'chosen' and 'rejected' are")
+        lead = response_lead(template)
+        return prompt_text(prompt, template, tok, system), lead + chosen.strip(), lead + rejected.strip(), prompt
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both lists of "
+                        "messages")
+    if template != CHAT:
+        raise DataError(f"{where}: conversational rows (lists of messages) need --prompt-template chat")
+    chosen, rejected = messages_of(chosen, where, "chosen"), messages_of(rejected, where, "rejected")
+    if isinstance(prompt, list):
+        turns = messages_of(prompt, where, "prompt")
+    elif chosen[:-1] and chosen[:-1] == rejected[:-1]:  # the implicit prompt: the turns both share
+        turns, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    else:
+        raise DataError(f"{where}: no prompt: field 'prompt' is not a list of messages, and 'chosen' and "
+                        "'rejected' do not share their turns before the last")
+    if system and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system}] + turns
+    head = render_messages(tok, turns, generation_prompt=True)
+    texts = []
+    for side in (chosen, rejected):
+        whole = render_messages(tok, turns + side, generation_prompt=False)
+        if not whole.startswith(head):
+            raise DataError(f"{where}: the chat template renders the conversation without the prompt's text "
+                            "(with its generation prompt) at its start")
+        text = whole[len(head):].rstrip()
+        if tok.eos_token and text.endswith(tok.eos_token):
+            text = text[:-len(tok.eos_token)]  # the turn's end: collate adds the EOS every response ends in
+        texts.append(text)
+    users = [m["content"] for m in turns if m["role"] == "user"]
+    return head, texts[0], texts[1], users[-1] if users else turns[-1]["content"]
+
+
+def messages_of(value, where, field):
+    """A list of {"role": str, "content": str} messages (other keys kept), or a DataError."""
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                            isinstance(m.get("content"), str) for m in value):
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of {{\"role\": str, \"content\": "
+                        "str}} messages")
+    return value
 
 
 

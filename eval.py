@@ -52,29 +52,33 @@ def accuracy(model, tok, questions, prompt=PromptConfig(), label="accuracy"):
 
 @torch.no_grad()
 def response_logps(model, tok, prompts, responses, max_len, batch_size=64, label="score"):
-    """Summed log pi(response | prompt) per row, float64 list."""
+    """Summed log pi(response | prompt) per row, float64 list, and each row's number of scored tokens
+    (its response and EOS, as max_len cuts them)."""
     model.eval()
     device = model.embed_tokens.weight.device
-    sums = []
+    sums, counts = [], []
     for i in batches(label, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
         labels = b["labels"].to(device)
         with autocast(device):
             logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), keep=labels != -100)
         sums += scored_token_logps(logits, labels).sum(-1).double().tolist()
-    return sums
+        counts += (b["labels"] != -100).sum(-1).tolist()
+    return sums, counts
 
 
-def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64):
+def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64, label="eval"):
     """Preference accuracy and mean implicit-reward margin of `model` on pairs, against the
-    reference's summed log-probs ref_sums = (chosen, rejected)."""
+    reference's summed log-probs ref_sums = (chosen, rejected), and the chosen responses'
+    log-likelihood per token (their summed log-probs over their tokens: DPO can lower it while it
+    raises the margin, likelihood displacement)."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size,
-                            "eval chosen")
-    rejected = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
-                              "eval rejected")
+    chosen, n_chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size,
+                                      f"{label} chosen")
+    rejected, _ = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
+                                 f"{label} rejected")
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
-    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins), sum(chosen) / sum(n_chosen)
 
 
 class Evaluator:
@@ -83,8 +87,9 @@ class Evaluator:
 
     def __init__(self, questions, tokenizer, pairs=None, ref=None, *, prompt=PromptConfig(), beta=0.1,
                  max_len=256, device="auto", batch_size=64, n_questions=0, n_pairs=0):
-        """questions, pairs: JSONL paths; tokenizer: a path or a TokenizerFile; ref: a model directory;
-        n_questions, n_pairs: score only the first N (0 = all)."""
+        """questions, pairs: JSONL paths (questions None: pair metrics only, a run on preference pairs);
+        tokenizer: a path or a TokenizerFile; ref: a model directory; n_questions, n_pairs: score only
+        the first N (0 = all)."""
         if pairs and not ref:
             raise DataError(f"{pairs}: pair metrics need a reference model (--ref)")
         try:
@@ -94,29 +99,34 @@ class Evaluator:
         self.prompt, self.beta, self.max_len = prompt, beta, max_len
         self.batch_size = batch_size
         self.tok = load_tokenizer(tokenizer)
-        self.problems = read_jsonl(questions, "questions")[:n_questions or None]
-        if not self.problems:
+        self.problems = read_jsonl(questions, "questions")[:n_questions or None] if questions else []
+        if questions and not self.problems:
             raise DataError(f"{questions}: no questions to score")
         reference_answers(self.problems)  # every question must have one
         self.pairs = read_jsonl(pairs, "pairs")[:n_pairs or None] if pairs else []
+        if not (self.problems or self.pairs):
+            raise DataError("nothing to score: no questions and no held-out pairs")
         self.ref = ref
-        self.ref_sums = ([], [])
+        self.ref_sums, self.ref_chosen_logp = ([], []), None
         if self.pairs:
             model = load_model(ref, self.device, self.tok)
             prompts = [p["prompt"] for p in self.pairs]
-            self.ref_sums = tuple(response_logps(model, self.tok, prompts, [p[side] for p in self.pairs],
-                                                 max_len, batch_size, f"eval reference {side}")
-                                  for side in ("chosen", "rejected"))
+            (chosen, n_chosen), (rejected, _) = (
+                response_logps(model, self.tok, prompts, [p[side] for p in self.pairs], max_len, batch_size,
+                               f"eval reference {side}") for side in ("chosen", "rejected"))
+            self.ref_sums, self.ref_chosen_logp = (chosen, rejected), sum(chosen) / sum(n_chosen)
 
     def __call__(self, model_dir):
-        """{"accuracy", "pair_accuracy", "margin", "n_questions", "n_pairs"} of one checkpoint; the
-        reference itself has no pair metrics (None)."""
+        """{"accuracy", "pair_accuracy", "margin", "chosen_logp", "n_questions", "n_pairs"} of one
+        checkpoint; the reference itself has no pair accuracy or margin (None); without questions no
+        accuracy (None)."""
         model = load_model(model_dir, self.device, self.tok)
         is_ref = self.ref is not None and os.path.samefile(model_dir, self.ref)
-        pair_acc, margin = (None, None) if is_ref or not self.pairs else pair_metrics(
-            model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size)
-        acc = accuracy(model, self.tok, self.problems, self.prompt, f"eval {model_dir}")
-        return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin,
+        pair_acc, margin, chosen_logp = (None, None, self.ref_chosen_logp) if is_ref or not self.pairs else \
+            pair_metrics(model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size,
+                         f"eval {model_dir}")
+        acc = accuracy(model, self.tok, self.problems, self.prompt, f"eval {model_dir}") if self.problems else None
+        return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin, "chosen_logp": chosen_logp,
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 
 
@@ -151,10 +161,11 @@ def run_evaluator(run, split=None, device="auto", beta=0.1, n_questions=0, n_pai
     if split not in splits:
         raise DataError(f"--split {split}: the run has no such evaluation file (it has: {', '.join(splits)})")
     pairs = in_run(run, splits[split]["pairs"])
-    questions = in_run(run, splits[split]["questions"])
+    questions = in_run(run, splits[split]["questions"])  # None in a run on preference pairs
     sampled = (read_json(os.path.join(run, "sample", "stage.json")) or {}).get("fingerprint", {})
     drawn_from = sampled.get("inputs", {}).get("eval_questions") if isinstance(sampled, dict) else None
-    if os.path.exists(pairs) and isinstance(drawn_from, list) and input_id(questions) not in drawn_from:
+    if questions and os.path.exists(pairs) and isinstance(drawn_from, list) and \
+            input_id(questions) not in drawn_from:
         print(f"warning: {questions} changed after the sample stage drew {pairs} from it: the pair metrics "
               "are of the old file's questions (rerun --stage sample --force for new pairs)")
     tokenizer = TokenizerFile(**{**record["tokenizer"], "path": in_run(run, record["tokenizer"]["path"])})
@@ -179,17 +190,23 @@ def evaluate_run(run, split=None, device="auto", beta=0.1, stages=None):
 
 
 def markdown_table(rows, split, reference="the starting model"):
-    lines = [f"| model | {split} accuracy | pair accuracy | margin | trained fraction | wall time (s) |",
+    """The comparison table. Rows scored on questions show their accuracy; rows of a run on preference
+    pairs (no questions) show their chosen responses' log-likelihood per token instead."""
+    pairs_only = bool(rows) and all(r["accuracy"] is None for r in rows)
+    first = "chosen log-prob/token" if pairs_only else f"{split} accuracy"
+    lines = [f"| model | {first} | pair accuracy | margin | trained fraction | wall time (s) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         frac = "-" if r["trained_fraction"] is None else f"{r['trained_fraction']:.3f}"
         pair = "-" if r["pair_accuracy"] is None else f"{100 * r['pair_accuracy']:.1f}%"
         margin = "-" if r["margin"] is None else f"{r['margin']:+.3f}"
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
-        lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {pair} | {margin} | {frac} | {wall} |")
+        value = f"{r['chosen_logp']:.4f}" if pairs_only else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"| {r['model']} | {value} | {pair} | {margin} | {frac} | {wall} |")
     n = rows[0] if rows else {"n_questions": 0, "n_pairs": 0}
-    lines.append(f"\n{n['n_questions']} {split} questions, {n['n_pairs']} held-out pairs; "
-                 f"margin = beta * (chosen - rejected) log-ratio against {reference}.")
+    held = f"{n['n_pairs']} {split} held-out pairs" if pairs_only else \
+        f"{n['n_questions']} {split} questions, {n['n_pairs']} held-out pairs"
+    lines.append(f"\n{held}; margin = beta * (chosen - rejected) log-ratio against {reference}.")
     return "\n".join(lines)
 
 

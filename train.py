@@ -603,6 +603,9 @@ def run_stage(name, a, run, device):
     if device.type == "cuda":  # StageOutput.finish() records the stage's peak
         torch.cuda.reset_peak_memory_stats(device)
     record = None if a.force and name == "sft" else load_record(run)  # sft --force writes it anew
+    if name == "sample" and record and record["inputs"]["pairs"]:
+        raise UsageError(f"{run}: a run on preference pairs (--pairs) samples nothing: its pairs are in "
+                         f"{os.path.join(run, 'pairs')}/")
     if name == "sft" and not (a.model or a.data) and (record is None or record["inputs"]["embedded"]):
         record = start_run(a, run, ROWS)  # the embedded task, stage by stage: its files written or checked
     config = stage_config(name, argparse.Namespace(**{**vars(a), "ref_cache": ref_cache(a, run)}), record)
@@ -625,11 +628,13 @@ def run_stages(a, run, stages, device):
     fresh = not os.path.exists(os.path.join(run, "run.json"))
     record = start_run(a, run, ROWS)
     # --model is the run's starting model (run.json), not an override of every stage's own: each
-    # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...)
-    a = argparse.Namespace(**{**vars(a), "model": None})
+    # stage starts from the one PIPELINE names (sample from sft/, learn from forget/, ...); --pairs are
+    # the run's pairs, which the stages read as <run>/pairs/ holds them
+    a = argparse.Namespace(**{**vars(a), "model": None, "pairs": None})
+    skipped = {"sft": record["inputs"]["skip_sft"], "sample": bool(record["inputs"]["pairs"])}
     try:
         for stage in stages:
-            if not (stage == "sft" and record["inputs"]["skip_sft"]):
+            if not skipped.get(stage):
                 run_stage(stage, a, run, device)
     except BaseException:
         if fresh:  # nothing of the run stays: its record goes, so a corrected command is not refused
@@ -641,8 +646,8 @@ def run_stages(a, run, stages, device):
 def run_all(a, run, device):
     """Every stage in order (each skips itself when finished alike), then the table of the last
     evaluation file."""
-    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "dpo_model", "pairs",
-                                                       "rewriter_init", "ref") if getattr(a, k)]
+    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "dpo_model", "rewriter_init", "ref")
+                if getattr(a, k)]
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
     t0 = time.time()

@@ -235,7 +235,8 @@ def parse_train_args(argv, stages, configs, description=None):
     """train.py's flags, each checked (one line and exit status 2 for a bad one): what to run, your
     model and data, one stage's explicit inputs, the tokenizer, and the settings of `configs`."""
     p = Parser(description=description, formatter_class=HelpFormatter,
-               usage="%(prog)s [--stage NAME] [--model DIR --questions F --eval-questions F [F ...]] [flags]")
+               usage="%(prog)s [--stage NAME] [--model DIR (--questions F --eval-questions F [F ...] | --pairs F "
+                     "--eval-pairs F [F ...])] [flags]")
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", choices=list(stages) + ["all"], help="stage to run")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/default", type=folder,
@@ -249,7 +250,7 @@ def parse_train_args(argv, stages, configs, description=None):
                         "rates per model and budget on val)")
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
-                             "--eval-questions F...)")
+                             "--eval-questions F..., or --pairs F --eval-pairs F...)")
     g.add_argument("--model", type=folder, help="your model directory (Hugging Face Llama, Qwen2 or Qwen3); "
                    "with --stage: the stage's starting model")
     g.add_argument("--questions", help="your training questions, JSONL in GSM8K's format {question, answer}")
@@ -257,6 +258,12 @@ def parse_train_args(argv, stages, configs, description=None):
                    "held-out pairs and the table (the last)")
     g.add_argument("--sft-data", help="SFT rows, questions or {input, output} (default: --questions' "
                    "reference solutions)")
+    g.add_argument("--pairs", help="instead of --questions, your preference pairs, TRL's rows: {prompt, "
+                   "chosen, rejected} strings, or lists of {role, content} messages with --prompt-template "
+                   "chat; every stage runs on them, without sampling (with --stage rewriter: the pairs whose "
+                   "chosen responses are trained as their own rewrites)")
+    g.add_argument("--eval-pairs", nargs="+", help="with --pairs: held-out pairs files, the same formats (the "
+                   "table scores the last)")
     g.add_argument("--skip-sft", action="store_true", help="start from --model as it is (an instruct model)")
     g.add_argument("--rewrites", help="minimal-edit rewrites {prompt, response, rewrite} of the wrong "
                    "responses (default: on the embedded task, task.py's; otherwise each response's target is "
@@ -269,7 +276,6 @@ def parse_train_args(argv, stages, configs, description=None):
                    "starting model)")
     g.add_argument("--dpo-model", type=folder, help="mask: the dpo stage's model, for the delta scorer")
     g.add_argument("--mask", help="mask safetensors for forget, learn")
-    g.add_argument("--pairs", help="rewriter: pairs whose chosen responses are trained as their own rewrites")
     g.add_argument("--rewriter-init", type=folder, help="rewriter: its starting weights (default: --model)")
     g.add_argument("--out", type=folder, help="output directory of the stage (default <run>/<stage>)")
     add_tokenizer_flags(p.add_argument_group("tokenizer"))
@@ -279,8 +285,9 @@ def parse_train_args(argv, stages, configs, description=None):
         p.set_defaults(**PRESETS[pre.preset])
     a = p.parse_args(argv)
     check_flags(p, a)
-    toy = [name for name in TOY_DEFAULTS if getattr(a, name) == p.get_default(name)]
-    if a.model and a.questions and not a.preset and toy:  # your model, every stage
+    toy = [name for name in TOY_DEFAULTS if getattr(a, name) == p.get_default(name)
+           and not (a.pairs and name in ("k", "n_sample"))]  # a run on pairs samples nothing
+    if a.model and (a.questions or a.pairs) and not a.preset and toy:  # your model, every stage
         given = ", ".join(f"--{n.replace('_', '-')} {getattr(a, n):g}" for n in toy)
         print(f"warning: {given}: the embedded 0.78M model's defaults, not rates or budgets for a pretrained "
               "--model; start from --preset pretrained and choose the rates for your model on the validation "

@@ -13,16 +13,18 @@ from dataclasses import asdict
 
 import task
 from bookkeeping import flags, parallel
-from bookkeeping.fileio import write_json
+from bookkeeping.fileio import write_json, write_jsonl
 from bookkeeping.runs import UsageError, input_id, need, one_line
-from data import DataError, PromptConfig, TokenizerFile, find_tokenizer, read_jsonl
+from data import (DataError, PromptConfig, TokenizerFile, find_tokenizer, load_tokenizer, preference_pairs,
+                  read_jsonl, response_lead)
 
 HELD_OUT = "{}_pairs.jsonl"  # the sample stage's held-out pairs of an evaluation file <name>.jsonl
 
 
 RECORD = {"inputs": dict, "tokenizer": dict, "prompt": dict, "max_len": int, "eval": dict}  # run.json
 RECORD_INPUTS = ("embedded", "model", "questions", "eval_questions", "validation", "sft_data", "rewrites",
-                 "skip_sft", "correct")
+                 "skip_sft", "correct", "pairs")
+PAIRS_DIR = "pairs"  # a preference-data run (--pairs): its pairs as the pipeline's files, in place of sample/
 
 
 def load_record(run):
@@ -38,6 +40,8 @@ def load_record(run):
     except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{path}: not a whole run record ({one_line(e)}); rerun the run's command with "
                          "--force to write it anew") from None
+    if isinstance(record, dict) and isinstance(record.get("inputs"), dict):
+        record["inputs"].setdefault("pairs", None)  # a run.json from before --pairs
     if problem := record_problem(record):
         raise UsageError(f"{path}: {problem}: not a run record of this version; rerun the run's command with "
                          "--force to write it anew")
@@ -137,6 +141,8 @@ def from_run(run, record, source, stage):
     if source == "sft/" and record["inputs"]["skip_sft"]:
         return record["inputs"]["model"]
     made_by = source.split("/")[0]
+    if made_by == "sample" and record["inputs"]["pairs"]:  # a preference-data run has its pairs, no sampling
+        return need(os.path.join(run, PAIRS_DIR, source.split("/")[1]), "sft")
     path = need(os.path.join(run, source.rstrip("/")), made_by)
     if source.endswith("/"):
         need(os.path.join(path, "config.json"), made_by)
@@ -164,7 +170,26 @@ def start_run(a, run, rows):
     the embedded task's files, written into <run>/task/. Also what eval.py needs to score the run as
     it was trained, with `rows`, the (label, stage) rows of its table. A run started with other
     inputs is refused unless --force."""
-    if a.questions:
+    if a.pairs:
+        if a.questions or a.eval_questions or a.sft_data or a.rewrites:
+            raise UsageError("--pairs: a preference-data run takes no --questions, --eval-questions, --sft-data "
+                             "or --rewrites (it trains SFT on the chosen responses, the rewriter on chosen)")
+        if not a.model:
+            raise UsageError("--pairs: your pairs need your model too (--model DIR)")
+        if not a.eval_pairs:
+            raise UsageError("--eval-pairs: the one command needs at least one held-out pairs file (the table "
+                             "scores the last)")
+        files = preference_files(a)
+        inputs = dict(embedded=False, model=os.path.abspath(a.model), questions=None, eval_questions=[],
+                      validation=None, sft_data=f"{PAIRS_DIR}/sft.jsonl", rewrites=None, skip_sft=a.skip_sft,
+                      correct="answer", pairs=f"{PAIRS_DIR}/pairs.jsonl")
+        tokenizer = os.path.abspath(a.tokenizer or a.model)
+        splits = {split_name(p): {"questions": None, "pairs": os.path.join(PAIRS_DIR, HELD_OUT.format(
+            split_name(p)))} for p in a.eval_pairs}
+    elif a.questions:
+        if a.eval_pairs:
+            raise UsageError("--eval-pairs: goes with --pairs (with --questions, held-out pairs are sampled "
+                             "from --eval-questions)")
         if not a.model:
             raise UsageError("--questions: your questions need your model too (--model DIR)")
         if not a.eval_questions:  # before any training: the table scores the last file
@@ -176,25 +201,26 @@ def start_run(a, run, rows):
                       eval_questions=evals, validation=evals[0] if evals else None,
                       sft_data=absolute(a.sft_data or a.questions),
                       rewrites=a.rewrites and absolute(a.rewrites),
-                      skip_sft=a.skip_sft, correct="answer")
+                      skip_sft=a.skip_sft, correct="answer", pairs=None)
         tokenizer = absolute(a.tokenizer or a.model)
     else:
-        if a.model or a.skip_sft or a.eval_questions or a.sft_data:
-            raise UsageError("--model, --skip-sft, --eval-questions and --sft-data go with your --questions")
+        if a.model or a.skip_sft or a.eval_questions or a.sft_data or a.eval_pairs:
+            raise UsageError("--model, --skip-sft, --eval-questions, --eval-pairs and --sft-data go with your "
+                             "--questions or --pairs")
         write_embedded_task(a, os.path.join(run, "task"))
         inputs = dict(embedded=True, model=None, questions="task/train.jsonl",
                       eval_questions=["task/val.jsonl", "task/test.jsonl"], validation="task/val.jsonl",
-                      sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps")
+                      sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps", pairs=None)
         tokenizer = "task/tokenizer.model"
-    splits = {os.path.splitext(os.path.basename(p))[0]: p for p in inputs["eval_questions"]}
+    if not a.pairs:
+        splits = {split_name(p): {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(split_name(p)))}
+                  for p in inputs["eval_questions"]}
     start = inputs["model"] if inputs["skip_sft"] else "sft"
     rows = [("start (--skip-sft)", start)] + rows[1:] if inputs["skip_sft"] else rows
     record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,
                                                     pad=a.pad_token, bos_mode=a.bos),
               "prompt": json_form(asdict(flags.config_from(PromptConfig, a))), "max_len": a.max_len,
-              "eval": {"splits": {n: {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(n))}
-                                  for n, p in splits.items()},
-                       "reference": start, "rows": rows}}
+              "eval": {"splits": splits, "reference": start, "rows": rows}}
     old = None if a.force else load_record(run)  # --force writes a record anew, whatever is there
     if old is not None and json_form(old) != json_form(record):
         key = next(k for k in record if json_form(old.get(k)) != json_form(record[k]))
@@ -202,9 +228,52 @@ def start_run(a, run, rows):
                          "--run-dir, or --force (redo every stage)")
     if parallel.is_main():
         os.makedirs(run, exist_ok=True)
+        for name, rows in (files if a.pairs else {}).items():  # only once the record is this run's
+            os.makedirs(os.path.join(run, PAIRS_DIR), exist_ok=True)
+            write_jsonl(os.path.join(run, PAIRS_DIR, name), rows)
         write_json(os.path.join(run, "run.json"), record)
     parallel.barrier()
     return record
+
+
+def split_name(path):
+    """An evaluation file's split name: its file name without the extension (test.jsonl: test)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def preference_files(a):
+    """A preference-data run's files, {file name: rows}, as the pipeline reads them in place of the
+    sample stage's: pairs.jsonl (the --pairs rows as data.preference_pairs renders them), forget.jsonl
+    (each distinct rejected response, its pair's chosen one as the rewriter's reference), sft.jsonl
+    (each distinct chosen response as an SFT target) and <name>_pairs.jsonl of each --eval-pairs file.
+    Prints one line per file: its rows, its pairs, and the rows dropped, counted by reason."""
+    tok = load_tokenizer(TokenizerFile(a.tokenizer or a.model, a.bos_token, a.eos_token, a.pad_token, a.bos))
+    prompt = flags.config_from(PromptConfig, a)
+    lead = response_lead(prompt.template)
+    names = [split_name(p) for p in a.eval_pairs]
+    if len(set(names)) < len(names) or "pairs" in names:
+        raise UsageError(f"--eval-pairs {' '.join(a.eval_pairs)}: two files of one name, or one named pairs")
+    files = {}
+    for path in [a.pairs] + a.eval_pairs:
+        rows = read_jsonl(path, "preferences")
+        pairs, dropped = preference_pairs(rows, tok, prompt.template, prompt.system, a.max_len)
+        counted = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n) or "none"
+        print(f"pairs: {path}: {len(rows)} rows, {len(pairs)} pairs; dropped: {counted}")
+        if not pairs:
+            raise UsageError(f"{path}: no preference pairs left to train or score on")
+        triples = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+        if path != a.pairs:
+            files[HELD_OUT.format(split_name(path))] = triples
+            continue
+        files["pairs.jsonl"] = triples
+        wrong = {}  # each distinct rejected response with the first pair it is in
+        for p in pairs:
+            wrong.setdefault((p["prompt"], p["rejected"]), p)
+        files["forget.jsonl"] = [{"prompt": p["prompt"], "response": p["rejected"], "question": p["question"],
+                                  "reference": p["chosen"][len(lead):]} for p in wrong.values()]
+        files["sft.jsonl"] = [{"input": prompt_, "output": chosen}
+                              for prompt_, chosen in dict.fromkeys((p["prompt"], p["chosen"]) for p in pairs)]
+    return files
 
 
 def drop_unused_record(run, stages):

@@ -57,7 +57,7 @@ from safetensors.torch import load_file
 import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
 from bookkeeping.flags import HelpFormatter, Parser, config_from, count
-from bookkeeping.resolve import in_pipeline
+from bookkeeping.resolve import in_pipeline, load_record
 from bookkeeping.runs import UsageError, lock, machine, need, one_line, unlock
 from data import DataError, TokenizerFile
 from eval import run_evaluator
@@ -153,6 +153,10 @@ def step_losses(out):
 def run_study(opts, a):
     """Every arm of opts.arms, scored on opts.split: for opts.pipeline_seeds whole pipelines (one
     run directory each), or for opts.seeds arm seeds on the run opts.run."""
+    record = load_record(opts.run)
+    if a.pairs or (record and record["inputs"]["pairs"]):
+        raise UsageError(f"{opts.run}: the study scores accuracy on questions, which a run on preference pairs "
+                         "(--pairs) has none of; compare its models with eval.py")
     device = pick_device(a.device)
     root = os.path.join(opts.run, "study", opts.tag)
     os.makedirs(os.path.dirname(root), exist_ok=True)

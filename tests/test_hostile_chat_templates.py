@@ -22,7 +22,7 @@ TEMPLATES = [  # (template, what the error says)
     ("{{ 'x' * 100000000 }}", "fails to render: SecurityError: a sequence multiplied past"),
     ("{{ 10 ** 100000000 }}", "fails to render: SecurityError: a power too large"),
     ("{% for i in range(100000000) %}x{% endfor %}", "fails to render: OverflowError"),  # the sandbox's range
-    ("{% for i in range(99999) %}xxxxxxxxxx{% endfor %}", "renders 999,990 characters for one question"),
+    ("{% for i in range(99999) %}xxxxxxxxxx{% endfor %}", "renders 999,990 characters for one conversation"),
     ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
      "fails to render: TemplateTimeout: it ran for over 1 s"),
     ("{% for %}", "the chat template does not parse"),
