@@ -66,7 +66,7 @@ from eval import ROWS, accuracy, evaluate_run, markdown_table
 from model import ModelConfig, Transformer, autocast, pick_device
 from trainer import (Norms, PreferenceConfig, TrainConfig, dpo_batch_loss, fit, full_masks, n_scored,
                      npo_batch_loss, pair_batch, pair_rows, rank_batch, reference_logps, seed_setting,
-                     sft_batch_loss, with_reference)
+                     sft_batch_loss, stage_steps, with_reference)
 
 # ----------------------------------------------------------------------------- sft
 
@@ -288,8 +288,9 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         masks = load_masks(inputs.get("mask"), policy)
         cached = reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device)
         fraction = allo.trained_fraction(masks, policy)
+        steps = stage_steps(config.steps, config.pref.epochs, len(pairs), cfg)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
-              f"{config.steps} steps")
+              f"{steps} steps")
 
         def batch_at(i):
             return pair_batch(tok, rows, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
@@ -297,8 +298,8 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         def loss(net, b, norms, stats):
             return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll, stats)
 
-        fit(stage, policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
-        return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps, lr=config.lr, eps=eps)
+        fit(stage, policy, masks, batch_at, loss, so.work, steps=steps, lr=config.lr, cfg=cfg)
+        return so.finish(policy, tok, trained_fraction=fraction, steps=steps, lr=config.lr, eps=eps)
 
 
 def reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device):
@@ -548,8 +549,9 @@ def stage_forget(config, inputs, out, device, force=False):
                                                   for r, ids in zip(rows, responses)]
         cached = reference_pass("forget", so, policy, ref, model, tok, (prompts, responses), cfg, device)
         fraction = allo.trained_fraction(masks, policy)
+        steps = stage_steps(config.steps, config.pref.epochs, len(rows), cfg)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
-              f"{'all tokens' if config.all_tokens else 'unaligned tokens'}")
+              f"{'all tokens' if config.all_tokens else 'unaligned tokens'}, lr {config.lr}, {steps} steps")
 
         def batch_at(i):
             idx = rank_batch(len(rows), i, cfg)
@@ -564,8 +566,8 @@ def stage_forget(config, inputs, out, device, force=False):
         def loss(net, b, norms, stats):
             return npo_batch_loss(net, b, norms, device, config.pref.beta, stats)
 
-        fit("forget", policy, masks, batch_at, loss, so.work, steps=config.steps, lr=config.lr, cfg=cfg)
-        return so.finish(policy, tok, trained_fraction=fraction, steps=config.steps)
+        fit("forget", policy, masks, batch_at, loss, so.work, steps=steps, lr=config.lr, cfg=cfg)
+        return so.finish(policy, tok, trained_fraction=fraction, steps=steps)
 
 
 # ----------------------------------------------------------------------------- the pipeline

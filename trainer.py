@@ -65,6 +65,9 @@ class PreferenceConfig:
     beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
     nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style; dpo and learn)",
                          type=real(0), variant=True)
+    epochs: float = setting(0.0, "dpo, forget and learn train this many passes over their data, their steps "
+                            "following from its size and the global batch (the release: 1); 0: their --*-steps",
+                            type=real(0))
 
 
 @dataclass
@@ -237,6 +240,15 @@ def batch_indices(n, batch, i, seed):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + i // per_epoch))
     k = i % per_epoch
     return perm[k * batch:(k + 1) * batch].tolist()
+
+
+def stage_steps(steps, epochs, n, cfg):
+    """A stage's optimizer steps: `steps`, or with epochs > 0 that many passes over its n examples as
+    batch_indices lays them out (n // global micro-batch micro-batches an epoch), at least one."""
+    if not epochs:
+        return steps
+    per_epoch = n // min(n, cfg.batch_size * parallel.world())
+    return max(1, math.ceil(epochs * per_epoch / cfg.grad_accum))
 
 
 def rank_batch(n, i, cfg):

@@ -227,6 +227,13 @@ PRESETS = {
                        dpo_lr=1e-6, learn_lr=2e-6, forget_steps=8, forget_lr=1e-5, rewriter_steps=12,
                        rewriter_lr=1e-5, log_every=2, ckpt_every=4, ckpt_minutes=5, pack=True),
 }
+# the authors' release protocol (RUCAIBox/ALLO's scripts) on the pretrained preset's batches and lengths: 10
+# samples per problem at temperature 0.7, top-p 0.95, at most 5 pairs a problem; one 5% mask for both stages;
+# the rejected side's top 10% of tokens; warmup DPO at 1e-6, forgetting at 5e-7, learning at 5e-6, one epoch
+# each on a cosine schedule (their effective batches of 32-128 on 8 GPUs scaled down to the preset's 8)
+PRESETS["release"] = {**PRESETS["pretrained"], "k": 10, "temperature": 0.7, "top_p": 0.95, "max_pairs": 5,
+                      "forget_ratio": 0.05, "learn_ratio": 0.05, "eps": 0.1, "dpo_lr": 1e-6, "forget_lr": 5e-7,
+                      "learn_lr": 5e-6, "epochs": 1.0}
 # rates and budgets chosen for the 0.78M toy trained from scratch: a warning when a pretrained model gets them
 TOY_DEFAULTS = ("sft_lr", "rewriter_lr", "dpo_lr", "learn_lr", "forget_lr", "k", "n_sample", "sft_steps")
 
@@ -247,7 +254,9 @@ def parse_train_args(argv, stages, configs, description=None):
                    help="smoke: a tiny version of every stage, for tests; 6m: the 5.98M-parameter model and "
                         "task variant of the study's second size (docs/study.md); pretrained: rates and "
                         "budgets for a ~100M-1B pretrained --model (a start, for these budgets: choose "
-                        "rates per model and budget on val)")
+                        "rates per model and budget on val); release: pretrained's batches with the "
+                        "authors' protocol (10 samples a problem, 5%% masks, eps 0.1, their rates, one "
+                        "epoch per preference stage)")
     add_machine_flags(g)
     g = p.add_argument_group("your model and data (every stage: python train.py --model DIR --questions F "
                              "--eval-questions F..., or --pairs F --eval-pairs F...)")
