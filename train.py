@@ -52,6 +52,7 @@ import torch
 from safetensors import SafetensorError
 
 import allo
+import lora
 import task
 from bookkeeping import flags, gguf_io, parallel
 from bookkeeping.fileio import write_json, write_jsonl
@@ -254,6 +255,9 @@ class LearnConfig:
                          flag="--learn-steps", type=count(1), default_from="dpo_steps")
     eps: float = setting(0.5, "key tokens: the share of the rejected response kept",
                          type=real(0, 1, open_low=True))
+    lora_rank: int = setting(0, "a baseline, not ALLO: train low-rank adapters of this rank on every linear "
+                             "layer instead of a mask (LoRA; lora.py), merged into the weights at the end; 0: "
+                             "none", type=count(0), variant=True)
     pref: PreferenceConfig = PreferenceConfig()
     train: TrainConfig = TrainConfig()
 
@@ -267,12 +271,13 @@ def stage_dpo(config, inputs, out, device, force=False):
 def stage_learn(config, inputs, out, device, force=False):
     """Alignment improving: DPO whose rejected side counts through its key tokens (eps < 1), updating only the
     learning mask's entries (inputs["mask"] None: every parameter). Its output is the ALLO model."""
-    return train_dpo("learn", config, config.eps, inputs, out, device, force)
+    return train_dpo("learn", config, config.eps, inputs, out, device, force, config.lora_rank)
 
 
-def train_dpo(stage, config, eps, inputs, out, device, force):
+def train_dpo(stage, config, eps, inputs, out, device, force, lora_rank=0):
     """DPO on the pairs of inputs["data"] from inputs["model"]; the reference is inputs["ref"]
-    (default: the same starting weights), its log-probs cached once."""
+    (default: the same starting weights), its log-probs cached once. lora_rank > 0: through low-rank
+    adapters (lora.py) instead of a mask, merged into the output's weights."""
     cfg = config.train
     with StageOutput(stage, out, config, inputs, device, force) as so:
         if so.finished:
@@ -288,9 +293,17 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
         masks = load_masks(inputs.get("mask"), policy)
         cached = reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device)
         fraction = allo.trained_fraction(masks, policy)
+        if lora_rank:
+            if inputs.get("mask"):
+                raise UsageError(f"--lora-rank {lora_rank}: the adapters are what trains; give no --mask (or "
+                                 "--learn-ratio 1)")
+            n_params = policy.num_params()
+            torch.manual_seed(cfg.seed)  # the adapters' draw
+            masks = lora.add_adapters(policy, lora_rank)
+            fraction = sum(int(m.sum()) for m in masks.values()) / n_params
         steps = stage_steps(config.steps, config.pref.epochs, len(pairs), cfg)
         print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
-              f"{steps} steps")
+              f"{steps} steps" + (f", through LoRA adapters of rank {lora_rank}" if lora_rank else ""))
 
         def batch_at(i):
             return pair_batch(tok, rows, rank_batch(len(pairs), i, cfg), cached, cfg.max_len)
@@ -299,6 +312,8 @@ def train_dpo(stage, config, eps, inputs, out, device, force):
             return dpo_batch_loss(net, b, norms, device, config.pref.beta, eps, config.pref.nll, stats)
 
         fit(stage, policy, masks, batch_at, loss, so.work, steps=steps, lr=config.lr, cfg=cfg)
+        if lora_rank:
+            lora.merge(policy)  # each weight W + (alpha / r) B A, as the forward used it
         return so.finish(policy, tok, trained_fraction=fraction, steps=steps, lr=config.lr, eps=eps)
 
 

@@ -14,7 +14,7 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052,
         28: 2.048, 29: 2.045, 30: 2.042}
 
-# (claim, arm a, arm b, the sign the paper claims for a - b)
+# (claim, arm a, arm b, the sign the paper claims for a - b; 0: no claim, a comparison)
 CLAIMS = [
     ("ALLO − DPO full", "ALLO", "DPO full", +1),
     ("DPO top − DPO full", "DPO top", "DPO full", +1),
@@ -23,6 +23,7 @@ CLAIMS = [
     ("ALLO w/o neuron masks − ALLO", "ALLO w/o neuron masks", "ALLO", -1),
     ("ALLO w/o key tokens − ALLO", "ALLO w/o key tokens", "ALLO", -1),
     ("ALLO forgetting every token − ALLO", "ALLO forgetting every token", "ALLO", -1),
+    ("DPO top − DPO LoRA (as many trained parameters)", "DPO top", "DPO LoRA", 0),  # no claim: a comparison
 ]
 
 
@@ -43,9 +44,13 @@ def paired_difference(a, b):
 
 
 def verdict(low, high, sign):
-    """Whether a claim holds: its interval excludes 0 on the side the paper claims."""
+    """Whether a claim holds: its interval excludes 0 on the side the paper claims (sign 0: a comparison
+    the paper makes no claim on, which side the interval lies on, if either)."""
     if low is None:
         return "one seed: no interval"
+    if sign == 0:
+        return "the first higher" if low > 0 else "the second higher" if high < 0 else \
+            "no difference shown: the interval holds 0"
     if (low > 0 if sign > 0 else high < 0):
         return "holds"
     if (high < 0 if sign > 0 else low > 0):

@@ -27,6 +27,9 @@ mask at --learn-lr, forgetting at --forget-lr: each choice made on the validatio
   DPO top / bottom /      -                                 DPO, only the top (bottom, random)
                                                             --learn-ratio of the entries
     random k%
+  DPO LoRA                -                                 DPO through low-rank adapters on every linear
+                                                            layer, as many parameters as the top learn
+                                                            mask (the nearest rank), at --lora-lr
   NPO                     -                                 token-level NPO on every token of the wrong
                                                             responses, every parameter
   ALLO                    unaligned tokens, top forget mask  DPO with key tokens (--eps), top learn mask
@@ -54,14 +57,15 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
+import lora
 import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
-from bookkeeping.flags import HelpFormatter, Parser, config_from, count
+from bookkeeping.flags import HelpFormatter, Parser, config_from, count, rate
 from bookkeeping.resolve import in_pipeline, load_record
 from bookkeeping.runs import UsageError, lock, machine, need, one_line, unlock
 from data import DataError, TokenizerFile
 from eval import run_evaluator
-from model import pick_device
+from model import Transformer, pick_device
 from study import report
 
 # name, forgetting (tokens, mask) or None, learning (loss, mask, key tokens) or None
@@ -71,6 +75,7 @@ ARMS = [
     ("DPO top", None, ("dpo", "top", False)),
     ("DPO bottom", None, ("dpo", "bottom", False)),
     ("DPO random", None, ("dpo", "random", False)),
+    ("DPO LoRA", None, ("dpo", "lora", False)),
     ("NPO", None, ("npo", "full", False)),
     ("ALLO", ("unaligned", "top"), ("dpo", "top", True)),
     ("ALLO w/o forgetting", None, ("dpo", "top", True)),
@@ -117,7 +122,7 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     """Train one arm of one seed from the SFT model (forgetting, then learning) through train.py's
     stage functions; returns the output directory and the stage directories it went through.
     forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
-    tokenizer and data files of each; lrs: (full-parameter, masked) learning rates of DPO; eps:
+    tokenizer and data files of each; lrs: (full-parameter, masked, LoRA) learning rates of DPO; eps:
     ALLO's key-token fraction."""
     # each phase skips itself when finished alike
     model_dir, phases = in_pipeline(run, train.PIPELINE["forget"]["model"], "forget"), []
@@ -134,6 +139,11 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
         train.stage_forget(replace(forget_config, steps=learn_config.steps, all_tokens=True),
                            {**inputs["forget"], "model": model_dir, "mask": None}, out, device)
+    elif kind == "lora":  # adapters with as many parameters as the top learning mask selects
+        selected = sum(int(m.sum()) for m in load_file(masks["learn-top"]).values())
+        rank = lora.rank_for(Transformer.from_pretrained(model_dir), selected)
+        train.stage_learn(replace(learn_config, lr=lrs[2], eps=1.0, lora_rank=rank),
+                          {**inputs["learn"], "model": model_dir, "mask": None}, out, device)
     else:
         mask = None if kind == "full" else masks[f"learn-{kind}"]
         train.stage_learn(replace(learn_config, lr=lrs[kind != "full"], eps=eps if key_tokens else 1.0),
@@ -209,7 +219,7 @@ def study_run(opts, a, run, seeds, arms, device, t0):
         arm_args = dict(run=run, seed_dir=seed_dir, inputs=inputs,
                         forget_config=config_from(train.ForgetConfig, a, train=cfg),
                         learn_config=config_from(train.LearnConfig, a, train=cfg),
-                        lrs=(a.dpo_lr, a.learn_lr), eps=a.eps, device=device)
+                        lrs=(a.dpo_lr, a.learn_lr, opts.lora_lr or 10 * a.dpo_lr), eps=a.eps, device=device)
         train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
         masks = study_masks(run, seed_dir, a, seed, device)
         for name, forget, learn in arms:
@@ -302,6 +312,8 @@ def parse(argv=None):
     p.add_argument("--tag", default="main", help="name of this study under <run>/study/")
     p.add_argument("--arms", nargs="+", choices=[a[0] for a in ARMS], metavar="ARM",
                    help="run only these arms (quoted names, e.g. 'DPO full' ALLO; default all)")
+    p.add_argument("--lora-lr", type=rate, help="the DPO LoRA arm's learning rate (default: 10 x --dpo-lr, a "
+                   "start: adapters usually need a higher rate than the full model; choose it on val)")
     p.add_argument("--n-eval", type=count(0), default=0,
                    help="score the first N questions and pairs, 0 = all")
     p.add_argument("--quick", action="store_true",

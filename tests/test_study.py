@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import allo
+import lora
 from model import Transformer
 from study import report, study
 
@@ -60,6 +61,13 @@ def test_study_quick_runs_every_arm_and_resumes(smoke_run, capsys):
         after = weights(os.path.join(seed, study.slug(arm)))
         for name, mask in m[kind].items():
             assert torch.equal(after[name][~mask], sft[name][~mask]), (arm, name)
+    # the LoRA arm trains as many parameters as the top mask, to the nearest rank, and only the linear layers
+    lora_arm = weights(os.path.join(seed, study.slug("DPO LoRA")))
+    assert all(torch.equal(lora_arm[n], sft[n]) != n.endswith("proj.weight") for n in sft)
+    fraction = {r["arm"]: r["learn_fraction"] for r in res["rows"]}
+    model = Transformer.from_pretrained(os.path.join(smoke_run, "sft"))
+    step = sum(m.in_features + m.out_features for m in lora.adapted_layers(model)) / model.num_params()
+    assert 0 < fraction["DPO LoRA"] and abs(fraction["DPO LoRA"] - fraction["DPO top"]) <= step
     # ALLO and ALLO w/o key tokens share one forgetting run; three forgetting runs in all
     assert sorted(d for d in os.listdir(seed) if d.startswith("forget-")) == [
         "forget-all-top", "forget-unaligned-full", "forget-unaligned-top"]
@@ -101,6 +109,8 @@ def test_paired_interval_and_verdicts_by_hand():
     assert claim["verdict"] == "not shown: the interval holds 0"
     assert report.verdict(0.5, 2.0, +1) == "holds" and report.verdict(-3, -1, +1) == "fails: the other way"
     assert report.verdict(-3, -1, -1) == "holds" and report.verdict(None, None, +1) == "one seed: no interval"
+    assert report.verdict(0.5, 2.0, 0) == "the first higher" and report.verdict(-2, -1, 0) == "the second higher"
+    assert report.verdict(-1, 2.0, 0) == "no difference shown: the interval holds 0"
 
 
 def test_a_seed_without_held_out_pairs_leaves_the_others_pair_means():
