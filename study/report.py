@@ -73,6 +73,32 @@ def claims(rows):
     return out
 
 
+def chosen_scales(sweep):
+    """Each arm's multiplier of its rates with the best validation accuracy in the sweep's rows; a tie
+    goes to the multiplier nearest 1 (the base rates), then to the smaller."""
+    best = {}
+    for r in sweep:
+        key = (r["accuracy"], -abs(math.log(r["lr_scale"])), -r["lr_scale"])
+        if r["arm"] not in best or key > best[r["arm"]][0]:
+            best[r["arm"]] = (key, r["lr_scale"])
+    return {arm: scale for arm, (_, scale) in best.items()}
+
+
+def sweep_markdown(sweep, chosen, rows):
+    """The validation sweep: each arm's accuracy at each multiplier of its rates, and the rates chosen."""
+    scales = sorted({r["lr_scale"] for r in sweep})
+    lines = ["| arm | " + " | ".join(f"val at x{m:g}" for m in scales) + " | chosen | its rates |",
+             "|---|" + "---|" * (len(scales) + 2)]
+    for arm in dict.fromkeys(r["arm"] for r in sweep):
+        acc = {r["lr_scale"]: r["accuracy"] for r in sweep if r["arm"] == arm}
+        rates = next(r["rates"] for r in rows if r["arm"] == arm)
+        cells = [f"{100 * acc[m]:.1f}%" if m in acc else "-" for m in scales]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | x{chosen[arm]:g} | " +
+                     (", ".join(f"{k} {v:.3g}" for k, v in rates.items()) or "-") + " |")
+    return "Rates chosen on the validation split, on the first seed (every arm from a grid of the same " \
+           "multipliers of its base rates):\n\n" + "\n".join(lines)
+
+
 def quarter_means(losses):
     """The mean loss over each quarter of a run's steps: quarter q holds steps floor(q*n/4)+1 ..
     floor((q+1)*n/4); a quarter without a step (n < 4) is None."""

@@ -4,6 +4,7 @@
     python -m study                          # 3 arm seeds on runs/default, scored on the test split
     python -m study --quick                  # 1 seed, short budgets, 200 questions
     python -m study --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
+    python -m study --lr-grid 0.3 1 3        # each arm's rates chosen on val from one grid, then scored on test
 
 Two kinds of seed. A pipeline seed (--pipeline-seeds N) re-runs everything the arms start from:
 the SFT model's init and batch order, the sampling of the pairs and wrong responses, the rewriter
@@ -18,7 +19,12 @@ starts from the same SFT model and trains on the same self-sampled data, the lea
 optimizer steps on the same pairs, the forgetting phases for --forget-steps on the same wrong
 responses. A seed sets the batch order, hence the DPO run whose weight change ranks the neurons,
 the masks drawn from it and every arm. Full-parameter training runs at --dpo-lr, training under a
-mask at --learn-lr, forgetting at --forget-lr: each choice made on the validation split.
+mask at --learn-lr, adapters at --lora-lr, forgetting at --forget-lr: each choice made on the
+validation split. With --lr-grid X..., the study makes that choice per arm, on the same footing:
+on the first seed every arm trains at each multiplier X of its rates (ALLO's forgetting and learning
+rates scaled together, one grid as every other arm's), is scored on val, keeps its best multiplier
+for every seed, and is scored on --split; the sweep and the chosen rates go into results.json and
+table.md. The masks come from DPO full at its base rate.
 
   arm                     forgetting (token-level NPO)      learning
   SFT                     -                                 -
@@ -117,36 +123,49 @@ def study_masks(run, seed_dir, a, seed, device):
 
 # ----------------------------------------------------------------------------- one arm
 
+def arm_rates(forget, learn, lrs, forget_lr, scale=1.0):
+    """The learning rates an arm trains at, by phase: {"forget": lr} where it forgets, {"learn": lr} (its
+    DPO, or NPO's forgetting loss); lrs: DPO's (full-parameter, masked, LoRA); scale: the sweep's
+    multiplier of every one of them."""
+    rates = {"forget": scale * forget_lr} if forget else {}
+    if learn is not None:
+        loss, kind, _ = learn
+        rates["learn"] = scale * (forget_lr if loss == "npo" else lrs[2] if kind == "lora" else lrs[kind != "full"])
+    return rates
+
+
 def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_config, inputs, lrs, eps,
-              device):
+              device, scale=1.0):
     """Train one arm of one seed from the SFT model (forgetting, then learning) through train.py's
     stage functions; returns the output directory and the stage directories it went through.
     forget_config, learn_config: the configs every forgetting / learning run shares; inputs: the
     tokenizer and data files of each; lrs: (full-parameter, masked, LoRA) learning rates of DPO; eps:
-    ALLO's key-token fraction."""
+    ALLO's key-token fraction; scale: a multiplier of every rate of the arm (arm_rates), which the
+    arm's folders name unless it is 1."""
     # each phase skips itself when finished alike
     model_dir, phases = in_pipeline(run, train.PIPELINE["forget"]["model"], "forget"), []
+    rates, tag = arm_rates(forget, learn, lrs, forget_config.lr, scale), "" if scale == 1 else f"-lr-x{scale:g}"
     if forget:
         tokens, kind = forget
-        out = os.path.join(seed_dir, f"forget-{tokens}-{kind}")  # shared by the arms that forget alike
-        train.stage_forget(replace(forget_config, all_tokens=tokens == "all"),
+        out = os.path.join(seed_dir, f"forget-{tokens}-{kind}{tag}")  # shared by the arms that forget alike
+        train.stage_forget(replace(forget_config, lr=rates["forget"], all_tokens=tokens == "all"),
                            {**inputs["forget"], "model": model_dir,
                             "mask": masks["forget-top"] if kind == "top" else None}, out, device)
         model_dir = out
         phases.append(out)
     loss, kind, key_tokens = learn
-    out = os.path.join(seed_dir, slug(name))
+    out = os.path.join(seed_dir, slug(name) + tag)
     if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
-        train.stage_forget(replace(forget_config, steps=learn_config.steps, all_tokens=True),
+        train.stage_forget(replace(forget_config, lr=rates["learn"], steps=learn_config.steps, all_tokens=True),
                            {**inputs["forget"], "model": model_dir, "mask": None}, out, device)
     elif kind == "lora":  # adapters with as many parameters as the top learning mask selects
         selected = sum(int(m.sum()) for m in load_file(masks["learn-top"]).values())
         rank = lora.rank_for(Transformer.from_pretrained(model_dir), selected)
-        train.stage_learn(replace(learn_config, lr=lrs[2], eps=1.0, lora_rank=rank),
+        train.stage_learn(replace(learn_config, lr=rates["learn"], eps=1.0, lora_rank=rank),
                           {**inputs["learn"], "model": model_dir, "mask": None}, out, device)
     else:
         mask = None if kind == "full" else masks[f"learn-{kind}"]
-        train.stage_learn(replace(learn_config, lr=lrs[kind != "full"], eps=eps if key_tokens else 1.0),
+        train.stage_learn(replace(learn_config, lr=rates["learn"], eps=eps if key_tokens else 1.0),
                           {**inputs["learn"], "model": model_dir, "mask": mask}, out, device)
     phases.append(out)
     return out, phases
@@ -181,28 +200,43 @@ def run_arms(opts, a, root, device):
     """run_study's work, under its lock: the prerequisite stages, every arm, the results."""
     arms = [arm for arm in ARMS if not opts.arms or arm[0] in opts.arms]
     prerequisites = ("sft", "sample") + (("rewriter",) if any(forgets(arm) for arm in arms) else ())
-    t0, rows = time.time(), []
+    t0, rows, sweep = time.time(), [], []
+    chosen = {arm[0]: 1.0 for arm in arms}  # each arm's multiplier of its rates: 1 without --lr-grid
+
+    def choose(a_seed, run):  # the sweep, on the first seed: every arm at every multiplier, scored on val
+        sweep.extend(study_run(opts, a_seed, run, [a_seed.seed], arms, device, t0, "val",
+                               {arm[0]: opts.lr_grid for arm in arms}))
+        chosen.update(report.chosen_scales(sweep))
+        print("study: rates chosen on val: " + ", ".join(f"{n} x{m:g}" for n, m in chosen.items()), flush=True)
+
     if opts.pipeline_seeds:
         for seed in range(a.seed, a.seed + opts.pipeline_seeds):
             a_seed = argparse.Namespace(**{**vars(a), "seed": seed})
             run = os.path.join(opts.run, f"seed{seed}")
             train.run_stages(a_seed, run, prerequisites, device)
-            rows += study_run(opts, a_seed, run, [seed], arms, device, t0)
+            if opts.lr_grid and seed == a.seed:
+                choose(a_seed, run)
+            rows += study_run(opts, a_seed, run, [seed], arms, device, t0, opts.split,
+                              {n: [m] for n, m in chosen.items()})
     else:
         for stage in prerequisites:
             need(os.path.join(opts.run, stage, "stage.json"), stage)
-        rows = study_run(opts, a, opts.run, range(a.seed, a.seed + opts.seeds), arms, device, t0)
+        if opts.lr_grid:
+            choose(a, opts.run)
+        rows = study_run(opts, a, opts.run, range(a.seed, a.seed + opts.seeds), arms, device, t0, opts.split,
+                         {n: [m] for n, m in chosen.items()})
     os.makedirs(root, exist_ok=True)
-    write_results(root, opts, a, rows, [arm[0] for arm in arms], device)
+    write_results(root, opts, a, rows, [arm[0] for arm in arms], device, sweep, chosen)
     print(f"study: {time.time() - t0:.0f}s -> {root}")
 
 
-def study_run(opts, a, run, seeds, arms, device, t0):
-    """The arms on one run directory for the given arm seeds; returns a row per seed and arm."""
+def study_run(opts, a, run, seeds, arms, device, t0, split, scales):
+    """The arms on one run directory for the given arm seeds, scored on `split`, each arm at each of its
+    multipliers of its rates (scales: {arm: [multiplier, ...]}); returns a row per seed, arm and
+    multiplier."""
     root = os.path.join(run, "study", opts.tag)
     os.makedirs(root, exist_ok=True)
-    evaluate, split = run_evaluator(run, opts.split, a.device, a.beta, n_questions=opts.n_eval,
-                                    n_pairs=opts.n_eval)
+    evaluate, split = run_evaluator(run, split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
           f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft = in_pipeline(run, train.PIPELINE["dpo"]["model"], "dpo")
@@ -220,30 +254,34 @@ def study_run(opts, a, run, seeds, arms, device, t0):
                         forget_config=config_from(train.ForgetConfig, a, train=cfg),
                         learn_config=config_from(train.LearnConfig, a, train=cfg),
                         lrs=(a.dpo_lr, a.learn_lr, opts.lora_lr or 10 * a.dpo_lr), eps=a.eps, device=device)
-        train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full first: the masks come from it
+        train_arm(*ARMS[1], masks={}, **arm_args)  # DPO full at its base rate first: the masks come from it
         masks = study_masks(run, seed_dir, a, seed, device)
         for name, forget, learn in arms:
-            row = {"arm": name, "seed": seed, "run": run, "forget_fraction": 0.0, "learn_fraction": 0.0,
-                   "wall_s": 0.0, "losses": None, "split": split, **sft_metrics}
-            if learn is not None:
-                out, phases = train_arm(name, forget, learn, masks=masks, **arm_args)
-                row.update(arm_metrics(name, out, phases, forget, evaluate, split, opts.n_eval))
-            rows.append(row)
-            print(f"study: seed {seed} {name}: accuracy {100 * row['accuracy']:.1f}%; elapsed "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            for scale in scales[name] if learn is not None else [1.0]:  # SFT trains nothing
+                row = {"arm": name, "seed": seed, "run": run, "forget_fraction": 0.0, "learn_fraction": 0.0,
+                       "wall_s": 0.0, "losses": None, "split": split, "lr_scale": scale,
+                       "rates": arm_rates(forget, learn, arm_args["lrs"], a.forget_lr, scale), **sft_metrics}
+                if learn is not None:
+                    out, phases = train_arm(name, forget, learn, masks=masks, scale=scale, **arm_args)
+                    row.update(arm_metrics(name, out, phases, forget, evaluate, split, opts.n_eval))
+                rows.append(row)
+                print(f"study: seed {seed} {name}" + (f" at x{scale:g} its rates" if scale != 1 else "") +
+                      f": {split} accuracy {100 * row['accuracy']:.1f}%; elapsed {time.time() - t0:.0f}s", flush=True)
     return rows
 
 
-def write_results(root, opts, a, rows, names, device):
-    """results.json (every row, the summary, the claims, the machine), results.csv, table.md and the
-    figures under root; prints the table."""
+def write_results(root, opts, a, rows, names, device, sweep=(), chosen=None):
+    """results.json (every row, the summary, the claims, the machine; with --lr-grid the validation
+    sweep's rows and each arm's chosen multiplier), results.csv, table.md and the figures under root;
+    prints the table."""
     summary, found = report.summarize(rows, names), report.claims(rows)
     split, seeds = rows[0]["split"], sorted({r["seed"] for r in rows})
     kind = "pipeline seed(s)" if opts.pipeline_seeds else \
         "arm seed(s) (one SFT model, one sample, one rewriter)"
     write_json(os.path.join(root, "results.json"),
                {"split": split, "seeds": seeds, "kind": kind, "settings": vars(a), "rows": rows,
-                "summary": summary, "claims": found, **machine(device)})
+                "summary": summary, "claims": found, "sweep": list(sweep), "chosen_scales": chosen,
+                **machine(device)})
     write_csv(os.path.join(root, "results.csv"), rows)
     settings = (f"Learning: {a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr "
                 f"{a.dpo_lr:g}, masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); "
@@ -253,6 +291,8 @@ def write_results(root, opts, a, rows, names, device):
     table = report.markdown(summary, found, split, f"{len(seeds)} {kind}", settings,
                             rows[0]["n_questions"],
                             [next(r["n_pairs"] for r in rows if r["seed"] == s) for s in seeds])
+    if sweep:
+        table += "\n\n" + report.sweep_markdown(sweep, chosen, rows)
     with atomic_path(os.path.join(root, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     print(table)
@@ -314,11 +354,18 @@ def parse(argv=None):
                    help="run only these arms (quoted names, e.g. 'DPO full' ALLO; default all)")
     p.add_argument("--lora-lr", type=rate, help="the DPO LoRA arm's learning rate (default: 10 x --dpo-lr, a "
                    "start: adapters usually need a higher rate than the full model; choose it on val)")
+    p.add_argument("--lr-grid", type=rate, nargs="+", metavar="X",
+                   help="choose each arm's rates on val first: every arm trains at each multiplier X of its "
+                   "rates (ALLO's forgetting and learning rates together) on the first seed, the best on val is "
+                   "kept for every seed, scored on --split (e.g. 0.3 1 3)")
     p.add_argument("--n-eval", type=count(0), default=0,
                    help="score the first N questions and pairs, 0 = all")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, --dpo-steps 40, --forget-steps 20, --n-eval 200 (a smaller version)")
     opts, rest = p.parse_known_args(argv)
+    if opts.lr_grid and opts.split == "val":
+        p.error("argument --lr-grid: the rates are chosen on val, so the arms are scored on --split test")
+    opts.lr_grid = list(dict.fromkeys(opts.lr_grid or []))  # each multiplier once
     if opts.quick:
         opts.seeds, opts.n_eval = 1, opts.n_eval or 200
         rest = ["--dpo-steps", "40", "--forget-steps", "20"] + rest

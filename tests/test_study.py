@@ -225,3 +225,37 @@ def test_eval_plot_draws_a_runs_curves(smoke_run, tmp_path, capsys, monkeypatch)
     with pytest.raises(SystemExit) as e:
         evaluation.main([os.path.join(run, "learn"), "--plot"])
     assert e.value.code == 2 and "--plot draws a run directory's curves" in capsys.readouterr().err
+
+
+def test_chosen_scales_take_the_validation_best_nearest_the_base_rates_on_a_tie():
+    rows = [{"arm": arm, "lr_scale": m, "accuracy": acc} for arm, m, acc in (
+        ("DPO full", 0.3, 0.40), ("DPO full", 1.0, 0.45), ("DPO full", 3.0, 0.50),
+        ("ALLO", 0.5, 0.60), ("ALLO", 1.0, 0.55), ("ALLO", 2.0, 0.60),  # a tie: x0.5 and x2 as far from 1
+        ("DPO top", 0.3, 0.70), ("DPO top", 1.0, 0.60), ("DPO top", 3.0, 0.70),  # x3 the nearer, in log scale
+        ("NPO", 0.3, 0.20), ("NPO", 1.0, 0.20), ("NPO", 3.0, 0.10))]
+    assert report.chosen_scales(rows) == {"DPO full": 3.0, "ALLO": 0.5, "DPO top": 3.0, "NPO": 1.0}
+
+
+def test_a_rate_sweep_chooses_each_arm_on_val_and_scores_it_on_test(smoke_run, capsys):
+    arms = ["DPO full", "DPO top", "ALLO"]
+    study.main(["--run", smoke_run, "--tag", "sweep", "--lr-grid", "0.5", "2", "--arms", *arms] + ARGS)
+    root = os.path.join(smoke_run, "study", "sweep")
+    res = json.load(open(os.path.join(root, "results.json")))
+    sweep = res["sweep"]
+    assert {(r["arm"], r["lr_scale"], r["split"]) for r in sweep} == {(a, m, "val") for a in arms for m in (0.5, 2)}
+    for arm in arms:  # the validation-best multiplier, and every seed's row trained at it, scored on test
+        best = max((r for r in sweep if r["arm"] == arm), key=lambda r: (r["accuracy"], -r["lr_scale"]))
+        assert res["chosen_scales"][arm] == best["lr_scale"]
+        (row,) = [r for r in res["rows"] if r["arm"] == arm]
+        assert row["lr_scale"] == best["lr_scale"] and row["split"] == "test"
+        assert row["rates"] == best["rates"] and row["rates"]["learn"] == pytest.approx(
+            best["lr_scale"] * {"DPO full": 1e-5, "DPO top": 3e-5, "ALLO": 3e-5}[arm])
+    allo_rates = next(r["rates"] for r in sweep if r["arm"] == "ALLO" and r["lr_scale"] == 2)
+    assert allo_rates == pytest.approx({"forget": 6e-5, "learn": 6e-5})  # one grid for both of ALLO's rates
+    # the folders name the multiplier; the first seed's test row reuses the model its sweep trained
+    seed = os.path.join(root, "seed0")
+    assert {"dpo-full-lr-x0.5", "dpo-full-lr-x2", "forget-unaligned-top-lr-x2", "allo-lr-x0.5"} <= set(os.listdir(seed))
+    out = capsys.readouterr().out
+    assert out.count("learn: done in") == 2 * len(arms) + 1  # the sweep's runs and the masks' DPO full at x1
+    table = open(os.path.join(root, "table.md")).read()
+    assert "| arm | val at x0.5 | val at x2 | chosen | its rates |" in table
