@@ -58,6 +58,10 @@ class TaskConfig:
                                "the unaligned habit the preference stages should remove", type=real(0, 1))
     max_operand: int = setting(MAX_OPERAND, "largest number added or taken", type=count(1))
     max_value: int = setting(MAX_VALUE, "largest count a problem reaches", type=count(1))
+    min_steps: int = setting(MIN_STEPS, "fewest steps of a problem", type=count(1))
+    max_steps: int = setting(MAX_STEPS, "most steps of a problem", type=count(1))
+    ops: str = setting("".join(OPS), "the operations a step draws from: + and -, and * (as many times as)",
+                       choices=["+-", "+-*", "+", "-", "*", "+*", "-*"])
 
 
 @dataclass
@@ -164,6 +168,9 @@ def written_with(folder, config, force=False):
     written = read_json(os.path.join(folder, "task.json"))
     if written is None:  # none there, or not whole: written anew
         return False
+    if isinstance(written, dict):  # a task written before its steps and operations were settings
+        written = {**{k: settings[k] for k in ("min_steps", "max_steps", "ops") if k not in written and
+                      settings[k] == getattr(TaskConfig, k)}, **written}
     if written != settings and not force:
         key = next(k for k in settings if written.get(k) != settings[k])
         raise DataError(f"{folder}: the task was written with {key} {written.get(key)}, not {settings[key]}; "

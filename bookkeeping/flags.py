@@ -322,6 +322,8 @@ def check_flags(p, a):
     if a.dim % a.n_heads or a.n_heads % a.n_kv_heads or (a.dim // a.n_heads) % 2:
         p.error(f"argument --dim: {a.dim} with --n-heads {a.n_heads} and --n-kv-heads {a.n_kv_heads}: dim "
                 "must divide into heads of even size, heads into key/value heads")
+    if a.min_steps > a.max_steps:
+        p.error(f"argument --min-steps: {a.min_steps} is more than --max-steps {a.max_steps}")
     if a.skip_sft and not a.model:
         p.error("argument --skip-sft: starts from --model, which is missing")
     if a.system and a.prompt_template != "chat":

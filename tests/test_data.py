@@ -398,3 +398,37 @@ def test_two_writers_of_the_embedded_task_leave_it_whole(tmp_path, monkeypatch):
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "task.json", "tokenizer.model"):
         assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(alone, name), "rb").read()
     assert task.written_with(folder, config)
+
+
+def test_a_harder_task_variant_is_deterministic_and_keeps_its_bounds(tmp_path):
+    """#35 item 1: more steps, larger numbers, multiplication (TaskConfig's min_steps, max_steps,
+    max_operand, max_value, ops), written alike from the same seed; every step of every solution right
+    and within the bounds; the default variant is the module's defaults, and a task.json written
+    before these settings existed is still the default task."""
+    config = task.TaskConfig(n_train=60, n_val=10, n_test=10, min_steps=3, max_steps=4, max_operand=20,
+                             max_value=199, ops="+-*")
+    for name in ("a", "b"):
+        task.write_task(str(tmp_path / name), config)
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "sft.jsonl", "tokenizer.model"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    rows = data.read_jsonl(str(tmp_path / "a" / "train.jsonl"), "questions")
+    ops = set()
+    for r in rows:
+        steps = r["answer"].split(". ")[:-1]
+        assert 3 <= len(steps) <= 4
+        for s in steps:
+            a, op, b, _, c = s.split()
+            ops.add(op)
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+            assert 0 <= int(c) <= 199 and 1 <= int(b) <= 20
+    assert ops == {"+", "-", "*"}
+    default = task.make_splits(0, 30, 5, 5)  # the module's defaults: the embedded task as it was
+    assert task.make_splits(0, 30, 5, 5, min_steps=2, max_steps=3, max_operand=9, max_value=49, ops="+-") == default
+    old = tmp_path / "old"
+    task.write_task(str(old), task.TaskConfig(n_train=40, n_val=8, n_test=8))
+    written = fileio.read_json(str(old / "task.json"))
+    fileio.write_json(str(old / "task.json"), {k: v for k, v in written.items()
+                                               if k not in ("min_steps", "max_steps", "ops")})
+    assert task.written_with(str(old), task.TaskConfig(n_train=40, n_val=8, n_test=8))
+    with pytest.raises(DataError, match="written with ops"):
+        task.written_with(str(old), task.TaskConfig(n_train=40, n_val=8, n_test=8, ops="+-*"))
