@@ -88,6 +88,6 @@ def test_a_study_stopped_while_writing_its_results_leaves_whole_files(smoke_run,
     assert open(os.path.join(root, "results.csv"), "rb").read() == before["results.csv"]  # the old one
     capsys.readouterr()
     study.main(args)
-    assert "study: seed 0 DPO full: accuracy" in capsys.readouterr().out
+    assert "study: seed 0 DPO full: test accuracy" in capsys.readouterr().out
     assert open(os.path.join(root, "results.csv"), "rb").read() == before["results.csv"]
     assert not os.path.exists(os.path.join(run, "study", "k.lock"))
