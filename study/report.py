@@ -85,7 +85,9 @@ def chosen_scales(sweep):
 
 
 def sweep_markdown(sweep, chosen, rows):
-    """The validation sweep: each arm's accuracy at each multiplier of its rates, and the rates chosen."""
+    """The validation sweep: each arm's accuracy at each multiplier of its rates, and the rates chosen
+    (the arms that train: SFT has no rate)."""
+    sweep = [r for r in sweep if r["rates"]]
     scales = sorted({r["lr_scale"] for r in sweep})
     lines = ["| arm | " + " | ".join(f"val at x{m:g}" for m in scales) + " | chosen | its rates |",
              "|---|" + "---|" * (len(scales) + 2)]
