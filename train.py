@@ -302,7 +302,7 @@ def train_dpo(stage, config, eps, inputs, out, device, force, lora_rank=0):
             masks = lora.add_adapters(policy, lora_rank)
             fraction = sum(int(m.sum()) for m in masks.values()) / n_params
         steps = stage_steps(config.steps, config.pref.epochs, len(pairs), cfg)
-        print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr}, "
+        print(f"{stage}: {len(pairs)} pairs, trained fraction {fraction:.3f}, eps {eps}, lr {config.lr:g}, "
               f"{steps} steps" + (f", through LoRA adapters of rank {lora_rank}" if lora_rank else ""))
 
         def batch_at(i):
@@ -566,7 +566,7 @@ def stage_forget(config, inputs, out, device, force=False):
         fraction = allo.trained_fraction(masks, policy)
         steps = stage_steps(config.steps, config.pref.epochs, len(rows), cfg)
         print(f"forget: {len(rows)} wrong responses, trained fraction {fraction:.3f}, "
-              f"{'all tokens' if config.all_tokens else 'unaligned tokens'}, lr {config.lr}, {steps} steps")
+              f"{'all tokens' if config.all_tokens else 'unaligned tokens'}, lr {config.lr:g}, {steps} steps")
 
         def batch_at(i):
             idx = rank_batch(len(rows), i, cfg)
