@@ -845,7 +845,7 @@ def preference_pairs(rows, tok, template, system, max_len):
             dropped["chosen = rejected"] += 1
         elif (prompt, chosen, rejected) in seen:
             dropped["duplicates"] += 1
-        elif len(tok.prompt_ids(prompt)) + max(len(tok.encode(chosen)), len(tok.encode(rejected))) + 1 > max_len:
+        elif len(tok.prompt_ids(prompt)) + max(len(tok.encode(c)) for c in (chosen, rejected)) + 1 > max_len:
             dropped[f"over --max-len {max_len}"] += 1
         else:
             seen.add((prompt, chosen, rejected))
@@ -863,7 +863,8 @@ def preference_texts(row, where, tok, template, system):
         if not isinstance(prompt, str):
             raise DataError(f"{where}: field 'prompt' must be a string where 'chosen' and 'rejected' are")
         lead = response_lead(template)
-        return prompt_text(prompt, template, tok, system), lead + chosen.strip(), lead + rejected.strip(), prompt
+        head = prompt_text(prompt, template, tok, system)
+        return head, lead + chosen.strip(), lead + rejected.strip(), prompt
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both lists of "
                         "messages")

@@ -78,7 +78,8 @@ def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64, labe
     rejected, _ = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
                                  f"{label} rejected")
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
-    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins), sum(chosen) / sum(n_chosen)
+    n = len(margins)
+    return sum(m > 0 for m in margins) / n, sum(margins) / n, sum(chosen) / sum(n_chosen)
 
 
 class Evaluator:
@@ -125,7 +126,8 @@ class Evaluator:
         pair_acc, margin, chosen_logp = (None, None, self.ref_chosen_logp) if is_ref or not self.pairs else \
             pair_metrics(model, self.ref_sums, self.tok, self.pairs, self.beta, self.max_len, self.batch_size,
                          f"eval {model_dir}")
-        acc = accuracy(model, self.tok, self.problems, self.prompt, f"eval {model_dir}") if self.problems else None
+        acc = None if not self.problems else accuracy(model, self.tok, self.problems, self.prompt,
+                                                      f"eval {model_dir}")
         return {"accuracy": acc, "pair_accuracy": pair_acc, "margin": margin, "chosen_logp": chosen_logp,
                 "n_questions": len(self.problems), "n_pairs": len(self.pairs)}
 

@@ -1,5 +1,5 @@
-"""Low-rank adapters (LoRA; Hu et al. 2021, arXiv 2106.09685, Eq. 3) on every linear layer of the attention and
-MLP blocks: the baseline that trains as many parameters as an ALLO mask, as low-rank updates of whole
+"""Low-rank adapters (LoRA; Hu et al. 2021, arXiv 2106.09685, Eq. 3) on every linear layer of the attention
+and MLP blocks: the baseline that trains as many parameters as an ALLO mask, as low-rank updates of whole
 matrices instead of chosen entries (`python -m study`'s "DPO LoRA" arm, train.py's --lora-rank).
 
     W x  ->  (W + (alpha / r) B A) x,   A [r, in] drawn as nn.Linear draws its weight, B [out, r] = 0,

@@ -31,8 +31,9 @@ stage, rerun or study arm with the same reference model, rows and settings reads
 fingerprint (its config and its inputs' content) decides what happens when it runs again: finished
 alike, it is skipped; with other settings, an error (--force redoes it). Training stages checkpoint
 every --ckpt-every steps and resume from there when run again alike; the batch order is a function
-of (seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one. Every bad file or flag stops with one line and exit status 2, Ctrl-C with one
-line and 130; one process at a time works on an output. <run>/run.json records the run's own inputs.
+of (seed, step), so a resumed run on CPU ends with the same weights as an uninterrupted one. Every
+bad file or flag stops with one line and exit status 2, Ctrl-C with one line and 130; one process at
+a time works on an output. <run>/run.json records the run's own inputs.
 
 Under torchrun (bookkeeping/parallel.py; DistributedDataParallel, nccl on CUDA with one GPU per
 process, gloo on CPU) N processes at --batch-size b train exactly like one process at batch N*b.
@@ -255,9 +256,9 @@ class LearnConfig:
                          flag="--learn-steps", type=count(1), default_from="dpo_steps")
     eps: float = setting(0.5, "key tokens: the share of the rejected response kept",
                          type=real(0, 1, open_low=True))
-    lora_rank: int = setting(0, "a baseline, not ALLO: train low-rank adapters of this rank on every linear "
-                             "layer instead of a mask (LoRA; lora.py), merged into the weights at the end; 0: "
-                             "none", type=count(0), variant=True)
+    lora_rank: int = setting(0, "a baseline, not ALLO: train low-rank adapters of this rank on every "
+                             "linear layer instead of a mask (LoRA; lora.py), merged into the weights at "
+                             "the end; 0: none", type=count(0), variant=True)
     pref: PreferenceConfig = PreferenceConfig()
     train: TrainConfig = TrainConfig()
 
@@ -663,8 +664,8 @@ def run_stages(a, run, stages, device):
 def run_all(a, run, device):
     """Every stage in order (each skips itself when finished alike), then the table of the last
     evaluation file."""
-    explicit = [f"--{k.replace('_', '-')}" for k in ("out", "data", "mask", "dpo_model", "rewriter_init", "ref")
-                if getattr(a, k)]
+    names = ("out", "data", "mask", "dpo_model", "rewriter_init", "ref")
+    explicit = [f"--{k.replace('_', '-')}" for k in names if getattr(a, k)]
     if explicit:
         raise UsageError(f"{explicit[0]} names one stage's input: use it with --stage")
     t0 = time.time()

@@ -65,9 +65,9 @@ class PreferenceConfig:
     beta: float = setting(0.1, "beta of DPO and NPO", type=real(0, open_low=True))
     nll: float = setting(0.0, "weight of an NLL term on the chosen response (RPO-style; dpo and learn)",
                          type=real(0), variant=True)
-    epochs: float = setting(0.0, "dpo, forget and learn train this many passes over their data, their steps "
-                            "following from its size and the global batch (the release: 1); 0: their --*-steps",
-                            type=real(0))
+    epochs: float = setting(0.0, "dpo, forget and learn train this many passes over their data, their "
+                            "steps following from its size and the global batch (the release: 1); 0: "
+                            "their --*-steps", type=real(0))
 
 
 @dataclass

@@ -232,8 +232,8 @@ PRESETS = {
 # the rejected side's top 10% of tokens; warmup DPO at 1e-6, forgetting at 5e-7, learning at 5e-6, one epoch
 # each on a cosine schedule (their effective batches of 32-128 on 8 GPUs scaled down to the preset's 8)
 PRESETS["release"] = {**PRESETS["pretrained"], "k": 10, "temperature": 0.7, "top_p": 0.95, "max_pairs": 5,
-                      "forget_ratio": 0.05, "learn_ratio": 0.05, "eps": 0.1, "dpo_lr": 1e-6, "forget_lr": 5e-7,
-                      "learn_lr": 5e-6, "epochs": 1.0}
+                      "forget_ratio": 0.05, "learn_ratio": 0.05, "eps": 0.1, "dpo_lr": 1e-6,
+                      "forget_lr": 5e-7, "learn_lr": 5e-6, "epochs": 1.0}
 # rates and budgets chosen for the 0.78M toy trained from scratch: a warning when a pretrained model gets them
 TOY_DEFAULTS = ("sft_lr", "rewriter_lr", "dpo_lr", "learn_lr", "forget_lr", "k", "n_sample", "sft_steps")
 
@@ -242,8 +242,8 @@ def parse_train_args(argv, stages, configs, description=None):
     """train.py's flags, each checked (one line and exit status 2 for a bad one): what to run, your
     model and data, one stage's explicit inputs, the tokenizer, and the settings of `configs`."""
     p = Parser(description=description, formatter_class=HelpFormatter,
-               usage="%(prog)s [--stage NAME] [--model DIR (--questions F --eval-questions F [F ...] | --pairs F "
-                     "--eval-pairs F [F ...])] [flags]")
+               usage="%(prog)s [--stage NAME] [--model DIR (--questions F --eval-questions F [F ...] | "
+                     "--pairs F --eval-pairs F [F ...])] [flags]")
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", choices=list(stages) + ["all"], help="stage to run")
     g.add_argument("--run", "--run-dir", dest="run", default="runs/default", type=folder,
@@ -271,8 +271,8 @@ def parse_train_args(argv, stages, configs, description=None):
                    "chosen, rejected} strings, or lists of {role, content} messages with --prompt-template "
                    "chat; every stage runs on them, without sampling (with --stage rewriter: the pairs whose "
                    "chosen responses are trained as their own rewrites)")
-    g.add_argument("--eval-pairs", nargs="+", help="with --pairs: held-out pairs files, the same formats (the "
-                   "table scores the last)")
+    g.add_argument("--eval-pairs", nargs="+", help="with --pairs: held-out pairs files, the same formats "
+                   "(the table scores the last)")
     g.add_argument("--skip-sft", action="store_true", help="start from --model as it is (an instruct model)")
     g.add_argument("--rewrites", help="minimal-edit rewrites {prompt, response, rewrite} of the wrong "
                    "responses (default: on the embedded task, task.py's; otherwise each response's target is "

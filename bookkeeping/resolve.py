@@ -172,13 +172,14 @@ def start_run(a, run, rows):
     inputs is refused unless --force."""
     if a.pairs:
         if a.questions or a.eval_questions or a.sft_data or a.rewrites:
-            raise UsageError("--pairs: a preference-data run takes no --questions, --eval-questions, --sft-data "
-                             "or --rewrites (it trains SFT on the chosen responses, the rewriter on chosen)")
+            raise UsageError("--pairs: a preference-data run takes no --questions, --eval-questions, "
+                             "--sft-data or --rewrites (it trains SFT on the chosen responses, the rewriter "
+                             "on chosen)")
         if not a.model:
             raise UsageError("--pairs: your pairs need your model too (--model DIR)")
         if not a.eval_pairs:
-            raise UsageError("--eval-pairs: the one command needs at least one held-out pairs file (the table "
-                             "scores the last)")
+            raise UsageError("--eval-pairs: the one command needs at least one held-out pairs file (the "
+                             "table scores the last)")
         files = preference_files(a)
         inputs = dict(embedded=False, model=os.path.abspath(a.model), questions=None, eval_questions=[],
                       validation=None, sft_data=f"{PAIRS_DIR}/sft.jsonl", rewrites=None, skip_sft=a.skip_sft,
@@ -205,16 +206,16 @@ def start_run(a, run, rows):
         tokenizer = absolute(a.tokenizer or a.model)
     else:
         if a.model or a.skip_sft or a.eval_questions or a.sft_data or a.eval_pairs:
-            raise UsageError("--model, --skip-sft, --eval-questions, --eval-pairs and --sft-data go with your "
-                             "--questions or --pairs")
+            raise UsageError("--model, --skip-sft, --eval-questions, --eval-pairs and --sft-data go with "
+                             "your --questions or --pairs")
         write_embedded_task(a, os.path.join(run, "task"))
         inputs = dict(embedded=True, model=None, questions="task/train.jsonl",
                       eval_questions=["task/val.jsonl", "task/test.jsonl"], validation="task/val.jsonl",
                       sft_data="task/sft.jsonl", rewrites=None, skip_sft=False, correct="steps", pairs=None)
         tokenizer = "task/tokenizer.model"
     if not a.pairs:
-        splits = {split_name(p): {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(split_name(p)))}
-                  for p in inputs["eval_questions"]}
+        splits = {split_name(p): {"questions": p, "pairs": os.path.join("sample", HELD_OUT.format(
+            split_name(p)))} for p in inputs["eval_questions"]}
     start = inputs["model"] if inputs["skip_sft"] else "sft"
     rows = [("start (--skip-sft)", start)] + rows[1:] if inputs["skip_sft"] else rows
     record = {"inputs": inputs, "tokenizer": dict(path=tokenizer, bos=a.bos_token, eos=a.eos_token,

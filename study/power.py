@@ -54,8 +54,9 @@ def main(argv=None):
     if not 0 < a.accuracy < 1:
         p.error("argument --accuracy: between 0 and 1")
     seeds = (3, 5, 10, 20, 30)
+    d = a.discordance if a.discordance is not None else 2 * a.accuracy * (1 - a.accuracy)
     print(f"paired 95% half-width of ALLO - DPO, points (SFT accuracy {a.accuracy:g}, seed sd {a.seed_sd:g}, "
-          f"discordance {a.discordance if a.discordance is not None else 2 * a.accuracy * (1 - a.accuracy):.3f})")
+          f"discordance {d:.3f})")
     print("| questions | " + " | ".join(f"{n} seeds" for n in seeds) + f" | seeds for +-{a.target:g} |")
     print("|---|" + "---|" * (len(seeds) + 1))
     for q in a.questions:

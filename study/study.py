@@ -4,7 +4,7 @@
     python -m study                          # 3 arm seeds on runs/default, scored on the test split
     python -m study --quick                  # 1 seed, short budgets, 200 questions
     python -m study --split val --tag lr3e-5 --dpo-lr 3e-5    # choosing settings: validation only
-    python -m study --lr-grid 0.3 1 3        # each arm's rates chosen on val from one grid, then scored on test
+    python -m study --lr-grid 0.3 1 3        # each arm's rates chosen on val from one grid, scored on test
 
 Two kinds of seed. A pipeline seed (--pipeline-seeds N) re-runs everything the arms start from:
 the SFT model's init and batch order, the sampling of the pairs and wrong responses, the rewriter
@@ -130,7 +130,8 @@ def arm_rates(forget, learn, lrs, forget_lr, scale=1.0):
     rates = {"forget": scale * forget_lr} if forget else {}
     if learn is not None:
         loss, kind, _ = learn
-        rates["learn"] = scale * (forget_lr if loss == "npo" else lrs[2] if kind == "lora" else lrs[kind != "full"])
+        base = forget_lr if loss == "npo" else lrs[2] if kind == "lora" else lrs[kind != "full"]
+        rates["learn"] = scale * base
     return rates
 
 
@@ -144,7 +145,8 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     arm's folders name unless it is 1."""
     # each phase skips itself when finished alike
     model_dir, phases = in_pipeline(run, train.PIPELINE["forget"]["model"], "forget"), []
-    rates, tag = arm_rates(forget, learn, lrs, forget_config.lr, scale), "" if scale == 1 else f"-lr-x{scale:g}"
+    rates = arm_rates(forget, learn, lrs, forget_config.lr, scale)
+    tag = "" if scale == 1 else f"-lr-x{scale:g}"
     if forget:
         tokens, kind = forget
         out = os.path.join(seed_dir, f"forget-{tokens}-{kind}{tag}")  # shared by the arms that forget alike
@@ -156,7 +158,8 @@ def train_arm(name, forget, learn, run, seed_dir, masks, forget_config, learn_co
     loss, kind, key_tokens = learn
     out = os.path.join(seed_dir, slug(name) + tag)
     if loss == "npo":  # the NPO baseline: the forgetting loss on every token, the learning budget
-        train.stage_forget(replace(forget_config, lr=rates["learn"], steps=learn_config.steps, all_tokens=True),
+        train.stage_forget(replace(forget_config, lr=rates["learn"], steps=learn_config.steps,
+                                   all_tokens=True),
                            {**inputs["forget"], "model": model_dir, "mask": None}, out, device)
     elif kind == "lora":  # adapters with as many parameters as the top learning mask selects
         selected = sum(int(m.sum()) for m in load_file(masks["learn-top"]).values())
@@ -184,8 +187,8 @@ def run_study(opts, a):
     run directory each), or for opts.seeds arm seeds on the run opts.run."""
     record = load_record(opts.run)
     if a.pairs or (record and record["inputs"]["pairs"]):
-        raise UsageError(f"{opts.run}: the study scores accuracy on questions, which a run on preference pairs "
-                         "(--pairs) has none of; compare its models with eval.py")
+        raise UsageError(f"{opts.run}: the study scores accuracy on questions, which a run on preference "
+                         "pairs (--pairs) has none of; compare its models with eval.py")
     device = pick_device(a.device)
     root = os.path.join(opts.run, "study", opts.tag)
     os.makedirs(os.path.dirname(root), exist_ok=True)
@@ -207,7 +210,8 @@ def run_arms(opts, a, root, device):
         sweep.extend(study_run(opts, a_seed, run, [a_seed.seed], arms, device, t0, "val",
                                {arm[0]: opts.lr_grid for arm in arms}))
         chosen.update(report.chosen_scales(sweep))
-        print("study: rates chosen on val: " + ", ".join(f"{n} x{m:g}" for n, m in chosen.items()), flush=True)
+        print("study: rates chosen on val: " + ", ".join(f"{n} x{m:g}" for n, m in chosen.items()),
+              flush=True)
 
     if opts.pipeline_seeds:
         for seed in range(a.seed, a.seed + opts.pipeline_seeds):
@@ -236,7 +240,8 @@ def study_run(opts, a, run, seeds, arms, device, t0, split, scales):
     multiplier."""
     root = os.path.join(run, "study", opts.tag)
     os.makedirs(root, exist_ok=True)
-    evaluate, split = run_evaluator(run, split, a.device, a.beta, n_questions=opts.n_eval, n_pairs=opts.n_eval)
+    evaluate, split = run_evaluator(run, split, a.device, a.beta, n_questions=opts.n_eval,
+                                    n_pairs=opts.n_eval)
     print(f"study: {len(arms)} arms x {len(seeds)} seed(s) on {run}, {len(evaluate.problems)} {split} "
           f"questions, {len(evaluate.pairs)} held-out pairs -> {root}", flush=True)
     sft = in_pipeline(run, train.PIPELINE["dpo"]["model"], "dpo")
@@ -265,8 +270,9 @@ def study_run(opts, a, run, seeds, arms, device, t0, split, scales):
                     out, phases = train_arm(name, forget, learn, masks=masks, scale=scale, **arm_args)
                     row.update(arm_metrics(name, out, phases, forget, evaluate, split, opts.n_eval))
                 rows.append(row)
-                print(f"study: seed {seed} {name}" + (f" at x{scale:g} its rates" if scale != 1 else "") +
-                      f": {split} accuracy {100 * row['accuracy']:.1f}%; elapsed {time.time() - t0:.0f}s", flush=True)
+                at = f" at x{scale:g} its rates" if scale != 1 else ""
+                print(f"study: seed {seed} {name}{at}: {split} accuracy {100 * row['accuracy']:.1f}%; "
+                      f"elapsed {time.time() - t0:.0f}s", flush=True)
     return rows
 
 
@@ -356,8 +362,8 @@ def parse(argv=None):
                    "start: adapters usually need a higher rate than the full model; choose it on val)")
     p.add_argument("--lr-grid", type=rate, nargs="+", metavar="X",
                    help="choose each arm's rates on val first: every arm trains at each multiplier X of its "
-                   "rates (ALLO's forgetting and learning rates together) on the first seed, the best on val is "
-                   "kept for every seed, scored on --split (e.g. 0.3 1 3)")
+                   "rates (ALLO's forgetting and learning rates together) on the first seed, the best on val "
+                   "is kept for every seed, scored on --split (e.g. 0.3 1 3)")
     p.add_argument("--n-eval", type=count(0), default=0,
                    help="score the first N questions and pairs, 0 = all")
     p.add_argument("--quick", action="store_true",

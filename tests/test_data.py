@@ -423,7 +423,8 @@ def test_a_harder_task_variant_is_deterministic_and_keeps_its_bounds(tmp_path):
             assert 0 <= int(c) <= 199 and 1 <= int(b) <= 20
     assert ops == {"+", "-", "*"}
     default = task.make_splits(0, 30, 5, 5)  # the module's defaults: the embedded task as it was
-    assert task.make_splits(0, 30, 5, 5, min_steps=2, max_steps=3, max_operand=9, max_value=49, ops="+-") == default
+    given = dict(min_steps=2, max_steps=3, max_operand=9, max_value=49, ops="+-")
+    assert task.make_splits(0, 30, 5, 5, **given) == default
     old = tmp_path / "old"
     task.write_task(str(old), task.TaskConfig(n_train=40, n_val=8, n_test=8))
     written = fileio.read_json(str(old / "task.json"))

@@ -35,6 +35,7 @@ def test_a_second_study_on_one_run_and_tag_is_refused_at_once(smoke_run, tmp_pat
 
     from bookkeeping import runs
     run = str(shutil.copytree(smoke_run, tmp_path / "run"))
+    shutil.rmtree(os.path.join(run, "study"), ignore_errors=True)  # another test's study on the shared run
     os.makedirs(os.path.join(run, "study"))
     held = runs.lock(os.path.join(run, "study", "u.lock"))  # as the first study holds it
     try:

@@ -9,7 +9,8 @@ from study import power
 
 
 def test_half_width_by_hand():
-    # p = 0.5: d = 2p(1-p) = 0.5; 500 questions: sd = 100 * sqrt(0.5 / 500) = 3.162 points; 3 seeds: t(2) = 4.303
+    # p = 0.5: d = 2p(1-p) = 0.5; 500 questions: sd = 100 * sqrt(0.5 / 500) = 3.162 points;
+    # 3 seeds: t(2) = 4.303
     assert power.half_width(3, 500, 0.5, 0.0) == pytest.approx(4.303 * 100 * math.sqrt(0.001) / math.sqrt(3))
     # a seed spread of 3 points on top: sqrt(10 + 9) = 4.359; 10 seeds: t(9) = 2.262
     assert power.half_width(10, 500, 0.5, 3.0) == pytest.approx(2.262 * math.sqrt(19) / math.sqrt(10))

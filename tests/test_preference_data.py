@@ -39,8 +39,8 @@ def test_string_rows_go_through_the_prompt_template(tmp_path):
     assert pairs == [{"prompt": "Question: What is 2 times 3?\nAnswer:", "chosen": " 6", "rejected": " 5",
                       "question": "What is 2 times 3?"}]
     pairs, _ = preference_pairs(rows, tok, "chat", "Be brief.", 128)  # a user turn, after the system one
-    assert pairs[0]["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 times "
-                                  "3?<|im_end|>\n<|im_start|>assistant\n")
+    assert pairs[0]["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                  "What is 2 times 3?<|im_end|>\n<|im_start|>assistant\n")
     assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("6", "5")  # nothing leads after "assistant\n"
 
 
@@ -51,7 +51,8 @@ def test_conversational_rows_keep_the_prompts_own_turns(tmp_path):
     implicit = {"chosen": turns + [assistant("24")], "rejected": turns + [assistant("12")]}  # TRL's implicit
     pairs, _ = preference_pairs(rows_of(tmp_path, [explicit, implicit]), tok, "chat", None, 128)
     head = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 times 3?<|im_end|>\n"
-            "<|im_start|>assistant\n6<|im_end|>\n<|im_start|>user\nAnd times 4?<|im_end|>\n<|im_start|>assistant\n")
+            "<|im_start|>assistant\n6<|im_end|>\n<|im_start|>user\nAnd times 4?<|im_end|>\n"
+            "<|im_start|>assistant\n")
     # the turn's end (<|im_end|>, this tokenizer's EOS) is the EOS that collate puts after every response
     assert pairs == [{"prompt": head, "chosen": "24", "rejected": "12", "question": "And times 4?"}]
     assert len(pairs) == 1  # the implicit row is the explicit one again: a duplicate
@@ -88,7 +89,7 @@ def test_a_malformed_row_names_its_line_and_field(tmp_path, row, expected):
 
 def test_conversational_rows_need_the_chat_template(tmp_path):
     row = {"prompt": [user("Q")], "chosen": [assistant("a")], "rejected": [assistant("b")]}
-    with pytest.raises(DataError, match=r":1: conversational rows \(lists of messages\) need --prompt-template chat"):
+    with pytest.raises(DataError, match=r":1: conversational rows \(lists of messages\) need --prompt"):
         preference_pairs(rows_of(tmp_path, [row]), chatml(tmp_path), "{question}", None, 128)
 
 
@@ -121,7 +122,8 @@ def pairs_command(tmp_path, conversational, *extra):
     test_p = write_rows(tmp_path / "test.jsonl", preference_rows(2, 12, conversational))
     run = str(tmp_path / "run")
     args = ["--model", str(model), "--pairs", train_p, "--eval-pairs", val_p, test_p, "--run-dir", run,
-            "--batch-size", "8", "--threads", "1", "--log-every", "20", "--sft-steps", "10", "--sft-lr", "3e-3",
+            "--batch-size", "8", "--threads", "1", "--log-every", "20", "--sft-steps", "10",
+            "--sft-lr", "3e-3",
             "--dpo-steps", "2", "--rewriter-steps", "2", "--forget-steps", "2", *extra]
     if conversational:
         args += ["--prompt-template", "chat"]
@@ -140,7 +142,8 @@ def test_one_command_runs_alignment_on_preference_pairs(tmp_path, capsys, conver
     assert not os.path.exists(os.path.join(run, "sample"))
     pairs = read_jsonl(os.path.join(run, "pairs", "pairs.jsonl"), "pairs")
     if conversational:
-        assert pairs[0]["prompt"].startswith("<|im_start|>user\nWhat is") and not pairs[0]["chosen"].startswith(" ")
+        assert pairs[0]["prompt"].startswith("<|im_start|>user\nWhat is")
+        assert not pairs[0]["chosen"].startswith(" ")
     sft = read_jsonl(os.path.join(run, "pairs", "sft.jsonl"), "sft")
     assert [r["output"] for r in sft] == [p["chosen"] for p in pairs]  # SFT on the chosen responses
     forget = read_jsonl(os.path.join(run, "pairs", "forget.jsonl"), "forget")
@@ -168,7 +171,7 @@ def test_preference_run_flags_are_checked(tmp_path, capsys):
     i = args.index("--eval-pairs")
     for argv, expected in ((args[2:], "--pairs: your pairs need your model too"),
                            (args[:i] + args[i + 3:], "--eval-pairs: the one command needs"),
-                           (args + ["--questions", args[3]], "--pairs: a preference-data run takes no --questions")):
+                           (args + ["--questions", args[3]], "--pairs: a preference-data run takes no")):
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         err = capsys.readouterr().err
@@ -201,7 +204,8 @@ def test_the_study_refuses_a_run_on_pairs(tmp_path, capsys):
 def test_task_pairs_are_deterministic_and_prefer_the_whole_right_solution(tmp_path, conversational):
     from data import extract_answer
     from tools import task_pairs
-    flags = ["--n-train", "30", "--n-val", "4", "--n-test", "6"] + (["--conversational"] if conversational else [])
+    flags = ["--n-train", "30", "--n-val", "4", "--n-test", "6"]
+    flags += ["--conversational"] if conversational else []
     for folder in ("a", "b"):
         task_pairs.main([str(tmp_path / folder)] + flags)
     for name, n in (("train", 30), ("val", 4), ("test", 6)):

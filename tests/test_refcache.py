@@ -40,7 +40,8 @@ def test_the_key_changes_with_whatever_changes_the_numbers(tmp_path):
               dict(prompts=[[4], [5, 6]], responses=[[1, 2], [3]])]  # prompts and responses swapped
     paths = [RefCache(**{**base, **o}).path for o in others]
     assert len(set(paths + [path])) == len(others) + 1
-    assert RefCache(**{**base, "folder": None}).path is None and RefCache(**{**base, "folder": None}).load() is None
+    off = RefCache(**{**base, "folder": None})
+    assert off.path is None and off.load() is None
 
 
 def test_saved_and_loaded_exactly(tmp_path):

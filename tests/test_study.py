@@ -109,7 +109,8 @@ def test_paired_interval_and_verdicts_by_hand():
     assert claim["verdict"] == "not shown: the interval holds 0"
     assert report.verdict(0.5, 2.0, +1) == "holds" and report.verdict(-3, -1, +1) == "fails: the other way"
     assert report.verdict(-3, -1, -1) == "holds" and report.verdict(None, None, +1) == "one seed: no interval"
-    assert report.verdict(0.5, 2.0, 0) == "the first higher" and report.verdict(-2, -1, 0) == "the second higher"
+    assert report.verdict(0.5, 2.0, 0) == "the first higher"
+    assert report.verdict(-2, -1, 0) == "the second higher"
     assert report.verdict(-1, 2.0, 0) == "no difference shown: the interval holds 0"
 
 
@@ -242,7 +243,8 @@ def test_a_rate_sweep_chooses_each_arm_on_val_and_scores_it_on_test(smoke_run, c
     root = os.path.join(smoke_run, "study", "sweep")
     res = json.load(open(os.path.join(root, "results.json")))
     sweep = res["sweep"]
-    assert {(r["arm"], r["lr_scale"], r["split"]) for r in sweep} == {(a, m, "val") for a in arms for m in (0.5, 2)}
+    expected = {(a, m, "val") for a in arms for m in (0.5, 2)}
+    assert {(r["arm"], r["lr_scale"], r["split"]) for r in sweep} == expected
     for arm in arms:  # the validation-best multiplier, and every seed's row trained at it, scored on test
         best = max((r for r in sweep if r["arm"] == arm), key=lambda r: (r["accuracy"], -r["lr_scale"]))
         assert res["chosen_scales"][arm] == best["lr_scale"]
@@ -254,7 +256,8 @@ def test_a_rate_sweep_chooses_each_arm_on_val_and_scores_it_on_test(smoke_run, c
     assert allo_rates == pytest.approx({"forget": 6e-5, "learn": 6e-5})  # one grid for both of ALLO's rates
     # the folders name the multiplier; the first seed's test row reuses the model its sweep trained
     seed = os.path.join(root, "seed0")
-    assert {"dpo-full-lr-x0.5", "dpo-full-lr-x2", "forget-unaligned-top-lr-x2", "allo-lr-x0.5"} <= set(os.listdir(seed))
+    named = {"dpo-full-lr-x0.5", "dpo-full-lr-x2", "forget-unaligned-top-lr-x2", "allo-lr-x0.5"}
+    assert named <= set(os.listdir(seed))
     out = capsys.readouterr().out
     assert out.count("learn: done in") == 2 * len(arms) + 1  # the sweep's runs and the masks' DPO full at x1
     table = open(os.path.join(root, "table.md")).read()

@@ -48,7 +48,8 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-val", type=int, default=60)
     p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--conversational", action="store_true", help="lists of messages (for --prompt-template chat)")
+    p.add_argument("--conversational", action="store_true",
+                   help="lists of messages (for --prompt-template chat)")
     p.add_argument("--seed", type=int, default=0, help="the problems' seed (and the slips')")
     a = p.parse_args(argv)
     splits = task.make_splits(a.seed, a.n_train, a.n_val, a.n_test)
