@@ -130,15 +130,16 @@ def pairs_command(tmp_path, conversational, *extra):
     return run, args
 
 
-@pytest.mark.parametrize("conversational", [False, True])
-def test_one_command_runs_alignment_on_preference_pairs(tmp_path, capsys, conversational):
-    run, args = pairs_command(tmp_path, conversational)
+@pytest.mark.parametrize("conversational, skip_sft", [(False, False), (True, True)])
+def test_one_command_runs_alignment_on_preference_pairs(tmp_path, capsys, conversational, skip_sft):
+    run, args = pairs_command(tmp_path, conversational, *(["--skip-sft"] if skip_sft else []))
     train.main(args)
     out = capsys.readouterr().out
     n = distinct(1, 36, conversational)  # a question drawn twice makes a duplicate pair
     assert f"{tmp_path / 'train.jsonl'}: 36 rows, {n} pairs; dropped: {36 - n} duplicates\n" in out
+    skipped = ("sample", "sft") if skip_sft else ("sample",)  # no sampling; SFT unless --skip-sft
     for stage in train.STAGES:
-        assert (f"{stage}: done in" in out) == (stage != "sample"), stage  # no sampling
+        assert (f"{stage}: done in" in out) == (stage not in skipped), stage
     assert not os.path.exists(os.path.join(run, "sample"))
     pairs = read_jsonl(os.path.join(run, "pairs", "pairs.jsonl"), "pairs")
     if conversational:
@@ -157,7 +158,8 @@ def test_one_command_runs_alignment_on_preference_pairs(tmp_path, capsys, conver
     table = out[out.index("| model |"):]
     assert "| model | chosen log-prob/token | pair accuracy | margin |" in table
     assert f"{distinct(2, 12, conversational)} test held-out pairs" in table
-    for label in ("SFT", "DPO (full parameters)", "NPO forgetting only", "ALLO (forget + learn)"):
+    start = "start (--skip-sft)" if skip_sft else "SFT"
+    for label in (start, "DPO (full parameters)", "NPO forgetting only", "ALLO (forget + learn)"):
         assert f"| {label} | -" in table, label  # a log-likelihood, a negative number
     evaluation.main([run])  # eval.py prints the same table again
     again = capsys.readouterr().out
