@@ -17,7 +17,10 @@ OUT=${OUT:-gpu_out}
 R=${RUN:-runs/gpu-study}
 SEEDS=${SEEDS:-3}
 GRID=${GRID:-0.5 1 2}
-TASK=${TASK:-max_steps=4 max_operand=20 max_value=99}
+# the variant: 3-4 steps, operands to 20, counts to 199, multiplication; SmolLM2 reached 8.3% on val after the
+# pretrained preset's 40 SFT steps on 2 CPU cores (the embedded task 51.7%, which 400 steps took to 96%):
+# check the study's SFT row, and take max_value=99 ops=+- (28.3% at 40 steps) if it lands below 30%
+TASK=${TASK:-min_steps=3 max_steps=4 max_operand=20 max_value=199 ops=+-*}
 ARMS=${ARMS:-SFT|DPO full|DPO top|DPO bottom|DPO LoRA|ALLO|ALLO w/o forgetting|ALLO w/o neuron masks|ALLO w/o key tokens}
 mkdir -p "$OUT" "$R"
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$OUT/gpu.txt" || true
