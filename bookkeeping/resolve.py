@@ -3,7 +3,9 @@
 train.py's PIPELINE says, for each stage, where each input comes from when no flag names it: a file an
 earlier stage wrote ("sample/pairs.jsonl"), an earlier stage's model ("sft/"), or one of the run's own
 inputs ("run:questions"), which start_run records in <run>/run.json (your files, or the embedded task's,
-written into <run>/task/). This module reads those sources against a run directory; stage_inputs also
+written into <run>/task/). A run on preference pairs (--pairs) has no sample stage: its pairs, rendered
+into <run>/pairs/, stand where the sample stage's files would ("sample/pairs.jsonl" is then
+"pairs/pairs.jsonl"). This module reads those sources against a run directory; stage_inputs also
 holds the few rules of which inputs a stage reads with its settings (unused).
 """
 
@@ -166,10 +168,11 @@ def embedded_rewrites(run):
 
 
 def start_run(a, run, rows):
-    """The run's own inputs, recorded in <run>/run.json: your model and questions (--questions), or
-    the embedded task's files, written into <run>/task/. Also what eval.py needs to score the run as
-    it was trained, with `rows`, the (label, stage) rows of its table. A run started with other
-    inputs is refused unless --force."""
+    """The run's own inputs, recorded in <run>/run.json: your model and questions (--questions), your
+    model and preference pairs (--pairs, rendered into <run>/pairs/ by preference_files, once the
+    record is this run's), or the embedded task's files, written into <run>/task/. Also what eval.py
+    needs to score the run as it was trained, with `rows`, the (label, stage) rows of its table. A run
+    started with other inputs is refused unless --force."""
     if a.pairs:
         if a.questions or a.eval_questions or a.sft_data or a.rewrites:
             raise UsageError("--pairs: a preference-data run takes no --questions, --eval-questions, "
@@ -229,9 +232,9 @@ def start_run(a, run, rows):
                          "--run-dir, or --force (redo every stage)")
     if parallel.is_main():
         os.makedirs(run, exist_ok=True)
-        for name, rows in (files if a.pairs else {}).items():  # only once the record is this run's
+        for name, lines in (files if a.pairs else {}).items():  # only once the record is this run's
             os.makedirs(os.path.join(run, PAIRS_DIR), exist_ok=True)
-            write_jsonl(os.path.join(run, PAIRS_DIR, name), rows)
+            write_jsonl(os.path.join(run, PAIRS_DIR, name), lines)
         write_json(os.path.join(run, "run.json"), record)
     parallel.barrier()
     return record
