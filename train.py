@@ -290,14 +290,14 @@ def train_dpo(stage, config, eps, inputs, out, device, force, lora_rank=0):
             raise UsageError(f"{data}: no preference pairs to train on")
         rows = encode_rows(tok, *pair_rows(pairs))  # chosen rows 0..n-1, rejected rows n..2n-1
         check_lengths(stage, tok, *rows, cfg.max_len, lambda i: pairs.where(i % len(pairs)))
+        if lora_rank and inputs.get("mask"):
+            raise UsageError(f"--lora-rank {lora_rank}: the adapters are what trains; give no --mask (or "
+                             "--learn-ratio 1)")
         policy = load_model(model, device, tok)
         masks = load_masks(inputs.get("mask"), policy)
         cached = reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device)
         fraction = allo.trained_fraction(masks, policy)
         if lora_rank:
-            if inputs.get("mask"):
-                raise UsageError(f"--lora-rank {lora_rank}: the adapters are what trains; give no --mask (or "
-                                 "--learn-ratio 1)")
             n_params = policy.num_params()
             torch.manual_seed(cfg.seed)  # the adapters' draw
             masks = lora.add_adapters(policy, lora_rank)
