@@ -105,5 +105,5 @@ def test_adapters_and_a_mask_together_are_one_line(run, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(SMOKE + ["--run", run, "--stage", "learn", "--force", "--lora-rank", "2"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err == "error: --lora-rank 2: the adapters are what trains; give no --mask (or " \
-        "--learn-ratio 1)\n"
+    assert e.value.code == 2 and err == ("error: --lora-rank 2: the adapters are what trains; give no --mask "
+                                         "(or --learn-ratio 1)\n")
