@@ -349,7 +349,9 @@ class Transformer(nn.Module):
                 targets=None):
         """input_ids [B,T] -> logits [B,T,V], or with keep (bool [B,T]) the logits [N,V] of its N
         True positions in row-major order: the head, a [D,V] matmul per position, runs only where
-        logits are used (the scored targets in training, the last position in generation).
+        logits are used (the scored targets in training, the last position in generation). keep may
+        also be those N positions' flat indices into the B*T (long [N], found on the host): then no
+        step of the forward waits on the device to learn N.
 
         attention_mask [B,S] (1 = real token, 0 = padding; S = cached + T) makes left- or
         right-padded rows give the same logits at their real positions as unpadded ones:
@@ -391,8 +393,8 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
-        if keep is not None:
-            x = x[keep]  # [N,D]
+        if keep is not None:  # [N,D]; indices give N without reading the device, a bool mask does not
+            x = x[keep] if keep.dtype == torch.bool else x.flatten(0, 1).index_select(0, keep)
         if targets is not None:
             return HeadLogps.apply(self.norm(x), self.head_weight(), targets,
                                    max(1, HEAD_CHUNK // self.cfg.vocab_size))

@@ -271,10 +271,11 @@ def full_masks(model):
 # ----------------------------------------------------------------------------- per-batch losses
 
 def scored_logps(model, batch, device):
-    """The log-probs [N] of the batch's N scored targets, those targets [N] and where they are (the
-    bool mask of the rows run, on `device`); the forward under autocast(device), from the batch's
-    padded rows or, where it has them, its packed rows (batch["packed"], data.pack; in their
-    order). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made whole and
+    """The log-probs [N] of the batch's N scored targets, those targets [N] and where they are (their
+    flat indices into the rows run, on `device`); the forward under autocast(device), from the
+    batch's padded rows or, where it has them, its packed rows (batch["packed"], data.pack; in their
+    order). The targets and their places are found on the host, where collate made the batch, so
+    the forward never waits on the device (a bool mask on the device would, to learn N). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made whole and
     allo.token_logps reads them; beyond, the model computes the log-probs chunk by chunk
     (model.HeadLogps), never holding the batch's logits.
 
@@ -282,15 +283,14 @@ def scored_logps(model, batch, device):
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
     rows = batch.get("packed", batch)
-    n = int((rows["labels"] != -100).sum())  # counted on the host: no wait for the device
-    chunked = n * unwrapped(model).cfg.vocab_size > HEAD_CHUNK
-    labels, docs = rows["labels"].to(device), rows.get("doc_ids")
-    scored = labels != -100
-    targets = labels[scored]
+    labels, docs = rows["labels"].flatten(), rows.get("doc_ids")
+    at = (labels != -100).nonzero().squeeze(1)  # on the host: no wait for the device
+    chunked = len(at) * unwrapped(model).cfg.vocab_size > HEAD_CHUNK
+    targets, at = labels[at].to(device), at.to(device)
     with autocast(device):
-        out = model(rows["input_ids"].to(device), keep=scored, targets=targets if chunked else None,
+        out = model(rows["input_ids"].to(device), keep=at, targets=targets if chunked else None,
                     doc_ids=None if docs is None else docs.to(device))
-    return (out if chunked else allo.token_logps(out, targets)), targets, scored
+    return (out if chunked else allo.token_logps(out, targets)), targets, at
 
 
 def unwrapped(net):
@@ -303,11 +303,10 @@ def unwrapped(net):
 
 def forward_logps(model, batch, device):
     """Per-token log-probs [B,T] of the batch's labels (0 off-target), padded or packed alike."""
-    logps, _, scored = scored_logps(model, batch, device)
-    if "packed" not in batch:  # scored: the padded rows' own mask
-        return logps.new_zeros(scored.shape).masked_scatter(scored, logps)
+    logps, _, at = scored_logps(model, batch, device)
     shape = batch["labels"].shape
-    at = batch["packed"]["source"].to(device)[scored]  # each target's place in [B,T]
+    if "packed" in batch:  # at: places in the packed rows; source: each packed place's in [B,T]
+        at = batch["packed"]["source"].to(device).flatten().index_select(0, at)
     return logps.new_zeros(shape.numel()).scatter(0, at, logps).view(shape)
 
 

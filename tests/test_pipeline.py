@@ -196,7 +196,8 @@ def test_sample_stage_with_refilled_slots(run, capsys, tmp_path):
 def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     """trainer.optimizer_step reads the loss, the tokens and the weights' finiteness in one transfer
     (tolist); nothing else in trainer.py waits on a tensor's value (the micro-batches' token counts
-    are host tensors). Counted at the Python level: the model's own gathers are not."""
+    are host tensors). Counted at the Python level; the forward's gathers, which Python does not see,
+    take indices made on the host (the meta-device test below)."""
     import traceback
 
     import trainer
@@ -225,6 +226,38 @@ def test_an_optimizer_step_reads_the_device_once(monkeypatch):
     step_loss, tokens, _ = trainer.optimizer_step(model, model, opt, [b, b], loss, 1e-3)
     monkeypatch.undo()
     assert reads == ["tolist"] and tokens == 2 * 48 and step_loss > 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_training_forward_and_losses_never_wait_on_the_device(packed):
+    """#34 item 2: where the scored targets are, and how many, is found on the host (collate's batch);
+    the forward, every loss and backward then run without reading a device tensor's value. The
+    proof: they run on the meta device, which holds no values (a bool-mask gather there raises, as
+    torch.nonzero has no meta kernel: the old code's x[keep] and labels[scored] did)."""
+    from data import pack
+    from trainer import Norms, dpo_batch_loss, npo_batch_loss, sft_batch_loss
+    torch.manual_seed(0)
+    meta = torch.device("meta")
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=64)).to(meta)
+    ids = torch.randint(4, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = -100
+    mask = torch.ones_like(ids)
+    for row, length in ((0, 8), (2, 6)):  # rows of unequal length, right-padded as collate pads
+        ids[row, length:], labels[row, length - 1:], mask[row, length:] = 0, -100, 0
+    b = {"input_ids": ids, "labels": labels, "attention_mask": mask, "ref": torch.zeros(4, 12),
+         "weights": (labels != -100).float()}
+    if packed:
+        b["packed"] = pack(b, 16)
+        assert b["packed"]["doc_ids"].max() == 1  # two sequences share a packed row
+    for loss in (sft_batch_loss(model, b, Norms(scored_tokens=20), meta),
+                 dpo_batch_loss(model, b, Norms(pairs=2, chosen_tokens=10, rejected_tokens=10), meta, 0.1,
+                                0.5, stats={}),
+                 npo_batch_loss(model, b, Norms(weighted_tokens=20, scored_tokens=20), meta, 0.1, {})):
+        assert loss.device == meta and loss.shape == ()
+        loss.backward()
+    assert all(p.grad is not None and p.grad.device == meta for p in model.parameters())
 
 
 def test_each_training_stage_tokenizes_its_rows_once(run, tmp_path, monkeypatch):

@@ -191,17 +191,18 @@ def activation_bytes(cfg, rows, T, *, autocast, wbytes=4, ckpt=False, loss="dpo"
     # with --check's saved_tensors_hooks, exact)
     qk_norm = N * ((q + kv) * (6 if c == 2 else 8) + (H + cfg.n_kv_heads) * 4) if cfg.qk_norm else 0
     layer = rmsnorm(N, 3) + attention + qk_norm + rmsnorm(N, 2) + mlp
-    # int64 ids (embedding), float32 cos and sin; x[keep]'s bool index [rows, T] (the same tensor
-    # as masked_scatter's mask in allo.scored_token_logps); the final norm of the n kept positions
-    # (chunked: HeadLogps saves the norm's output itself, in the residual's dtype, and casts inside)
-    other = N * (8 + 2 * 4 * hd) + N + (n * (4 * D + 4 + 2 * r * D) if chunked else rmsnorm(n, 1))
+    # int64 ids (embedding), float32 cos and sin; the int64 index [n] of the kept positions (keep=,
+    # trainer.scored_logps; the same tensor as the scatter's index in trainer.forward_logps); the
+    # final norm of the n kept positions (chunked: HeadLogps saves the norm's output itself, in the
+    # residual's dtype, and casts inside)
+    other = N * (8 + 2 * 4 * hd) + 8 * n + (n * (4 * D + 4 + 2 * r * D) if chunked else rmsnorm(n, 1))
     # checkpoint() keeps only each block's input
     layers, recompute = (cfg.n_layers * N * r * D, layer) if ckpt else (cfg.n_layers * layer, 0)
     # gather saves the logits [n, V], logsumexp its float32 input: the same tensor for float32
     # logits, bf16 logits + their float32 chunk copies
     logits = 4 * V if c == 4 else (2 + 4) * V
     # sft: the weights [n]; dpo: the rejected half's key-token mask [rows / 2, T]; npo: weights,
-    # logsigmoid's input and buffer [rows, T] (dpo and npo work on masked_scatter's [rows, T])
+    # logsigmoid's input and buffer [rows, T] (dpo and npo work on forward_logps' scattered [rows, T])
     loss_bytes = {"sft": 4 * n, "dpo": N // 2, "npo": 12 * N}[loss]
     head = n * (logits + 8 + 4 + 1) + loss_bytes  # + int64 gather index, logsumexp, where's mask
     if chunked:  # HeadLogps: int64 targets, float32 logsumexp
