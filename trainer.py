@@ -275,9 +275,10 @@ def scored_logps(model, batch, device):
     flat indices into the rows run, on `device`); the forward under autocast(device), from the
     batch's padded rows or, where it has them, its packed rows (batch["packed"], data.pack; in their
     order). The targets and their places are found on the host, where collate made the batch, so
-    the forward never waits on the device (a bool mask on the device would, to learn N). Up to model.HEAD_CHUNK logit entries the [N,V] logits are made whole and
-    allo.token_logps reads them; beyond, the model computes the log-probs chunk by chunk
-    (model.HeadLogps), never holding the batch's logits.
+    the forward never waits on the device (a bool mask on the device would, to learn N). Up to
+    model.HEAD_CHUNK logit entries the [N,V] logits are made whole and allo.token_logps reads them;
+    beyond, the model computes the log-probs chunk by chunk (model.HeadLogps), never holding the
+    batch's logits.
 
     collate() pads on the right, so causal attention alone gives every real position exactly the
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
