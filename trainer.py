@@ -375,9 +375,8 @@ def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64
     out = []
     for i in batches(label, len(prompts), batch_size):
         b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
-        logps = forward_logps(ref, b, device)
-        keep = b["labels"] != -100
-        out += [row[k] for row, k in zip(logps, keep.to(device))]
+        logps, _, _ = scored_logps(ref, b, device)  # [N], the rows' targets end to end
+        out += logps.split((b["labels"] != -100).sum(1).tolist())  # counted on the host
     return parallel.gather_rows(out, torch.float32, device)
 
 
