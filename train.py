@@ -145,6 +145,8 @@ def stage_sft(config, inputs, out, device, force=False):
 class SampleConfig:
     """sample: the model's own answers"""
     k: int = setting(8, "samples per question", type=count(1))
+    held_out_k: int = setting(None, "samples per question of the --eval-questions files, whose pairs only "
+                              "score the models (default: --k)", type=count(1), default_from="k")
     temperature: float = setting(1.0, "sampling temperature", type=real(0))
     top_p: float = setting(1.0, "nucleus sampling p", type=real(0, 1, open_low=True))
     max_pairs: int = setting(5, "pairs kept per question", type=count(0))
@@ -160,8 +162,8 @@ class SampleConfig:
 
 
 def stage_sample(config, inputs, out, device, force=False):
-    """K responses per question of inputs["questions"] (the first n_sample, 0 = all) at the
-    temperature, cut at the first stop string; correct = the reference's final answer (the paper)
+    """K responses per question of inputs["questions"] (the first n_sample, 0 = all), held_out_k per
+    question of each file of inputs["eval_questions"], at the temperature, cut at the first stop string; correct = the reference's final answer (the paper)
     and, with correct="steps", every step of the reference solution too (the embedded task's step
     checker). Duplicates dropped. Writes out/pairs.jsonl: every (correct, wrong) of a question, at
     most max_pairs drawn with the seed; out/forget.jsonl: every wrong response, with its question and
@@ -188,29 +190,30 @@ def stage_sample(config, inputs, out, device, force=False):
         rng, stats = random.Random(c.seed), {}
         for split, path, pairs_file in files:
             n = c.n_sample if split == "train" and c.n_sample else len(rows_of[path])
+            k = c.k if split == "train" else c.held_out_k or c.k
             rows, final = rows_of[path][:n], answers[path][:n]
             prompts = [prompt_text(r["question"], prompt.template, tok, prompt.system) for r in rows]
-            mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(c.k)]  # K per question
+            mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(k)]  # K per question
             ids = generate_ids(policy, tok, mine, prompt.max_new_tokens, c.temperature, c.top_p,
                                c.seed + parallel.rank(), prompt.gen_batch_size, f"sample {split}",
                                prompt.stop, prompt.decode)
             ids = parallel.gather_rows([torch.tensor(t, dtype=torch.long) for t in ids], torch.long, device)
             texts = [cut_at_stop(tok.decode(t), prompt.stop) for t in ids]  # K per question, in order
-            pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, c, rng)
+            pairs, forget, stats[split] = sample_rows(rows, final, prompts, texts, k, c, rng)
             if parallel.is_main():
                 write_jsonl(os.path.join(so.work, pairs_file), pairs)
                 if split == "train":
                     write_jsonl(os.path.join(so.work, "forget.jsonl"), forget)
             s = stats[split]
-            print(f"sample {split}: {len(rows)} questions x {c.k}: final answer right in "
+            print(f"sample {split}: {len(rows)} questions x {k}: final answer right in "
                   f"{100 * s['sample_accuracy']:.1f}%, counted correct (--correct {c.correct}) "
                   f"{100 * s['steps_correct']:.1f}%; {len(pairs)} pairs, {len(forget)} wrong responses")
         return so.finish(**stats)
 
 
-def sample_rows(rows, answers, prompts, texts, config, rng):
-    """(pairs, forgetting rows, stats) from config.k sampled texts per question."""
-    k, lead = config.k, response_lead(config.prompt.template)
+def sample_rows(rows, answers, prompts, texts, k, config, rng):
+    """(pairs, forgetting rows, stats) from k sampled texts per question."""
+    lead = response_lead(config.prompt.template)
     pairs, forget, n_correct, n_right = [], [], 0, 0
     for qi, (row, answer, prompt) in enumerate(zip(rows, answers, prompts)):
         drawn = [lead + t.strip() for t in texts[qi * k:(qi + 1) * k]]

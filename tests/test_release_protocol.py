@@ -49,3 +49,25 @@ def test_the_release_preset_is_the_release_protocol():
     assert (a.dpo_lr, a.forget_lr, a.learn_lr, a.epochs) == (1e-6, 5e-7, 5e-6, 1.0)
     assert (a.batch_size, a.max_len, a.pack) == (8, 256, True)  # the pretrained preset's
     assert train.parse_args(["--preset", "release", "--learn-lr", "1e-6"]).learn_lr == 1e-6
+
+
+def test_held_out_questions_take_their_own_number_of_samples(run, monkeypatch):
+    """--held-out-k: the training questions get --k samples each, every --eval-questions file
+    --held-out-k (its pairs only score the models); without it, --k."""
+    calls = {}
+
+    def counting(policy, tok, prompts, *args, **kwargs):
+        calls[args[5]] = len(prompts)  # the progress label, "sample <split>"
+        return original(policy, tok, prompts, *args, **kwargs)
+
+    original = train.generate_ids
+    monkeypatch.setattr(train, "generate_ids", counting)
+    train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--k", "3", "--held-out-k", "1"])
+    n = {name: len(read_jsonl(os.path.join(run, "task", name + ".jsonl"), "questions"))
+         for name in ("val", "test")}
+    assert calls == {"sample train": 3 * 96, "sample val": n["val"], "sample test": n["test"]}
+    info = json.load(open(os.path.join(run, "sample", "stage.json")))
+    assert (info["fingerprint"]["k"], info["fingerprint"]["held_out_k"]) == (3, 1)
+    calls.clear()
+    train.main(SMOKE + ["--run", run, "--stage", "sample", "--force", "--k", "2"])
+    assert calls == {"sample train": 2 * 96, "sample val": 2 * n["val"], "sample test": 2 * n["test"]}
