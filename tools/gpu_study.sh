@@ -7,7 +7,8 @@
 # Needs nothing but the model file (the gguf, tokenizers and jinja2 packages for a GGUF file). Writes the
 # task, the run and $OUT/ (default gpu_out/): results.json, table.md and the figures of the study, and
 # the time of each phase. Sizes by environment: SEEDS (3), GRID ("0.5 1 2"), N_TRAIN (1200), N_TEST (500),
-# SFT_STEPS (400), TASK (the variant, TaskConfig fields), ARMS; DEVICE (cuda) and EXTRA (more study flags)
+# SFT_STEPS (400), HELD_OUT_K (4: samples per val/test question, whose pairs only score the models), TASK
+# (the variant, TaskConfig fields), ARMS; DEVICE (cuda) and EXTRA (more study flags)
 # for a dry run elsewhere.
 # Not yet run on a GPU: its first run says how long each phase takes; cut SEEDS, GRID or ARMS to fit 10 min.
 set -euo pipefail
@@ -38,7 +39,8 @@ PY
 IFS='|' read -r -a ARM_LIST <<< "$ARMS"
 python -m study --run "$R" --pipeline-seeds "$SEEDS" --lr-grid $GRID --arms "${ARM_LIST[@]}" \
     --model "$MODEL" --questions "$R/task/train.jsonl" --eval-questions "$R/task/val.jsonl" "$R/task/test.jsonl" \
-    --preset release --prompt-template chat --sft-steps "${SFT_STEPS:-400}" --n-sample 0 --device "${DEVICE:-cuda}" \
+    --preset release --prompt-template chat --sft-steps "${SFT_STEPS:-400}" --n-sample 0 \
+    --held-out-k "${HELD_OUT_K:-4}" --device "${DEVICE:-cuda}" \
     --gen-batch-size 256 --ref-batch-size 64 --threads 4 ${EXTRA:-}
 echo "study: ${SECONDS}s" | tee "$OUT/time.txt"
 cp "$R/study/main/results.json" "$R/study/main/table.md" "$OUT/"
