@@ -14,7 +14,8 @@ varies only the arms' batch order, hence the DPO run that ranks the neurons and 
 spread leaves out the largest source of variance, and its intervals are too narrow for a claim.
 
 Every train.py flag works here too (learning rates, steps, ratios, eps, tau, beta, ...). With arm
-seeds the study needs runs/default/{sft,sample,rewriter} (`python train.py` makes them): every arm
+seeds the study starts from <run>/{sft,sample,rewriter}, and makes those missing as train.py makes
+them (--model, --questions and the rest name your model and data, as for train.py): every arm
 starts from the same SFT model and trains on the same self-sampled data, the learning arms for --dpo-steps
 optimizer steps on the same pairs, the forgetting phases for --forget-steps on the same wrong
 responses. A seed sets the batch order, hence the DPO run whose weight change ranks the neurons,
@@ -68,7 +69,7 @@ import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
 from bookkeeping.flags import HelpFormatter, Parser, config_from, count, rate
 from bookkeeping.resolve import in_pipeline, load_record
-from bookkeeping.runs import UsageError, lock, machine, need, one_line, unlock
+from bookkeeping.runs import UsageError, lock, machine, one_line, unlock
 from data import DataError, TokenizerFile
 from eval import run_evaluator
 from model import Transformer, pick_device
@@ -223,8 +224,9 @@ def run_arms(opts, a, root, device):
             rows += study_run(opts, a_seed, run, [seed], arms, device, t0, opts.split,
                               {n: [m] for n, m in chosen.items()})
     else:
-        for stage in prerequisites:
-            need(os.path.join(opts.run, stage, "stage.json"), stage)
+        missing = [s for s in prerequisites if not os.path.exists(os.path.join(opts.run, s, "stage.json"))]
+        if missing:  # made as train.py makes them; a finished one stays as it is, whatever the flags
+            train.run_stages(a, opts.run, missing, device)
         if opts.lr_grid:
             choose(a, opts.run)
         rows = study_run(opts, a, opts.run, range(a.seed, a.seed + opts.seeds), arms, device, t0, opts.split,

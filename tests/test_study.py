@@ -262,3 +262,20 @@ def test_a_rate_sweep_chooses_each_arm_on_val_and_scores_it_on_test(smoke_run, c
     assert out.count("learn: done in") == 2 * len(arms) + 1  # the sweep's runs and the masks' DPO full at x1
     table = open(os.path.join(root, "table.md")).read()
     assert "| arm | val at x0.5 | val at x2 | chosen | its rates |" in table
+
+
+def test_arm_seeds_make_the_missing_prerequisites_as_train_py_does(smoke_run, tmp_path, capsys):
+    """On a run without sft, sample and rewriter, the arm-seed study makes them (and none of the
+    pipeline's later stages), equal to train.py's; a finished one is kept whatever the flags."""
+    run = str(tmp_path / "r")
+    study.main(["--run", run, "--tag", "t", "--arms", "SFT", "ALLO"] + ARGS)
+    assert sorted(n for n in os.listdir(run) if os.path.isdir(os.path.join(run, n))) == [
+        "cache", "rewriter", "sample", "sft", "study", "task"]
+    for stage in ("sft", "rewriter"):  # the smoke run's, made by `python train.py --preset smoke`
+        mine, theirs = weights(os.path.join(run, stage)), weights(os.path.join(smoke_run, stage))
+        assert all(torch.equal(mine[n], theirs[n]) for n in theirs), stage
+    read = lambda r: open(os.path.join(r, "sample", "pairs.jsonl")).read()  # noqa: E731
+    assert read(run) == read(smoke_run)
+    made = json.load(open(os.path.join(run, "sft", "stage.json")))["id"]
+    study.main(["--run", run, "--tag", "u", "--arms", "SFT", "ALLO", "--seed", "5"] + ARGS)
+    assert json.load(open(os.path.join(run, "sft", "stage.json")))["id"] == made
