@@ -291,9 +291,13 @@ def write_results(root, opts, a, rows, names, device, sweep=(), chosen=None):
                 "summary": summary, "claims": found, "sweep": list(sweep), "chosen_scales": chosen,
                 **machine(device)})
     write_csv(os.path.join(root, "results.csv"), rows)
-    settings = (f"Learning: {a.dpo_steps} steps of {a.batch_size} pairs (full parameters at lr "
+    def steps(phase, flag):  # as the stages ran them: with --epochs they follow from the data's size
+        ran = sorted({r["steps"][phase] for r in rows if phase in r.get("steps", {}) and r["arm"] != "NPO"})
+        return "/".join(map(str, ran or [flag])) + (f" steps ({a.epochs:g} epoch{'s' * (a.epochs != 1)})" if a.epochs else " steps")
+
+    settings = (f"Learning: {steps('learn', a.dpo_steps)} of {a.batch_size} pairs (full parameters at lr "
                 f"{a.dpo_lr:g}, masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); "
-                f"forgetting: {a.forget_steps} steps of {a.batch_size} wrong responses at lr "
+                f"forgetting: {steps('forget', a.forget_steps)} of {a.batch_size} wrong responses at lr "
                 f"{a.forget_lr:g}, forget ratio {a.forget_ratio:g}, tau {a.tau:g}. Intervals: Student's t "
                 "over the per-seed paired differences.")
     table = report.markdown(summary, found, split, f"{len(seeds)} {kind}", settings,
@@ -315,9 +319,11 @@ def arm_metrics(name, out, phases, forget, evaluate, split, n_eval):
     """An arm's held-out metrics, the wall time and trained fractions of its phases, its losses."""
     infos = [read_json(os.path.join(p, "stage.json")) for p in phases]
     row = {**cached_eval(out, evaluate, os.path.join(out, f"eval_{split}_{n_eval}.json")),
-           "wall_s": sum(i["wall_s"] for i in infos), "learn_fraction": infos[-1]["trained_fraction"]}
+           "wall_s": sum(i["wall_s"] for i in infos), "learn_fraction": infos[-1]["trained_fraction"],
+           "steps": {"learn": infos[-1]["steps"]}}
     if forget:
         row["forget_fraction"] = infos[0]["trained_fraction"]
+        row["steps"]["forget"] = infos[0]["steps"]
     if name in CONVERGENCE:
         row["losses"] = step_losses(out)
     return row

@@ -277,5 +277,11 @@ def test_arm_seeds_make_the_missing_prerequisites_as_train_py_does(smoke_run, tm
     read = lambda r: open(os.path.join(r, "sample", "pairs.jsonl")).read()  # noqa: E731
     assert read(run) == read(smoke_run)
     made = json.load(open(os.path.join(run, "sft", "stage.json")))["id"]
-    study.main(["--run", run, "--tag", "u", "--arms", "SFT", "ALLO", "--seed", "5"] + ARGS)
+    study.main(["--run", run, "--tag", "u", "--arms", "SFT", "ALLO", "--seed", "5", "--epochs", "1"] + ARGS)
     assert json.load(open(os.path.join(run, "sft", "stage.json")))["id"] == made
+    # the table names the steps the stages ran, which one epoch takes from the data's size
+    n = {k: sum(1 for _ in open(os.path.join(run, f))) // 8
+         for k, f in (("learn", "sample/pairs.jsonl"), ("forget", "rewriter/forget_weighted.jsonl"))}
+    table = open(os.path.join(run, "study", "u", "table.md")).read()
+    assert f"Learning: {n['learn']} steps (1 epoch) of 8 pairs" in table
+    assert f"forgetting: {n['forget']} steps (1 epoch) of 8 wrong responses" in table
