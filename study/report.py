@@ -198,7 +198,9 @@ def figures(root, rows, summary, masks):
             ax.plot(steps, s["losses"], label=s["arm"])
             ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
                             alpha=0.2)
-        ax.set(xlabel="step", ylabel="DPO loss", title="Vanilla DPO on every parameter or on 10% of them\n"
+        masked = [s["learn_fraction"] for s in conv if s["learn_fraction"] < 1]  # the masks' trained share
+        share = f" or on {100 * masked[0]:.3g}% of them" if masked else ""
+        ax.set(xlabel="step", ylabel="DPO loss", title=f"Vanilla DPO on every parameter{share}\n"
                "(mean over seeds, band: lowest to highest)")
         ax.legend()
         save(fig, "convergence")
