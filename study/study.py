@@ -293,7 +293,8 @@ def write_results(root, opts, a, rows, names, device, sweep=(), chosen=None):
     write_csv(os.path.join(root, "results.csv"), rows)
     def steps(phase, flag):  # as the stages ran them: with --epochs they follow from the data's size
         ran = sorted({r["steps"][phase] for r in rows if phase in r.get("steps", {}) and r["arm"] != "NPO"})
-        return "/".join(map(str, ran or [flag])) + (f" steps ({a.epochs:g} epoch{'s' * (a.epochs != 1)})" if a.epochs else " steps")
+        epochs = f" ({a.epochs:g} epoch{'s' * (a.epochs != 1)})" if a.epochs else ""
+        return "/".join(map(str, ran or [flag])) + " steps" + epochs
 
     settings = (f"Learning: {steps('learn', a.dpo_steps)} of {a.batch_size} pairs (full parameters at lr "
                 f"{a.dpo_lr:g}, masks at {a.learn_lr:g}, learn ratio {a.learn_ratio:g}, eps {a.eps:g}); "

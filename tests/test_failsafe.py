@@ -578,8 +578,8 @@ def test_eval_and_study_errors_are_one_line(run, capsys, tmp_path):
         assert e.value.code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
     (tmp_path / "not-a-model").mkdir()  # the study makes a missing SFT model from --model, as train.py does
     with pytest.raises(SystemExit) as e:
-        study.main(["--run", str(tmp_path / "r"), "--preset", "smoke", "--model", str(tmp_path / "not-a-model"),
-                    "--questions", questions, "--eval-questions", questions])
+        study.main(["--run", str(tmp_path / "r"), "--preset", "smoke", "--model",
+                    str(tmp_path / "not-a-model"), "--questions", questions, "--eval-questions", questions])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "not-a-model" in err, err
     assert not os.path.exists(tmp_path / "r" / "run.json")  # the fresh run's record goes with the error
