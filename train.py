@@ -166,9 +166,10 @@ def stage_sample(config, inputs, out, device, force=False):
     question of each file of inputs["eval_questions"], at the temperature, cut at the first stop
     string; correct = the reference's final answer (the paper) and, with correct="steps", every step
     of the reference solution too (the embedded task's step checker). Duplicates dropped. Writes
-    out/pairs.jsonl: every (correct, wrong) of a question, at most max_pairs drawn with the seed; out/forget.jsonl: every wrong response, with its question and
-    reference solution; out/<name>_pairs.jsonl: held-out pairs of each file <name>.jsonl of
-    inputs["eval_questions"]. Each process samples its contiguous share of the questions with
+    out/pairs.jsonl: every (correct, wrong) of a question, at most max_pairs drawn with the seed;
+    out/forget.jsonl: every wrong response, with its question and reference solution;
+    out/<name>_pairs.jsonl: held-out pairs of each file <name>.jsonl of inputs["eval_questions"].
+    Each process samples its contiguous share of the questions with
     seed + rank; the token ids are gathered in question order."""
     c, prompt = config, config.prompt
     files = [("train", inputs["questions"], "pairs.jsonl")]
