@@ -256,6 +256,8 @@ def difference(old, new):
                     return f"another {name} (input)"
         elif isinstance(new.get(key), dict) and isinstance(old.get(key), dict) and old[key] != new[key]:
             return difference({**old[key], "inputs": {}}, {**new[key], "inputs": {}})
+        elif key not in old:  # a setting this version added
+            return f"no {key} (an older version's settings; this one's {key} is {new[key]!r})"
         elif old.get(key) != new.get(key):
             return f"{key} {old.get(key)!r}, not {new.get(key)!r}"
     return "the same settings"

@@ -113,6 +113,18 @@ def test_resume_with_other_settings_is_refused(run, capsys, monkeypatch, killed,
     fails_cleanly(capsys, run, args + killed, f"{out}: finished earlier with", "--force redoes it")
 
 
+
+def test_a_stage_finished_before_a_setting_existed_is_refused_naming_it(run, capsys):
+    """A finished stage's record without a setting this version added (as sample/ before --held-out-k):
+    the resume is refused, in one line that says the record is an older version's."""
+    info_path = os.path.join(run, "sample", "stage.json")
+    info = json.load(open(info_path))
+    del info["fingerprint"]["held_out_k"]
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    fails_cleanly(capsys, run, SMOKE + ["--run", run, "--stage", "sample"], f"{run}/sample: finished earlier "
+                  "with no held_out_k (an older version's settings; this one's held_out_k is 2)", "--force")
+
 @pytest.mark.parametrize("cut", ["mid-row", "before-newline", "garbage", "empty-line", "not-a-row"])
 def test_a_torn_metrics_log_is_dropped_and_the_stage_resumes(run, capsys, monkeypatch, tmp_path, cut):
     """Killed while appending to metrics.jsonl: the torn tail (or an edited line) is dropped with one
