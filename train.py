@@ -169,8 +169,8 @@ def stage_sample(config, inputs, out, device, force=False):
     out/pairs.jsonl: every (correct, wrong) of a question, at most max_pairs drawn with the seed;
     out/forget.jsonl: every wrong response, with its question and reference solution;
     out/<name>_pairs.jsonl: held-out pairs of each file <name>.jsonl of inputs["eval_questions"].
-    Each process samples its contiguous share of the questions with
-    seed + rank; the token ids are gathered in question order."""
+    Each process samples its contiguous share of the questions with seed + rank; the token ids are
+    gathered in question order."""
     c, prompt = config, config.prompt
     files = [("train", inputs["questions"], "pairs.jsonl")]
     files += [(name, path, HELD_OUT.format(name)) for path in inputs["eval_questions"]
@@ -191,7 +191,7 @@ def stage_sample(config, inputs, out, device, force=False):
         rng, stats = random.Random(c.seed), {}
         for split, path, pairs_file in files:
             n = c.n_sample if split == "train" and c.n_sample else len(rows_of[path])
-            k = c.k if split == "train" else c.held_out_k or c.k
+            k = c.k if split == "train" else c.held_out_k
             rows, final = rows_of[path][:n], answers[path][:n]
             prompts = [prompt_text(r["question"], prompt.template, tok, prompt.system) for r in rows]
             mine = [q for q in prompts[parallel.shard(len(prompts))] for _ in range(k)]  # K per question
