@@ -61,13 +61,12 @@ import sys
 import time
 from dataclasses import replace
 
-import torch
 from safetensors.torch import load_file
 
 import lora
 import train
 from bookkeeping.fileio import atomic_path, read_json, write_json
-from bookkeeping.flags import HelpFormatter, Parser, config_from, count, rate
+from bookkeeping.flags import HelpFormatter, Parser, apply_machine_flags, config_from, count, rate
 from bookkeeping.resolve import in_pipeline, load_record
 from bookkeeping.runs import UsageError, lock, machine, one_line, unlock
 from data import DataError, TokenizerFile
@@ -390,8 +389,7 @@ def parse(argv=None):
 
 def main(argv=None):
     opts, a = parse(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_machine_flags(a)  # --threads and --cpu-bf16, as train.py applies them
     try:
         run_study(opts, a)
     except (UsageError, DataError, OSError) as e:

@@ -64,3 +64,14 @@ def test_a_stage_under_cpu_bf16_records_its_precision(bf16_cpu, smoke_run, tmp_p
     plain = tmp_path / "plain"
     train.main(["--preset", "smoke", "--run", smoke_run, "--stage", "sft", "--out", str(plain)])
     assert json.load(open(plain / "stage.json"))["precision"] == "float32"
+
+
+def test_the_study_applies_the_machine_flags_as_train_py_does(monkeypatch, capsys, tmp_path):
+    """python -m study --cpu-bf16 on a CPU without bf16 products: the same one line, before any arm."""
+    from study import study
+    monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        study.main(["--run", str(tmp_path / "run"), "--preset", "smoke", "--cpu-bf16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: --cpu-bf16: this CPU has neither AMX nor")
+    assert not (tmp_path / "run").exists() and not model.CPU_BF16
