@@ -1,7 +1,11 @@
 """bench_train.py on tiny settings: every step runs and the table counts the right tokens."""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from model import Transformer
 from tools import bench_train
 
 TINY = ["--warmup", "0", "--steps", "1", "--batch", "3", "--prompt", "6", "--response", "4",
@@ -73,3 +77,65 @@ def test_peak_tflops_adds_the_mfu_of_the_training_steps(capsys):
     for r in rows[:4]:
         assert r["MFU"] == f"{6 * n * r['tokens/s'] / 1e8:.1%}"
     assert rows[4]["MFU"] == "-" and "/ 0.0001 TFLOP/s" in capsys.readouterr().out
+
+
+class StandIn(torch.nn.Module):
+    """A transformers-like model for versus_hf without transformers: the project's own model called
+    as transformers is (input_ids, attention_mask) -> an object with .logits, every position's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.model(input_ids, attention_mask))
+
+
+def test_versus_hf_runs_each_step_through_the_same_loss_code_on_both_sides(capsys, monkeypatch):
+    """--versus-hf: SFT, DPO and DPO learn, each side a row with the batch's real tokens; the
+    transformers side's loss (every position's logits picked at the scored targets by AsProject)
+    equals the project's, which computes the head at those targets only."""
+    monkeypatch.setattr(bench_train, "load_hf",
+                        lambda path, device: StandIn(Transformer.from_pretrained(path)))
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64:untied", "--jitter", "0.5", "--versus-hf",
+                                    "--peak-tflops", "1e-4"])
+    assert [(r["step"], r["implementation"]) for r in rows] == [
+        (s, side) for s in ("SFT", "DPO (full)", "DPO learn (eps 0.5)")
+        for side in ("project", "transformers")]
+    real = [r["tokens"] for r in rows]
+    assert real[0] == real[1] and real[2:] == [real[2]] * 4 and real[2] > real[0] >= 3 * (3 + 2 + 2)
+    for project, other in zip(rows[::2], rows[1::2]):
+        # float32; the two sides sum their attention and head products in other orders
+        assert abs(float(project["loss"]) - float(other["loss"])) < 1e-5
+        assert other["loss difference"] < 1e-5 and other["ratio"] > 0
+    out = capsys.readouterr().out
+    assert out.count("project / transformers time") == 3 and "MFU" in out
+
+
+def test_as_project_picks_the_scored_positions_of_every_logit():
+    """AsProject returns, for flat indices into B*T, exactly those positions' logits (or their log-probs
+    at the given targets): what trainer.scored_logps expects of the project's model."""
+    torch.manual_seed(0)
+    model = Transformer(bench_train.model_config("32:1:2:1:64:64", 8)).double()
+    ids, mask = torch.randint(4, 64, (2, 5)), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    full = model(ids, mask).flatten(0, 1)  # [10,V]
+    keep, targets = torch.tensor([1, 4, 6]), torch.tensor([7, 8, 9])
+    wrapped = bench_train.AsProject(StandIn(model), model.cfg, mask)
+    assert torch.equal(wrapped(ids, keep=keep), full[keep])
+    picked = full[keep].log_softmax(-1)[range(3), targets]
+    assert torch.equal(wrapped(ids, keep=keep, targets=targets), picked)
+
+
+def test_profile_adds_each_steps_share_of_matrix_products():
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0", "--profile"])
+    assert [r["step"] for r in rows] == STEPS
+    for r in rows:
+        assert 0 < int(r["matmul share"].rstrip("%")) < 100 and r["matmul GFLOP/s"] > 0
+
+
+def test_matmul_share_counts_the_products_and_their_flops():
+    """Four products of 64x64 by 64x64 and a sum: most of the time is theirs, and their FLOPs are
+    counted exactly, 4 x 2 x 64^3."""
+    a = torch.randn(64, 64)
+    share, flops, seconds = bench_train.matmul_share(lambda: sum(a @ a for _ in range(4)), 1)
+    assert 0.5 < share < 1.0 and flops == 4 * 2 * 64 ** 3 and seconds > 0

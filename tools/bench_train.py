@@ -1,9 +1,10 @@
 """Throughput of ALLO's training steps and of generation, to estimate the time of a run.
 
     python -m tools.bench_train                      # three model sizes, about 4 minutes on 2 CPU cores
-    python -m tools.bench_train --sizes 10m,2048:22:32:4:5632:32000:untied --device cuda  # TinyLlama's
+    python -m tools.bench_train --sizes 10m,1.1b --device cuda  # 1.1b: TinyLlama's shape
     python -m tools.bench_train --prompt 200 --response 300 --batch 8 --threads 1
     python -m tools.bench_train --model DIR --batch 4 --prompt 48 --response 48 --jitter 0 --threads 2
+    python -m tools.bench_train --versus-hf --sizes 135m,1.1b --device cuda --prompt 256 --response 256
 
 Per model size (--sizes: a preset of SIZES or dim:layers:heads:kv_heads:hidden:vocab[:untied]),
 the optimizer step of train.py on one batch of random token ids:
@@ -26,16 +27,22 @@ positions, else the padded batch again), and prints how much faster packed is.
 After --warmup steps, the median of --steps. On a CPU shared with other jobs use --threads 1
 (oversubscribed threads made the default model's step 50-100x slower).
 
---model DIR (a Hugging Face Llama checkpoint): a DPO step's forward and backward (the optimizer
-aside) on --batch pairs, the project's dpo_batch_loss against transformers' model computing the
-same loss as TRL does (every position's logits, log-softmax of the labels, the attention mask),
-timed in turns in one process; prints both, their losses (which must agree) and the time ratio
-(target: the project at most 0.95x transformers' time). Needs transformers (tools/versus_hf.py).
+--model DIR (a Hugging Face checkpoint), or --versus-hf with --sizes (a new model of each shape, its
+random weights written to a temporary folder): the forward and backward of an SFT, a DPO and a
+DPO-learn step (key tokens at --eps) on one batch, the project's model against transformers' model
+of the same checkpoint, timed in turns in one process. Both go through trainer.py's loss code: the
+transformers side as a transformers user's loss computes it (every position's logits, the attention
+mask; AsProject), the project's as train.py does (the head only at the scored targets). Prints
+tokens/s (and MFU with --peak-tflops or on a named GPU), both losses (which must agree) and each
+step's time ratio (target: the project at most 0.95x transformers' time). Needs transformers
+(tools/versus_hf.py); without it the project is timed alone.
 """
 
 import argparse
+import os
 import random
 import statistics
+import tempfile
 import time
 from functools import partial
 from types import SimpleNamespace
@@ -44,7 +51,7 @@ import torch
 
 import allo
 from data import collate
-from model import ModelConfig, Transformer, autocast, pick_device
+from model import ModelConfig, Transformer, pick_device
 from tools.versus_hf import in_turns, load_hf
 from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, packed, reference_logps,
                      sft_batch_loss, with_reference)
@@ -54,6 +61,7 @@ SIZES = {  # name -> dim:layers:heads:kv_heads:hidden:vocab[:untied] (default: t
     "10m": "256:10:4:2:704:8000",  # 9.4M
     "34m": "512:8:8:8:1376:8000:untied",  # 33.5M, bench_optim.py's model
     "135m": "576:30:9:3:1536:49152",  # SmolLM2-135M's shape
+    "1.1b": "2048:22:32:4:5632:32000:untied",  # TinyLlama-1.1B's shape
 }
 # what collate needs; the inputs are token ids
 TOK = SimpleNamespace(bos_id=2, eos_id=3, pad_id=0, prompt_ids=lambda ids: [2] + list(ids))
@@ -107,6 +115,22 @@ def median_time(fn, args, device):
     return statistics.median(times[args.warmup:]), tokens
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the matrix products' kernels
+
+
+def matmul_share(fn, steps):
+    """--profile: the share of fn's time (`steps` calls under torch's profiler, CPU) spent in matrix
+    products, their FLOPs (the profiler's count, 2 x M x K x N each) and seconds: with all the rest
+    free, a step could be at most 1 / share as fast at their rate."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            fn()
+    events = prof.key_averages()
+    products = [e for e in events if e.key in MATMULS]
+    busy = sum(e.self_cpu_time_total for e in products)  # microseconds
+    return busy / sum(e.self_cpu_time_total for e in events), sum(e.flops for e in products), busy / 1e6
+
+
 def bench_size(spec, args, device):
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
@@ -148,7 +172,8 @@ def bench_size(spec, args, device):
             step = partial(train_step, net, opt, loss_fn, b)
             dt, tok = median_time(step, args, device)
             shape = b["packed"]["input_ids"].shape if "packed" in b else batch["input_ids"].shape
-            rows.append((name + (", packed" if packing else ""), shape, tok, dt))
+            rows.append((name + (", packed" if packing else ""), shape, tok, dt,
+                         args.profile and matmul_share(step, args.steps)))
             del step, opt
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
@@ -157,11 +182,13 @@ def bench_size(spec, args, device):
         return sum(map(len, model.generate(gen_prompts, args.new, eos_id=-1, pad_id=TOK.pad_id)))
 
     dt, tok = median_time(generate, args, device)
-    rows.append(("generate (KV cache, greedy)", (args.gen_batch, args.new), tok, dt))
+    rows.append(("generate (KV cache, greedy)", (args.gen_batch, args.new), tok, dt,
+                 args.profile and matmul_share(generate, args.steps)))
     size = f"{spec} ({model.num_params() / 1e6:.2f}M)"
     out = [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
-           for name, shape, tok, dt in rows]
+           | ({"matmul share": f"{mm[0]:.0%}", "matmul GFLOP/s": round(mm[1] / mm[2] / 1e9)} if mm else {})
+           for name, shape, tok, dt, mm in rows]
     if args.peak_tflops:  # model FLOPs utilization of the training steps: 6 x parameters per token
         for r in out:
             r["MFU"] = "-" if r is out[-1] else \
@@ -181,56 +208,111 @@ def peak_tflops(args, device):
     return next((rate for gpu, rate in PEAK_TFLOPS.items() if gpu in name), None)
 
 
-def hf_dpo_loss(hf, batch, beta, device):
-    """Vanilla DPO against a zero reference as a transformers user computes it (TRL's way): the
-    logits of every position, log-softmax at the labels, summed over each response."""
-    labels = batch["labels"].to(device)
-    with autocast(device):
-        logits = hf(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device)).logits
-    logits = logits.float()  # [2B,T,V], one float32 copy (none on a CPU)
-    picked = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    logps = ((picked - logits.logsumexp(-1)) * (labels != -100)).sum(-1)  # [2B]
-    chosen, rejected = logps.chunk(2)
-    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+class AsProject(torch.nn.Module):
+    """transformers' model behind the project's forward signature, so trainer.py's loss code runs on
+    it unchanged: every position's logits [B,T,V] with the batch's attention mask, as a transformers
+    user's loss computes them (TRL's way), then the scored positions picked (keep: their flat
+    indices, as trainer.scored_logps passes them), or their log-probs where it passes targets."""
+
+    def __init__(self, hf, cfg, attention_mask):
+        super().__init__()
+        self.hf, self.cfg, self.attention_mask = hf, cfg, attention_mask
+
+    def forward(self, input_ids, keep=None, targets=None, doc_ids=None):
+        mask = self.attention_mask.to(input_ids.device)
+        logits = self.hf(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)  # [B*T,V]
+        picked = logits.index_select(0, keep)
+        return picked if targets is None else allo.token_logps(picked, targets)
 
 
-def bench_checkpoint(args, device):
-    """--model: one DPO forward and backward of the project against transformers, on one batch."""
+def versus_hf(path, name, args, device):
+    """The forward and backward of an SFT, a DPO and a DPO-learn step (key tokens at --eps) on one
+    batch, the project's model against transformers' on the same checkpoint `path`, both through
+    trainer.py's loss code (AsProject), timed in turns; a table row per step and implementation.
+    The optimizer, the same code for both, is left out."""
     rng = random.Random(args.seed)
-    model = Transformer.from_pretrained(args.model).to(device).train()
-    hf = load_hf(args.model, device)
+    model = Transformer.from_pretrained(path).to(device).train()
+    hf = load_hf(path, device)
     B, v = args.batch, model.cfg.vocab_size
     prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
-    responses = [random_ids(rng, args.response, args.jitter, v) for _ in range(2 * B)]
-    batch = collate(TOK, prompts * 2, responses, round((args.prompt + args.response) * (1 + args.jitter)) + 2)
-    batch["ref"] = torch.zeros(batch["labels"].shape)  # a zero reference, on both sides
-    losses = {}
-
-    def step(name, net, loss_fn):
-        loss = loss_fn()
-        loss.backward()
-        net.zero_grad(set_to_none=True)
-        losses[name] = loss.item()
-
-    runs = {"project": lambda: step("project", model, lambda: dpo_batch_loss(
-        model, batch, Norms(pairs=B), device, args.beta, 1.0))}
+    chosen = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    rejected = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    max_len = round((args.prompt + args.response) * (1 + args.jitter)) + 2
+    # the reference: the starting model, cached once as train.py does
+    cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
+    model.train()
+    pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
+    sft = collate(TOK, prompts, chosen, max_len)
+    pair_norms = Norms(pairs=B, chosen_tokens=int((pairs["labels"][:B] != -100).sum()))
+    steps = {"SFT": (sft, lambda m, b: sft_batch_loss(
+                 m, b, Norms(scored_tokens=int((sft["labels"] != -100).sum())), device)),
+             "DPO (full)": (pairs, lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
+             f"DPO learn (eps {args.eps})": (pairs, lambda m, b: dpo_batch_loss(m, b, pair_norms, device,
+                                                                                args.beta, args.eps))}
     if hf is not None:
         hf.train()
-        runs["transformers"] = lambda: step("transformers", hf,
-                                            lambda: hf_dpo_loss(hf, batch, args.beta, device))
-    t = in_turns(runs, args.warmup, args.steps, device)
-    tokens = int(batch["attention_mask"].sum())
-    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters; a DPO step's forward + backward on "
-          f"{2 * B} rows x {batch['input_ids'].shape[1]} tokens ({tokens} real, half of them prompt), "
-          f"median of {args.steps} in turns")
-    print("| implementation | ms per forward + backward | tokens/s | loss |\n|---|---|---|---|")
-    for name, dt in t.items():
-        print(f"| {name} | {1e3 * dt:.0f} | {tokens / dt:,.0f} | {losses[name]:.6f} |")
-    if hf is not None:
-        print(f"project / transformers time: {t['project'] / t['transformers']:.2f}x (target <= 0.95x); "
-              f"losses differ by {abs(losses['project'] - losses['transformers']):.1e}")
-    return t
+    size = f"{name} ({model.num_params() / 1e6:.1f}M)"
+    rows = []
+    for step, (batch, loss_fn) in steps.items():
+        nets = {"project": model} | ({"transformers": AsProject(hf, model.cfg, batch["attention_mask"])}
+                                     if hf is not None else {})
+        losses = {}
+
+        def run(side, net=None, batch=batch, loss_fn=loss_fn, losses=losses):
+            loss = loss_fn(net, batch)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if hf is not None:
+                hf.zero_grad(set_to_none=True)
+            losses[side] = loss.item()
+
+        t = in_turns({side: partial(run, side, net) for side, net in nets.items()}, args.warmup, args.steps,
+                     device)
+        tokens = int(batch["attention_mask"].sum())
+        for side, dt in t.items():
+            rows.append({"model": size, "step": step, "implementation": side,
+                         "batch": "x".join(map(str, batch["input_ids"].shape)), "tokens": tokens,
+                         "ms fwd+bwd": round(1e3 * dt), "tokens/s": round(tokens / dt),
+                         "loss": f"{losses[side]:.6f}"})
+            if args.peak_tflops:  # 6 x parameters per token, as bench_size's MFU column
+                rows[-1]["MFU"] = f"{6 * model.num_params() * tokens / dt / (1e12 * args.peak_tflops):.1%}"
+        if hf is not None:
+            rows[-1]["ratio"] = t["project"] / t["transformers"]
+            rows[-1]["loss difference"] = abs(losses["project"] - losses["transformers"])
+    return rows
+
+
+def versus_hf_main(args, device):
+    """--model DIR or --versus-hf: versus_hf on the checkpoint, or on a new model of each --sizes
+    shape (random weights, written to a temporary folder for transformers to read)."""
+    if args.model:
+        checkpoints = [(args.model, os.path.basename(os.path.normpath(args.model)))]
+    else:
+        checkpoints = args.sizes.split(",")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"device {device}{gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.batch} "
+          f"rows (pairs), prompt ~{args.prompt}, response ~{args.response} tokens (+-{args.jitter:.0%}); "
+          f"forward + backward through trainer.py's loss code, median of {args.steps} in turns"
+          + (", under bf16 autocast" if device.type == "cuda" else ", float32"))
+    rows = []
+    for c in checkpoints:
+        if isinstance(c, tuple):
+            rows += versus_hf(*c, args, device)
+            continue
+        torch.manual_seed(args.seed)
+        cfg = model_config(c, round((args.prompt + args.response) * (1 + args.jitter)) + 2)
+        with tempfile.TemporaryDirectory() as d:
+            Transformer(cfg).save_pretrained(d)
+            rows += versus_hf(d, c, args, device)
+    print(allo.format_table([{k: r[k] for k in r if k not in ("ratio", "loss difference")} for r in rows]))
+    for r in rows:
+        if "ratio" in r:
+            print(f"{r['model']} {r['step']}: project / transformers time {r['ratio']:.2f}x (target <= "
+                  f"0.95x); losses differ by {r['loss difference']:.1e}")
+    if args.peak_tflops:
+        print(f"MFU: 6 x parameters x tokens/s / {args.peak_tflops:g} TFLOP/s{gpu} (the attention's FLOPs "
+              "not counted; the optimizer not timed)")
+    return rows
 
 
 def parse_args(argv=None):
@@ -254,10 +336,15 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda ... (default auto)")
     add("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     add("--seed", type=int, default=0)
-    add("--model", help="a Hugging Face Llama checkpoint: time a DPO step against transformers (see above)")
+    add("--model", help="a Hugging Face checkpoint: time its SFT, DPO and learn steps against transformers "
+        "(see above)")
+    add("--versus-hf", action="store_true", help="time the SFT, DPO and learn steps of a new model of each "
+        "--sizes shape against transformers' (see above)")
     add("--peak-tflops", type=float, help="the device's matrix rate for the MFU column (default on CUDA: "
         "the dense bf16 rate of an H100, H200 or A100 by name; elsewhere no column)")
     add("--pack", action="store_true", help="time each training step padded and packed (train.py --pack)")
+    add("--profile", action="store_true", help="CPU: each step's share of time in matrix products and their "
+        "GFLOP/s, from --steps more steps under torch's profiler (the rest is what fusing could save)")
     add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
         "--compile (the compile happens in the warmup steps, which must be >= 1)")
     return p.parse_args(argv)
@@ -268,10 +355,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    if args.model:
-        return bench_checkpoint(args, device)
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     args.peak_tflops = peak_tflops(args, device)
+    if args.profile and device.type != "cpu":
+        raise SystemExit("error: --profile measures CPU time: use --device cpu")
+    if args.model or args.versus_hf:
+        return versus_hf_main(args, device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {args.batch}, prompt ~{args.prompt}, response ~{args.response} tokens "
           f"(+-{args.jitter:.0%}), generate {args.gen_batch} x {args.new} new tokens; "

@@ -2,9 +2,10 @@
 # Every GPU figure of docs/benchmarks.md in one go (a few minutes on an H100/H200):
 #     bash tools/gpu_bench.sh 2>&1 | tee gpu.txt
 # MaskedAdamW's two steps against fused AdamW on TinyLlama-1.1B's shape (201 tensors); the training
-# steps of that shape, eager and compiled; generation by the project's two loops against transformers'
-# two (where transformers is installed) on SmolLM2-135M's and TinyLlama-1.1B's shapes; then the
-# embedded default end to end. Each table also goes to $OUT (default gpu_out/).
+# steps of that shape, eager and compiled; SFT, DPO and learn steps against transformers' on that shape
+# and SmolLM2-135M's; generation by the project's two loops against transformers' two (where
+# transformers is installed) on both shapes; then the embedded default end to end. Each table also
+# goes to $OUT (default gpu_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -16,10 +17,16 @@ TINYLLAMA="--device cuda --sizes 2048:22:32:4:5632:32000:untied --batch 4 --prom
 TINYLLAMA="$TINYLLAMA --jitter 0 --gen-batch 16 --new 64"
 python -m tools.bench_train $TINYLLAMA | tee "$OUT/train.md"
 python -m tools.bench_train $TINYLLAMA --compile | tee "$OUT/train_compiled.md"
+# SFT, DPO and learn steps against transformers' model of the same shape through the same loss code, with
+# MFU (where transformers is installed; else the project alone)
+VERSUS="--device cuda --versus-hf --sizes 135m,1.1b --batch 4 --prompt 256 --response 256 --jitter 0"
+python -m tools.bench_train $VERSUS | tee "$OUT/train_vs_hf.md"
 # SmolLM2-135M's shape on rows of GSM8K-like lengths under a chat template, padded and packed (#34)
-SMOL="--device cuda --sizes 135m --batch 8 --prompt 100 --response 130 --jitter 0.6 --pack --gen-batch 64 --new 64"
+SMOL="--device cuda --sizes 135m --batch 8 --prompt 100 --response 130 --jitter 0.6 --pack"
+SMOL="$SMOL --gen-batch 64 --new 64"
 python -m tools.bench_train $SMOL | tee "$OUT/train_135m.md"
 python -m tools.bench_train $SMOL --compile | tee "$OUT/train_135m_compiled.md"
 python -m tools.bench_generate --device cuda --shapes 135m,1.1b --batches 16,64,256 --prompt 32 --new 128 \
     --repeats 2 | tee "$OUT/generate.md"
-rm -rf /tmp/gpu_default && time python train.py --device cuda --run /tmp/gpu_default | tee "$OUT/default_run.txt"
+rm -rf /tmp/gpu_default
+time python train.py --device cuda --run /tmp/gpu_default | tee "$OUT/default_run.txt"
