@@ -69,8 +69,8 @@ class MultiTensorMaskedAdamW(MaskedAdamW):
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, _factor(beta2))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        # out of place, as the loop's exp_avg_sq.sqrt() / c: same bits, same temporaries
-        denoms = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias_correction2_sqrt)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)  # one temporary a tensor, divided in place as the loop
+        torch._foreach_div_(denoms, bias_correction2_sqrt)
         torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(thetas, exp_avgs, denoms, value=-lr / bias_correction1)
         for p, i, theta in zip(partial, idx, thetas):

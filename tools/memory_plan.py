@@ -133,12 +133,15 @@ def optimizer_bytes(n, ratio, wbytes):
 
 
 def step_bytes(largest, n, ratio, wbytes):
-    """Temporaries of MaskedAdamW.step on the largest tensor: denom's sqrt and division results;
-    with a partial mask also int64 indices and the gathered grad and weights, for at most all of
-    the tensor or all round(ratio * n) selected entries (per-tensor counts of a global mask vary)."""
+    """Memory of MaskedAdamW.step beyond its state, on the largest tensor: denom's sqrt (divided in
+    place); with a partial mask also int64 indices and the gathered grad and weights, for at most all
+    of the tensor or all round(ratio * n) selected entries (per-tensor counts of a global mask vary).
+    With a full mask the sqrt goes into one buffer the size of the largest tensor, which the CPU's
+    per-tensor loop allocates at its first step and keeps (so after it every phase holds it too);
+    the multi-tensor step (CUDA) makes it per bucket."""
     if ratio >= 1:
-        return 2 * wbytes * largest
-    return (8 + 4 * wbytes) * min(largest, round(ratio * n))
+        return wbytes * largest
+    return (8 + 3 * wbytes) * min(largest, round(ratio * n))
 
 
 def attention_kernel(device):
@@ -622,14 +625,15 @@ def measure_delta_scores(cfg):
 
 def measure_step(cfg, ratio):
     """Peak of MaskedAdamW.step over its start, with the mask's entries all in the largest tensor
-    (the embedding) where they fit: the case step_bytes bounds."""
+    (the embedding) where they fit: the case step_bytes bounds. A new optimizer each time: its
+    first step, the one that also makes the full masks' kept buffer."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     scores = {name: torch.rand(p.shape) + (name == "embed_tokens.weight")
               for name, p in model.named_parameters()}
-    opt = allo.MaskedAdamW(model.named_parameters(), allo.select_masks(scores, ratio))
+    masks = allo.select_masks(scores, ratio)
     batch_loss(model, tiny_batch(cfg, 2, 8), "sft").backward()
-    return allocator_peak(lambda _: opt.step())
+    return allocator_peak(lambda opt: opt.step(), lambda: allo.MaskedAdamW(model.named_parameters(), masks))
 
 
 CHECK_CONFIGS = [  # tiny: GQA tied; MHA untied; one GQA layer with a wide vocabulary
