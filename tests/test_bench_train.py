@@ -139,3 +139,12 @@ def test_matmul_share_counts_the_products_and_their_flops():
     a = torch.randn(64, 64)
     share, flops, seconds = bench_train.matmul_share(lambda: sum(a @ a for _ in range(4)), 1)
     assert 0.5 < share < 1.0 and flops == 4 * 2 * 64 ** 3 and seconds > 0
+
+
+def test_profile_with_the_transformers_comparison_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--profile", "--versus-hf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "error: --profile measures the CPU time of the per-size steps: use it with --device cpu and without "
+        "--model or --versus-hf"]

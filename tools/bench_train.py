@@ -42,6 +42,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial
@@ -356,8 +357,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.peak_tflops = peak_tflops(args, device)
-    if args.profile and device.type != "cpu":
-        raise SystemExit("error: --profile measures CPU time: use --device cpu")
+    if args.profile and (device.type != "cpu" or args.model or args.versus_hf):
+        print("error: --profile measures the CPU time of the per-size steps: use it with --device cpu and "
+              "without --model or --versus-hf", file=sys.stderr)
+        sys.exit(2)
     if args.model or args.versus_hf:
         return versus_hf_main(args, device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
