@@ -134,11 +134,11 @@ def test_profile_adds_each_steps_share_of_matrix_products():
 
 
 def test_matmul_share_counts_the_products_and_their_flops():
-    """Four products of 64x64 by 64x64 and a sum: most of the time is theirs, and their FLOPs are
-    counted exactly, 4 x 2 x 64^3."""
-    a = torch.randn(64, 64)
+    """Four products of 256x256 by 256x256 and a sum of their results: most of the time is theirs
+    (each product is about a hundred times a sum's work), and their FLOPs are counted exactly."""
+    a = torch.randn(256, 256)
     share, flops, seconds = bench_train.matmul_share(lambda: sum(a @ a for _ in range(4)), 1)
-    assert 0.5 < share < 1.0 and flops == 4 * 2 * 64 ** 3 and seconds > 0
+    assert 0.5 < share < 1.0 and flops == 4 * 2 * 256 ** 3 and seconds > 0
 
 
 def test_profile_with_the_transformers_comparison_is_one_line(capsys):

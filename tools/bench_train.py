@@ -259,7 +259,7 @@ def versus_hf(path, name, args, device):
                                      if hf is not None else {})
         losses = {}
 
-        def run(side, net=None, batch=batch, loss_fn=loss_fn, losses=losses):
+        def run(side, net, batch=batch, loss_fn=loss_fn, losses=losses):
             loss = loss_fn(net, batch)
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -286,25 +286,21 @@ def versus_hf(path, name, args, device):
 def versus_hf_main(args, device):
     """--model DIR or --versus-hf: versus_hf on the checkpoint, or on a new model of each --sizes
     shape (random weights, written to a temporary folder for transformers to read)."""
-    if args.model:
-        checkpoints = [(args.model, os.path.basename(os.path.normpath(args.model)))]
-    else:
-        checkpoints = args.sizes.split(",")
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.batch} "
           f"rows (pairs), prompt ~{args.prompt}, response ~{args.response} tokens (+-{args.jitter:.0%}); "
           f"forward + backward through trainer.py's loss code, median of {args.steps} in turns"
           + (", under bf16 autocast" if device.type == "cuda" else ", float32"))
-    rows = []
-    for c in checkpoints:
-        if isinstance(c, tuple):
-            rows += versus_hf(*c, args, device)
-            continue
-        torch.manual_seed(args.seed)
-        cfg = model_config(c, round((args.prompt + args.response) * (1 + args.jitter)) + 2)
-        with tempfile.TemporaryDirectory() as d:
-            Transformer(cfg).save_pretrained(d)
-            rows += versus_hf(d, c, args, device)
+    if args.model:
+        rows = versus_hf(args.model, os.path.basename(os.path.normpath(args.model)), args, device)
+    else:
+        rows = []
+        for spec in args.sizes.split(","):
+            torch.manual_seed(args.seed)
+            cfg = model_config(spec, round((args.prompt + args.response) * (1 + args.jitter)) + 2)
+            with tempfile.TemporaryDirectory() as d:
+                Transformer(cfg).save_pretrained(d)
+                rows += versus_hf(d, spec, args, device)
     print(allo.format_table([{k: r[k] for k in r if k not in ("ratio", "loss difference")} for r in rows]))
     for r in rows:
         if "ratio" in r:
