@@ -136,9 +136,9 @@ def step_bytes(largest, n, ratio, wbytes):
     """Memory of MaskedAdamW.step beyond its state, on the largest tensor: denom's sqrt (divided in
     place); with a partial mask also int64 indices and the gathered grad and weights, for at most all
     of the tensor or all round(ratio * n) selected entries (per-tensor counts of a global mask vary).
-    With a full mask the sqrt goes into one buffer the size of the largest tensor, which the CPU's
-    per-tensor loop allocates at its first step and keeps (so after it every phase holds it too);
-    the multi-tensor step (CUDA) makes it per bucket."""
+    With a full mask the sqrt goes into one buffer the size of the largest tensor: the multi-tensor
+    step (CUDA) makes it per bucket, as counted here; the CPU's per-tensor loop makes it at its first
+    step and keeps it, so on a CPU every later phase holds these bytes too (not counted)."""
     if ratio >= 1:
         return wbytes * largest
     return (8 + 3 * wbytes) * min(largest, round(ratio * n))
