@@ -22,7 +22,8 @@ GRID=${GRID:-0.5 1 2}
 # pretrained preset's 40 SFT steps on 2 CPU cores (the embedded task 51.7%, which 400 steps took to 96%):
 # check the study's SFT row, and take max_value=99 ops=+- (28.3% at 40 steps) if it lands below 30%
 TASK=${TASK:-min_steps=3 max_steps=4 max_operand=20 max_value=199 ops=+-*}
-ARMS=${ARMS:-SFT|DPO full|DPO top|DPO bottom|DPO LoRA|ALLO|ALLO w/o forgetting|ALLO w/o neuron masks|ALLO w/o key tokens}
+ALL_ARMS="SFT|DPO full|DPO top|DPO bottom|DPO LoRA|ALLO|ALLO w/o forgetting|ALLO w/o neuron masks"
+ARMS=${ARMS:-$ALL_ARMS|ALLO w/o key tokens}
 mkdir -p "$OUT" "$R"
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$OUT/gpu.txt" || true
 SECONDS=0
@@ -38,7 +39,8 @@ print(f"task: {config}")
 PY
 IFS='|' read -r -a ARM_LIST <<< "$ARMS"
 python -m study --run "$R" --pipeline-seeds "$SEEDS" --lr-grid $GRID --arms "${ARM_LIST[@]}" \
-    --model "$MODEL" --questions "$R/task/train.jsonl" --eval-questions "$R/task/val.jsonl" "$R/task/test.jsonl" \
+    --model "$MODEL" --questions "$R/task/train.jsonl" \
+    --eval-questions "$R/task/val.jsonl" "$R/task/test.jsonl" \
     --preset release --prompt-template chat --sft-steps "${SFT_STEPS:-400}" --n-sample 0 \
     --held-out-k "${HELD_OUT_K:-4}" --device "${DEVICE:-cuda}" \
     --gen-batch-size 256 --ref-batch-size 64 --threads 4 ${EXTRA:-}
