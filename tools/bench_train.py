@@ -132,6 +132,22 @@ def matmul_share(fn, steps):
     return busy / sum(e.self_cpu_time_total for e in events), sum(e.flops for e in products), busy / 1e6
 
 
+def random_pairs(model, args, rng, max_len, device):
+    """--batch random prompts, each with a chosen and a rejected response (lengths +-jitter), drawn
+    from rng; the pairs as one [chosen; rejected] batch with the starting model's reference log-probs
+    cached once, as train.py does, and their Norms. Returns a namespace: prompts, chosen, rejected,
+    cached, pairs, norms."""
+    B, v = args.batch, model.cfg.vocab_size
+    prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
+    chosen = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    rejected = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
+    cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
+    pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
+    norms = Norms(pairs=B, chosen_tokens=int((pairs["labels"][:B] != -100).sum()))  # as train.py's batches
+    return SimpleNamespace(prompts=prompts, chosen=chosen, rejected=rejected, cached=cached, pairs=pairs,
+                           norms=norms)
+
+
 def bench_size(spec, args, device):
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
@@ -139,22 +155,17 @@ def bench_size(spec, args, device):
     cfg = model_config(spec, max_len)
     model = Transformer(cfg).to(device)
     B, v = args.batch, cfg.vocab_size
-    prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
-    chosen = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
-    rejected = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
-    weights = [[float(rng.random() < 0.5) for _ in r] for r in rejected]  # the rewriter's 1[p_t < tau]
-    # the reference (the starting model) log-probs, cached once as train.py does
-    cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
+    r = random_pairs(model, args, rng, max_len, device)
+    pairs, pair_norms = r.pairs, r.norms
+    weights = [[float(rng.random() < 0.5) for _ in row] for row in r.rejected]  # the rewriter's 1[p_t < tau]
     model.train()
     net = torch.compile(model) if args.compile else model  # compiled in the untimed warmup steps
-    pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
-    forget = with_reference(collate(TOK, prompts, rejected, max_len, weights), cached[B:], list(range(B)))
+    forget = with_reference(collate(TOK, r.prompts, r.rejected, max_len, weights), r.cached[B:],
+                            list(range(B)))
     assert pairs["n_truncated"] == forget["n_truncated"] == 0
     masks = allo.select_masks({n: torch.rand_like(p) for n, p in model.named_parameters()}, args.mask_ratio)
 
     pct = f"{args.mask_ratio:.0%}"
-    chosen_tokens = int((pairs["labels"][:B] != -100).sum())
-    pair_norms = Norms(pairs=B, chosen_tokens=chosen_tokens)  # as train.py's batches
     forget_norms = Norms(weighted_tokens=int((forget["weights"] != 0).sum()))
     runs = [("DPO (full)", full_masks(model), pairs,
              lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
@@ -234,17 +245,11 @@ def versus_hf(path, name, args, device):
     rng = random.Random(args.seed)
     model = Transformer.from_pretrained(path).to(device).train()
     hf = load_hf(path, device)
-    B, v = args.batch, model.cfg.vocab_size
-    prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(B)]
-    chosen = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
-    rejected = [random_ids(rng, args.response, args.jitter, v) for _ in range(B)]
     max_len = round((args.prompt + args.response) * (1 + args.jitter)) + 2
-    # the reference: the starting model, cached once as train.py does
-    cached = reference_logps(model, TOK, prompts * 2, chosen + rejected, max_len, device)
+    r = random_pairs(model, args, rng, max_len, device)
+    pairs, pair_norms = r.pairs, r.norms
     model.train()
-    pairs = with_reference(collate(TOK, prompts * 2, chosen + rejected, max_len), cached, list(range(2 * B)))
-    sft = collate(TOK, prompts, chosen, max_len)
-    pair_norms = Norms(pairs=B, chosen_tokens=int((pairs["labels"][:B] != -100).sum()))
+    sft = collate(TOK, r.prompts, r.chosen, max_len)
     steps = {"SFT": (sft, lambda m, b: sft_batch_loss(
                  m, b, Norms(scored_tokens=int((sft["labels"] != -100).sum())), device)),
              "DPO (full)": (pairs, lambda m, b: dpo_batch_loss(m, b, pair_norms, device, args.beta, 1.0)),
