@@ -265,6 +265,22 @@ class SlotCache:
         return self.k[layer], self.v[layer]
 
 
+def distinct(prompts: list[list[int]], device):
+    """The rows of the first occurrence of each distinct prompt, and for every prompt the index of
+    its own among those: long tensors [U] and [len(prompts)] (two slice(None) when no prompt
+    repeats). Sampling K responses to a question
+    repeats its prompt K times; the prompts' pass then runs on the U distinct ones and each row
+    copies its keys and values (generation's prefix sharing, as vLLM's prefix caching does)."""
+    seen = {}
+    copy = [seen.setdefault(tuple(p), i) for i, p in enumerate(prompts)]  # first occurrence's row
+    first = list(seen.values())
+    if len(first) == len(prompts):  # nothing repeats: every row as it is, no copies made
+        return slice(None), slice(None)
+    where = {row: j for j, row in enumerate(first)}
+    return (torch.tensor(first, dtype=torch.long, device=device),
+            torch.tensor([where[row] for row in copy], dtype=torch.long, device=device))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -411,13 +427,15 @@ class Transformer(nn.Module):
         lens = torch.tensor([len(p) for p in prompts], device=device)
         attn = (torch.arange(P, device=device) < lens[:, None]).long()  # right padding
         last = torch.arange(P, device=device) == (lens - 1)[:, None]  # [n,P]: each prompt's last position
-        fresh = KVCache(self.cfg, n, P, device, cache.k.dtype)
-        logits = self(ids.to(device), attn, fresh, keep=last)  # [n,V]
+        first, copy = distinct(prompts, device)  # each distinct prompt computed once
+        x = ids.to(device)[first]
+        fresh = KVCache(self.cfg, len(x), P, device, cache.k.dtype)
+        logits = self(x, attn[first], fresh, keep=last[first])  # [distinct,V]
         rows = torch.tensor(slots, device=device)
-        cache.k[:, rows, :, :P] = fresh.k
-        cache.v[:, rows, :, :P] = fresh.v
+        cache.k[:, rows, :, :P] = fresh.k[:, copy]
+        cache.v[:, rows, :, :P] = fresh.v[:, copy]
         cache.lens[rows] = lens
-        return logits
+        return logits[copy]
 
     def decode(self, tokens, cache: SlotCache):
         """One token per slot at fixed shapes: tokens [B] at each slot's own position cache.lens,
@@ -451,7 +469,8 @@ class Transformer(nn.Module):
         top-p nucleus, sampled with `generator` (so a seed reproduces the samples: every row draws
         at every step, so a row's tokens do not depend on when the others end). vocab_size: only
         ids below it are generated (a tokenizer smaller than the model's embedding). With
-        use_cache=False every step recomputes the whole prefix (the reference for the cache).
+        use_cache=False every step recomputes the whole prefix (the reference for the cache); with the
+        cache, identical prompts are computed once (distinct).
         """
         device = self.embed_tokens.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -461,16 +480,23 @@ class Transformer(nn.Module):
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p):] = 1
         dtype = self.embed_tokens.weight.dtype
-        cache = KVCache(self.cfg, B, P + max_new_tokens, device, dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new, ends = [[] for _ in range(B)], [None] * B  # ends[b]: how many of row b's tokens it keeps
-        step_ids = ids
+        step_ids, cache = ids, None
         for t in range(max_new_tokens):
             x = step_ids if use_cache else ids
             last = torch.zeros_like(x, dtype=torch.bool)
             last[:, -1] = True  # only the last position's logits are computed
             with autocast(device):
-                logits = self(x, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
+                if use_cache and cache is None:  # the prompts' pass: each distinct prompt once
+                    first, copy = distinct(prompts, device)
+                    x = ids[first]
+                    cache = KVCache(self.cfg, len(x), P + max_new_tokens, device, dtype)
+                    logits = self(x, attn[first], cache, keep=last[first])[:, :vocab_size]
+                    if len(x) < B:  # a repeated prompt's rows: copies of its one row
+                        logits, cache.k, cache.v = logits[copy], cache.k[:, copy], cache.v[:, copy]
+                else:
+                    logits = self(x, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
             nxt = sample_next(logits.float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for b, token in enumerate(nxt.tolist()):

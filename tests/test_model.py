@@ -188,6 +188,30 @@ def test_cached_equals_uncached_generation_greedy_and_sampled():
     assert m.generate(prompts, 16, eos_id=60, pad_id=0, temperature=1.0, generator=g) != runs[0]
 
 
+def test_distinct_gives_first_occurrences_and_each_prompts_own():
+    from model import distinct
+    first, copy = distinct([[1, 2], [3], [1, 2], [1], [3], [1, 2]], torch.device("cpu"))
+    assert first.tolist() == [0, 1, 3] and copy.tolist() == [0, 1, 0, 2, 1, 0]
+    assert distinct([[1, 2], [2, 1], [1]], torch.device("cpu")) == (slice(None), slice(None))
+
+
+def test_repeated_prompts_are_computed_once_and_sampled_as_their_own_rows():
+    """K samples of a prompt: the prompts' pass runs on the distinct prompts only (the head sees 3
+    rows, then 6 at every step), and the samples equal the uncached loop's, which computes every
+    row of every step from its tokens (the same draws from the same generator)."""
+    m = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 3], [9]]
+    shapes = []
+    hook = m.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    cached = m.generate(prompts, 12, eos_id=-1, pad_id=0, temperature=1.0,
+                        generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert shapes == [(3, 61)] + [(6, 61)] * 11
+    assert cached == m.generate(prompts, 12, eos_id=-1, pad_id=0, temperature=1.0, use_cache=False,
+                                generator=torch.Generator().manual_seed(3))
+    assert cached[0] != cached[2] != cached[4]  # one prompt, each row its own draws
+
+
 def test_greedy_generation_matches_argmax_of_forward():
     m = tiny()
     prompt = [5, 9, 2]
@@ -315,6 +339,24 @@ def test_decode_at_fixed_shapes_gives_the_forward_logits():
     logits = m.decode(tokens, cache)
     for p, t, row in zip(prompts, tokens.tolist(), logits):
         torch.testing.assert_close(row, m(torch.tensor([p + [t]]))[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_of_a_repeated_prompt_fills_its_slots_from_one_row():
+    """prefill runs the forward on the distinct prompts only; each slot of a prompt gets that row's
+    keys, values and logits, which are the prompt's own forward's (up to float32 rounding)."""
+    from model import SlotCache
+    m = tiny()
+    prompts, slots = [[5, 6, 7], [8, 9], [5, 6, 7], [5, 6, 7]], [3, 0, 1, 2]
+    cache = SlotCache(m.cfg, 4, 12, torch.device("cpu"), torch.float32)
+    shapes = []
+    hook = m.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    logits = m.prefill(prompts, slots, cache)
+    hook.remove()
+    assert shapes == [(2, 61)] and cache.lens.tolist() == [2, 3, 3, 3]
+    assert torch.equal(cache.k[:, 1], cache.k[:, 3]) and torch.equal(cache.v[:, 2], cache.v[:, 3])
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3])
+    for p, row in zip(prompts, logits):
+        torch.testing.assert_close(row, m(torch.tensor([p]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("slots, check_every", [(1, 1), (3, 1), (5, 4), (64, 1)])

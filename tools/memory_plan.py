@@ -306,7 +306,9 @@ def generation_bytes(cfg, prompts, P, new, *, autocast, wbytes):
     later step's, one position a row attending over up to P + new keys: every bf16 copy, the
     int64 ids and attention mask so far, the bool mask and its bias, one layer's keys and values
     cast to bf16 (under autocast, from a float32 cache), the logits (below the prefill's unless
-    new is far above P)."""
+    new is far above P). Repeated prompts (the sample stage's K a question) are prefilled once:
+    the forward runs on the distinct ones, whose cache is then copied to every row, a moment that
+    holds both caches (at most 1.5x this cache where every prompt repeats)."""
     V, kv = cfg.vocab_size, cfg.n_kv_heads * cfg.head_dim
     c = 2 if autocast or wbytes == 2 else 4
     copies, block_copies = cast_copies(cfg, autocast, wbytes)
