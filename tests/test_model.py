@@ -241,6 +241,28 @@ def test_top_p_keeps_only_the_nucleus():
     assert {int(sample_next(logits, 1.0, 0.01, g)) for _ in range(50)} == {0}
 
 
+def sorted_nucleus(probs, top_p):
+    """The nucleus by sorting every token (the reference for model.nucleus)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+
+
+def test_nucleus_equals_sorting_every_token():
+    """Bit for bit the full sort's kept set and values (so the same draws), for nuclei from 1 token
+    (peaked rows) to most of a 1,000-token vocabulary (flat rows: k grows from 8 past 512, to the
+    whole row)."""
+    from model import nucleus
+    sizes = []
+    for scale in (0.1, 1.0, 4.0, 12.0):
+        probs = torch.softmax(scale * torch.randn(32, 1000, generator=torch.Generator().manual_seed(5)), -1)
+        for top_p in (0.01, 0.5, 0.9, 0.95, 0.999):
+            got = nucleus(probs, top_p, k=8)
+            assert torch.equal(got, sorted_nucleus(probs, top_p)), (scale, top_p)
+            sizes += (got > 0).sum(-1).tolist()
+    assert min(sizes) == 1 and max(sizes) > 512
+
+
 def test_save_then_load_gives_identical_logits(tmp_path):
     for tie, scaling in ((True, None), (False, None), (True, LLAMA3)):
         m = tiny(tie_embeddings=tie, rope_scaling=scaling)
