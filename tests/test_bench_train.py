@@ -60,6 +60,25 @@ def test_bench_generate_times_both_loops_on_a_shape(capsys):
     assert bench_generate.bytes_read(cfg, 5, 4, 3, 4) == (3 * weights + kv) * 4
 
 
+def test_bench_generate_sampling_times_the_loop_now_and_before(tmp_path, capsys):
+    """--sampling K on a checkpoint: the project's generate against the loop as it was (every row's
+    prompt computed, the full sort), the same sampled tokens, and the old functions put back; a
+    --sampling it cannot run is one line and exit status 2."""
+    import model as model_py
+    from tools import bench_generate
+    torch.manual_seed(0)
+    Transformer(bench_train.model_config("64:2:4:2:128:300", 16)).save_pretrained(str(tmp_path))
+    kept = model_py.distinct, model_py.nucleus
+    t = bench_generate.main(["--model", str(tmp_path), "--sampling", "3", "--batch", "6", "--prompt", "4",
+                             "--new", "5", "--repeats", "1", "--threads", "1", "--device", "cpu"])
+    assert {"project", "project before 2026-12-07"} <= set(t)
+    assert "the same sampled tokens as before: True" in capsys.readouterr().out
+    assert (model_py.distinct, model_py.nucleus) == kept
+    with pytest.raises(SystemExit) as e:
+        bench_generate.main(["--sampling", "3", "--batch", "2"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
 def test_pack_times_each_training_step_padded_and_packed(capsys):
     rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0.6", "--batch", "8", "--pack"])
     names = [r["step"] for r in rows]

@@ -3,6 +3,7 @@ real checkpoint against transformers' generate, or on model shapes against trans
 
     python -m tools.bench_generate [--dim 256 --layers 4 --batch 16 --prompt 32 --new 96]
     python -m tools.bench_generate --model DIR --batch 16 --prompt 24 --new 32 --threads 2
+    python -m tools.bench_generate --model DIR --sampling 4 --batch 64 --prompt 64 --new 64 --threads 2
     python -m tools.bench_generate --shapes 135m,1.1b --batches 16,64,256 --new 128 --device cuda
 
 --shapes (random weights of SmolLM2-135M's and TinyLlama-1.1B's shapes, or dim:layers:heads:kv:
@@ -20,14 +21,24 @@ generate on the same random prompts of --prompt tokens, greedy, every row decodi
 (no EOS), timed in turns in one process; prints both throughputs, how many rows decoded the same
 tokens, and the ratio (target: at least 1.1x transformers' tokens/s at batch 16). Needs
 transformers (tools/versus_hf.py).
+
+--sampling K with --model: sampling as the sample stage does it, --batch rows holding K samples of
+each of --batch/K random prompts, at --temperature and --top-p, --new tokens a row (no EOS), in
+turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk);
+the same loop as it was before 2026-12-07 (every row's prompt computed, every token sorted), whose
+sampled tokens must be the same (checked); and transformers' generate (num_return_sequences=K),
+where importable, whose draws differ. Prints each one's new tokens/s and the ratios.
 """
 
 import argparse
+import contextlib
+import sys
 import tempfile
 import time
 
 import torch
 
+import model as model_py
 from model import ModelConfig, Transformer, pick_device
 from tools.bench_train import model_config
 from tools.versus_hf import in_turns, load_hf
@@ -65,6 +76,67 @@ def bench_checkpoint(a, device):
         same = sum(x == y for x, y in zip(out["project"], out["transformers"]))
         print(f"project / transformers tokens/s: {t['transformers'] / t['project']:.2f}x (target >= 1.1x); "
               f"{same} of {a.batch} rows decoded the same tokens")
+    return t
+
+
+@contextlib.contextmanager
+def as_before():
+    """model.generate as it ran before 2026-12-07: every row's prompt computed, however often it
+    repeats, and the nucleus found by sorting every token."""
+    def every_row(prompts, device):
+        rows = torch.arange(len(prompts), device=device)
+        return rows, rows
+
+    def sorted_nucleus(probs, top_p):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+
+    kept = model_py.distinct, model_py.nucleus
+    model_py.distinct, model_py.nucleus = every_row, sorted_nucleus
+    try:
+        yield
+    finally:
+        model_py.distinct, model_py.nucleus = kept
+
+
+def bench_sampling(a, device):
+    """--model with --sampling K: the sample stage's generation, now, before, and transformers'."""
+    model = Transformer.from_pretrained(a.model).to(device).eval()
+    hf = load_hf(a.model, device)
+    k, n = a.sampling, a.batch // a.sampling
+    ids = torch.randint(4, model.cfg.vocab_size, (n, a.prompt), generator=torch.Generator().manual_seed(0))
+    prompts = [row for row in ids.tolist() for _ in range(k)]  # K samples of each prompt, as stage_sample
+    out = {}
+
+    def ours(name):
+        g = torch.Generator(device=device).manual_seed(1)
+        out[name] = model.generate(prompts, a.new, -1, 0, a.temperature, a.top_p, g)
+
+    def before():
+        with as_before():
+            ours("before")
+
+    def theirs():
+        with torch.no_grad():
+            hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
+                        temperature=a.temperature, top_p=a.top_p, top_k=0, num_return_sequences=k,
+                        max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=None, pad_token_id=0)
+
+    runs = {"project": lambda: ours("project"), "project before 2026-12-07": before}
+    if hf is not None:
+        runs["transformers"] = theirs
+    t = in_turns(runs, 1, a.repeats, device)
+    print(f"{a.model}: {model.num_params() / 1e6:.1f}M parameters; {k} samples of each of {n} prompts of "
+          f"{a.prompt} tokens, temperature {a.temperature}, top-p {a.top_p}, {a.new} new tokens a row; median "
+          f"of {a.repeats} in turns")
+    print("| implementation | new tokens/s | seconds |\n|---|---|---|")
+    for name, dt in t.items():
+        print(f"| {name} | {len(prompts) * a.new / dt:,.1f} | {dt:.2f} |")
+    line = f"project / before: {t['project before 2026-12-07'] / t['project']:.2f}x tokens/s"
+    if hf is not None:
+        line += f"; project / transformers: {t['transformers'] / t['project']:.2f}x"
+    print(f"{line}; the same sampled tokens as before: {out['project'] == out['before']}")
     return t
 
 
@@ -143,6 +215,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} or dim:layers:heads:kv:hidden:vocab"
                    "[:untied]: the loops side by side (see above)")
+    p.add_argument("--sampling", type=int, metavar="K", help="with --model: K samples a prompt, as the sample "
+                   "stage (see above)")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sampling (default 0.7, the presets')")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sampling (default 0.95, the release's)")
     p.add_argument("--batches", default="16,64,256", help="with --shapes: comma list of batch sizes")
     p.add_argument("--hbm-gbs", type=float, help="with --shapes: the GPU's HBM bandwidth in GB/s, when its "
                    "name is not known")
@@ -152,8 +228,11 @@ def main(argv=None):
     device = pick_device(a.device)
     if a.shapes:
         return bench_shapes(a, device)
+    if a.sampling is not None and not (a.model and 0 < a.sampling <= a.batch):
+        print(f"error: --sampling {a.sampling}: needs --model and 0 < K <= --batch ({a.batch})", file=sys.stderr)
+        sys.exit(2)
     if a.model:
-        return bench_checkpoint(a, device)
+        return bench_sampling(a, device) if a.sampling else bench_checkpoint(a, device)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
                       n_kv_heads=max(1, a.dim // 64), hidden_dim=int(a.dim * 8 / 3) // 32 * 32,
