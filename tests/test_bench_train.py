@@ -150,14 +150,27 @@ def test_profile_adds_each_steps_share_of_matrix_products():
     assert [r["step"] for r in rows] == STEPS
     for r in rows:
         assert 0 < int(r["matmul share"].rstrip("%")) < 100 and r["matmul GFLOP/s"] > 0
+        assert r["products alone ms"] > 0 and float(r["bound"].rstrip("x")) > 0
+
+
+def test_products_alone_runs_each_recorded_kernel_on_its_shapes(monkeypatch):
+    """Each kernel and shapes the profiler recorded (addmm with its bias and scalars, bmm) is called
+    on operands of those shapes, `reps` + 1 times (one warm-up), and its median counts `count` times."""
+    calls = []
+    for name in ("addmm", "bmm"):
+        monkeypatch.setattr(torch, name, lambda *ops, name=name: calls.append((name, [o.shape for o in ops])))
+    events = [SimpleNamespace(key="aten::addmm", input_shapes=[[8], [4, 6], [6, 8], [], []], count=3),
+              SimpleNamespace(key="aten::bmm", input_shapes=[[2, 4, 6], [2, 6, 8]], count=1)]
+    assert bench_train.products_alone(events, reps=3) > 0
+    assert calls == [("addmm", [(8,), (4, 6), (6, 8)])] * 4 + [("bmm", [(2, 4, 6), (2, 6, 8)])] * 4
 
 
 def test_matmul_share_counts_the_products_and_their_flops():
     """Four products of 256x256 by 256x256 and a sum of their results: most of the time is theirs
     (each product is about a hundred times a sum's work), and their FLOPs are counted exactly."""
     a = torch.randn(256, 256)
-    share, flops, seconds = bench_train.matmul_share(lambda: sum(a @ a for _ in range(4)), 1)
-    assert 0.5 < share < 1.0 and flops == 4 * 2 * 256 ** 3 and seconds > 0
+    share, flops, seconds, alone = bench_train.matmul_share(lambda: sum(a @ a for _ in range(4)), 1)
+    assert 0.5 < share < 1.0 and flops == 4 * 2 * 256 ** 3 and seconds > 0 and alone > 0
 
 
 def test_profile_with_the_transformers_comparison_is_one_line(capsys):

@@ -52,7 +52,7 @@ import torch
 
 import allo
 from data import collate
-from model import ModelConfig, Transformer, pick_device
+from model import ModelConfig, Transformer, autocasts, pick_device
 from tools.versus_hf import in_turns, load_hf
 from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, packed, reference_logps,
                      sft_batch_loss, with_reference)
@@ -122,14 +122,37 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the matri
 def matmul_share(fn, steps):
     """--profile: the share of fn's time (`steps` calls under torch's profiler, CPU) spent in matrix
     products, their FLOPs (the profiler's count, 2 x M x K x N each) and seconds: with all the rest
-    free, a step could be at most 1 / share as fast at their rate."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+    free, a step could be at most 1 / share as fast at their rate. Also the seconds a call's
+    products take alone (products_alone), the bound outside the profiler, whose own cost per
+    operation inflates the rest."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
+                                record_shapes=True) as prof:
         for _ in range(steps):
             fn()
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=True)
     products = [e for e in events if e.key in MATMULS]
     busy = sum(e.self_cpu_time_total for e in products)  # microseconds
-    return busy / sum(e.self_cpu_time_total for e in events), sum(e.flops for e in products), busy / 1e6
+    return (busy / sum(e.self_cpu_time_total for e in events), sum(e.flops for e in products), busy / 1e6,
+            products_alone(products) / steps)
+
+
+def products_alone(products, reps=5):
+    """Seconds the profiled matrix products take on their own: each kernel and shapes the profiler
+    recorded (key_averages grouped by input shape) called on random operands of those shapes, in
+    the autocast dtype where CPU bf16 is on (model.use_cpu_bf16), the median of `reps` calls times
+    how often it ran."""
+    dtype = torch.bfloat16 if autocasts(torch.device("cpu")) else torch.float32
+    total = 0.0
+    for e in products:
+        kernel = getattr(torch, e.key.split("::")[1])  # mm, addmm, bmm, baddbmm
+        operands = [torch.randn(s, dtype=dtype) for s in e.input_shapes if s]  # the scalars left at 1
+        times = []
+        for _ in range(reps + 1):  # the first call warms up
+            t0 = time.perf_counter()
+            kernel(*operands)
+            times.append(time.perf_counter() - t0)
+        total += e.count * statistics.median(times[1:])
+    return total
 
 
 def random_pairs(model, args, rng, max_len, device):
@@ -199,7 +222,8 @@ def bench_size(spec, args, device):
     size = f"{spec} ({model.num_params() / 1e6:.2f}M)"
     out = [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
-           | ({"matmul share": f"{mm[0]:.0%}", "matmul GFLOP/s": round(mm[1] / mm[2] / 1e9)} if mm else {})
+           | ({"matmul share": f"{mm[0]:.0%}", "matmul GFLOP/s": round(mm[1] / mm[2] / 1e9),
+               "products alone ms": round(1e3 * mm[3], 1), "bound": f"{dt / mm[3]:.2f}x"} if mm else {})
            for name, shape, tok, dt, mm in rows]
     if args.peak_tflops:  # model FLOPs utilization of the training steps: 6 x parameters per token
         for r in out:
@@ -346,7 +370,9 @@ def parse_args(argv=None):
         "the dense bf16 rate of an H100, H200 or A100 by name; elsewhere no column)")
     add("--pack", action="store_true", help="time each training step padded and packed (train.py --pack)")
     add("--profile", action="store_true", help="CPU: each step's share of time in matrix products and their "
-        "GFLOP/s, from --steps more steps under torch's profiler (the rest is what fusing could save)")
+        "GFLOP/s, from --steps more steps under torch's profiler (the rest is what fusing could save); the "
+        "products' time alone (each shape on its own) and the bound: step / that, how much faster the step "
+        "could be with all the rest free")
     add("--compile", action="store_true", help="torch.compile the model for the training steps, as train.py "
         "--compile (the compile happens in the warmup steps, which must be >= 1)")
     return p.parse_args(argv)
