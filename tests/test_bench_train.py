@@ -79,6 +79,26 @@ def test_bench_generate_sampling_times_the_loop_now_and_before(tmp_path, capsys)
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_bench_generate_sampling_on_questions_under_the_chat_template(tmp_path, capsys):
+    """--questions: the prompts are the questions under the model folder's chat template (three of
+    different lengths, left-padded for transformers), K samples each, as the sample stage."""
+    import json
+    from test_own_data import CHATML, bpe_tokenizer
+    from tools import bench_generate
+    torch.manual_seed(0)
+    Transformer(bench_train.model_config("64:2:4:2:128:300", 64)).save_pretrained(str(tmp_path))
+    bpe_tokenizer(tmp_path, False, {"chat_template": CHATML})
+    questions = tmp_path / "q.jsonl"
+    asked = ("What is 2 + 3?", "Tom has 4 apples. How many now?", "7 - 2?", "x")
+    questions.write_text("".join(json.dumps({"question": q, "answer": "1"}) + "\n" for q in asked))
+    t = bench_generate.main(["--model", str(tmp_path), "--sampling", "2", "--batch", "6", "--new", "4",
+                             "--questions", str(questions), "--repeats", "1", "--threads", "1",
+                             "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "2 samples of each of 3 questions of" in out and "the same sampled tokens as before: True" in out
+    assert {"project", "project before 2026-12-07"} <= set(t)
+
+
 def test_pack_times_each_training_step_padded_and_packed(capsys):
     rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--jitter", "0.6", "--batch", "8", "--pack"])
     names = [r["step"] for r in rows]

@@ -27,7 +27,10 @@ each of --batch/K random prompts, at --temperature and --top-p, --new tokens a r
 turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk);
 the same loop as it was before 2026-12-07 (every row's prompt computed, every token sorted), whose
 sampled tokens must be the same (checked); and transformers' generate (num_return_sequences=K),
-where importable, whose draws differ. Prints each one's new tokens/s and the ratios.
+where importable, whose draws differ. Prints each one's new tokens/s and the ratios. With
+--questions FILE the prompts are the first --batch/K questions of a questions JSONL under the
+model's chat template (train.py --prompt-template chat) instead of random tokens: a trained
+model's nucleus on real prompts is narrower than on random ones.
 """
 
 import argparse
@@ -39,6 +42,7 @@ import time
 import torch
 
 import model as model_py
+from data import load_tokenizer, prompt_text, read_jsonl
 from model import ModelConfig, Transformer, pick_device
 from tools.bench_train import model_config
 from tools.versus_hf import in_turns, load_hf
@@ -105,8 +109,18 @@ def bench_sampling(a, device):
     model = Transformer.from_pretrained(a.model).to(device).eval()
     hf = load_hf(a.model, device)
     k, n = a.sampling, a.batch // a.sampling
-    ids = torch.randint(4, model.cfg.vocab_size, (n, a.prompt), generator=torch.Generator().manual_seed(0))
-    prompts = [row for row in ids.tolist() for _ in range(k)]  # K samples of each prompt, as stage_sample
+    if a.questions:  # real prompts, left-padded for transformers as model.generate pads them
+        tok = load_tokenizer(a.model)
+        questions = read_jsonl(a.questions, "questions")[:n]
+        rows = [tok.prompt_ids(prompt_text(q["question"], "chat", tok)) for q in questions]
+        n, width = len(rows), max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, model.cfg.vocab_size, (n, a.prompt), generator=g)
+        rows, attention = ids.tolist(), torch.ones_like(ids)
+    prompts = [row for row in rows for _ in range(k)]  # K samples of each prompt, as stage_sample
     out = {}
 
     def ours(name):
@@ -119,7 +133,7 @@ def bench_sampling(a, device):
 
     def theirs():
         with torch.no_grad():
-            hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
+            hf.generate(ids.to(device), attention_mask=attention.to(device), do_sample=True,
                         temperature=a.temperature, top_p=a.top_p, top_k=0, num_return_sequences=k,
                         max_new_tokens=a.new, min_new_tokens=a.new, eos_token_id=None, pad_token_id=0)
 
@@ -127,9 +141,11 @@ def bench_sampling(a, device):
     if hf is not None:
         runs["transformers"] = theirs
     t = in_turns(runs, 1, a.repeats, device)
-    print(f"{a.model}: {model.num_params() / 1e6:.1f}M parameters; {k} samples of each of {n} prompts of "
-          f"{a.prompt} tokens, temperature {a.temperature}, top-p {a.top_p}, {a.new} new tokens a row; median "
-          f"of {a.repeats} in turns")
+    what = f"questions of {a.questions} ({min(map(len, rows))}-{max(map(len, rows))} tokens)" if a.questions \
+        else f"random prompts of {a.prompt} tokens"
+    print(f"{a.model}: {model.num_params() / 1e6:.1f}M parameters; {k} samples of each of {n} {what}, "
+          f"temperature {a.temperature}, top-p {a.top_p}, {a.new} new tokens a row; median of {a.repeats} in "
+          "turns")
     print("| implementation | new tokens/s | seconds |\n|---|---|---|")
     for name, dt in t.items():
         print(f"| {name} | {len(prompts) * a.new / dt:,.1f} | {dt:.2f} |")
@@ -215,9 +231,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 = torch's default")
     p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} or dim:layers:heads:kv:hidden:vocab"
                    "[:untied]: the loops side by side (see above)")
-    p.add_argument("--sampling", type=int, metavar="K", help="with --model: K samples a prompt, as the sample "
-                   "stage (see above)")
-    p.add_argument("--temperature", type=float, default=0.7, help="with --sampling (default 0.7, the presets')")
+    p.add_argument("--sampling", type=int, metavar="K", help="with --model: K samples a prompt, as the "
+                   "sample stage (see above)")
+    p.add_argument("--questions", help="with --sampling: a questions JSONL whose first --batch/K "
+                   "questions, under the model's chat template, are the prompts (default: random tokens)")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sampling (default 0.7, the "
+                   "presets')")
     p.add_argument("--top-p", type=float, default=0.95, help="with --sampling (default 0.95, the release's)")
     p.add_argument("--batches", default="16,64,256", help="with --shapes: comma list of batch sizes")
     p.add_argument("--hbm-gbs", type=float, help="with --shapes: the GPU's HBM bandwidth in GB/s, when its "
@@ -229,7 +248,8 @@ def main(argv=None):
     if a.shapes:
         return bench_shapes(a, device)
     if a.sampling is not None and not (a.model and 0 < a.sampling <= a.batch):
-        print(f"error: --sampling {a.sampling}: needs --model and 0 < K <= --batch ({a.batch})", file=sys.stderr)
+        print(f"error: --sampling {a.sampling}: needs --model and 0 < K <= --batch ({a.batch})",
+              file=sys.stderr)
         sys.exit(2)
     if a.model:
         return bench_sampling(a, device) if a.sampling else bench_checkpoint(a, device)
