@@ -204,10 +204,17 @@ def backward(net, batches, loss_fn, device):
 
 def finite_flag(tensors):
     """1.0 when every entry of `tensors` is finite, else 0.0, as a 1-element tensor on their device
-    (the largest |x| of each tensor, one multi-tensor op; not read here)."""
+    (not read here). A tensor is finite when its least and largest entries are: min and max carry
+    a NaN through, an infinity is one of them. On a GPU the largest |x| of each tensor, one
+    multi-tensor op; on a CPU each tensor's aminmax, a vectorized pass, where torch's inf-norm takes
+    a slow one (SmolLM2-135M's weights: 220 ms against 24 ms, 2 cores; 6% of an SFT step)."""
     if not tensors:
         return torch.ones(1)
-    return torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all().float()[None]
+    if tensors[0].device.type == "cpu":
+        bounds = torch.stack([torch.stack(torch.aminmax(t)) for t in tensors])
+    else:
+        bounds = torch.stack(torch._foreach_norm(tensors, float("inf")))
+    return bounds.isfinite().all().float()[None]
 
 
 PACK_WHEN = 0.9  # packed rows are used when they hold at most this share of the padded positions

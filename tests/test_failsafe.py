@@ -259,6 +259,22 @@ def test_metrics_start_fresh_when_a_stage_starts_over_and_resume_drops_the_rows_
 
 # ----------------------------------------------------------------------------- the NaN guard
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_flag_finds_any_non_finite_entry(bad):
+    """finite_flag (each tensor's aminmax on a CPU): 0 when any entry of any tensor, first or last,
+    is NaN or an infinity, 1 when all are finite, however large; as the inf-norm of each tensor
+    (its GPU path) says."""
+    from trainer import finite_flag
+    tensors = [torch.randn(5, 7), torch.full((3,), 3e38), torch.randn(11)]
+    assert finite_flag(tensors).item() == 1.0
+    for i in range(len(tensors)):
+        for where in (0, -1):
+            broken = [t.clone() for t in tensors]
+            broken[i].view(-1)[where] = bad
+            by_norm = torch.stack(torch._foreach_norm(broken, float("inf"))).isfinite().all()
+            assert finite_flag(broken).item() == 0.0 == float(by_norm)
+
+
 def poison_at(monkeypatch, step):
     """MaskedAdamW writes a NaN into a trained entry at `step`."""
     real = allo.MaskedAdamW.step
