@@ -4,8 +4,8 @@
 # MaskedAdamW's two steps against fused AdamW on TinyLlama-1.1B's shape (201 tensors); the training
 # steps of that shape, eager and compiled; SFT, DPO and learn steps against transformers' on that shape
 # and SmolLM2-135M's; generation by the project's two loops against transformers' two (where
-# transformers is installed) on both shapes; then the embedded default end to end. Each table also
-# goes to $OUT (default gpu_out/).
+# transformers is installed) on both shapes; the sample stage's sampling; then the embedded default end
+# to end. Each table also goes to $OUT (default gpu_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -28,5 +28,11 @@ python -m tools.bench_train $SMOL | tee "$OUT/train_135m.md"
 python -m tools.bench_train $SMOL --compile | tee "$OUT/train_135m_compiled.md"
 python -m tools.bench_generate --device cuda --shapes 135m,1.1b --batches 16,64,256 --prompt 32 --new 128 \
     --repeats 2 | tee "$OUT/generate.md"
+# the sample stage's generation (10 samples a prompt, temperature 0.7, top-p 0.95) now, as it ran before
+# 2026-12-07 and by transformers, on random weights of SmolLM2-135M's shape (a checkpoint written first)
+python -c "from model import Transformer; from tools.bench_train import model_config as c
+Transformer(c('135m', 512)).save_pretrained('/tmp/gpu_smol_random')"
+python -m tools.bench_generate --device cuda --model /tmp/gpu_smol_random --sampling 10 --batch 320 \
+    --prompt 64 --new 128 --repeats 2 | tee "$OUT/sampling.md"
 rm -rf /tmp/gpu_default
 time python train.py --device cuda --run /tmp/gpu_default | tee "$OUT/default_run.txt"
