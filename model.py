@@ -713,13 +713,14 @@ def nucleus(probs, top_p: float, k: int = 64):
     until every row's (k+1)-th is dropped: the mass before a token only grows down the order, so
     every later token is dropped too. The kept set and values are those of sorting all V (cumsum is
     a sequential scan on a CPU, so its first k+1 sums are the whole row's), up to the order of
-    exactly tied probabilities. Sorting SmolLM2's 49,152 tokens for 64 rows took 0.15 s of each
-    decode step on 2 CPU cores (docs/benchmarks.md). Elsewhere every token is sorted: the test of
-    the (k+1)-th would make the host wait for the device at every step."""
+    exactly tied probabilities; once k+1 reaches V, every token is sorted, as before. Sorting
+    SmolLM2's 49,152 tokens for 64 rows took 0.15 s of each decode step on 2 CPU cores
+    (docs/benchmarks.md). Elsewhere every token is sorted at once: the test of the (k+1)-th would
+    make the host wait for the device at every step."""
     V = probs.shape[-1]
     k = k if probs.device.type == "cpu" else V
     while True:
-        top, order = probs.topk(min(k + 1, V), dim=-1)  # [B,k+1], descending
+        top, order = probs.topk(k + 1, dim=-1) if k + 1 < V else probs.sort(dim=-1, descending=True)
         drop = top.cumsum(-1) - top > top_p  # the mass before each token, as in a full sort
         if k + 1 >= V or drop[:, -1].all():
             return torch.zeros_like(probs).scatter(-1, order, top.masked_fill(drop, 0.0))
