@@ -268,9 +268,9 @@ class SlotCache:
 def distinct(prompts: list[list[int]], device):
     """The rows of the first occurrence of each distinct prompt, and for every prompt the index of
     its own among those: long tensors [U] and [len(prompts)] (two slice(None) when no prompt
-    repeats). Sampling K responses to a question
-    repeats its prompt K times; the prompts' pass then runs on the U distinct ones and each row
-    copies its keys and values (generation's prefix sharing, as vLLM's prefix caching does)."""
+    repeats). Sampling K responses to a question repeats its prompt K times; the prompts' pass then
+    runs on the U distinct ones and each row copies its keys and values (generation's prefix
+    sharing, as vLLM's prefix caching does)."""
     seen = {}
     copy = [seen.setdefault(tuple(p), i) for i, p in enumerate(prompts)]  # first occurrence's row
     first = list(seen.values())
