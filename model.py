@@ -427,15 +427,25 @@ class Transformer(nn.Module):
         lens = torch.tensor([len(p) for p in prompts], device=device)
         attn = (torch.arange(P, device=device) < lens[:, None]).long()  # right padding
         last = torch.arange(P, device=device) == (lens - 1)[:, None]  # [n,P]: each prompt's last position
-        first, copy = distinct(prompts, device)  # each distinct prompt computed once
-        x = ids.to(device)[first]
-        fresh = KVCache(self.cfg, len(x), P, device, cache.k.dtype)
-        logits = self(x, attn[first], fresh, keep=last[first])  # [distinct,V]
+        logits, fresh = self.prompts_pass(prompts, ids.to(device), attn, last, P)  # [n,V]
         rows = torch.tensor(slots, device=device)
-        cache.k[:, rows, :, :P] = fresh.k[:, copy]
-        cache.v[:, rows, :, :P] = fresh.v[:, copy]
+        cache.k[:, rows, :, :P] = fresh.k
+        cache.v[:, rows, :, :P] = fresh.v
         cache.lens[rows] = lens
-        return logits[copy]
+        return logits
+
+    def prompts_pass(self, prompts, ids, attn, last, max_len):
+        """The forward of the padded prompts ids [n,P] (attn: their attention mask; last: each one's
+        last position) into a new KVCache of max_len positions. Each distinct prompt is computed
+        once (distinct) and its row copied to every prompt that repeats it. Returns the logits
+        [n,V] at the last positions and the cache."""
+        first, copy = distinct(prompts, ids.device)
+        x = ids[first]
+        cache = KVCache(self.cfg, len(x), max_len, ids.device, self.embed_tokens.weight.dtype)
+        logits = self(x, attn[first], cache, keep=last[first])
+        if len(x) < len(ids):  # a repeated prompt's rows: copies of its one row
+            logits, cache.k, cache.v = logits[copy], cache.k[:, copy], cache.v[:, copy]
+        return logits, cache
 
     def decode(self, tokens, cache: SlotCache):
         """One token per slot at fixed shapes: tokens [B] at each slot's own position cache.lens,
@@ -479,7 +489,6 @@ class Transformer(nn.Module):
         for i, p in enumerate(prompts):
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p):] = 1
-        dtype = self.embed_tokens.weight.dtype
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new, ends = [[] for _ in range(B)], [None] * B  # ends[b]: how many of row b's tokens it keeps
         step_ids, cache = ids, None
@@ -488,16 +497,11 @@ class Transformer(nn.Module):
             last = torch.zeros_like(x, dtype=torch.bool)
             last[:, -1] = True  # only the last position's logits are computed
             with autocast(device):
-                if use_cache and cache is None:  # the prompts' pass: each distinct prompt once
-                    first, copy = distinct(prompts, device)
-                    x = ids[first]
-                    cache = KVCache(self.cfg, len(x), P + max_new_tokens, device, dtype)
-                    logits = self(x, attn[first], cache, keep=last[first])[:, :vocab_size]
-                    if len(x) < B:  # a repeated prompt's rows: copies of its one row
-                        logits, cache.k, cache.v = logits[copy], cache.k[:, copy], cache.v[:, copy]
+                if use_cache and cache is None:  # the prompts' pass, each distinct prompt once
+                    logits, cache = self.prompts_pass(prompts, ids, attn, last, P + max_new_tokens)
                 else:
-                    logits = self(x, attn, cache, keep=last)[:, :vocab_size]  # [B,V]
-            nxt = sample_next(logits.float(), temperature, top_p, generator)
+                    logits = self(x, attn, cache, keep=last)  # [B,V]
+            nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for b, token in enumerate(nxt.tolist()):
                 if ends[b] is None:

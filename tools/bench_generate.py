@@ -91,12 +91,11 @@ def as_before():
         rows = torch.arange(len(prompts), device=device)
         return rows, rows
 
-    def sorted_nucleus(probs, top_p):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-
     kept = model_py.distinct, model_py.nucleus
+
+    def sorted_nucleus(probs, top_p):  # k at the vocabulary: nucleus sorts every token at once
+        return kept[1](probs, top_p, k=probs.shape[-1])
+
     model_py.distinct, model_py.nucleus = every_row, sorted_nucleus
     try:
         yield
