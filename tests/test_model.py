@@ -263,6 +263,29 @@ def test_nucleus_equals_sorting_every_token():
     assert min(sizes) == 1 and max(sizes) > 512
 
 
+def test_draw_equals_torch_multinomial_token_for_token():
+    """model.draw against torch.multinomial(probs, 1) under the same seed: the same token in every
+    row, and the generator left where multinomial leaves it (the next draws equal), for whole rows
+    (top-p 1: draw is exact there too, if slower) and nuclei of 1 to hundreds of tokens, over a small and a SmolLM2-sized vocabulary
+    (the CPU's exponential_ serial loop the draw reproduces is the same at any size)."""
+    from model import draw, nucleus
+    n_draws = 0
+    for V, rows in ((320, 64), (49152, 8)):
+        for scale in (0.5, 4.0, 16.0):
+            logits = scale * torch.randn(rows, V, generator=torch.Generator().manual_seed(V))
+            for top_p in (1.0, 0.95, 0.5):
+                probs = torch.softmax(logits, -1)
+                probs = nucleus(probs, top_p) if top_p < 1 else probs
+                for seed in range(4 if V > 1000 else 40):
+                    ours, theirs = (torch.Generator().manual_seed(seed) for _ in range(2))
+                    got = draw(probs, ours)
+                    want = torch.multinomial(probs, 1, generator=theirs)[:, 0]
+                    assert torch.equal(got, want), (V, scale, top_p, seed)
+                    assert torch.equal(torch.rand(3, generator=ours), torch.rand(3, generator=theirs))
+                    n_draws += rows
+    assert n_draws > 20000
+
+
 def test_save_then_load_gives_identical_logits(tmp_path):
     for tie, scaling in ((True, None), (False, None), (True, LLAMA3)):
         m = tiny(tie_embeddings=tie, rope_scaling=scaling)

@@ -24,9 +24,10 @@ transformers (tools/versus_hf.py).
 
 --sampling K with --model: sampling as the sample stage does it, --batch rows holding K samples of
 each of --batch/K random prompts, at --temperature and --top-p, --new tokens a row (no EOS), in
-turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk);
-the same loop as it was before 2026-12-07 (every row's prompt computed, every token sorted), whose
-sampled tokens must be the same (checked); and transformers' generate (num_return_sequences=K),
+turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk,
+the draw's logarithms only in the nucleus); the same loop as it was before 2026-12-07 (every row's
+prompt computed, every token sorted, torch.multinomial), whose sampled tokens must be the same
+(checked); and transformers' generate (num_return_sequences=K),
 where importable, whose draws differ. Prints each one's new tokens/s and the ratios. With
 --questions FILE the prompts are the first --batch/K questions of a questions JSONL under the
 model's chat template (train.py --prompt-template chat) instead of random tokens: a trained
@@ -86,21 +87,24 @@ def bench_checkpoint(a, device):
 @contextlib.contextmanager
 def as_before():
     """model.generate as it ran before 2026-12-07: every row's prompt computed, however often it
-    repeats, and the nucleus found by sorting every token."""
+    repeats, the nucleus found by sorting every token, and the token drawn by torch.multinomial."""
     def every_row(prompts, device):
         rows = torch.arange(len(prompts), device=device)
         return rows, rows
 
-    kept = model_py.distinct, model_py.nucleus
+    kept = model_py.distinct, model_py.nucleus, model_py.draw
 
     def sorted_nucleus(probs, top_p):  # k at the vocabulary: nucleus sorts every token at once
         return kept[1](probs, top_p, k=probs.shape[-1])
 
-    model_py.distinct, model_py.nucleus = every_row, sorted_nucleus
+    def multinomial(probs, generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    model_py.distinct, model_py.nucleus, model_py.draw = every_row, sorted_nucleus, multinomial
     try:
         yield
     finally:
-        model_py.distinct, model_py.nucleus = kept
+        model_py.distinct, model_py.nucleus, model_py.draw = kept
 
 
 def bench_sampling(a, device):
