@@ -704,7 +704,7 @@ def sample_next(logits, temperature: float, top_p: float, generator):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p == 1.0:
+    if top_p == 1.0:  # every token in the race: draw would take every logarithm, as torch does
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return draw(nucleus(probs, top_p), generator)
 
@@ -719,8 +719,9 @@ def draw(probs, generator):
     rows of SmolLM2's 49,152 tokens, a quarter of a decode step on 2 cores (docs/benchmarks.md).
     Here one uniform_ call makes the same u (20 ms) and the logarithm is taken only where probs > 0:
     an entry of weight 0 loses the race either way (0 / q = 0). Not reproduced: torch's pick of a
-    0-weight entry whose u is exactly 0 (0 / 0), at odds of 2^-53 an entry. Tested token for token
-    against torch.multinomial. Elsewhere torch.multinomial itself."""
+    0-weight entry whose u is exactly 0 (0 / 0), at odds of 2^-53 an entry. This follows torch's CPU
+    kernel (torch 2.13), and a test compares them token for token, so a torch that changed its
+    kernel would fail it. Elsewhere torch.multinomial itself."""
     if probs.device.type != "cpu":
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     u = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)  # exponential_'s u
