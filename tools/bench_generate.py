@@ -27,8 +27,8 @@ each of --batch/K random prompts, at --temperature and --top-p, --new tokens a r
 turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk,
 the draw's logarithms only in the nucleus); the same loop as it was before 2026-12-07 (every row's
 prompt computed, every token sorted, torch.multinomial), whose sampled tokens must be the same
-(checked); and transformers' generate (num_return_sequences=K),
-where importable, whose draws differ. Prints each one's new tokens/s and the ratios. With
+(checked); and transformers' generate (num_return_sequences=K), where importable, whose draws
+differ. Prints each one's new tokens/s and the ratios. With
 --questions FILE the prompts are the first --batch/K questions of a questions JSONL under the
 model's chat template (train.py --prompt-template chat) instead of random tokens: a trained
 model's nucleus on real prompts is narrower than on random ones.
