@@ -144,7 +144,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 computed in float32, float64 kept
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
