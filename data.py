@@ -681,38 +681,77 @@ def collate(tok, prompts, responses, max_len, weights=None):
 
 
 def pack(batch, capacity):
-    """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows: first-fit
-    decreasing into rows of max(capacity, T) tokens. Returns the packed rows [R,C]: input_ids,
-    labels (-100 off-target and on padding), doc_ids (a row's sequences numbered 0, 1, ...; -1 on
-    padding) and source (the flat index b*T + t each token came from; -1 on padding).
-    Transformer.forward(..., doc_ids=) keeps the sequences apart; a loss lays the packed
-    log-probs back onto [B,T] through source (trainer.forward_logps), so every per-row loss of
-    the padded batch applies unchanged, and a pair's rows need not share a packed row.
-    The matrix products then run over R*C <= B*T positions: the padding they skip is the gain."""
+    """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows of
+    max(capacity, T) tokens, first-fit decreasing, rows that share a prompt holding it once.
+
+    A row is its prompt, then its response. Rows with the same prompt tokens (a preference pair's
+    chosen and rejected, the samples of one question) form a group: the prompt's tokens but the last
+    once (branch 0), then each row's last prompt token and response (branches 1, 2, ...), as in
+    tree attention (SpecInfer, Miao et al. 2024). Each row keeps its own copy of the last prompt
+    token, the position that predicts its first response token, so every scored position stays one
+    row's. A group that does not fit in a packed row is split into groups that do.
+    Returns the packed rows [R,C]: input_ids; labels (-100 off-target and on padding); doc_ids (a
+    packed row's groups numbered 0, 1, ...; -1 on padding); branch_ids (0 on a shared prompt and on
+    padding, k on the k-th row of the group); positions (each token's position in its own row) and
+    source (the flat index b*T + t each token came from; -1 on padding).
+    Transformer.forward(..., doc_ids=, branch_ids=, positions=) gives each token the logits it has
+    in its own row; a loss lays the packed log-probs back onto [B,T] through source
+    (trainer.forward_logps), so every per-row loss of the padded batch applies unchanged. The
+    matrix products then run over R*C <= B*T positions: the padding and the repeated prompts they
+    skip are the gain."""
     B, T = batch["input_ids"].shape
+    ids, labels = batch["input_ids"], batch["labels"]
     lengths = batch["attention_mask"].sum(1).tolist()
+    scored = (labels != -100).long()
+    # the shared part of row b: its prompt but the last token, the tokens before its first target
+    shared = [int(scored[b].argmax()) if scored[b].any() else 0 for b in range(B)]
+    groups = {}  # rows with the same shared part, in their order; a row with none is a group alone
+    for b in range(B):
+        groups.setdefault(tuple(ids[b, :shared[b]].tolist()) if shared[b] else ("alone", b), []).append(b)
     capacity = max(capacity, T)
-    bins, room = [], []  # the rows of each packed row, and the tokens left in it
-    for b in sorted(range(B), key=lambda b: -lengths[b]):  # longest first (stable: ties keep their order)
-        j = next((j for j, left in enumerate(room) if left >= lengths[b]), len(bins))
+
+    def size(rows):  # tokens of a group: the shared part once, then each row's rest
+        return shared[rows[0]] + sum(lengths[b] - shared[b] for b in rows)
+
+    units = []  # the groups, each split into as few as fit in a packed row (a row alone always fits)
+    for rows in groups.values():
+        unit = []
+        for b in rows:
+            if unit and size(unit + [b]) > capacity:
+                units.append(unit)
+                unit = []
+            unit.append(b)
+        units.append(unit)
+    sizes = [size(u) for u in units]
+    bins, room = [], []  # the units of each packed row, and the tokens left in it
+    for u in sorted(range(len(units)), key=lambda u: -sizes[u]):  # longest first (stable: ties keep order)
+        j = next((j for j, left in enumerate(room) if left >= sizes[u]), len(bins))
         if j == len(bins):
             bins.append([])
             room.append(capacity)
-        bins[j].append(b)
-        room[j] -= lengths[b]
+        bins[j].append(u)
+        room[j] -= sizes[u]
     C = capacity - min(room)
-    source = torch.full((len(bins), C), -1, dtype=torch.long)
-    doc_ids = torch.full((len(bins), C), -1, dtype=torch.long)
-    for j, rows in enumerate(bins):
+    R = len(bins)
+    source = torch.full((R, C), -1, dtype=torch.long)
+    doc_ids = torch.full((R, C), -1, dtype=torch.long)
+    branch_ids = torch.zeros(R, C, dtype=torch.long)
+    positions = torch.zeros(R, C, dtype=torch.long)
+    for j, us in enumerate(bins):
         at = 0
-        for d, b in enumerate(rows):
-            source[j, at:at + lengths[b]] = b * T + torch.arange(lengths[b])
-            doc_ids[j, at:at + lengths[b]] = d
-            at += lengths[b]
+        for d, u in enumerate(us):
+            s = shared[units[u][0]]
+            pieces = [(units[u][0], 0, 0, s)] + [(b, k, s, lengths[b]) for k, b in enumerate(units[u], 1)]
+            for b, k, start, end in pieces:  # row b's tokens start..end-1 as branch k of group d
+                n = end - start
+                source[j, at:at + n] = b * T + torch.arange(start, end)
+                doc_ids[j, at:at + n], branch_ids[j, at:at + n] = d, k
+                positions[j, at:at + n] = torch.arange(start, end)
+                at += n
     real, flat = source >= 0, source.clamp(min=0)
-    return {"input_ids": batch["input_ids"].flatten()[flat],  # padding repeats token 0: never attended
-            "labels": torch.where(real, batch["labels"].flatten()[flat], -100),
-            "doc_ids": doc_ids, "source": source}
+    return {"input_ids": ids.flatten()[flat],  # padding repeats token 0: never attended
+            "labels": torch.where(real, labels.flatten()[flat], -100),
+            "doc_ids": doc_ids, "branch_ids": branch_ids, "positions": positions, "source": source}
 
 
 # -----------------------------------------------------------------------------

@@ -362,7 +362,7 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, keep=None, doc_ids=None,
-                targets=None):
+                branch_ids=None, positions=None, targets=None):
         """input_ids [B,T] -> logits [B,T,V], or with keep (bool [B,T]) the logits [N,V] of its N
         True positions in row-major order: the head, a [D,V] matmul per position, runs only where
         logits are used (the scored targets in training, the last position in generation). keep may
@@ -372,21 +372,23 @@ class Transformer(nn.Module):
         attention_mask [B,S] (1 = real token, 0 = padding; S = cached + T) makes left- or
         right-padded rows give the same logits at their real positions as unpadded ones:
         positions count real tokens only, and padding is never attended to.
-        doc_ids [B,T] (packed rows, data.pack; no cache): several sequences laid end to end in a row,
-        each token tagged with its sequence's number. Each sequence's positions start at 0 and it
-        attends only to itself (a block-diagonal causal mask), so it gets the logits it has alone.
+        doc_ids, branch_ids, positions [B,T] (packed rows, data.pack; no cache): several sequences
+        laid end to end in a row, each token tagged with its group's number, its branch and its
+        position in its own sequence. A group is one sequence (branch 1 after an empty branch 0) or
+        several that share a prompt: the prompt once (branch 0), then each continuation (branches
+        1, 2, ...). A token attends to the earlier tokens of its group's prompt and of its own
+        branch (a causal mask, block-diagonal over groups, a tree within one), so every sequence
+        gets the logits it has alone.
         targets [N] (with keep): the log-probs [N] of these tokens at the kept positions instead of
         logits, from HeadLogps: at most HEAD_CHUNK logit entries held at once.
         """
         B, T = input_ids.shape
         past = cache.len if cache is not None else 0
         if doc_ids is not None:
-            t = torch.arange(T, device=input_ids.device)
-            first = torch.ones_like(doc_ids, dtype=torch.bool)
-            first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # where a sequence begins
-            positions = t - torch.where(first, t, 0).cummax(-1).values  # t minus its sequence's start
-            same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B,T,T]
-            mask = (same & torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril())[:, None]
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B,T,T]: query's group, key's group
+            key_branch = branch_ids[:, None, :]
+            mine = (key_branch == 0) | (key_branch == branch_ids[:, :, None])  # the prompt or my branch
+            mask = (same & mine & torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril())[:, None]
         elif attention_mask is None and past == 0:
             positions, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
         else:

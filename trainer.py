@@ -49,8 +49,8 @@ class TrainConfig:
                                   "crash loses at most this much, and fast steps are not slowed by writes",
                                   type=real(0), result=False)
     pack: bool = setting(False, "pack several sequences into each row (block-diagonal attention): the "
-                         "padding of rows of unequal length is not computed; equal to padded rows up to "
-                         "float rounding")
+                         "padding of rows of unequal length is not computed, and rows with the same prompt "
+                         "(a preference pair) hold it once; equal to padded rows up to float rounding")
     grad_checkpoint: bool = setting(False, "keep only each block's input, recompute the rest in backward "
                                     "(less activation memory, one more forward pass)", result=False)
     compile: bool = setting(False, "torch.compile the model's forward in training (faster steps on a GPU "
@@ -221,10 +221,11 @@ PACK_WHEN = 0.9  # packed rows are used when they hold at most this share of the
 
 
 def packed(batch, capacity):
-    """The batch with its packed rows (data.pack into rows of `capacity`) where they save at least a
-    tenth of the padded positions; as it is where they do not: the wider rows' attention and its
-    explicit mask then cost more than the padding saved (tools/bench_train.py --pack: a 135M model's
-    SFT step 0.8x as fast packed into 7% more positions, DPO 1.2x with 8% fewer)."""
+    """The batch with its packed rows (data.pack into rows of `capacity`: the padding left out, a
+    prompt shared by several rows held once) where they save at least a tenth of the padded
+    positions; as it is where they do not: the wider rows' attention and its explicit mask then cost
+    more than the padding saved (tools/bench_train.py --pack: a 135M model's SFT step 0.8x as fast
+    packed into 7% more positions, DPO 1.2x with 8% fewer, before pairs shared their prompts)."""
     rows = pack(batch, capacity)
     if rows["input_ids"].numel() > PACK_WHEN * batch["input_ids"].numel():
         return batch
@@ -291,13 +292,13 @@ def scored_logps(model, batch, device):
     logits it has unpadded (padding only follows it): no attention mask is passed, which lets
     scaled_dot_product_attention use its fused kernels."""
     rows = batch.get("packed", batch)
-    labels, docs = rows["labels"].flatten(), rows.get("doc_ids")
+    labels = rows["labels"].flatten()
     at = (labels != -100).nonzero().squeeze(1)  # on the host: no wait for the device
     chunked = len(at) * unwrapped(model).cfg.vocab_size > HEAD_CHUNK
     targets, at = labels[at].to(device), at.to(device)
+    tree = {k: rows[k].to(device) for k in ("doc_ids", "branch_ids", "positions") if k in rows}
     with autocast(device):
-        out = model(rows["input_ids"].to(device), keep=at, targets=targets if chunked else None,
-                    doc_ids=None if docs is None else docs.to(device))
+        out = model(rows["input_ids"].to(device), keep=at, targets=targets if chunked else None, **tree)
     return (out if chunked else allo.token_logps(out, targets)), targets, at
 
 

@@ -1,5 +1,6 @@
-"""Packed rows (data.pack, Transformer(..., doc_ids=), trainer.scored_logits): several sequences a
-row, each attending only to itself, give the losses and gradients of the padded batch.
+"""Packed rows (data.pack, Transformer(..., doc_ids=, branch_ids=, positions=), trainer.scored_logps):
+several sequences a row, each attending only to itself, rows with the same prompt holding it once,
+give the losses and gradients of the padded batch.
 
 The model is float64, so "equal" means equal up to float64 rounding: the packed batch sums the
 same terms in another order (bound 1e-12, a million times float64's epsilon and far below any real
@@ -25,14 +26,18 @@ def model():
     return Transformer(cfg).double()
 
 
-def padded_batch(lengths, prompt=1):
-    """Right-padded rows as data.collate makes them: the first `prompt` tokens unscored."""
+def padded_batch(lengths, prompt=1, same_prompt=()):
+    """Right-padded rows as data.collate makes them: the first `prompt` tokens unscored.
+    same_prompt: pairs (a, b), row b's prompt made row a's."""
     g = torch.Generator().manual_seed(1)
     B, T = len(lengths), max(lengths)
     ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), -100)
     for b, n in enumerate(lengths):
         ids[b, :n] = torch.randint(4, 50, (n,), generator=g)
+    for a, b in same_prompt:
+        ids[b, :prompt] = ids[a, :prompt]
+    for b, n in enumerate(lengths):
         am[b, :n] = 1
         labels[b, prompt - 1:n - 1] = ids[b, prompt:n]
     weights = torch.rand(B, T, generator=g, dtype=torch.float64).round() * (labels != -100)
@@ -50,25 +55,60 @@ def test_pack_places_every_real_token_once_within_capacity():
     assert torch.equal(p["input_ids"][p["source"] >= 0], b["input_ids"].flatten()[real])
     assert torch.equal(p["labels"][p["source"] >= 0], b["labels"].flatten()[real])
     assert (p["labels"][p["source"] < 0] == -100).all() and (p["doc_ids"][p["source"] < 0] == -1).all()
+    assert torch.equal(p["positions"][p["source"] >= 0], real % T)
     # a capacity below the longest row packs into rows of that row's length, first-fit decreasing:
     # [61], [40, 12, 7, 2], [33, 5, 3]
     assert pack(b, 8)["doc_ids"].max(1).values.tolist() == [0, 3, 2]
 
 
-def test_packed_logits_equal_each_sequence_alone():
-    m = model()
-    b = padded_batch(LENGTHS)
-    p = pack(b, 64)
-    packed = m(p["input_ids"], doc_ids=p["doc_ids"])  # [R,C,V]
+# pairs as a preference batch lays them out (rows i and i + 4 share a prompt) and a prompt shared by
+# three rows (4, 5, 6 after row 4's pair is made 0's); prompts of 5 tokens, lengths 6 to 61
+SHARED_LENGTHS = [6, 61, 7, 33, 9, 40, 12, 8]
+PAIRS = ((0, 4), (1, 5), (2, 6), (3, 7))
+TRIPLE = ((0, 4), (0, 5), (0, 6))
+
+
+def test_pack_holds_a_shared_prompt_once():
+    """Rows with the same prompt: its tokens but the last once, then each row's last prompt token and
+    response; every scored target exactly once, with its own row's label and position."""
+    b = padded_batch(SHARED_LENGTHS, prompt=5, same_prompt=PAIRS)
     B, T = b["input_ids"].shape
-    for i, n in enumerate(LENGTHS):
+    p = pack(b, 128)
+    real = p["source"][p["source"] >= 0]
+    assert len(real) == sum(SHARED_LENGTHS) - 4 * 4  # 4 of the 5 prompt tokens held once per pair
+    assert len(set(real.tolist())) == len(real)
+    scored = (b["labels"].flatten() != -100).nonzero().squeeze(1)
+    assert sorted(real[p["labels"][p["source"] >= 0] != -100].tolist()) == scored.tolist()
+    assert torch.equal(p["input_ids"][p["source"] >= 0], b["input_ids"].flatten()[real])
+    assert torch.equal(p["positions"][p["source"] >= 0], real % T)
+    assert p["branch_ids"].max() == 2 and p["doc_ids"].max() < 4  # each pair a group of two branches
+    # a group too long for a packed row is split: rows 1 and 5 (61 + 40 - 4 tokens) into two of 61
+    split = pack(b, 64)
+    assert len(split["source"][split["source"] >= 0]) == sum(SHARED_LENGTHS) - 3 * 4
+    assert split["input_ids"].shape[1] <= 64
+
+
+@pytest.mark.parametrize("lengths, prompt, same, capacity", [
+    (LENGTHS, 1, (), 64), (SHARED_LENGTHS, 5, PAIRS, 128), (SHARED_LENGTHS, 5, TRIPLE, 128),
+    (SHARED_LENGTHS, 5, PAIRS, 64)], ids=["alone", "pairs", "three-rows", "split"])
+def test_packed_logits_equal_each_sequence_alone(lengths, prompt, same, capacity):
+    """Each row's packed logits are its logits alone: a branch that saw a sibling, or a token at
+    another position, would move them by ~1e-2."""
+    m = model()
+    b = padded_batch(lengths, prompt, same)
+    p = pack(b, capacity)
+    packed = m(p["input_ids"], doc_ids=p["doc_ids"], branch_ids=p["branch_ids"],
+               positions=p["positions"])  # [R,C,V]
+    B, T = b["input_ids"].shape
+    for i, n in enumerate(lengths):
         alone = m(b["input_ids"][i:i + 1, :n])[0]  # [n,V]
-        at = (p["source"] >= i * T) & (p["source"] < i * T + n)
-        assert (packed[at] - alone).abs().max() < TOL
+        mine = (p["source"] >= i * T) & (p["source"] < i * T + n)
+        assert (packed[mine] - alone[p["source"][mine] - i * T]).abs().max() < TOL
+        assert mine.sum() >= n - prompt + 1  # its last prompt token and response are its own
 
 
 def losses(m, b):
-    n = len(LENGTHS) // 2
+    n = len(b["input_ids"]) // 2
     chosen_tokens = int((b["labels"][:n] != -100).sum())
     return {
         "sft": trainer.sft_batch_loss(m, b, Norms(scored_tokens=int((b["labels"] != -100).sum())), CPU),
@@ -78,12 +118,14 @@ def losses(m, b):
     }
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-prompts", "shared-prompts"])
 @pytest.mark.parametrize("loss", ["sft", "npo", "dpo"])
-def test_packed_losses_and_gradients_equal_the_padded_batch(loss):
+def test_packed_losses_and_gradients_equal_the_padded_batch(loss, shared):
     """SFT, NPO with token weights, DPO with key tokens (eps 0.5) and its NLL term: the pair's rows
-    land in different packed rows, and the loss is that of the padded batch."""
+    land in different packed rows, or share their prompt (the gradient of its tokens then comes
+    from both rows), and the loss is that of the padded batch."""
     m = model()
-    b = padded_batch(LENGTHS, prompt=2)
+    b = padded_batch(SHARED_LENGTHS, 5, PAIRS) if shared else padded_batch(LENGTHS, prompt=2)
     results = []
     for batch in (b, {**b, "packed": pack(b, 64)}):
         m.zero_grad()
