@@ -681,7 +681,7 @@ def collate(tok, prompts, responses, max_len, weights=None):
 
 
 def pack(batch, capacity):
-    """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows of
+    """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows of at most
     max(capacity, T) tokens, first-fit decreasing, rows that share a prompt holding it once.
 
     A row is its prompt, then its response. Rows with the same prompt tokens (a preference pair's
@@ -723,15 +723,23 @@ def pack(batch, capacity):
             unit.append(b)
         units.append(unit)
     sizes = [size(u) for u in units]
-    bins, room = [], []  # the units of each packed row, and the tokens left in it
-    for u in sorted(range(len(units)), key=lambda u: -sizes[u]):  # longest first (stable: ties keep order)
-        j = next((j for j, left in enumerate(room) if left >= sizes[u]), len(bins))
-        if j == len(bins):
-            bins.append([])
-            room.append(capacity)
-        bins[j].append(u)
-        room[j] -= sizes[u]
-    C = capacity - min(room)
+
+    def first_fit(c):  # first-fit decreasing into rows of c tokens: each row's units, the longest row
+        bins, room = [], []  # the units of each packed row, and the tokens left in it
+        for u in sorted(range(len(units)), key=lambda u: -sizes[u]):  # longest first (stable)
+            j = next((j for j, left in enumerate(room) if left >= sizes[u]), len(bins))
+            if j == len(bins):
+                bins.append([])
+                room.append(c)
+            bins[j].append(u)
+            room[j] -= sizes[u]
+        return bins, c - min(room)
+
+    # every row is as long as the longest, so the row length is chosen too: of five from the longest
+    # unit up to capacity, the one that leaves the fewest positions R * C
+    longest = max(sizes)
+    bins, C = min((first_fit(longest + (capacity - longest) * i // 4) for i in range(5)),
+                  key=lambda fit: len(fit[0]) * fit[1])
     R = len(bins)
     source = torch.full((R, C), -1, dtype=torch.long)
     doc_ids = torch.full((R, C), -1, dtype=torch.long)

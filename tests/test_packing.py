@@ -152,5 +152,7 @@ def test_packed_rows_are_used_only_where_they_save_a_tenth_of_the_positions():
     assert "packed" in trainer.packed(padded_batch(LENGTHS), 64)  # 8 x 61 -> 3 x 64 positions
     same = padded_batch([20] * 8)
     assert "packed" not in trainer.packed(same, 40)  # 8 x 20 -> 4 x 40: nothing saved
-    assert "packed" not in trainer.packed(padded_batch([30, 25, 25, 10]), 40)  # 4 x 30 -> 3 x 40: 100%
+    assert "packed" not in trainer.packed(padded_batch([30, 28, 28, 10]), 40)  # 4 x 30 -> 3 x 40: 100%
+    # the row length is chosen for the fewest positions: [30], [25, 10], [25] in rows of 35, not 40
+    assert trainer.packed(padded_batch([30, 25, 25, 10]), 40)["packed"]["input_ids"].shape == (3, 35)
     assert "packed" in trainer.packed(padded_batch([30, 20, 20, 10]), 40)  # 4 x 30 -> 2 x 40: 67%
