@@ -329,14 +329,14 @@ def reference_pass(stage, so, policy, ref, model, tok, rows, cfg, device):
     model, rows and settings left them (bookkeeping/refcache.py); else they are computed and kept there."""
     own = ref in (None, model)
     cache = RefCache(cfg.ref_cache, so.fingerprint["inputs"]["model" if own else "ref"], *rows, cfg.max_len,
-                     cfg.ref_batch_size, device)
+                     cfg.ref_batch_size, device, cfg.pack)
     cached = cache.load()
     if cached is not None:
         print(f"{stage}: reference log-probs read from the cache, {cache.path}")
         return cached
     reference = policy if own else load_model(ref, device, tok)
     cached = reference_logps(reference, tok, *rows, cfg.max_len, device, cfg.ref_batch_size,
-                             label=f"{stage}: reference log-probs")
+                             label=f"{stage}: reference log-probs", pack=cfg.pack)
     cache.save(cached)
     return cached
 

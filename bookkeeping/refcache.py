@@ -6,8 +6,8 @@ The key is a sha256 of everything that changes the numbers, to the bit:
   - the reference model's identity (runs.input_id: a hash of the files that make it);
   - the token ids of every row, prompt and response (so the data, the prompt template, the BOS rule
     and the tokenizer);
-  - max_len (the cut), the pass's rows per batch and the number of processes (which rows share a
-    padded batch);
+  - max_len (the cut), the pass's rows per batch, the number of processes and packing (which rows
+    share a batch, padded or packed);
   - the device kind, the precision and torch's version (runs.machine).
 A changed key is another file, so it is computed again. <cache>/ref_logps/<key>.safetensors holds every
 row's log-probs end to end and each row's length; it is written under a temporary name and renamed, so
@@ -30,9 +30,11 @@ from bookkeeping.runs import machine
 class RefCache:
     """The cache entry of one reference pass. folder None: no cache (load() misses, save() does nothing)."""
 
-    def __init__(self, folder, model_id, prompts, responses, max_len, batch_size, device):
+    def __init__(self, folder, model_id, prompts, responses, max_len, batch_size, device, pack=False):
         about = {"model": model_id, "rows": len(prompts), "max_len": max_len, "batch_size": batch_size,
                  "processes": parallel.world(), **machine(device)}
+        if pack:  # only then: the keys of padded passes stay those of the caches already written
+            about["pack"] = True
         h = hashlib.sha256(json.dumps(about, sort_keys=True).encode())
         for ids in (*prompts, *responses):
             h.update(len(ids).to_bytes(8, "little"))  # the length first: rows cannot run into each other

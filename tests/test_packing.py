@@ -138,6 +138,45 @@ def test_packed_losses_and_gradients_equal_the_padded_batch(loss, shared):
     assert max(x.abs().max() for x in ga) > 1e-3  # gradients that are there to compare
 
 
+def test_a_packed_reference_pass_equals_the_padded_one_row_for_row(monkeypatch):
+    """trainer.reference_logps(pack=True) runs the rows sorted by prompt, so a pair shares a batch and
+    its prompt, packed; each row's log-probs come back in the rows' own order, equal to the padded
+    pass's to float64 rounding."""
+    shared = []  # per batch of the packed pass: the prompts held once for two rows
+    forward_logps = trainer.forward_logps
+
+    def counted(m, b, device):
+        p = b.get("packed")
+        groups = p and p["doc_ids"] + 1000 * torch.arange(len(p["doc_ids"]))[:, None]  # unique per row
+        shared.append(0 if p is None else len(groups[p["branch_ids"] == 2].unique()))
+        return forward_logps(m, b, device)
+
+    monkeypatch.setattr(trainer, "forward_logps", counted)
+    m = model()
+    b = padded_batch(SHARED_LENGTHS, 5, PAIRS)
+    rows = [b["input_ids"][i, :n].tolist() for i, n in enumerate(SHARED_LENGTHS)]
+    prompts, responses = [r[:5] for r in rows], [r[5:] for r in rows]
+    tok = StubTokenizer()
+    padded = trainer.reference_logps(m, tok, prompts, responses, 64, CPU, batch_size=4)
+    shared.clear()
+    packed = trainer.reference_logps(m, tok, prompts, responses, 64, CPU, batch_size=4, pack=True)
+    # batches of pairs 0, 1 (pair 1's 61 + 40 tokens split: over 64) and 2, 3, each packed
+    assert sorted(shared) == [1, 2]
+    assert [len(r) for r in padded] == [n - 5 + 1 for n in SHARED_LENGTHS]  # each response and EOS
+    assert all((x - y).abs().max() < TOL for x, y in zip(padded, packed))
+    # batches of 4 in prompt order hold two whole pairs; in row order none
+    order = sorted(range(8), key=prompts.__getitem__)
+    assert all(order.index(a) // 4 == order.index(c) // 4 for a, c in PAIRS)
+
+
+class StubTokenizer:
+    """What collate asks of a tokenizer, for rows given as ids: no BOS added, EOS 3, PAD 0."""
+    prefix, eos_id, pad_id = [], 3, 0
+
+    def prompt_ids(self, ids):
+        return list(ids)
+
+
 def test_a_stage_trains_packed(smoke_run, tmp_path):
     """--pack reaches the training loop and enters the stage's fingerprint."""
     import json

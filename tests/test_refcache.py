@@ -34,7 +34,7 @@ def test_the_key_changes_with_whatever_changes_the_numbers(tmp_path):
                 max_len=64, batch_size=8, device=cpu)
     path = RefCache(**base).path
     assert RefCache(**base).path == path  # the same pass, the same file
-    others = [dict(model_id="sha256:b"), dict(max_len=63), dict(batch_size=4),
+    others = [dict(model_id="sha256:b"), dict(max_len=63), dict(batch_size=4), dict(pack=True),
               dict(prompts=[[1, 2], [7]]),  # one token
               dict(prompts=[[1], [2, 3]]),  # the same ids, another row boundary
               dict(prompts=[[4], [5, 6]], responses=[[1, 2], [3]])]  # prompts and responses swapped
