@@ -6,6 +6,7 @@ import os
 import shutil
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
@@ -90,7 +91,7 @@ def test_a_changed_key_is_computed_again(run, capsys, tmp_path):
     fewer = str(tmp_path / "pairs.jsonl")
     with open(pairs) as f, open(fewer, "w") as g:
         g.writelines(f.readlines()[1:])  # one pair fewer
-    for flags in (["--max-len", "100"], ["--data", fewer], ["--ref", os.path.join(run, "dpo")]):
+    for flags in (["--max-len", "100"], ["--data", fewer], ["--ref", os.path.join(run, "dpo")], ["--pack"]):
         capsys.readouterr()
         learn(run, *flags)
         assert HIT not in capsys.readouterr().out, flags
@@ -121,3 +122,25 @@ def test_a_stage_with_its_own_out_uses_no_cache_unless_named(run, tmp_path, caps
     assert not os.path.exists(os.path.join(run, "cache"))
     train.main(args + ["--out", str(tmp_path / "b"), "--ref-cache", str(tmp_path / "c")])
     assert len(os.listdir(tmp_path / "c" / "ref_logps")) == 1
+
+
+def test_a_packed_pass_is_kept_apart_and_equals_the_padded_one(run, capsys):
+    """learn --pack computes its reference pass packed (pairs sharing their prompts) and keeps it under
+    its own key; row for row it equals the padded pass to float32 rounding (2e-5 on a log-prob of
+    about -1 to -10, summed in another order; a response that saw its sibling would move by ~1e-1)."""
+    learn(run)
+    padded = set(cache_files(run))
+    capsys.readouterr()
+    learn(run, "--pack")
+    assert HIT not in capsys.readouterr().out
+    (new,) = set(cache_files(run)) - padded
+    folder = os.path.join(run, "cache", "ref_logps")
+    meta = {name: json.loads(safe_open(os.path.join(folder, name), "pt").metadata()["about"])
+            for name in cache_files(run)}
+    assert meta[new]["pack"] is True
+    (same,) = [name for name in padded if {**meta[name], "pack": True} == meta[new]]  # the learn pass, padded
+    a, b = (load_file(os.path.join(folder, name)) for name in (same, new))
+    assert torch.equal(a["lengths"], b["lengths"])
+    assert (a["logps"] - b["logps"]).abs().max() < 2e-5
+    learn(run, "--pack")
+    assert HIT in capsys.readouterr().out
