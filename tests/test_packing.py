@@ -169,6 +169,34 @@ def test_a_packed_reference_pass_equals_the_padded_one_row_for_row(monkeypatch):
     assert all(order.index(a) // 4 == order.index(c) // 4 for a, c in PAIRS)
 
 
+def test_a_packed_reference_pass_in_two_processes_returns_every_row_in_its_place(monkeypatch):
+    """Each of two processes takes its contiguous share of the rows in prompt order; gathered, every row
+    is back in its own place, as one process computes it (float32, as the pass returns them: the same
+    batches, so the same bits)."""
+    from bookkeeping import parallel
+    m = model()
+    b = padded_batch(SHARED_LENGTHS, 5, PAIRS)
+    rows = [b["input_ids"][i, :n].tolist() for i, n in enumerate(SHARED_LENGTHS)]
+    prompts, responses = [r[:5] for r in rows], [r[5:] for r in rows]
+    one = trainer.reference_logps(m, StubTokenizer(), prompts, responses, 64, CPU, batch_size=2, pack=True)
+    shares = {}
+
+    def gather_rows(out, dtype, device):  # what torch.distributed's gather gives every rank
+        shares[parallel.rank()] = [r.to(dtype) for r in out]
+        return shares[0] + shares[1]
+
+    monkeypatch.setattr(parallel, "world", lambda: 2)
+    monkeypatch.setattr(parallel, "gather_rows", gather_rows)
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    with pytest.raises(KeyError):  # rank 1 computes its share; rank 0's is not there yet
+        trainer.reference_logps(m, StubTokenizer(), prompts, responses, 64, CPU, batch_size=2, pack=True)
+    monkeypatch.setattr(parallel, "rank", lambda: 0)
+    two = trainer.reference_logps(m, StubTokenizer(), prompts, responses, 64, CPU, batch_size=2, pack=True)
+    assert len(shares[0]) == len(shares[1]) == 4
+    assert [len(r) for r in two] == [len(r) for r in one]
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+
+
 class StubTokenizer:
     """What collate asks of a tokenizer, for rows given as ids: no BOS added, EOS 3, PAD 0."""
     prefix, eos_id, pad_id = [], 3, 0
