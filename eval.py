@@ -19,9 +19,6 @@ is the fraction of pairs whose chosen reward is above the rejected one, margin t
 import os
 import sys
 
-import torch
-
-from allo import scored_token_logps
 from bookkeeping import gguf_io
 from study.report import run_figures
 from bookkeeping.fileio import read_json, write_json
@@ -29,9 +26,10 @@ from bookkeeping.flags import (HelpFormatter, Parser, add_config_flags, add_mach
                                add_tokenizer_flags, apply_machine_flags, config_from, count, real)
 from bookkeeping.resolve import in_run, run_record
 from bookkeeping.runs import UsageError, input_id, load_model, one_line
-from data import (DataError, PromptConfig, TokenizerFile, batches, collate, complete, is_correct,
-                  load_tokenizer, prompt_text, read_jsonl, reference_answers)
-from model import autocast, pick_device
+from data import (DataError, PromptConfig, TokenizerFile, complete, is_correct, load_tokenizer, prompt_text,
+                  read_jsonl, reference_answers)
+from model import pick_device
+from trainer import reference_logps
 
 # the comparison table of a run, (label, stage), in the order of the method
 ROWS = [("SFT", "sft"), ("DPO (full parameters)", "dpo"), ("NPO forgetting only", "forget"),
@@ -50,21 +48,17 @@ def accuracy(model, tok, questions, prompt=PromptConfig(), label="accuracy"):
 
 # ----------------------------------------------------------------------------- preference metrics
 
-@torch.no_grad()
-def response_logps(model, tok, prompts, responses, max_len, batch_size=64, label="score"):
-    """Summed log pi(response | prompt) per row, float64 list, and each row's number of scored tokens
-    (its response and EOS, as max_len cuts them)."""
-    model.eval()
-    device = model.embed_tokens.weight.device
-    sums, counts = [], []
-    for i in batches(label, len(prompts), batch_size):
-        b = collate(tok, prompts[i:i + batch_size], responses[i:i + batch_size], max_len)
-        labels = b["labels"].to(device)
-        with autocast(device):
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), keep=labels != -100)
-        sums += scored_token_logps(logits, labels).sum(-1).double().tolist()
-        counts += (b["labels"] != -100).sum(-1).tolist()
-    return sums, counts
+def pair_logps(model, tok, pairs, max_len, batch_size=64, label="score"):
+    """Summed log pi(response | prompt) of each pair's chosen and of its rejected response (float64
+    lists) and each chosen row's scored tokens (its response and EOS, as max_len cuts them). A pair's
+    two rows share a batch and, where packing pays, their prompt, computed once
+    (trainer.reference_logps with pack)."""
+    n = len(pairs)
+    rows = reference_logps(model, tok, [p["prompt"] for p in pairs] * 2,
+                           [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len,
+                           model.embed_tokens.weight.device, batch_size, label, pack=True, all_processes=False)
+    sums = [r.double().sum().item() for r in rows]
+    return sums[:n], sums[n:], [len(r) for r in rows[:n]]
 
 
 def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64, label="eval"):
@@ -72,11 +66,7 @@ def pair_metrics(model, ref_sums, tok, pairs, beta, max_len, batch_size=64, labe
     reference's summed log-probs ref_sums = (chosen, rejected), and the chosen responses'
     log-likelihood per token (their summed log-probs over their tokens: DPO can lower it while it
     raises the margin, likelihood displacement)."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen, n_chosen = response_logps(model, tok, prompts, [p["chosen"] for p in pairs], max_len, batch_size,
-                                      f"{label} chosen")
-    rejected, _ = response_logps(model, tok, prompts, [p["rejected"] for p in pairs], max_len, batch_size,
-                                 f"{label} rejected")
+    chosen, rejected, n_chosen = pair_logps(model, tok, pairs, max_len, batch_size, f"{label} pairs")
     margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_sums)]
     n = len(margins)
     return sum(m > 0 for m in margins) / n, sum(margins) / n, sum(chosen) / sum(n_chosen)
@@ -111,10 +101,8 @@ class Evaluator:
         self.ref_sums, self.ref_chosen_logp = ([], []), None
         if self.pairs:
             model = load_model(ref, self.device, self.tok)
-            prompts = [p["prompt"] for p in self.pairs]
-            (chosen, n_chosen), (rejected, _) = (
-                response_logps(model, self.tok, prompts, [p[side] for p in self.pairs], max_len, batch_size,
-                               f"eval reference {side}") for side in ("chosen", "rejected"))
+            chosen, rejected, n_chosen = pair_logps(model, self.tok, self.pairs, max_len, batch_size,
+                                                    "eval reference pairs")
             self.ref_sums, self.ref_chosen_logp = (chosen, rejected), sum(chosen) / sum(n_chosen)
 
     def __call__(self, model_dir):

@@ -373,17 +373,18 @@ def n_scored(labels):
 
 @torch.no_grad()
 def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64,
-                    label="reference log-probs", pack=False):
+                    label="reference log-probs", pack=False, all_processes=True):
     """Per-example 1-D tensors of the reference's per-token log-probs on the response targets,
     computed once and cached for the whole stage (no second model kept in memory during training).
-    Each process computes its contiguous share of the examples; every process gets them all.
+    Each process computes its contiguous share of the examples; every process gets them all
+    (all_processes False: this process alone computes them all, as eval.py on rank 0).
     pack: the rows run in the order of their prompts, so that the rows of one prompt (a pair's
     chosen and rejected, one question's samples) share a batch, and each batch runs packed where that
     pays (packed: no padding, a shared prompt held once); the log-probs are the padded pass's up to
     float rounding, returned in the rows' own order."""
     ref.eval()
     order = sorted(range(len(prompts)), key=prompts.__getitem__) if pack else list(range(len(prompts)))
-    mine = order[parallel.shard(len(order))]
+    mine = order[parallel.shard(len(order))] if all_processes else order
     out = []
     for i in batches(label, len(mine), batch_size):
         rows = mine[i:i + batch_size]
@@ -394,7 +395,8 @@ def reference_logps(ref, tok, prompts, responses, max_len, device, batch_size=64
         at = scored.flatten().nonzero().squeeze(1).to(device)  # found on the host: no wait for the device
         logps = forward_logps(ref, b, device).flatten().index_select(0, at)  # the rows' targets end to end
         out += logps.split(scored.sum(1).tolist())
-    done = parallel.gather_rows(out, torch.float32, device)  # in `order`
+    done = parallel.gather_rows(out, torch.float32, device) if all_processes else \
+        [r.to("cpu", torch.float32) for r in out]  # in `order`
     return [done[k] for k in sorted(range(len(order)), key=order.__getitem__)]
 
 

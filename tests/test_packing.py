@@ -197,6 +197,28 @@ def test_a_packed_reference_pass_in_two_processes_returns_every_row_in_its_place
     assert all(torch.equal(x, y) for x, y in zip(one, two))
 
 
+def test_eval_pair_sums_equal_each_row_scored_alone():
+    """eval.pair_logps (a pair's rows in one batch, their prompt held once): each response's summed
+    log-probs, its EOS included, as the model gives them on the row alone. The pass keeps each token's
+    log-prob in float32, as the reference pass does, so a sum of up to 57 of them (each about -4)
+    agrees to 1e-4, far below the ~1e-2 per token that seeing a sibling would add."""
+    import eval as evaluation
+    m = model()
+    b = padded_batch(SHARED_LENGTHS, 5, PAIRS)
+    rows = [b["input_ids"][i, :n].tolist() for i, n in enumerate(SHARED_LENGTHS)]
+    pairs = [{"prompt": rows[a][:5], "chosen": rows[a][5:], "rejected": rows[c][5:]} for a, c in PAIRS]
+    chosen, rejected, n_chosen = evaluation.pair_logps(m, StubTokenizer(), pairs, 64, batch_size=4)
+
+    def alone(prompt, response):
+        ids = torch.tensor(prompt + response + [StubTokenizer.eos_id])
+        logps = m(ids[None])[0].log_softmax(-1)[:-1].gather(-1, ids[1:, None])[:, 0]
+        return logps[len(prompt) - 1:].sum().item()
+
+    for p, c, r, n in zip(pairs, chosen, rejected, n_chosen):
+        assert abs(c - alone(p["prompt"], p["chosen"])) < 1e-4 and n == len(p["chosen"]) + 1
+        assert abs(r - alone(p["prompt"], p["rejected"])) < 1e-4
+
+
 class StubTokenizer:
     """What collate asks of a tokenizer, for rows given as ids: no BOS added, EOS 3, PAD 0."""
     prefix, eos_id, pad_id = [], 3, 0
