@@ -53,10 +53,10 @@ def pair_logps(model, tok, pairs, max_len, batch_size=64, label="score"):
     lists) and each chosen row's scored tokens (its response and EOS, as max_len cuts them). A pair's
     two rows share a batch and, where packing pays, their prompt, computed once
     (trainer.reference_logps with pack)."""
-    n = len(pairs)
+    n, device = len(pairs), model.embed_tokens.weight.device
     rows = reference_logps(model, tok, [p["prompt"] for p in pairs] * 2,
-                           [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len,
-                           model.embed_tokens.weight.device, batch_size, label, pack=True, all_processes=False)
+                           [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len, device,
+                           batch_size, label, pack=True, all_processes=False)
     sums = [r.double().sum().item() for r in rows]
     return sums[:n], sums[n:], [len(r) for r in rows[:n]]
 

@@ -384,7 +384,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.len if cache is not None else 0
-        if doc_ids is not None:
+        if doc_ids is not None:  # positions come with the packed rows
             same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B,T,T]: query's group, key's group
             key_branch = branch_ids[:, None, :]
             mine = (key_branch == 0) | (key_branch == branch_ids[:, :, None])  # the prompt or my branch
