@@ -682,18 +682,20 @@ def collate(tok, prompts, responses, max_len, weights=None):
 
 def pack(batch, capacity):
     """The rows of a right-padded collate() batch [B,T] laid end to end in fewer rows of at most
-    max(capacity, T) tokens, first-fit decreasing, rows that share a prompt holding it once.
+    max(capacity, T) tokens, first-fit decreasing, tokens that several rows begin with held once.
 
     A row is its prompt, then its response. Rows with the same prompt tokens (a preference pair's
     chosen and rejected, the samples of one question) form a group: the prompt's tokens but the last
     once (branch 0), then each row's last prompt token and response (branches 1, 2, ...), as in
     tree attention (SpecInfer, Miao et al. 2024). Each row keeps its own copy of the last prompt
     token, the position that predicts its first response token, so every scored position stays one
-    row's. A group that does not fit in a packed row is split into groups that do.
-    Returns the packed rows [R,C]: input_ids; labels (-100 off-target and on padding); doc_ids (a
-    packed row's groups numbered 0, 1, ...; -1 on padding); branch_ids (0 on a shared prompt and on
-    padding, k on the k-th row of the group); positions (each token's position in its own row) and
-    source (the flat index b*T + t each token came from; -1 on padding).
+    row's. A group that does not fit in a packed row is split into groups that do. The tokens that
+    every row of the batch begins with before its first target (a chat template's system prompt) go
+    once at the start of each packed row, as the prefix its groups share: one level more of the tree.
+    Returns the packed rows [R,C]: input_ids; labels (-100 off-target and on padding); doc_ids (0 on
+    the shared prefix, a packed row's groups numbered 1, 2, ...; -1 on padding); branch_ids (0 on a
+    shared prompt or prefix and on padding, k on the k-th row of the group); positions (each token's
+    position in its own row) and source (the flat index b*T + t each token came from; -1 on padding).
     Transformer.forward(..., doc_ids=, branch_ids=, positions=) gives each token the logits it has
     in its own row; a loss lays the packed log-probs back onto [B,T] through source
     (trainer.forward_logps), so every per-row loss of the padded batch applies unchanged. The
@@ -705,19 +707,22 @@ def pack(batch, capacity):
     scored = (labels != -100).long()
     # the shared part of row b: its prompt but the last token, the tokens before its first target
     shared = [int(scored[b].argmax()) if scored[b].any() else 0 for b in range(B)]
+    # the prefix every row shares: the longest run of equal leading tokens within every shared part
+    differs = (ids[:, :min(shared)] != ids[:1, :min(shared)]).any(0).tolist() + [True]
+    prefix = differs.index(True) if B > 1 else 0
     groups = {}  # rows with the same shared part, in their order; a row with none is a group alone
     for b in range(B):
         groups.setdefault(tuple(ids[b, :shared[b]].tolist()) if shared[b] else ("alone", b), []).append(b)
     capacity = max(capacity, T)
 
-    def size(rows):  # tokens of a group: the shared part once, then each row's rest
-        return shared[rows[0]] + sum(lengths[b] - shared[b] for b in rows)
+    def size(rows):  # tokens of a group after the prefix: the rest of its shared part once, each row's rest
+        return shared[rows[0]] - prefix + sum(lengths[b] - shared[b] for b in rows)
 
     units = []  # the groups, each split into as few as fit in a packed row (a row alone always fits)
     for rows in groups.values():
         unit = []
         for b in rows:
-            if unit and size(unit + [b]) > capacity:
+            if unit and prefix + size(unit + [b]) > capacity:
                 units.append(unit)
                 unit = []
             unit.append(b)
@@ -725,19 +730,19 @@ def pack(batch, capacity):
     sizes = [size(u) for u in units]
 
     def first_fit(c):  # first-fit decreasing into rows of c tokens: each row's units, the longest row
-        bins, room = [], []  # the units of each packed row, and the tokens left in it
+        bins, room = [], []  # the units of each packed row, and the tokens left in it after the prefix
         for u in sorted(range(len(units)), key=lambda u: -sizes[u]):  # longest first (stable)
             j = next((j for j, left in enumerate(room) if left >= sizes[u]), len(bins))
             if j == len(bins):
                 bins.append([])
-                room.append(c)
+                room.append(c - prefix)
             bins[j].append(u)
             room[j] -= sizes[u]
         return bins, c - min(room)
 
     # every row is as long as the longest, so the row length is chosen too: of five from the longest
     # unit up to capacity, the one that leaves the fewest positions R * C
-    longest = max(sizes)
+    longest = prefix + max(sizes)
     bins, C = min((first_fit(longest + (capacity - longest) * i // 4) for i in range(5)),
                   key=lambda fit: len(fit[0]) * fit[1])
     R = len(bins)
@@ -746,16 +751,18 @@ def pack(batch, capacity):
     branch_ids = torch.zeros(R, C, dtype=torch.long)
     positions = torch.zeros(R, C, dtype=torch.long)
     for j, us in enumerate(bins):
-        at = 0
-        for d, u in enumerate(us):
+        first = units[us[0]][0]
+        pieces = [(first, 0, 0, 0, prefix)]  # (row, group, branch, start, end): the prefix, group 0
+        for d, u in enumerate(us, 1):
             s = shared[units[u][0]]
-            pieces = [(units[u][0], 0, 0, s)] + [(b, k, s, lengths[b]) for k, b in enumerate(units[u], 1)]
-            for b, k, start, end in pieces:  # row b's tokens start..end-1 as branch k of group d
-                n = end - start
-                source[j, at:at + n] = b * T + torch.arange(start, end)
-                doc_ids[j, at:at + n], branch_ids[j, at:at + n] = d, k
-                positions[j, at:at + n] = torch.arange(start, end)
-                at += n
+            pieces += [(units[u][0], d, 0, prefix, s)] + [(b, d, k, s, lengths[b]) for k, b in enumerate(units[u], 1)]
+        at = 0
+        for b, d, k, start, end in pieces:  # row b's tokens start..end-1 as branch k of group d
+            n = end - start
+            source[j, at:at + n] = b * T + torch.arange(start, end)
+            doc_ids[j, at:at + n], branch_ids[j, at:at + n] = d, k
+            positions[j, at:at + n] = torch.arange(start, end)
+            at += n
     real, flat = source >= 0, source.clamp(min=0)
     return {"input_ids": ids.flatten()[flat],  # padding repeats token 0: never attended
             "labels": torch.where(real, labels.flatten()[flat], -100),

@@ -374,21 +374,22 @@ class Transformer(nn.Module):
         positions count real tokens only, and padding is never attended to.
         doc_ids, branch_ids, positions [B,T] (packed rows, data.pack; no cache): several sequences
         laid end to end in a row, each token tagged with its group's number, its branch and its
-        position in its own sequence. A group is one sequence (branch 1 after an empty branch 0) or
-        several that share a prompt: the prompt once (branch 0), then each continuation (branches
-        1, 2, ...). A token attends to the earlier tokens of its group's prompt and of its own
-        branch (a causal mask, block-diagonal over groups, a tree within one), so every sequence
-        gets the logits it has alone.
+        position in its own sequence. A row may begin with a prefix its groups share (group 0). A
+        group is one sequence (branch 1 after an empty branch 0) or several that share a prompt: the
+        prompt once (branch 0), then each continuation (branches 1, 2, ...). A token attends to the
+        earlier tokens of the prefix, of its group's prompt and of its own branch: a causal mask over
+        a tree, where id 0 at a level is shared by everything under it. So every sequence gets the
+        logits it has alone.
         targets [N] (with keep): the log-probs [N] of these tokens at the kept positions instead of
         logits, from HeadLogps: at most HEAD_CHUNK logit entries held at once.
         """
         B, T = input_ids.shape
         past = cache.len if cache is not None else 0
         if doc_ids is not None:  # positions come with the packed rows
-            same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B,T,T]: query's group, key's group
-            key_branch = branch_ids[:, None, :]
-            mine = (key_branch == 0) | (key_branch == branch_ids[:, :, None])  # the prompt or my branch
-            mask = (same & mine & torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril())[:, None]
+            key_doc, key_branch = doc_ids[:, None, :], branch_ids[:, None, :]  # [B,1,T]; queries [B,T,1]
+            group = (key_doc == 0) | (key_doc == doc_ids[:, :, None])  # the prefix or my group
+            mine = (key_branch == 0) | (key_branch == branch_ids[:, :, None])  # its prompt or my branch
+            mask = (group & mine & torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril())[:, None]
         elif attention_mask is None and past == 0:
             positions, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
         else:

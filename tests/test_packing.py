@@ -26,9 +26,10 @@ def model():
     return Transformer(cfg).double()
 
 
-def padded_batch(lengths, prompt=1, same_prompt=()):
+def padded_batch(lengths, prompt=1, same_prompt=(), common=0):
     """Right-padded rows as data.collate makes them: the first `prompt` tokens unscored.
-    same_prompt: pairs (a, b), row b's prompt made row a's."""
+    same_prompt: pairs (a, b), row b's prompt made row a's; common: every row's first `common`
+    tokens made row 0's (a system prompt)."""
     g = torch.Generator().manual_seed(1)
     B, T = len(lengths), max(lengths)
     ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
@@ -37,6 +38,7 @@ def padded_batch(lengths, prompt=1, same_prompt=()):
         ids[b, :n] = torch.randint(4, 50, (n,), generator=g)
     for a, b in same_prompt:
         ids[b, :prompt] = ids[a, :prompt]
+    ids[:, :common] = ids[0, :common]
     for b, n in enumerate(lengths):
         am[b, :n] = 1
         labels[b, prompt - 1:n - 1] = ids[b, prompt:n]
@@ -57,8 +59,8 @@ def test_pack_places_every_real_token_once_within_capacity():
     assert (p["labels"][p["source"] < 0] == -100).all() and (p["doc_ids"][p["source"] < 0] == -1).all()
     assert torch.equal(p["positions"][p["source"] >= 0], real % T)
     # a capacity below the longest row packs into rows of that row's length, first-fit decreasing:
-    # [61], [40, 12, 7, 2], [33, 5, 3]
-    assert pack(b, 8)["doc_ids"].max(1).values.tolist() == [0, 3, 2]
+    # [61], [40, 12, 7, 2], [33, 5, 3] (groups numbered from 1; these rows share no prefix)
+    assert pack(b, 8)["doc_ids"].max(1).values.tolist() == [1, 4, 3]
 
 
 # pairs as a preference batch lays them out (rows i and i + 4 share a prompt) and a prompt shared by
@@ -81,21 +83,44 @@ def test_pack_holds_a_shared_prompt_once():
     assert sorted(real[p["labels"][p["source"] >= 0] != -100].tolist()) == scored.tolist()
     assert torch.equal(p["input_ids"][p["source"] >= 0], b["input_ids"].flatten()[real])
     assert torch.equal(p["positions"][p["source"] >= 0], real % T)
-    assert p["branch_ids"].max() == 2 and p["doc_ids"].max() < 4  # each pair a group of two branches
+    assert p["branch_ids"].max() == 2 and p["doc_ids"].max() <= 4  # each pair a group of two branches
     # a group too long for a packed row is split: rows 1 and 5 (61 + 40 - 4 tokens) into two of 61
     split = pack(b, 64)
     assert len(split["source"][split["source"] >= 0]) == sum(SHARED_LENGTHS) - 3 * 4
     assert split["input_ids"].shape[1] <= 64
 
 
-@pytest.mark.parametrize("lengths, prompt, same, capacity", [
-    (LENGTHS, 1, (), 64), (SHARED_LENGTHS, 5, PAIRS, 128), (SHARED_LENGTHS, 5, TRIPLE, 128),
-    (SHARED_LENGTHS, 5, PAIRS, 64)], ids=["alone", "pairs", "three-rows", "split"])
-def test_packed_logits_equal_each_sequence_alone(lengths, prompt, same, capacity):
+def test_pack_holds_a_prefix_every_row_shares_once_per_packed_row():
+    """Tokens every row begins with before its first target (a system prompt) start each packed row
+    once, as group 0, and no group holds them again; they stop at the first scored target."""
+    b = padded_batch(SHARED_LENGTHS, prompt=5, same_prompt=PAIRS, common=3)
+    B, T = b["input_ids"].shape
+    p = pack(b, 128)
+    groups = p["doc_ids"].max(1).values  # a packed row's groups are 1 .. its largest id
+    real = p["source"][p["source"] >= 0]
+    assert (groups > 1).any()  # a packed row where groups share the prefix
+    assert len(real) == sum(SHARED_LENGTHS) - 4 * 4 - 3 * int((groups - 1).sum())
+    assert (p["doc_ids"][:, :3] == 0).all() and (p["doc_ids"][:, 3:] != 0).all()
+    assert torch.equal(p["positions"][:, :3], torch.arange(3).expand(len(groups), 3))
+    scored = (b["labels"].flatten() != -100).nonzero().squeeze(1)
+    assert sorted(real[p["labels"][p["source"] >= 0] != -100].tolist()) == scored.tolist()
+    assert torch.equal(p["input_ids"][p["source"] >= 0], b["input_ids"].flatten()[real])
+    assert not (pack(padded_batch(SHARED_LENGTHS, 5, PAIRS), 128)["doc_ids"] == 0).any()  # none shared
+    # every row with the same 7 first tokens: one prompt (5 tokens), so the prefix is its first 4
+    one = pack(padded_batch(SHARED_LENGTHS, 5, common=7), 128)
+    assert ((one["doc_ids"] == 0).sum(1) == 4).all()
+    assert sorted(one["source"][one["labels"] != -100].tolist()) == scored.tolist()
+
+
+@pytest.mark.parametrize("lengths, prompt, same, capacity, common", [
+    (LENGTHS, 1, (), 64, 0), (SHARED_LENGTHS, 5, PAIRS, 128, 0), (SHARED_LENGTHS, 5, TRIPLE, 128, 0),
+    (SHARED_LENGTHS, 5, PAIRS, 64, 0), (SHARED_LENGTHS, 5, PAIRS, 128, 3), (SHARED_LENGTHS, 5, (), 64, 7)],
+    ids=["alone", "pairs", "three-rows", "split", "common-prefix", "one-prompt"])
+def test_packed_logits_equal_each_sequence_alone(lengths, prompt, same, capacity, common):
     """Each row's packed logits are its logits alone: a branch that saw a sibling, or a token at
     another position, would move them by ~1e-2."""
     m = model()
-    b = padded_batch(lengths, prompt, same)
+    b = padded_batch(lengths, prompt, same, common)
     p = pack(b, capacity)
     packed = m(p["input_ids"], doc_ids=p["doc_ids"], branch_ids=p["branch_ids"],
                positions=p["positions"])  # [R,C,V]
@@ -118,16 +143,20 @@ def losses(m, b):
     }
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["own-prompts", "shared-prompts"])
+@pytest.mark.parametrize("shared", ["own-prompts", "shared-prompts", "common-prefix"])
 @pytest.mark.parametrize("loss", ["sft", "npo", "dpo"])
 def test_packed_losses_and_gradients_equal_the_padded_batch(loss, shared):
     """SFT, NPO with token weights, DPO with key tokens (eps 0.5) and its NLL term: the pair's rows
     land in different packed rows, or share their prompt (the gradient of its tokens then comes
-    from both rows), and the loss is that of the padded batch."""
+    from both rows), or every row shares a prefix too (from all the rows of its packed row), and
+    the loss is that of the padded batch."""
     m = model()
-    b = padded_batch(SHARED_LENGTHS, 5, PAIRS) if shared else padded_batch(LENGTHS, prompt=2)
+    b = {"own-prompts": lambda: padded_batch(LENGTHS, prompt=2),
+         "shared-prompts": lambda: padded_batch(SHARED_LENGTHS, 5, PAIRS),
+         "common-prefix": lambda: padded_batch(SHARED_LENGTHS, 5, PAIRS, common=3)}[shared]()
+    capacity = 128 if shared == "common-prefix" else 64  # 128: two groups after one prefix
     results = []
-    for batch in (b, {**b, "packed": pack(b, 64)}):
+    for batch in (b, {**b, "packed": pack(b, capacity)}):
         m.zero_grad()
         value = losses(m, batch)[loss]
         value.backward()

@@ -250,7 +250,7 @@ def test_the_training_forward_and_losses_never_wait_on_the_device(packed):
          "weights": (labels != -100).float()}
     if packed:
         b["packed"] = pack(b, 16)
-        assert b["packed"]["doc_ids"].max() == 1  # two sequences share a packed row
+        assert b["packed"]["doc_ids"].max() == 2  # two sequences (groups 1, 2) share a packed row
     for loss in (sft_batch_loss(model, b, Norms(scored_tokens=20), meta),
                  dpo_batch_loss(model, b, Norms(pairs=2, chosen_tokens=10, rejected_tokens=10), meta, 0.1,
                                 0.5, stats={}),
