@@ -222,10 +222,11 @@ PACK_WHEN = 0.9  # packed rows are used when they hold at most this share of the
 
 def packed(batch, capacity):
     """The batch with its packed rows (data.pack into rows of `capacity`: the padding left out, a
-    prompt shared by several rows held once) where they save at least a tenth of the padded
-    positions; as it is where they do not: the wider rows' attention and its explicit mask then cost
-    more than the padding saved (tools/bench_train.py --pack: a 135M model's SFT step 0.8x as fast
-    packed into 7% more positions, DPO 1.2x with 8% fewer, before pairs shared their prompts)."""
+    prompt shared by several rows and a prefix shared by all held once) where they save at least a
+    tenth of the padded positions; as it is where they do not: the wider rows' attention and its
+    explicit mask then cost more than the padding saved (tools/bench_train.py --pack: a 135M
+    model's SFT step 0.8x as fast packed into 7% more positions, DPO 1.2x with 8% fewer, before
+    pairs shared their prompts)."""
     rows = pack(batch, capacity)
     if rows["input_ids"].numel() > PACK_WHEN * batch["input_ids"].numel():
         return batch
