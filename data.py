@@ -740,10 +740,10 @@ def pack(batch, capacity):
             room[j] -= sizes[u]
         return bins, c - min(room)
 
-    # every row is as long as the longest, so the row length is chosen too: of five from the longest
+    # every row is as long as the longest, so the row length is chosen too: of 33 from the longest
     # unit up to capacity, the one that leaves the fewest positions R * C
     longest = prefix + max(sizes)
-    bins, C = min((first_fit(longest + (capacity - longest) * i // 4) for i in range(5)),
+    bins, C = min((first_fit(longest + (capacity - longest) * i // 32) for i in range(33)),
                   key=lambda fit: len(fit[0]) * fit[1])
     R = len(bins)
     source = torch.full((R, C), -1, dtype=torch.long)

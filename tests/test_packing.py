@@ -273,4 +273,7 @@ def test_packed_rows_are_used_only_where_they_save_a_tenth_of_the_positions():
     assert "packed" not in trainer.packed(padded_batch([30, 28, 28, 10]), 40)  # 4 x 30 -> 3 x 40: 100%
     # the row length is chosen for the fewest positions: [30], [25, 10], [25] in rows of 35, not 40
     assert trainer.packed(padded_batch([30, 25, 25, 10]), 40)["packed"]["input_ids"].shape == (3, 35)
+    # on a grid fine enough to find [17, 8], [12, 11] in rows of 25 below a capacity of 39 (a grid
+    # of five lengths, 17, 22, 28, 33, 39, finds [17, 11], [12, 8] in rows of 28 at best)
+    assert trainer.packed(padded_batch([17, 12, 11, 8]), 39)["packed"]["input_ids"].shape == (2, 25)
     assert "packed" in trainer.packed(padded_batch([30, 20, 20, 10]), 40)  # 4 x 30 -> 2 x 40: 67%
