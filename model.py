@@ -260,8 +260,9 @@ class SlotCache:
     def update(self, layer: int, k, v):
         """Write each slot's one new key and value (k, v [B,Hkv,1,hd]) at the slot's own length;
         return every position's [B,Hkv,max_len,hd] (the decode mask hides the unwritten ones)."""
-        self.k[layer, self.rows, :, self.lens] = k[:, :, 0]  # advanced indices: one position per row
-        self.v[layer, self.rows, :, self.lens] = v[:, :, 0]
+        # advanced indices: one position per row; the cast, which CPU autocast does not make for index_put
+        self.k[layer, self.rows, :, self.lens] = k[:, :, 0].to(self.k.dtype)
+        self.v[layer, self.rows, :, self.lens] = v[:, :, 0].to(self.v.dtype)
         return self.k[layer], self.v[layer]
 
 

@@ -75,3 +75,14 @@ def test_the_study_applies_the_machine_flags_as_train_py_does(monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: --cpu-bf16: this CPU has neither AMX nor")
     assert not (tmp_path / "run").exists() and not model.CPU_BF16
+
+
+def test_the_slots_loop_decodes_under_cpu_bf16(bf16_cpu):
+    """SlotCache.update writes a bf16 product's keys into the float32 cache: CPU autocast, unlike
+    CUDA's, does not promote index_put, so the cast is explicit (the loop once stopped there)."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+    prompts = [[1, 5, 9], [1, 7], [1, 5, 9, 11]]
+    model.use_cpu_bf16(True)
+    out = m.generate_refill(prompts, 6, eos_id=2, slots=2)
+    assert len(out) == 3 and max(len(r) for r in out) > 1 and all(len(r) <= 6 for r in out)
