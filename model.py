@@ -508,30 +508,30 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new, ends = [[] for _ in range(B)], [None] * B  # ends[b]: how many of row b's tokens it keeps
         step_ids, cache = ids, None
-        for t in range(max_new_tokens):
-            x = step_ids if use_cache else ids
-            last = torch.zeros_like(x, dtype=torch.bool)
-            last[:, -1] = True  # only the last position's logits are computed
-            with autocast(device):
+        with autocast(device):  # one context for the loop: autocast casts each weight once, not every step
+            for t in range(max_new_tokens):
+                x = step_ids if use_cache else ids
+                last = torch.zeros_like(x, dtype=torch.bool)
+                last[:, -1] = True  # only the last position's logits are computed
                 if use_cache and cache is None:  # the prompts' pass, each distinct prompt once
                     logits, cache = self.prompts_pass(prompts, ids, attn, last, P + max_new_tokens)
                 else:
                     logits = self(x, attn, cache, keep=last)  # [B,V]
-            nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            for b, token in enumerate(nxt.tolist()):
-                if ends[b] is None:
-                    new[b].append(token)
-                    if token == eos_id:
-                        ends[b] = t
-                    elif finished is not None and finished(new[b]):
-                        ends[b] = t + 1
-            done = torch.tensor([e is not None for e in ends], device=device)
-            if done.all():
-                break
-            step_ids = nxt[:, None]
-            ids = torch.cat([ids, step_ids], dim=1)
-            attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
+                nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_p, generator)
+                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                for b, token in enumerate(nxt.tolist()):
+                    if ends[b] is None:
+                        new[b].append(token)
+                        if token == eos_id:
+                            ends[b] = t
+                        elif finished is not None and finished(new[b]):
+                            ends[b] = t + 1
+                done = torch.tensor([e is not None for e in ends], device=device)
+                if done.all():
+                    break
+                step_ids = nxt[:, None]
+                ids = torch.cat([ids, step_ids], dim=1)
+                attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
         return [row[:end] for row, end in zip(new, ends)]
 
     @torch.no_grad()
@@ -572,40 +572,40 @@ class Transformer(nn.Module):
             if not take:
                 return
             rows = torch.tensor([b for b, _ in take], device=device)
-            with autocast(device):
-                first = draw(self.prefill([prompts[j] for _, j in take], [b for b, _ in take], cache))
+            first = draw(self.prefill([prompts[j] for _, j in take], [b for b, _ in take], cache))
             tokens[rows], new[rows], count[rows] = first, 0, 1
             new[rows, 0] = first
             alive[rows] = (first != eos_id) & (max_new_tokens > 1)
             for b, j in take:
                 job[b], judged[b] = j, 0
 
-        fill(list(range(B)))
-        step = self._decode_step(tokens, cache, graphs)
-        last = cache.k.shape[3] - 1
-        while any(j is not None for j in job):
-            for _ in range(check_every):
-                nxt = draw(step())
-                at = count.clamp(max=max_new_tokens - 1)
-                new[cache.rows, at] = torch.where(alive, nxt, new[cache.rows, at])  # only live rows record
-                count += alive
-                alive &= (nxt != eos_id) & (count < max_new_tokens)
-                tokens.copy_(nxt)
-                cache.lens.add_(1).clamp_(max=last)  # an ended slot keeps stepping until refilled
-            free, live, counts = [], alive.tolist(), count.tolist()  # one transfer of the new tokens
-            for b, row in enumerate(new.tolist()):
-                if job[b] is None:
-                    continue
-                end = judge(row[:counts[b]], judged[b], eos_id, finished, live[b])
-                judged[b] = counts[b]
-                if end is not None:
-                    out[job[b]], job[b] = row[:end], None
-                    free.append(b)
-            if free:
-                alive[torch.tensor(free, device=device)] = False
-                if progress:
-                    progress(sum(o is not None for o in out))
-                fill(free)
+        with autocast(device):  # one context for the loop: autocast casts each weight once, not every step
+            fill(list(range(B)))
+            step = self._decode_step(tokens, cache, graphs)
+            last = cache.k.shape[3] - 1
+            while any(j is not None for j in job):
+                for _ in range(check_every):
+                    nxt = draw(step())
+                    at = count.clamp(max=max_new_tokens - 1)
+                    new[cache.rows, at] = torch.where(alive, nxt, new[cache.rows, at])  # only live rows record
+                    count += alive
+                    alive &= (nxt != eos_id) & (count < max_new_tokens)
+                    tokens.copy_(nxt)
+                    cache.lens.add_(1).clamp_(max=last)  # an ended slot keeps stepping until refilled
+                free, live, counts = [], alive.tolist(), count.tolist()  # one transfer of the new tokens
+                for b, row in enumerate(new.tolist()):
+                    if job[b] is None:
+                        continue
+                    end = judge(row[:counts[b]], judged[b], eos_id, finished, live[b])
+                    judged[b] = counts[b]
+                    if end is not None:
+                        out[job[b]], job[b] = row[:end], None
+                        free.append(b)
+                if free:
+                    alive[torch.tensor(free, device=device)] = False
+                    if progress:
+                        progress(sum(o is not None for o in out))
+                    fill(free)
         return out
 
     def _decode_step(self, tokens, cache: SlotCache, graphs: bool | None):

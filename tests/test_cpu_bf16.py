@@ -102,3 +102,31 @@ def test_attention_runs_in_float32_on_a_cpu_under_bf16_autocast():
             y = model.attend(q, kk, vv, m)
         exact = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=m, is_causal=m is None, enable_gqa=True)
         assert y.dtype == torch.float32 and torch.equal(y, exact)
+
+
+@pytest.mark.parametrize("loop", ["batches", "slots"])
+def test_generation_under_cpu_bf16_casts_each_weight_once_a_call(bf16_cpu, loop):
+    """Both decode loops run in one autocast context, whose cache casts each weight to bf16 once for
+    the call, not once per new token (on SmolLM2 the casts took a quarter of a bf16 decode step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64))
+    weights = {p.data_ptr(): name for name, p in m.named_parameters()}
+    casts = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                casts[weights[args[0].data_ptr()]] = casts.get(weights[args[0].data_ptr()], 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model.use_cpu_bf16(True)
+    prompts = [[1, 5, 9], [1, 7], [1, 5, 9, 11]]
+    with Count():
+        if loop == "batches":
+            out = m.generate(prompts, 6, eos_id=2, pad_id=0)
+        else:
+            out = m.generate_refill(prompts, 6, eos_id=2, slots=2)
+    assert len(out) == 3 and max(len(r) for r in out) > 1  # several decode steps
+    assert "layers.0.mlp.up_proj.weight" in casts and set(casts.values()) == {1}
