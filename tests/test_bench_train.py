@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import allo
+import model
 from model import Transformer
 from tools import bench_train
 
@@ -203,3 +204,31 @@ def test_profile_with_the_transformers_comparison_is_one_line(capsys):
     assert e.value.code == 2 and err == [
         "error: --profile measures the CPU time of the per-size steps: use it with --device cpu and without "
         "--model or --versus-hf"]
+
+
+def test_cpu_bf16_times_each_step_in_float32_and_bf16(capsys, monkeypatch):
+    """--cpu-bf16 (the probe stood in where this CPU lacks bf16 products): every step and generate
+    timed twice, the bf16 rows multiplying in bf16, and the autocast off again afterwards."""
+    import model
+    monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: True)
+    seen = []
+    up = torch.nn.Linear.forward
+
+    def forward(self, x):
+        out = up(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", forward)
+    rows = bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--cpu-bf16"])
+    assert [r["step"] for r in rows] == [s + p for s in STEPS for p in ("", ", bf16")]
+    assert {torch.float32, torch.bfloat16} == set(seen) and not model.CPU_BF16
+    assert capsys.readouterr().out.count("float32's speed") == 5
+
+
+def test_cpu_bf16_on_a_cpu_without_bf16_products_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(TINY + ["--sizes", "32:1:2:1:64:64", "--cpu-bf16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --cpu-bf16: this CPU has neither")

@@ -16,11 +16,13 @@ the optimizer step of train.py on one batch of random token ids:
   SFT         cross-entropy of the responses of a [B,T] batch, every parameter, as `--stage sft`
   generate    model.generate with the KV cache, greedy, --gen-batch prompts, --new tokens each
 A training step: trainer.py's per-batch loss (dpo_batch_loss, npo_batch_loss; bf16 autocast on
-CUDA), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as trainer.fit does on one
-process; reference log-probs are cached before timing (trainer.reference_logps), as train.py
-does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
+CUDA and with --cpu-bf16), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as
+trainer.fit does on one process; reference log-probs are cached before timing
+(trainer.reference_logps), as train.py does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
 for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
+--cpu-bf16 times each step and generate twice, in float32 and under bf16 autocast (train.py --cpu-bf16,
+on a CPU with AMX or AVX512-BF16), and prints how much faster bf16 is.
 --pack times each training step twice, padded and packed (trainer.packed into rows of twice the mean
 length, as train.py --pack packs into rows of --max-len: packed only where that saves a tenth of the
 positions, else the padded batch again), and prints how much faster packed is.
@@ -52,7 +54,7 @@ import torch
 
 import allo
 from data import collate
-from model import ModelConfig, Transformer, autocasts, pick_device
+from model import ModelConfig, Transformer, autocasts, pick_device, use_cpu_bf16
 from tools.versus_hf import in_turns, load_hf
 from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, packed, reference_logps,
                      sft_batch_loss, with_reference)
@@ -200,25 +202,31 @@ def bench_size(spec, args, device):
              lambda m, b: sft_batch_loss(m, b, Norms(scored_tokens=int((forget["labels"] != -100).sum())),
                                          device))]
     rows = []
+    precisions = (False, True) if args.cpu_bf16 else (False,)  # --cpu-bf16: float32, then bf16 autocast
     for name, m, batch, loss_fn in runs:  # each optimizer lives for its own timing only
         for packing in (False, True) if args.pack else (False,):
-            opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default step: multi-tensor on CUDA
-            b = packed(batch, 2 * (args.prompt + args.response)) if packing else batch
-            step = partial(train_step, net, opt, loss_fn, b)
-            dt, tok = median_time(step, args, device)
-            shape = b["packed"]["input_ids"].shape if "packed" in b else batch["input_ids"].shape
-            rows.append((name + (", packed" if packing else ""), shape, tok, dt,
-                         args.profile and matmul_share(step, args.steps)))
-            del step, opt
+            for bf16 in precisions:
+                use_cpu_bf16(bf16)
+                opt = allo.MaskedAdamW(model.named_parameters(), m, lr=1e-6)  # default: multi-tensor on CUDA
+                b = packed(batch, 2 * (args.prompt + args.response)) if packing else batch
+                step = partial(train_step, net, opt, loss_fn, b)
+                dt, tok = median_time(step, args, device)
+                shape = b["packed"]["input_ids"].shape if "packed" in b else batch["input_ids"].shape
+                rows.append((name + (", packed" if packing else "") + (", bf16" if bf16 else ""), shape, tok,
+                             dt, args.profile and matmul_share(step, args.steps)))
+                del step, opt
     model.eval()
     gen_prompts = [random_ids(rng, args.prompt, args.jitter, v) for _ in range(args.gen_batch)]
 
     def generate():  # eos_id -1: no row stops early, every row gets --new tokens
         return sum(map(len, model.generate(gen_prompts, args.new, eos_id=-1, pad_id=TOK.pad_id)))
 
-    dt, tok = median_time(generate, args, device)
-    rows.append(("generate (KV cache, greedy)", (args.gen_batch, args.new), tok, dt,
-                 args.profile and matmul_share(generate, args.steps)))
+    for bf16 in precisions:
+        use_cpu_bf16(bf16)
+        dt, tok = median_time(generate, args, device)
+        rows.append(("generate (KV cache, greedy)" + (", bf16" if bf16 else ""), (args.gen_batch, args.new),
+                     tok, dt, args.profile and matmul_share(generate, args.steps)))
+    use_cpu_bf16(False)
     size = f"{spec} ({model.num_params() / 1e6:.2f}M)"
     out = [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
@@ -369,6 +377,8 @@ def parse_args(argv=None):
     add("--peak-tflops", type=float, help="the device's matrix rate for the MFU column (default on CUDA: "
         "the dense bf16 rate of an H100, H200 or A100 by name; elsewhere no column)")
     add("--pack", action="store_true", help="time each training step padded and packed (train.py --pack)")
+    add("--cpu-bf16", action="store_true", help="CPU: time each step and generate in float32 and under bf16 "
+        "autocast (train.py --cpu-bf16; a CPU with AMX or AVX512-BF16)")
     add("--profile", action="store_true", help="CPU: each step's share of time in matrix products and their "
         "GFLOP/s, from --steps more steps under torch's profiler (the rest is what fusing could save); the "
         "products' time alone (each shape on its own) and the bound: step / that, how much faster the step "
@@ -388,6 +398,16 @@ def main(argv=None):
         print("error: --profile measures the CPU time of the per-size steps: use it with --device cpu and "
               "without --model or --versus-hf", file=sys.stderr)
         sys.exit(2)
+    if args.cpu_bf16 and (device.type != "cpu" or args.model or args.versus_hf):
+        print("error: --cpu-bf16 times the per-size steps on a CPU: use it with --device cpu and without "
+              "--model or --versus-hf", file=sys.stderr)
+        sys.exit(2)
+    if args.cpu_bf16:
+        try:
+            use_cpu_bf16(True)
+        except ValueError as e:
+            print(f"error: --cpu-bf16: {e}", file=sys.stderr)
+            sys.exit(2)
     if args.model or args.versus_hf:
         return versus_hf_main(args, device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -402,10 +422,13 @@ def main(argv=None):
         rows += bench_size(spec, args, device)
         print(f"{rows[-1]['model']}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(allo.format_table(rows))
-    for i, r in enumerate(rows):
-        if r["step"].endswith(", packed"):
-            print(f"{r['model']} {r['step'][:-8]}: packed {rows[i - 1]['ms/step'] / r['ms/step']:.2f}x "
-                  "the padded step's speed")
+    times = {(r["model"], r["step"]): r["ms/step"] for r in rows}
+    for r in rows:
+        for suffix, what, against in ((", packed", "packed", "the padded step's"), (", bf16", "bf16 autocast",
+                                                                                  "float32's")):
+            if r["step"].endswith(suffix):
+                step = r["step"][:-len(suffix)]
+                print(f"{r['model']} {step}: {what} {times[r['model'], step] / r['ms/step']:.2f}x {against} speed")
     print("batch: rows x padded length (generate: prompts x new tokens); tokens/step: real tokens "
           "(generate: new tokens); ms/step: one optimizer step (generate: one call)")
     if args.peak_tflops:
