@@ -312,15 +312,17 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask):
     """scaled_dot_product_attention of q [B,H,T,hd] over k, v [B,Hkv,S,hd] (grouped-query heads),
-    mask None: a fresh unpadded causal pass; otherwise a bool [B,1,T,S], True = may attend. On a CPU
-    it runs in float32 even under bf16 autocast: torch's CPU kernel ran bf16 no faster on training
-    shapes (SmolLM2's heads, 8 x 256 tokens: forward and backward 1.08-1.2x float32's time) and 5x
-    slower for one query over a float32 KV cache (64 rows decoding: 5.1 against 1.0 ms), on 2 cores
-    of an AMD EPYC with AVX512-BF16."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):  # the float32 kernel, on float32 copies
-            return attend(q.float(), k.float(), v.float(), mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    mask None: a fresh unpadded causal pass; otherwise a bool [B,1,T,S], True = may attend. Under
+    --cpu-bf16 (use_cpu_bf16) it runs in float32 on a CPU: torch's CPU kernel ran bf16 no faster on
+    training shapes (SmolLM2's heads, 8 x 256 tokens: forward and backward 1.08-1.2x float32's time)
+    and 5x slower for one query over a float32 KV cache (64 rows decoding: 5.1 against 1.0 ms), on 2
+    cores of an AMD EPYC with AVX512-BF16. (Any other autocast, CUDA's or tools/memory_plan.py's
+    CPU stand-in for it, runs attention in bf16.)"""
+    in_float32 = q.device.type == "cpu" and CPU_BF16
+    if in_float32:
+        q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast("cpu", enabled=False) if in_float32 else nullcontext():  # else autocast's bf16
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
 class MLP(nn.Module):

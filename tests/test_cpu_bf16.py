@@ -88,9 +88,10 @@ def test_the_slots_loop_decodes_under_cpu_bf16(bf16_cpu):
     assert len(out) == 3 and max(len(r) for r in out) > 1 and all(len(r) <= 6 for r in out)
 
 
-def test_attention_runs_in_float32_on_a_cpu_under_bf16_autocast():
-    """model.attend under CPU bf16 autocast: the float32 kernel on float32 copies of q, k, v, bit for
-    bit (torch's CPU kernel is no faster in bf16, and 5x slower for one query)."""
+def test_attention_runs_in_float32_on_a_cpu_under_cpu_bf16(bf16_cpu):
+    """model.attend under --cpu-bf16: the float32 kernel on float32 copies of q, k, v, bit for bit
+    (torch's CPU kernel is no faster in bf16, and 5x slower for one query); a plain CPU autocast (the
+    memory plan's stand-in for CUDA's) keeps CUDA's bf16 attention."""
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 8, generator=g).bfloat16()  # as a bf16 product leaves it
@@ -99,7 +100,10 @@ def test_attention_runs_in_float32_on_a_cpu_under_bf16_autocast():
     mask[..., 0] = True
     for m, kk, vv in ((mask, k, v), (None, k[:, :, :5], v[:, :, :5])):
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.attend(q, kk, vv, m).dtype == torch.bfloat16  # the stand-in: as on CUDA
+            model.use_cpu_bf16(True)
             y = model.attend(q, kk, vv, m)
+            model.use_cpu_bf16(False)
         exact = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=m, is_causal=m is None, enable_gqa=True)
         assert y.dtype == torch.float32 and torch.equal(y, exact)
 
