@@ -18,8 +18,8 @@ the optimizer step of train.py on one batch of random token ids:
 A training step: trainer.py's per-batch loss (dpo_batch_loss, npo_batch_loss; bf16 autocast on
 CUDA and with --cpu-bf16), backward, clip_grad_norm_ 1.0, optimizer step, zero_grad, as
 trainer.fit does on one process; reference log-probs are cached before timing
-(trainer.reference_logps), as train.py does. tokens/s counts the real (non-padding) tokens of the batch, as train.py's progress lines;
-for generate, the new tokens.
+(trainer.reference_logps), as train.py does. tokens/s counts the real (non-padding) tokens of the
+batch, as train.py's progress lines; for generate, the new tokens.
 Lengths vary by +-jitter around --prompt / --response, so rows are padded as in real batches.
 --cpu-bf16 times each step and generate twice, in float32 and under bf16 autocast (train.py --cpu-bf16,
 on a CPU with AMX or AVX512-BF16), and prints how much faster bf16 is.
@@ -231,7 +231,8 @@ def bench_size(spec, args, device):
     out = [{"model": size, "step": name, "batch": "x".join(map(str, shape)), "tokens/step": tok,
             "ms/step": round(1e3 * dt, 1) if dt < 0.1 else round(1e3 * dt), "tokens/s": round(tok / dt)}
            | ({"matmul share": f"{mm[0]:.0%}", "matmul GFLOP/s": round(mm[1] / mm[2] / 1e9),
-               "products alone ms": round(1e3 * mm[3], 1), "bound": f"{dt / mm[3]:.2f}x"} if mm else {})
+               "products alone ms": round(1e3 * mm[3], 1 if mm[3] > 1e-3 else 3),  # a tiny model's: > 0
+               "bound": f"{dt / mm[3]:.2f}x"} if mm else {})
            for name, shape, tok, dt, mm in rows]
     if args.peak_tflops:  # model FLOPs utilization of the training steps: 6 x parameters per token
         for r in out:
