@@ -209,7 +209,6 @@ def test_profile_with_the_transformers_comparison_is_one_line(capsys):
 def test_cpu_bf16_times_each_step_in_float32_and_bf16(capsys, monkeypatch):
     """--cpu-bf16 (the probe stood in where this CPU lacks bf16 products): every step and generate
     timed twice, the bf16 rows multiplying in bf16, and the autocast off again afterwards."""
-    import model
     monkeypatch.setattr(model, "cpu_multiplies_bf16", lambda: True)
     seen = []
     up = torch.nn.Linear.forward

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 import train
@@ -92,7 +93,6 @@ def test_attention_runs_in_float32_on_a_cpu_under_cpu_bf16(bf16_cpu):
     """model.attend under --cpu-bf16: the float32 kernel on float32 copies of q, k, v, bit for bit
     (torch's CPU kernel is no faster in bf16, and 5x slower for one query); a plain CPU autocast (the
     memory plan's stand-in for CUDA's) keeps CUDA's bf16 attention."""
-    import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 8, generator=g).bfloat16()  # as a bf16 product leaves it
     k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)  # a float32 cache

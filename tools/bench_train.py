@@ -55,6 +55,7 @@ import torch
 import allo
 from data import collate
 from model import ModelConfig, Transformer, autocasts, pick_device, use_cpu_bf16
+from bookkeeping.flags import apply_machine_flags
 from tools.versus_hf import in_turns, load_hf
 from trainer import (Norms, dpo_batch_loss, full_masks, npo_batch_loss, packed, reference_logps,
                      sft_batch_loss, with_reference)
@@ -391,8 +392,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.peak_tflops = peak_tflops(args, device)
     if args.profile and (device.type != "cpu" or args.model or args.versus_hf):
@@ -403,12 +402,7 @@ def main(argv=None):
         print("error: --cpu-bf16 times the per-size steps on a CPU: use it with --device cpu and without "
               "--model or --versus-hf", file=sys.stderr)
         sys.exit(2)
-    if args.cpu_bf16:
-        try:
-            use_cpu_bf16(True)
-        except ValueError as e:
-            print(f"error: --cpu-bf16: {e}", file=sys.stderr)
-            sys.exit(2)
+    apply_machine_flags(args)  # --threads, and --cpu-bf16 refused in one line on a CPU without bf16 products
     if args.model or args.versus_hf:
         return versus_hf_main(args, device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -424,10 +418,10 @@ def main(argv=None):
         print(f"{rows[-1]['model']}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(allo.format_table(rows))
     times = {(r["model"], r["step"]): r["ms/step"] for r in rows}
+    variants = {", packed": ("packed", "the padded step's"), ", bf16": ("bf16 autocast", "float32's")}
     for r in rows:
-        for suffix, what, against in ((", packed", "packed", "the padded step's"), (", bf16", "bf16 autocast",
-                                                                                  "float32's")):
-            if r["step"].endswith(suffix):
+        for suffix, (what, against) in variants.items():
+            if r["step"].endswith(suffix):  # against the same step without the suffix
                 step = r["step"][:-len(suffix)]
                 print(f"{r['model']} {step}: {what} {times[r['model'], step] / r['ms/step']:.2f}x {against} speed")
     print("batch: rows x padded length (generate: prompts x new tokens); tokens/step: real tokens "

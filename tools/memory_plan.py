@@ -53,8 +53,9 @@ CUDA context and allocator slack (~0.5-1 GiB), the fused attention kernels' work
 
 --check measures on tiny models (CPU), through trainer.py's, allo.py's and model.py's own
 functions, with torch.autocast("cpu", bfloat16) standing in for their CUDA autocast (a region that
-does nothing on a CPU but under --cpu-bf16, whose float32 attention the stand-in leaves out): trainer.py's functions get the model wrapped in StandIn, whose
-forward runs under the stand-in, so the region covers the model's forward as trainer.py's own does;
+does nothing on a CPU but under --cpu-bf16, whose float32 attention the stand-in leaves out):
+trainer.py's functions get the model wrapped in StandIn, whose forward runs under the stand-in, so
+the region covers the model's forward as trainer.py's own does;
 the rewriter's scoring runs under the stand-in as train.score_tokens runs it under autocast; and
 model.generate, whose own autocast region wraps its call of the model, runs on a
 StandInTransformer, a Transformer whose forward runs under the stand-in (nothing is patched). It
