@@ -275,6 +275,37 @@ def test_finite_flag_finds_any_non_finite_entry(bad):
             assert finite_flag(broken).item() == 0.0 == float(by_norm)
 
 
+def mapped_from(path, tensor):
+    """Whether tensor's memory lies in a mapping of the file `path` (Linux's /proc/self/maps)."""
+    at = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= at < high:
+            return fields[-1] == path
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_trained_weights_are_copied_out_of_the_checkpoint_files_mapping(run):
+    """A float32 checkpoint's weights load as pages of the file's mapping; trainer.own_memory gives
+    the trained ones memory of their own (the first update would otherwise fault each page in,
+    copy on write), bit for bit, and leaves the others where they are."""
+    from model import Transformer
+    from trainer import own_memory
+    folder = os.path.realpath(os.path.join(run, "sft"))
+    model = Transformer.from_pretrained(folder)
+    file = os.path.join(folder, "model.safetensors")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(mapped_from(file, p) for p in model.parameters())
+    trained = {n: torch.ones_like(p, dtype=torch.bool) for i, (n, p) in enumerate(model.named_parameters())
+               if i % 2}
+    own_memory(model, trained)
+    for n, p in model.named_parameters():
+        assert mapped_from(file, p) == (n not in trained)
+        assert torch.equal(p, before[n])
+
+
 def poison_at(monkeypatch, step):
     """MaskedAdamW writes a NaN into a trained entry at `step`."""
     real = allo.MaskedAdamW.step
