@@ -45,8 +45,9 @@ class TrainConfig:
                              "none)", result=False)
     log_every: int = setting(50, "a progress line every N steps", type=count(1), result=False)
     ckpt_every: int = setting(100, "a checkpoint every N steps", type=count(1), result=False)
-    ckpt_minutes: float = setting(0.0, "and at most one checkpoint per this many minutes (0: no limit): a "
-                                  "crash loses at most this much, and fast steps are not slowed by writes",
+    ckpt_minutes: float = setting(0.0, "and at most one checkpoint per this many minutes, the first too "
+                                  "counted from the start (0: no limit): a crash loses about this much at "
+                                  "most, and short stages and fast steps are not slowed by writes",
                                   type=real(0), result=False)
     pack: bool = setting(False, "pack several sequences into each row (block-diagonal attention): the "
                          "padding of rows of unequal length is not computed, and rows with the same prompt "

@@ -2,11 +2,12 @@
 
 trainer.fit hands each finished step to one TrainLog: every step's loss and learning rate go to
 <out>/metrics.jsonl (written at each progress line and checkpoint, with the tokens/s of that step),
-a progress line every log_every steps, and a checkpoint every ckpt_every steps (at most one per
-ckpt_minutes, when that is set) into <out>/ckpt/, the two newest kept; each checkpoint holds the
-metrics rows up to its step. When the stage runs again, TrainLog.resume loads the newest checkpoint
-that loads and puts its rows back as <out>/metrics.jsonl, so a log torn by a kill mid-append costs
-nothing. Rank 0 alone writes and prints.
+a progress line every log_every steps, and a checkpoint every ckpt_every steps (where ckpt_minutes
+is set, at most one per ckpt_minutes, the first too counted from the start) into <out>/ckpt/, the
+two newest kept; each checkpoint holds the metrics rows up to its step. When the stage runs again,
+TrainLog.resume loads the newest checkpoint that loads and puts its rows back as
+<out>/metrics.jsonl, so a log torn by a kill mid-append costs nothing. Rank 0 alone writes and
+prints.
 """
 
 import json
@@ -30,7 +31,7 @@ class TrainLog:
     def __init__(self, stage, out, steps, log_every, ckpt_every, ckpt_minutes=0.0):
         self.stage, self.out, self.steps = stage, out, steps
         self.log_every, self.ckpt_every, self.ckpt_seconds = log_every, ckpt_every, 60 * ckpt_minutes
-        self.last_ckpt = -float("inf")  # the time of the last checkpoint: the first one is not held back
+        self.last_ckpt = time.monotonic()  # of the last checkpoint, or the start: the first waits as long
         self.ckpt_dir = os.path.join(out, "ckpt")
         self.start, self.tokens, self.losses, self.rows = 0, 0, [], []  # rows: the metrics not yet written
         self.stats = []  # each step's statistics since the last progress line
@@ -47,7 +48,7 @@ class TrainLog:
             kept = os.path.join(self.ckpt_dir, f"step-{self.start:07d}", "metrics.jsonl")
             self.history = trim_metrics(os.path.join(self.out, "metrics.jsonl"), self.start,
                                         kept if self.start else None)
-        self.t0 = time.time()
+        self.t0, self.last_ckpt = time.time(), time.monotonic()
         return self.start
 
     def step(self, done, loss, lr, tokens, model, opt, stats=None):
@@ -59,7 +60,7 @@ class TrainLog:
         self.rows.append({"stage": self.stage, "step": done, "loss": loss, "lr": lr, **(stats or {})})
         self.history.append(self.rows[-1])
         checkpoint = (done % self.ckpt_every == 0 and done < self.steps
-                      and time.time() - self.last_ckpt >= self.ckpt_seconds)
+                      and time.monotonic() - self.last_ckpt >= self.ckpt_seconds)
         line = done % self.log_every == 0 or done == self.steps
         if line or checkpoint:
             self.rows[-1]["tokens_per_s"] = self.tokens / (time.time() - self.t0)
@@ -70,7 +71,7 @@ class TrainLog:
             self.losses, self.stats = [], []
         if checkpoint and parallel.is_main():
             save_checkpoint(self.ckpt_dir, done, model, opt, self.history)
-            self.last_ckpt = time.time()
+            self.last_ckpt = time.monotonic()
 
     def last_good(self):
         """Where a rerun resumes from, in words: the newest checkpoint, or the start."""

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -159,33 +161,36 @@ def test_a_torn_metrics_log_is_dropped_and_the_stage_resumes(run, capsys, monkey
 
 def test_checkpoints_at_most_one_per_ckpt_minutes_and_resume_to_the_same_weights(run, capsys, monkeypatch,
                                                                                   tmp_path):
-    """--ckpt-every 1 --ckpt-minutes 60: the first eligible step checkpoints, the next ones within the
-    hour do not; killed at step 5, the stage resumes from that one checkpoint (step 1) and ends with
-    the weights of an uninterrupted run."""
+    """--ckpt-every 1 --ckpt-minutes 60 with steps of 25 minutes: no checkpoint before the first hour
+    (steps 1 and 2), one at step 3 (75 minutes), none in the hour after it (steps 4 and 5); killed at
+    step 5, the stage resumes from step 3 and ends with the weights of an uninterrupted run."""
     args = SMOKE + ["--run", run, "--stage", "learn", "--dpo-steps", "6", "--ckpt-every", "1",
                     "--ckpt-minutes", "60"]
     out = str(tmp_path / "killed")
-    real = trainlog.log_progress
+    clock = [1000.0]  # the checkpoints' clock, in seconds
+    real_step = trainlog.TrainLog.step
     saved = []
 
     def save(ckpt_dir, step, *state):
         saved.append(step)
         real_save(ckpt_dir, step, *state)
 
-    def die_at_step_5(stage, done, *rest):
-        real(stage, done, *rest)
+    def a_step_of_25_minutes_dies_at_5(self, done, *rest):
+        clock[0] += 25 * 60
+        real_step(self, done, *rest)
         if done == 5:
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(trainlog, "time", SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
     monkeypatch.setattr(trainlog, "save_checkpoint", save)
-    monkeypatch.setattr(trainlog, "log_progress", die_at_step_5)
+    monkeypatch.setattr(trainlog.TrainLog, "step", a_step_of_25_minutes_dies_at_5)
     with pytest.raises(SystemExit):
         train.main(args + ["--out", out])
-    assert saved == [1] and os.listdir(os.path.join(out + ".tmp", "ckpt")) == ["step-0000001"]
+    assert saved == [3] and os.listdir(os.path.join(out + ".tmp", "ckpt")) == ["step-0000003"]
     monkeypatch.undo()
     capsys.readouterr()
     train.main(args + ["--out", out])
-    assert "learn: resumed from step 1/6" in capsys.readouterr().out
+    assert "learn: resumed from step 3/6" in capsys.readouterr().out
     train.main(args + ["--out", str(tmp_path / "whole")])
     a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (out, tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
