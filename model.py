@@ -722,31 +722,33 @@ def sample_next(logits, temperature: float, top_p: float, generator):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p == 1.0:  # every token in the race: draw would take every logarithm, as torch does
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return draw(nucleus(probs, top_p), generator)
+    return draw(probs if top_p == 1.0 else nucleus(probs, top_p), generator)
+
+
+DRAW_CHUNK = 2**14  # logits whose race model.draw runs at once: 12 bytes each (a float64 u, a float32 q)
 
 
 def draw(probs, generator):
-    """One token per row of probs [B,V] (weights >= 0, most of them 0: a nucleus), the token
-    torch.multinomial(probs, 1) draws, with the generator left in the same state; faster on a CPU.
+    """One token per row of probs [B,V] (weights >= 0), the token torch.multinomial(probs, 1) draws,
+    with the generator left in the same state; faster on a CPU.
 
     torch draws one sample as a race: argmax over the row of probs / q, q ~ Exp(1) drawn for every
     entry (the Gumbel-max trick in exponential form; ATen's Distributions.cpp). On a CPU its
-    exponential_ is a serial loop of q = -log1p(-u), u a float64 uniform per entry: 75 ms for 64
-    rows of SmolLM2's 49,152 tokens, a quarter of a decode step on 2 cores (docs/benchmarks.md).
-    Here one uniform_ call makes the same u (20 ms) and the logarithm is taken only where probs > 0:
-    an entry of weight 0 loses the race either way (0 / q = 0). Not reproduced: torch's pick of a
-    0-weight entry whose u is exactly 0 (0 / 0), at odds of 2^-53 an entry. This follows torch's CPU
-    kernel (torch 2.13), and a test compares them token for token, so a torch that changed its
-    kernel would fail it. Elsewhere torch.multinomial itself."""
+    exponential_ is a serial loop of q = -log1p(-u), u a float64 uniform per entry: 65 ms for 64
+    rows of SmolLM2's 49,152 tokens on 2 cores, about as long as the model's products in a decode
+    step (docs/benchmarks.md). Here uniform_ makes the same u, DRAW_CHUNK logits at a time (rows in
+    order draw the generator's numbers in the order one call does), and vectorized ops the same q
+    and race: 25 ms, top-p or not. This follows torch's CPU kernel (torch 2.13), and a test
+    compares them token for token, so a torch that changed its kernel would fail it. Elsewhere
+    torch.multinomial itself."""
     if probs.device.type != "cpu":
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    u = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=generator)  # exponential_'s u
-    rows, cols = probs.nonzero(as_tuple=True)
-    race = torch.zeros_like(probs)
-    race[rows, cols] = probs[rows, cols] / u[rows, cols].neg_().log1p_().neg_().float()  # p / q, as torch
-    return race.argmax(-1)
+    picks = []
+    for rows in probs.split(max(1, DRAW_CHUNK // probs.shape[-1])):  # the uniforms in row order, as one call
+        q = torch.empty(rows.shape, dtype=torch.float64).uniform_(generator=generator)  # exponential_'s u
+        q = q.neg_().log1p_().neg_().to(probs.dtype)  # -log1p(-u) in float64, as exponential_ computes it
+        picks.append(torch.div(rows, q, out=q).argmax(-1))  # the race, p / q, in q
+    return torch.cat(picks)
 
 
 def nucleus(probs, top_p: float, k: int = 64):

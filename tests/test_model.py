@@ -266,13 +266,14 @@ def test_nucleus_equals_sorting_every_token():
 def test_draw_equals_torch_multinomial_token_for_token():
     """model.draw against torch.multinomial(probs, 1) under the same seed: the same token in every
     row, and the generator left where multinomial leaves it (the next draws equal), for whole rows
-    (top-p 1: draw is exact there too, if slower) and nuclei of 1 to hundreds of tokens, over a small and a SmolLM2-sized vocabulary
-    (the CPU's exponential_ serial loop the draw reproduces is the same at any size)."""
+    (top-p 1) and nuclei of 1 to hundreds of tokens, over a small and a SmolLM2-sized vocabulary
+    (the CPU's exponential_ serial loop the draw reproduces is the same at any size), in float32
+    and float64."""
     from model import draw, nucleus
     n_draws = 0
-    for V, rows in ((320, 64), (49152, 8)):
+    for V, rows, dtype in ((320, 64, torch.float32), (49152, 8, torch.float32), (320, 16, torch.float64)):
         for scale in (0.5, 4.0, 16.0):
-            logits = scale * torch.randn(rows, V, generator=torch.Generator().manual_seed(V))
+            logits = scale * torch.randn(rows, V, generator=torch.Generator().manual_seed(V), dtype=dtype)
             for top_p in (1.0, 0.95, 0.5):
                 probs = torch.softmax(logits, -1)
                 probs = nucleus(probs, top_p) if top_p < 1 else probs

@@ -25,7 +25,7 @@ transformers (tools/versus_hf.py).
 --sampling K with --model: sampling as the sample stage does it, --batch rows holding K samples of
 each of --batch/K random prompts, at --temperature and --top-p, --new tokens a row (no EOS), in
 turns: the project's generate (each distinct prompt computed once, the nucleus from torch.topk,
-the draw's logarithms only in the nucleus); the same loop as it was before 2026-12-07 (every row's
+the draw's exponentials vectorized); the same loop as it was before 2026-12-07 (every row's
 prompt computed, every token sorted, torch.multinomial), whose sampled tokens must be the same
 (checked); and transformers' generate (num_return_sequences=K), where importable, whose draws
 differ. Prints each one's new tokens/s and the ratios. With

@@ -304,7 +304,8 @@ def generation_bytes(cfg, prompts, P, new, *, autocast, wbytes):
     and the blocks' bf16 copies), its head inside autocast (keep = the last position: the [prompts,
     V] logits, every bf16 copy), then sample_next outside it (the logits, their float32 copy,
     logits / temperature and its softmax: sampling at top-p 1, as the sample stage by default;
-    greedy holds less, top-p on a CPU 8 bytes a logit more, model.draw's uniforms); or a
+    greedy holds less, top-p a logit's probability more, its nucleus; on a CPU model.draw's race
+    holds 12 bytes for each of at most model.DRAW_CHUNK logits after the softmax); or a
     later step's, one position a row attending over up to P + new keys: every bf16 copy, the
     int64 ids and attention mask so far, the bool mask and its bias, one layer's keys and values
     cast to bf16 (under autocast, from a float32 cache), the logits (below the prefill's unless
