@@ -221,7 +221,7 @@ PRESETS = {
     # in about half an hour on 2 CPU cores; the DPO, forget and learn rates the best of a sweep on its
     # validation split (docs/own-model.md); a checkpoint every 4 steps, at most one per 5 minutes and none
     # in a stage's first 5 (a 135M model's weights and optimizer state, 1.6 GB, are written and flushed at
-    # each: 12 s on a 2-core virtual machine, as long as four SFT steps); packed rows, as a chat
+    # each: 12-25 s on a 2-core virtual machine's disk, as long as 4-8 SFT steps); packed rows, as a chat
     # template's prompts and real solutions vary in length and a pair's two rows share a long prompt
     "pretrained": dict(batch_size=8, max_len=256, gen_batch_size=64, ref_batch_size=16, max_new_tokens=64,
                        sft_steps=40, sft_lr=2e-5, eval_n=60, k=4, n_sample=120, temperature=0.7, dpo_steps=12,
