@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import Transformer
+from test_bench_train import table_rows
 from tools import bench_cpu, bench_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def committed():
     r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", "HEAD"], capture_output=True)
     return r.returncode == 0
-
-
-def table_rows(text):
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
 
 
 @pytest.mark.skipif(not committed(), reason="the code before comes from git history: not a git checkout")
